@@ -1,0 +1,37 @@
+# safeclip: `make help` lists the targets.
+.DEFAULT_GOAL := help
+.PHONY: help install test engine clean-engines
+
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+MODEL      ?= openai/clip-vit-large-patch14-336
+PRECISION  ?= fp32,fp16
+CLS        ?= final
+DESCRIPTORS ?=
+# torch 2.13.0 is the CPU wheel on our machines; a bare `torch` would pull a multi-GB CUDA build.
+TORCH_PIN  ?= torch==2.13.0
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@echo "  variables: MODEL=$(MODEL) NAME=<engine name> PRECISION=$(PRECISION) CLS=$(CLS) DESCRIPTORS=<toml>"
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY) ## create .venv with the runtime, the exporter and the test tools
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+
+test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
+	$(PY) -m pytest -q
+
+engine: ## build engines/NAME from MODEL (ONNX FP32+FP16 and manifest)
+ifndef NAME
+	$(error NAME is required, e.g. `make engine NAME=llava15 MODEL=$(MODEL)` or `make engine NAME=tiny MODEL=tiny-random`)
+endif
+	$(PY) -m safeclip.export --model '$(MODEL)' --out 'engines/$(NAME)' --precision '$(PRECISION)' --cls '$(CLS)' \
+		$(if $(DESCRIPTORS),--descriptors '$(DESCRIPTORS)')
+
+clean-engines: ## delete everything under engines/
+	find engines -mindepth 1 -not -name .gitkeep -delete

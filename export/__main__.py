@@ -1,0 +1,3 @@
+from safeclip.export.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""`safeclip COMMAND ...`: one entry point, each command a module with its own `main(argv)`.
+
+Commands are imported only when run, so `safeclip screen` never loads torch and `safeclip export`
+is the only command that needs the [export] extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "export": ("safeclip.export.cli", "checkpoint + descriptors -> fused ONNX engine (needs safeclip[export])"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: safeclip COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + "\n\n" \
+        "`safeclip COMMAND --help` describes each command.\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage(), end="")
+        return 0
+    command = COMMANDS.get(args[0])
+    if command is None:
+        print(f"safeclip: unknown command {args[0]!r}\n\n{usage()}", end="", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(command[0])
+    except ImportError as e:
+        print(f"safeclip {args[0]}: missing dependency ({e.name}); install it with "
+              f"`pip install 'safeclip[export]'`" if args[0] == "export" else f"safeclip {args[0]}: {e}",
+              file=sys.stderr)
+        return 2
+    return int(module.main(args[1:]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# The tests never reach a model hub: everything is built from the seeded tiny-random CLIP.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """Default export: final CLS, FP32 + FP16, pad resize."""
+    from safeclip.export.onnx_export import export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export_engine("tiny-random", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_penultimate(tmp_path_factory) -> Path:
+    from safeclip.export.onnx_export import export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-penultimate"
+    export_engine("tiny-random", out, precisions=("fp32",), cls="penultimate", patch_features=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    from safeclip.export.models import tiny_random_clip
+
+    return tiny_random_clip()
