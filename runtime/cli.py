@@ -11,7 +11,11 @@ import sys
 
 COMMANDS = {
     "export": ("safeclip.export.cli", "checkpoint + descriptors -> fused ONNX engine (needs safeclip[export])"),
+    "screen": ("safeclip.runtime.screen", "screen images or folders; one JSON line per image"),
+    "serve": ("safeclip.runtime.server.cli", "OpenAI-compatible gate in front of an LVLM server (needs safeclip[serve])"),
 }
+
+EXTRAS = {"export": "export", "serve": "serve"}
 
 
 def usage() -> str:
@@ -33,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(command[0])
     except ImportError as e:
+        extra = EXTRAS.get(args[0])
+        if extra is None:
+            raise
         print(f"safeclip {args[0]}: missing dependency ({e.name}); install it with "
-              f"`pip install 'safeclip[export]'`" if args[0] == "export" else f"safeclip {args[0]}: {e}",
-              file=sys.stderr)
+              f"`pip install 'safeclip[{extra}]'`", file=sys.stderr)
         return 2
     return int(module.main(args[1:]))
 
