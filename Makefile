@@ -21,7 +21,7 @@ $(PY):
 install: $(PY) ## create .venv with the runtime, the exporter and the test tools
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[export,dev]'
+	$(PY) -m pip install --quiet -e '.[export,serve,calibrate,dev]'
 
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	$(PY) -m pytest -q

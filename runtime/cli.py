@@ -12,10 +12,14 @@ import sys
 COMMANDS = {
     "export": ("safeclip.export.cli", "checkpoint + descriptors -> fused ONNX engine (needs safeclip[export])"),
     "screen": ("safeclip.runtime.screen", "screen images or folders; one JSON line per image"),
+    "calibrate": ("safeclip.calibration.calibrate", "choose thresholds for a target false-positive rate (needs safeclip[calibrate])"),
+    "eval": ("safeclip.calibration.evaluate", "measure an engine on benign/toxic folders (needs safeclip[calibrate])"),
+    "quantize": ("safeclip.calibration.quantize", "static INT8 ONNX for CPUs (needs safeclip[calibrate])"),
+    "scan": ("safeclip.calibration.scan", "screen a fine-tuning dataset and write a corrected copy"),
     "serve": ("safeclip.runtime.server.cli", "OpenAI-compatible gate in front of an LVLM server (needs safeclip[serve])"),
 }
 
-EXTRAS = {"export": "export", "serve": "serve"}
+EXTRAS = {"export": "export", "serve": "serve", "calibrate": "calibrate", "eval": "calibrate", "quantize": "calibrate"}
 
 
 def usage() -> str:

@@ -9,13 +9,22 @@ import numpy as np
 import torch
 
 
+def normalize_uint8(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 [N, S, S, 3] RGB -> CLIP pixel_values [N, 3, S, S], as CLIPImageProcessor rescales and normalizes."""
+    pixels = torch.from_numpy(images).float().div(255.0)
+    pixels = (pixels - torch.tensor(mean)) / torch.tensor(std)
+    return pixels.permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
 def reference_probs(clip, tokenizer, categories, images: np.ndarray, mean, std, cls: str = "final"):
     """images: uint8 [N, S, S, 3] RGB -> (category probs [N, C], embeds [N, P], hidden_states)."""
-    pixels = torch.from_numpy(images).float().div(255.0)
-    pixels = (pixels - torch.tensor(mean)) / torch.tensor(std)
-    pixels = pixels.permute(0, 3, 1, 2)
-    out = clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+    return reference_from_pixels(clip, tokenizer, categories, normalize_uint8(images, mean, std), cls)
+
+
+@torch.no_grad()
+def reference_from_pixels(clip, tokenizer, categories, pixel_values: torch.Tensor, cls: str = "final"):
+    out = clip.vision_model(pixel_values=pixel_values, output_hidden_states=True)
     if cls == "final":
         embeds = clip.visual_projection(out.pooler_output)
     else:

@@ -1,0 +1,94 @@
+"""An engine folder loaded for inference: manifest checked, artifacts verified, one backend bound."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from safeclip.runtime import contract
+from safeclip.runtime.backends.base import Backend
+from safeclip.runtime.contract import Manifest, ManifestError
+
+BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+DEFAULT_MAX_BATCH = 32
+
+
+@dataclass
+class Engine:
+    path: Path
+    manifest: Manifest
+    backend: Backend
+    precision: str
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: str = "auto",
+        precision: str | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> Engine:
+        from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, resolve_provider
+
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        path = Path(path)
+        manifest = contract.read_manifest(path)
+        # Every artifact, not only the one used: a tampered sibling means the folder is not what was exported.
+        for artifact in manifest.artifacts:
+            contract.verify_artifact(path, artifact)
+        provider = resolve_provider(backend)
+        precision = precision or _default_precision(provider, manifest)
+        model_file = path / manifest.artifact(precision).path
+        bound = OnnxRuntimeBackend(model_file, provider)
+        engine = cls(path, manifest, bound, precision, max_batch)
+        engine._check_signature()
+        return engine
+
+    @property
+    def image_size(self) -> int:
+        return self.manifest.image.size
+
+    def _check_signature(self) -> None:
+        spec = self.backend.input_spec()
+        size = self.image_size
+        if spec.name != self.manifest.input or spec.dtype != "tensor(uint8)" or tuple(spec.shape[1:]) != (size, size, 3):
+            raise ManifestError(
+                f"{self.path}: model input {spec.name} {spec.dtype} {spec.shape} does not match the manifest's "
+                f"{self.manifest.input} uint8 [N, {size}, {size}, 3]"
+            )
+        names = tuple(o.name for o in self.backend.output_spec())
+        if names != self.manifest.outputs:
+            raise ManifestError(f"{self.path}: model outputs {names} differ from the manifest's {self.manifest.outputs}")
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 [N, S, S, 3] -> outputs by name; batches beyond max_batch are split, N == 0 is allowed."""
+        size = self.image_size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
+            raise ValueError(f"expected (N, {size}, {size}, 3) uint8, got {images.shape} {images.dtype}")
+        if len(images) == 0:
+            return self._empty_outputs()
+        parts = [self.backend.infer(np.ascontiguousarray(images[i : i + self.max_batch]))
+                 for i in range(0, len(images), self.max_batch)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _empty_outputs(self) -> dict[str, np.ndarray]:
+        out = {}
+        for spec in self.backend.output_spec():
+            dims = tuple(d if isinstance(d, int) else 0 for d in spec.shape[1:])
+            out[spec.name] = np.zeros((0, *dims), dtype=np.float32)
+        return out
+
+
+def _default_precision(provider: str, manifest: Manifest) -> str:
+    have = {a.precision for a in manifest.artifacts}
+    # ORT's CPU kernels mostly lack FP16 and would wrap every node in casts; the TensorRT EP makes its own
+    # FP16 engine from the FP32 graph (with FP32 LayerNorm); plain CUDA gains from the FP16 graph.
+    preferred = ("fp16", "fp32") if provider == "cuda" else ("fp32", "fp16")
+    for precision in preferred:
+        if precision in have:
+            return precision
+    raise ManifestError(f"engine has no ONNX artifact for provider {provider} (has {sorted(have)})")
