@@ -1,6 +1,6 @@
 # safeclip: `make help` lists the targets.
 .DEFAULT_GOAL := help
-.PHONY: help install test engine clean-engines
+.PHONY: help install test engine gpu-check clean-engines
 
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -26,12 +26,16 @@ install: $(PY) ## create .venv with the runtime, the exporter and the test tools
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	$(PY) -m pytest -q
 
-engine: ## build engines/NAME from MODEL (ONNX FP32+FP16 and manifest)
+engine: ## build engines/NAME from MODEL: ONNX FP32+FP16, manifest, and a TensorRT plan where TensorRT and a GPU exist
 ifndef NAME
 	$(error NAME is required, e.g. `make engine NAME=llava15 MODEL=$(MODEL)` or `make engine NAME=tiny MODEL=tiny-random`)
 endif
 	$(PY) -m safeclip.export --model '$(MODEL)' --out 'engines/$(NAME)' --precision '$(PRECISION)' --cls '$(CLS)' \
 		$(if $(DESCRIPTORS),--descriptors '$(DESCRIPTORS)')
+	$(PY) -m safeclip.runtime.cli build-engine --engine 'engines/$(NAME)' --if-available
+
+gpu-check: ## on a CUDA GPU with TensorRT: plan vs ONNX Runtime, and torch FP16 timing (MODEL= optional)
+	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)')
 
 clean-engines: ## delete everything under engines/
 	find engines -mindepth 1 -not -name .gitkeep -delete

@@ -11,7 +11,8 @@ from safeclip.runtime import contract
 from safeclip.runtime.backends.base import Backend
 from safeclip.runtime.contract import Manifest, ManifestError
 
-BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+# cpu/cuda/tensorrt are onnxruntime providers; trt is a native TensorRT plan from `safeclip build-engine`.
+BACKEND_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "trt")
 DEFAULT_MAX_BATCH = 32
 
 
@@ -40,6 +41,17 @@ class Engine:
         # Every artifact, not only the one used: a tampered sibling means the folder is not what was exported.
         for artifact in manifest.artifacts:
             contract.verify_artifact(path, artifact)
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
+        if backend == "trt" or (backend == "auto" and precision is None and _plan_runnable(manifest)):
+            from safeclip.runtime.backends.tensorrt import TensorRTBackend
+
+            if not any(a.precision == "trt" for a in manifest.artifacts):
+                raise ManifestError(f"{path}: no TensorRT plan; build one with `safeclip build-engine --engine {path}`")
+            trt_backend = TensorRTBackend(path / manifest.artifact("trt").path, manifest)
+            engine = cls(path, manifest, trt_backend, "trt", min(max_batch, trt_backend.max_batch))
+            engine._check_signature()
+            return engine
         provider = resolve_provider(backend)
         precision = precision or _default_precision(provider, manifest)
         model_file = path / manifest.artifact(precision).path
@@ -81,6 +93,13 @@ class Engine:
             dims = tuple(d if isinstance(d, int) else 0 for d in spec.shape[1:])
             out[spec.name] = np.zeros((0, *dims), dtype=np.float32)
         return out
+
+
+def _plan_runnable(manifest: Manifest) -> bool:
+    import importlib.util
+
+    has_plan = any(a.precision == "trt" for a in manifest.artifacts)
+    return has_plan and all(importlib.util.find_spec(m) is not None for m in ("tensorrt", "cuda"))
 
 
 def _default_precision(provider: str, manifest: Manifest) -> str:

@@ -1,0 +1,105 @@
+"""Native TensorRT backend: a plan built by `safeclip build-engine`, run with the named-tensor API.
+
+Buffers are allocated once for the profile's maximum batch and reused; host buffers are pinned so
+copies overlap on one stream. Larger batches are split by Engine.infer (max_batch = the profile's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from safeclip.runtime.backends.base import BackendError, TensorSpec
+from safeclip.runtime.contract import Manifest, ManifestError
+from safeclip.runtime.cuda import DeviceBuffer, PinnedBuffer, check, cudart, current_device
+
+
+def check_plan_compatible(manifest: Manifest, trt_version: str, gpu: str, compute_capability: str) -> None:
+    """A plan only runs on the GPU model and TensorRT version that built it."""
+    built = manifest.extra.get("tensorrt")
+    if not built:
+        raise ManifestError("engine has a TensorRT plan but no build record; rebuild with `safeclip build-engine`")
+    mismatches = [
+        f"{what}: built for {want!r}, this machine has {have!r}"
+        for what, want, have in (
+            ("TensorRT", built["version"], trt_version),
+            ("GPU", built["gpu"], gpu),
+            ("compute capability", built["compute_capability"], compute_capability),
+        )
+        if want != have
+    ]
+    if mismatches:
+        raise ManifestError(
+            "the TensorRT plan does not fit this machine (" + "; ".join(mismatches) + "); "
+            "rebuild it here with `safeclip build-engine --engine ENGINE_DIR`"
+        )
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, plan_path: Path, manifest: Manifest):
+        import tensorrt as trt
+
+        device = current_device()
+        check_plan_compatible(manifest, trt.__version__, device.name, device.compute_capability)
+        self._trt = trt
+        self.device = f"TensorRT {trt.__version__} on {device.name}"
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        if self._engine is None:
+            raise BackendError(f"{plan_path}: TensorRT could not deserialize the plan; rebuild it")
+        self._context = self._engine.create_execution_context()
+        self._stream = check(cudart().cudaStreamCreate())
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self._input = next(n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self._outputs = [n for n in names if n != self._input]
+        self.max_batch = int(self._engine.get_tensor_profile_shape(self._input, 0)[2][0])
+        self._host: dict[str, PinnedBuffer] = {}
+        self._device: dict[str, DeviceBuffer] = {}
+        for name in names:
+            shape = list(self._engine.get_tensor_shape(name))
+            shape[0] = self.max_batch
+            dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            self._host[name] = PinnedBuffer(nbytes, dtype)
+            self._device[name] = DeviceBuffer(nbytes)
+            self._context.set_tensor_address(name, self._device[name].ptr)
+
+    def input_spec(self) -> TensorSpec:
+        return self._spec(self._input)
+
+    def output_spec(self) -> tuple[TensorSpec, ...]:
+        return tuple(self._spec(n) for n in self._outputs)
+
+    def _spec(self, name: str) -> TensorSpec:
+        trt = self._trt
+        dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(name)))
+        onnx_name = {np.uint8: "tensor(uint8)", np.float32: "tensor(float)"}.get(dtype.type, str(dtype))
+        shape = tuple("batch" if d < 0 else int(d) for d in self._engine.get_tensor_shape(name))
+        return TensorSpec(name, onnx_name, shape)
+
+    def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        rt = cudart()
+        n = len(images)
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds the plan's profile maximum {self.max_batch}")
+        host_in = self._host[self._input].array[: images.size].reshape(images.shape)
+        host_in[...] = images
+        self._context.set_input_shape(self._input, images.shape)
+        check(rt.cudaMemcpyAsync(self._device[self._input].ptr, self._host[self._input].ptr, images.nbytes,
+                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self._stream))
+        if not self._context.execute_async_v3(self._stream):
+            raise BackendError("TensorRT execute_async_v3 failed")
+        results = {}
+        for name in self._outputs:
+            shape = tuple(self._context.get_tensor_shape(name))
+            out = self._host[name].array[: int(np.prod(shape))].reshape(shape)
+            check(rt.cudaMemcpyAsync(self._host[name].ptr, self._device[name].ptr, out.nbytes,
+                                     rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+            results[name] = out
+        check(rt.cudaStreamSynchronize(self._stream))
+        # The pinned buffers are reused by the next call: hand out copies.
+        return {name: value.copy() for name, value in results.items()}

@@ -1,0 +1,451 @@
+"""Image files and arrays -> the engine's uint8 [S, S, 3] RGB input, with numpy and OpenCV only.
+
+The geometry and the resampling reproduce what the model was trained and evaluated with:
+transformers' CLIPImageProcessor (PIL backend: antialiased bicubic resize of the shortest side to S,
+then a centre crop) for ``mode="crop"``, and LLaVA-1.5's ``expand2square`` (centre the image on a
+square of the pad colour) followed by the same processor for ``mode="pad"``. OpenCV's INTER_CUBIC does
+not antialias when it shrinks, so Pillow's resampler is reimplemented here as two weight matrices.
+
+Decoding checks the header before handing bytes to OpenCV: the format must be one we support, and the
+declared size must fit ``max_pixels``, so a 100k x 100k PNG is refused without allocating anything.
+
+Deliberate differences from the PIL pipeline (none matters for photos):
+- Transparent pixels are composited over the pad colour (transformers composites over white, LLaVA drops
+  alpha), so transparent areas look like the padding the model already knows means "nothing here".
+- 16-bit images keep their high byte (x >> 8). Pillow does that for 16-bit RGB, but clips 16-bit
+  grayscale to 255, which turns most of such an image white.
+- JPEG EXIF orientation is applied (Pillow and transformers ignore it), so the model sees the image
+  the way a person does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from safeclip.runtime.contract import RESIZE_MODES, ImageSpec
+
+# 64 MP covers full-resolution photos from the largest common camera sensors (61 MP full frame) and
+# phone panoramas, while capping what one decode may allocate: PNG, WebP, BMP, TIFF and GIF are decoded
+# at full size, 192 MB for 64 MP of 8-bit RGB. Pillow's own guard (89 MP warning, 179 MP error) is laxer.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
+
+_ROW_BLOCK = 256  # rows converted to float32 at a time, so a large image never is all at once
+_JPEG_REDUCED = {
+    1: cv2.IMREAD_COLOR,
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+# Start-of-frame markers: SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and RSTn carry no length
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+class ImageError(ValueError):
+    """An input that cannot become an engine image; ``source`` names it, ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class UnsupportedImage(ImageError):
+    """A file in a format the runtime does not decode (SVG, HEIC, AVIF, PDF, unknown bytes...)."""
+
+
+class DecompressionBomb(ImageError):
+    """A header that declares more pixels than allowed; refused before decoding."""
+
+
+class CorruptImage(ImageError):
+    """Empty, truncated or undecodable data, or an array of the wrong dtype or shape."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Format sniffing and header sizes
+
+
+def _sniff(data: bytes) -> str:
+    """A key of SUPPORTED_FORMATS, or a readable name of what the data is instead."""
+    head = data[:32]
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    # Recognised but unsupported: the error should say what the file is.
+    if head[4:8] == b"ftyp":
+        return _iso_media_name(head[8:12])
+    if head.startswith(b"%PDF"):
+        return "PDF"
+    if head[:4] in (b"II+\x00", b"MM\x00+"):
+        return "BigTIFF"
+    if head.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")):
+        return "JPEG XL"
+    if head.startswith((b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51")):
+        return "JPEG 2000"
+    if head.startswith(b"8BPS"):
+        return "PSD"
+    text = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"<"):
+        return "SVG" if b"<svg" in text.lower() else "XML/HTML"
+    return f"unknown format (starts with {data[:8].hex(' ')})"
+
+
+def _iso_media_name(brand: bytes) -> str:
+    if brand in _HEIF_BRANDS:
+        return "HEIC/HEIF"
+    if brand in (b"avif", b"avis"):
+        return "AVIF"
+    return f"ISO media, brand {brand.decode('latin-1')!r} (a video?)"
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, offset of its length field) for each segment up to and including the first scan."""
+    pos = 2
+    while True:
+        if data[pos] != 0xFF:
+            raise ValueError("JPEG segment does not start with a marker")
+        while data[pos] == 0xFF:  # any number of fill bytes may precede a marker
+            pos += 1
+        marker = data[pos]
+        pos += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker == 0xD9:  # end of image before any scan
+            return
+        yield marker, pos
+        if marker == 0xDA:  # entropy-coded data follows; no more segments to walk
+            return
+        pos += struct.unpack_from(">H", data, pos)[0]
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    for marker, pos in _jpeg_segments(data):
+        if marker in _JPEG_SOF:  # length(2) precision(1) height(2) width(2)
+            height, width = struct.unpack_from(">HH", data, pos + 3)
+            return width, height
+    return None
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """Whether an end-of-image marker follows the first scan. libjpeg pads a truncated file with grey
+    and OpenCV reports success, so truncation has to be caught here. Entropy-coded data cannot contain
+    FF D9, and looking only after the scan skips the EOI of an EXIF thumbnail."""
+    try:
+        for marker, pos in _jpeg_segments(data):
+            if marker == 0xDA:
+                return data.find(b"\xff\xd9", pos) != -1
+    except (ValueError, IndexError, struct.error):
+        pass
+    return False
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if data[12:16] != b"IHDR":
+        return None
+    return struct.unpack_from(">II", data, 16)
+
+
+def _gif_size(data: bytes) -> tuple[int, int]:
+    # OpenCV refuses frames that overflow the logical screen, so the screen bounds the allocation.
+    return struct.unpack_from("<HH", data, 6)
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":  # extended: 24-bit canvas width-1 and height-1 at 24 and 27
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    if chunk == b"VP8 ":  # lossy: frame tag (3), start code 9d 01 2a, then 14-bit width and height
+        if data[23:26] != b"\x9d\x01\x2a":
+            return None
+        width, height = struct.unpack_from("<HH", data, 26)
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L":  # lossless: signature 0x2f, then 14-bit width-1 and height-1
+        if data[20] != 0x2F:
+            return None
+        bits = struct.unpack_from("<I", data, 21)[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if struct.unpack_from("<I", data, 14)[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit dimensions
+        return struct.unpack_from("<HH", data, 18)
+    width, height = struct.unpack_from("<ii", data, 18)
+    return abs(width), abs(height)  # a negative height means rows stored top-down
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) from the first IFD."""
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", data, 4)[0]
+    (count,) = struct.unpack_from(order + "H", data, ifd)
+    dims = {}
+    for i in range(count):
+        tag, kind, _ = struct.unpack_from(order + "HHI", data, ifd + 2 + 12 * i)
+        if tag in (256, 257):
+            value_at = ifd + 2 + 12 * i + 8
+            dims[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, value_at)[0]
+    if 256 not in dims or 257 not in dims:
+        return None
+    return dims[256], dims[257]
+
+
+_HEADER_SIZE = {
+    "jpeg": _jpeg_size,
+    "png": _png_size,
+    "gif": _gif_size,
+    "webp": _webp_size,
+    "bmp": _bmp_size,
+    "tiff": _tiff_size,
+}
+
+
+def _declared_size(fmt: str, data: bytes) -> tuple[int, int] | None:
+    try:
+        return _HEADER_SIZE[fmt](data)
+    except (ValueError, IndexError, struct.error):  # the header is cut short or malformed
+        return None
+
+
+def image_size_from_header(data: bytes) -> tuple[str, int, int] | None:
+    """(format, width, height) as the header declares them, before any decoding (JPEG: before EXIF
+    rotation); None for an unsupported format or an unparseable header."""
+    fmt = _sniff(data)
+    size = _declared_size(fmt, data) if fmt in _HEADER_SIZE else None
+    return None if size is None else (fmt, *size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arrays -> 8-bit RGB
+
+
+def _layout_problem(image: np.ndarray) -> str | None:
+    ok_shape = image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))
+    if ok_shape and image.dtype in (np.uint8, np.uint16):
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            return f"empty image {image.shape}"
+        return None
+    return f"expected (H, W, 3) uint8 RGB (or (H, W) gray, (H, W, 4) RGBA, uint16), got {image.shape} {image.dtype}"
+
+
+def _to_rgb8(image: np.ndarray, pad_color: tuple[int, int, int]) -> np.ndarray:
+    """A checked gray/RGB/RGBA uint8/uint16 array -> uint8 (H, W, 3) RGB."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return _composite(image, pad_color)
+    return image
+
+
+def _composite(rgba: np.ndarray, pad_color: tuple[int, int, int]) -> np.ndarray:
+    alpha = rgba[..., 3:].astype(np.uint32)
+    if alpha.min() == 255:
+        return rgba[..., :3]
+    pad = np.asarray(pad_color, np.uint32)
+    mixed = rgba[..., :3].astype(np.uint32) * alpha + pad * (255 - alpha)
+    return ((mixed + 127) // 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pillow's antialiased bicubic resize as weight matrices
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    """Pillow's bicubic kernel (a = -0.5)."""
+    a = -0.5
+    x = np.abs(x)
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+@functools.lru_cache(maxsize=128)
+def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 matrix of Pillow's Resample.c precompute_coeffs for BICUBIC.
+
+    When shrinking, the kernel is stretched by the scale (that is the antialiasing); each output
+    pixel's taps lie within `support` of its centre (rounded as Pillow does) and are normalised to
+    sum to one, then quantised to Pillow's 22 fractional bits."""
+    scale = in_size / out_size
+    stretch = max(scale, 1.0)
+    support = 2.0 * stretch
+    center = (np.arange(out_size) + 0.5)[:, None] * scale
+    lo = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
+    hi = np.minimum((center + support + 0.5).astype(np.int64), in_size)
+    x = np.arange(in_size)[None, :]
+    weights = np.where((x >= lo) & (x < hi), _bicubic((x - center + 0.5) / stretch), 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = weights / np.where(total == 0.0, 1.0, total)
+    fixed = float(1 << 22)
+    return (np.trunc(weights * fixed + np.copysign(0.5, weights)) / fixed).astype(np.float32)
+
+
+def _axis_weights(length: int, canvas: int, offset: int, resized: int, crop: int, size: int):
+    """Weights from one image axis to `size` outputs: the axis sits at `offset` on a `canvas` of pad
+    colour, the canvas is resized to `resized` and outputs [crop, crop + size) are kept.
+    Returns (weights on the image's pixels (size, length), weight on the padding (size,))."""
+    full = _resize_weights(canvas, resized)[crop : crop + size]
+    inside = full[:, offset : offset + length]
+    return inside, full.sum(axis=1) - inside.sum(axis=1)
+
+
+def _round8(x: np.ndarray) -> np.ndarray:
+    """Pillow's clip8: round half up and saturate, in place."""
+    np.floor(x + 0.5, out=x)
+    return np.clip(x, 0.0, 255.0, out=x)
+
+
+def _horizontal(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (3, H, S) rows resampled by weights (S, W)."""
+    out = np.empty((3, rgb.shape[0], weights.shape[0]), np.float32)
+    for r in range(0, rgb.shape[0], _ROW_BLOCK):
+        block = rgb[r : r + _ROW_BLOCK].transpose(2, 0, 1).astype(np.float32)
+        np.matmul(block, weights.T, out=out[:, r : r + _ROW_BLOCK])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Turns a path, encoded bytes or an array into the engine's uint8 [size, size, 3] RGB input."""
+
+    size: int
+    mode: str = "pad"  # "pad": LLaVA-1.5 expand2square then resize; "crop": CLIP shortest side + centre crop
+    pad_color: tuple[int, int, int] = (122, 116, 104)  # CLIP's mean as LLaVA rounds it
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"size must be a positive int, got {self.size!r}")
+        if self.mode not in RESIZE_MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {RESIZE_MODES}")
+        if len(self.pad_color) != 3 or not all(0 <= int(c) <= 255 for c in self.pad_color):
+            raise ValueError(f"pad_color must be three values in 0..255, got {self.pad_color!r}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels!r}")
+
+    @classmethod
+    def from_spec(cls, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = None) -> Preprocessor:
+        return cls(size=spec.size, mode=mode or spec.resize_mode, pad_color=spec.pad_color, max_pixels=max_pixels)
+
+    def __call__(self, image: str | os.PathLike | bytes | np.ndarray, source: str | None = None) -> np.ndarray:
+        """uint8 [size, size, 3] RGB, C-contiguous. `source` names the input in errors."""
+        return self._fit(self._load(image, source))
+
+    def decode(self, data: bytes, source: str) -> np.ndarray:
+        """Encoded bytes -> uint8 (H, W, 3) RGB. A large JPEG comes back reduced by 2, 4 or 8."""
+        if not data:
+            raise CorruptImage(source, "empty file (zero bytes)")
+        fmt = _sniff(data)
+        if fmt not in SUPPORTED_FORMATS:
+            raise UnsupportedImage(source, f"unsupported format: {fmt} (supported: {', '.join(SUPPORTED_FORMATS)})")
+        size = _declared_size(fmt, data)
+        if size is None:
+            raise CorruptImage(source, f"truncated or malformed {fmt} header")
+        width, height = size
+        if width == 0 or height == 0:
+            raise CorruptImage(source, f"{fmt} header declares an empty {width}x{height} image")
+        if width * height > self.max_pixels:
+            raise DecompressionBomb(
+                source, f"{fmt} header declares {width}x{height} = {width * height:,} pixels, over the limit of {self.max_pixels:,}"
+            )
+        if fmt == "jpeg" and not _jpeg_is_complete(data):
+            raise CorruptImage(source, "truncated jpeg (no end-of-image marker after the scan)")
+        image = self._imdecode(data, fmt, width, height, source)
+        if image.ndim == 3:  # OpenCV decodes to BGR(A)
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB if image.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+        problem = _layout_problem(image)
+        if problem is not None:
+            raise UnsupportedImage(source, f"{fmt} decodes to an unsupported layout: {problem}")
+        return _to_rgb8(image, self.pad_color)
+
+    def _imdecode(self, data: bytes, fmt: str, width: int, height: int, source: str) -> np.ndarray:
+        # JPEG: IMREAD_COLOR applies EXIF orientation (IMREAD_UNCHANGED would not) and libjpeg can
+        # decode at 1/2, 1/4 or 1/8 scale almost for free. Other formats: UNCHANGED keeps alpha and 16 bits.
+        if fmt == "jpeg":
+            flags = _JPEG_REDUCED[_jpeg_reduction(width, height, self.size, self.mode)]
+        else:
+            flags = cv2.IMREAD_UNCHANGED
+        try:
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error as e:
+            raise CorruptImage(source, f"undecodable {fmt} data ({str(e).strip().splitlines()[-1]})") from e
+        if image is None or image.size == 0:
+            raise CorruptImage(source, f"truncated or undecodable {fmt} data")
+        return image
+
+    def _load(self, image: str | os.PathLike | bytes | np.ndarray, source: str | None) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            source = source or "<array>"
+            problem = _layout_problem(image)
+            if problem is not None:
+                raise CorruptImage(source, problem)
+            return _to_rgb8(image, self.pad_color)
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.decode(bytes(image), source or "<bytes>")
+        if isinstance(image, (str, os.PathLike)):
+            source = source or os.fsdecode(image)
+            try:
+                data = Path(image).read_bytes()
+            except OSError as e:
+                raise ImageError(source, f"cannot read file ({e.strerror or e})") from e
+            return self.decode(data, source)
+        raise TypeError(f"expected a path, bytes or a numpy array, got {type(image).__name__}")
+
+    def _layout(self, length: int, other: int) -> tuple[int, int, int, int]:
+        """(canvas, offset, resized, crop) for an image axis of `length` whose other axis has `other`."""
+        if self.mode == "pad":
+            # expand2square centres the short axis with a (side - length) // 2 offset; the square
+            # then resizes to size x size and the centre crop keeps all of it.
+            canvas = max(length, other)
+            return canvas, (canvas - length) // 2, self.size, 0
+        # transformers: the shortest edge becomes size, the other int(size * long / short); the
+        # centre crop starts at (resized - size) // 2.
+        resized = self.size if length <= other else int(self.size * length / other)
+        return length, 0, resized, (resized - self.size) // 2
+
+    def _fit(self, rgb: np.ndarray) -> np.ndarray:
+        height, width = rgb.shape[:2]
+        wy, pad_y = _axis_weights(height, *self._layout(height, width), self.size)
+        wx, pad_x = _axis_weights(width, *self._layout(width, height), self.size)
+        pad = np.asarray(self.pad_color, np.float32)[:, None, None]
+        # Pillow resamples horizontally first and rounds to 8 bits before the vertical pass. Canvas
+        # rows outside the image stay exactly the pad colour, hence the pad term in the vertical pass.
+        rows = _round8(_horizontal(rgb, wx) + pad * pad_x)  # (3, H, S)
+        out = _round8(np.matmul(wy, rows) + pad * pad_y[:, None])  # (3, S, S)
+        return np.ascontiguousarray(out.transpose(1, 2, 0), dtype=np.uint8)
+
+
+def _jpeg_reduction(width: int, height: int, size: int, mode: str) -> int:
+    """The largest libjpeg scale factor (8, 4, 2, else 1) that keeps the side that becomes `size`
+    (the longest in pad mode, the shortest in crop mode) at >= 2 * size: the antialiased resize then
+    still averages over at least two source pixels per output pixel, so the result barely changes."""
+    side = max(width, height) if mode == "pad" else min(width, height)
+    for factor in (8, 4, 2):
+        if -(-side // factor) >= 2 * size:  # libjpeg rounds reduced dimensions up
+            return factor
+    return 1
