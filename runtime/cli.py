@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "export": ("safeclip.export.cli", "checkpoint + descriptors -> fused ONNX engine (needs safeclip[export])"),
     "build-engine": ("safeclip.export.tensorrt_build", "FP16 ONNX -> TensorRT plan for this GPU (needs safeclip[gpu])"),
+    "export-triton": ("safeclip.export.triton_repo", "engine folder -> Triton Inference Server model repository"),
     "screen": ("safeclip.runtime.screen", "screen images or folders; one JSON line per image"),
     "calibrate": ("safeclip.calibration.calibrate", "choose thresholds for a target false-positive rate (needs safeclip[calibrate])"),
     "eval": ("safeclip.calibration.evaluate", "measure an engine on benign/toxic folders (needs safeclip[calibrate])"),

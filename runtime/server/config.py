@@ -1,0 +1,326 @@
+"""The gate's configuration: frozen dataclasses, read from one TOML file, then overridden by CLI flags.
+
+The TOML file has the shape of `GateConfig`: top-level keys, and one table per nested dataclass
+(`[limits]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping (`[thresholds]`, `[actions]`,
+`[moderation]`). Unknown keys are errors, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+ACTIONS = ("refuse", "inject", "monitor")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The paper's dynamic correction: the model is told what the image was flagged as and how to respond.
+DEFAULT_SAFETY_PROMPT = (
+    "Safety notice from the content filter: an image in this conversation was classified as "
+    "{category} content (probability {probability:.2f}). Do not describe, reproduce or encourage the "
+    "harmful details of that image. If the request depends on them, decline briefly and say why; "
+    "otherwise answer helpfully without them."
+)
+DEFAULT_REFUSAL = (
+    "I can't help with this request: an image in it was flagged by the content filter as {category}."
+)
+TEMPLATE_FIELDS = {"category": "gun", "categories": "gun, knife", "probability": 0.5}
+
+# OpenAI's moderation categories (omni-moderation), the keys its clients read.
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
+    "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
+    "violence/graphic",
+)
+# Our default categories (export/descriptors/default.toml) -> OpenAI moderation categories. A category
+# named like an OpenAI one maps to it without an entry; alcohol and cigarette have no OpenAI counterpart.
+DEFAULT_MODERATION_MAP: dict[str, tuple[str, ...]] = {
+    "porn": ("sexual",),
+    "blood": ("violence", "violence/graphic"),
+    "gun": ("violence",),
+    "knife": ("violence",),
+    "insulting gesture": ("harassment",),
+}
+
+
+def _int(minimum: int) -> Callable[[Any, str], int]:
+    def parse(value: Any, where: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"{where}: must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def _float(minimum: float, strict: bool = True) -> Callable[[Any, str], float]:
+    def parse(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if value < minimum or (strict and value == minimum):
+            raise ValueError(f"{where}: must be {'>' if strict else '>='} {minimum}, got {value}")
+        return float(value)
+    return parse
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    return lambda value, where: None if value is None else parse(value, where)
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    return parse
+
+
+def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where}: expected a list of strings, got {value!r}")
+    return tuple(_str(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _mapping(parse_value: Callable[[Any, str], Any]) -> Callable[[Any, str], dict[str, Any]]:
+    def parse(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where}: expected a table, got {value!r}")
+        return {str(k): parse_value(v, f"{where}.{k}") for k, v in value.items()}
+    return parse
+
+
+def _networks(value: Any, where: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for i, text in enumerate(_str_tuple(value, where)):
+        try:
+            out.append(ipaddress.ip_network(text, strict=False))
+        except ValueError as e:
+            raise ValueError(f"{where}[{i}]: {text!r} is not a CIDR ({e})") from e
+    return tuple(out)
+
+
+def _port(value: Any, where: str) -> int:
+    port = _int(0)(value, where)
+    if port > 65535:
+        raise ValueError(f"{where}: a TCP port is at most 65535, got {port}")
+    return port
+
+
+def _upstream(value: Any, where: str) -> str:
+    url = URL(_str(value, where))
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"{where}: expected an http(s)://host:port URL, got {value!r}")
+    if url.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"{where}: give the server root without /v1 (requests keep their /v1/... path), got {value!r}")
+    if url.query_string or url.fragment:
+        raise ValueError(f"{where}: no query or fragment allowed, got {value!r}")
+    return str(url).rstrip("/")
+
+
+def _openai_categories(value: Any, where: str) -> tuple[str, ...]:
+    names = _str_tuple(value, where)
+    for name in names:
+        if name not in OPENAI_CATEGORIES:
+            raise ValueError(f"{where}: {name!r} is not an OpenAI moderation category; known: {list(OPENAI_CATEGORIES)}")
+    return names
+
+
+def _template(value: Any, where: str) -> str:
+    text = _str(value, where)
+    try:
+        text.format(**TEMPLATE_FIELDS)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{where}: bad template ({type(e).__name__}: {e}); fields: {sorted(TEMPLATE_FIELDS)}") from e
+    return text
+
+
+def _action(value: Any, where: str) -> str:
+    return _choice(ACTIONS)(value, where)
+
+
+def _threshold(value: Any, where: str) -> float:
+    number = _float(0.0, strict=False)(value, where)
+    if number > 1.0:
+        raise ValueError(f"{where}: a threshold is in [0, 1], got {value}")
+    return number
+
+
+def _parsed(parse: Callable[[Any, str], Any], default: Any = None, factory: Callable[[], Any] | None = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"parse": parse})
+    return field(default=default, metadata={"parse": parse})
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = _parsed(_int(1), 32 << 20)
+    max_images: int = _parsed(_int(1), 16)
+    max_image_bytes: int = _parsed(_int(1), 16 << 20)
+    max_pixels: int = _parsed(_int(1), DEFAULT_MAX_PIXELS)
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """How image URLs are fetched; addresses in `allow` are reachable even when private or loopback."""
+
+    allow: tuple[IPNetwork, ...] = _parsed(_networks, ())
+    connect_timeout: float = _parsed(_float(0.0), 3.0)
+    timeout: float = _parsed(_float(0.0), 10.0)
+    max_redirects: int = _parsed(_int(0), 5)
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    # A few ms of waiting lets concurrent requests share one engine call; the first request pays it.
+    delay_ms: float = _parsed(_float(0.0, strict=False), 2.0)
+    size: int = _parsed(_int(1), DEFAULT_MAX_BATCH)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    upstream_connect: float = _parsed(_float(0.0), 5.0)
+    # Time allowed between two reads from the upstream: a long generation keeps streaming, a hung one ends.
+    upstream_read: float = _parsed(_float(0.0), 600.0)
+
+
+@dataclass(frozen=True)
+class Templates:
+    """str.format templates with {category} (the deciding one), {categories} and {probability}."""
+
+    refusal: str = _parsed(_template, DEFAULT_REFUSAL)
+    safety_prompt: str = _parsed(_template, DEFAULT_SAFETY_PROMPT)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    engine: str = _parsed(_str, "")
+    upstream: str = _parsed(_upstream, "")
+    host: str = _parsed(_str, "127.0.0.1")
+    port: int = _parsed(_port, 8080)
+    action: str = _parsed(_action, "refuse")
+    actions: dict[str, str] = _parsed(_mapping(_action), factory=dict)
+    threshold: float | None = _parsed(_optional(_threshold), None)
+    thresholds: dict[str, float] = _parsed(_mapping(_threshold), factory=dict)
+    disabled: tuple[str, ...] = _parsed(_str_tuple, ())
+    backend: str = _parsed(_choice(BACKEND_CHOICES), "auto")
+    precision: str | None = _parsed(_optional(_choice(("fp32", "fp16", "int8"))), None)
+    fail_open: bool = _parsed(_bool, False)
+    # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
+    api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
+    audit_log: str | None = _parsed(_optional(_str), None)
+    verdict_field: bool = _parsed(_bool, False)
+    cache_size: int = _parsed(_int(0), 4096)
+    # Entries added to (or replacing) DEFAULT_MODERATION_MAP: our category -> OpenAI categories ([] for none).
+    moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
+    limits: Limits = _parsed(None, factory=Limits)
+    fetch: FetchConfig = _parsed(None, factory=FetchConfig)
+    batch: BatchConfig = _parsed(None, factory=BatchConfig)
+    timeouts: Timeouts = _parsed(None, factory=Timeouts)
+    templates: Templates = _parsed(None, factory=Templates)
+
+    def action_for(self, category: str) -> str:
+        return self.actions.get(category, self.action)
+
+    def check_categories(self, names: tuple[str, ...], neutral: str) -> None:
+        """Fail on a category the engine does not have (called once the engine's manifest is known)."""
+        flaggable = [n for n in names if n != neutral]
+        for table, keys in (("actions", self.actions), ("moderation", self.moderation)):
+            for name in keys:
+                if name not in flaggable:
+                    raise ValueError(f"[{table}]: unknown category {name!r}; the engine has {flaggable}")
+
+    def moderation_map(self, names: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """Each of the engine's categories -> the OpenAI categories it feeds (maybe none)."""
+        out = {}
+        for name in names:
+            default = (name,) if name in OPENAI_CATEGORIES else DEFAULT_MODERATION_MAP.get(name, ())
+            out[name] = self.moderation.get(name, default)
+        return out
+
+
+def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    """A dataclass from a mapping: every key known, every value parsed by its field's parser."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = known[name]
+        label = f"{where}.{name}" if where else name
+        if f.metadata["parse"] is None:  # a nested dataclass, given as a table
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{label}: expected a table, got {value!r}")
+            kwargs[name] = build(f.default_factory, value, label)  # type: ignore[arg-type, misc]
+        else:
+            kwargs[name] = f.metadata["parse"](value, label)
+    return cls(**kwargs)
+
+
+def merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides win key by key; nested tables merge instead of replacing each other."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from e
+    if "api_key" in data:
+        raise ValueError(f"{path}: api_key is not read from files; use --api-key or SAFECLIP_API_KEY")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> GateConfig:
+    """The config file (if any), then `overrides` (CLI flags, shaped like the file), validated."""
+    data = merge(read_toml(path) if path else {}, overrides)
+    config = build(GateConfig, data, str(path) if path else "")
+    for name in ("engine", "upstream"):
+        if not getattr(config, name):
+            raise ValueError(f"{name} is required (--{name} or `{name} = ...` in the config file)")
+    return config
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly view (networks as strings), used to fingerprint the policy; the API key is left out."""
+    out = {}
+    for f in fields(config):
+        if f.name == "api_key":
+            continue
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = [str(v) for v in value]
+        out[f.name] = value
+    return out

@@ -1,0 +1,190 @@
+"""Image URLs fetched without letting a client reach the gate's own network (SSRF).
+
+Each hop: http(s) only; the host is resolved once and every address checked (loopback, private,
+link-local, multicast, reserved, unspecified and other non-global ranges are refused unless allow-listed);
+the connection is then made to those checked addresses only (a resolver that answers nothing else), so
+a second DNS answer cannot change where the bytes come from. Redirects are followed by hand, each one
+checked the same way. Connect and total timeouts bound a fetch; a byte cap bounds what it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
+
+from safeclip.runtime.server.config import FetchConfig, IPNetwork
+from safeclip.runtime.server.errors import GateError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class FetchError(GateError):
+    def __init__(self, url: str, reason: str, code: str = "image_fetch_failed", status: int = 400):
+        super().__init__(status, f"image URL {url}: {reason}", code)
+
+
+class ForbiddenURL(FetchError):
+    def __init__(self, url: str, reason: str):
+        super().__init__(url, reason, code="image_url_forbidden")
+
+
+def forbidden_reason(ip: IPAddress, allow: Sequence[IPNetwork]) -> str | None:
+    """Why `ip` may not be fetched, or None when it may."""
+    if any(ip in net for net in allow):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return forbidden_reason(ip.ipv4_mapped, allow)  # ::ffff:127.0.0.1 is 127.0.0.1
+    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+        if getattr(ip, f"is_{kind}"):
+            return f"{ip} is a {kind.replace('_', '-')} address"
+    if not ip.is_global:  # shared address space (100.64/10), documentation ranges and the like
+        return f"{ip} is not a public address"
+    return None
+
+
+def literal_ip(host: str) -> IPAddress | None:
+    """The address a host names literally, or None for a name; legacy numeric forms are refused."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return None
+    # 2130706433, 0177.0.0.1, 0x7f.1, 127.1: resolvers read these as IPv4 addresses, and whether a
+    # library agrees differs; refusing them keeps what is checked and what is dialled the same thing.
+    raise ValueError(f"{host!r} is a non-canonical numeric IPv4 address")
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host` (one lookup; no cache of ours)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+class PinnedResolver(AbstractResolver):
+    """Answers the one host it was made for with the addresses already checked, and nothing else."""
+
+    def __init__(self, host: str, addresses: Sequence[IPAddress]):
+        self.host = host
+        self.addresses = tuple(addresses)
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host != self.host:
+            raise OSError(f"resolver pinned to {self.host!r} was asked for {host!r}")
+        return [
+            ResolveResult(hostname=host, host=str(ip), port=port,
+                          family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                          proto=0, flags=socket.AI_NUMERICHOST)
+            for ip in self.addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    data: bytes
+    content_type: str
+    url: str  # after redirects
+
+
+class Fetcher:
+    def __init__(self, config: FetchConfig, max_bytes: int, resolve: Resolve = resolve_host):
+        self.config = config
+        self.max_bytes = max_bytes
+        self.resolve = resolve
+
+    async def fetch(self, url: str) -> Fetched:
+        try:
+            return await asyncio.wait_for(self._follow(url), self.config.timeout)
+        except asyncio.TimeoutError:
+            raise FetchError(url, f"no complete answer within {self.config.timeout:g} s", "image_fetch_timeout") from None
+
+    async def _follow(self, url: str) -> Fetched:
+        current = url
+        for hop in range(self.config.max_redirects + 1):
+            target, addresses = await self.check(current)
+            status, location, fetched = await self._get(target, addresses)
+            if status not in REDIRECTS:
+                if status != 200:
+                    raise FetchError(current, f"answered HTTP {status}")
+                return fetched  # type: ignore[return-value]
+            if not location:
+                raise FetchError(current, f"HTTP {status} redirect without a Location")
+            current = str(target.join(URL(location)))
+        raise FetchError(url, f"more than {self.config.max_redirects} redirects")
+
+    async def check(self, url: str) -> tuple[URL, list[IPAddress]]:
+        """The parsed URL and the addresses it may be fetched from; ForbiddenURL before any connection."""
+        try:
+            target = URL(url)
+        except ValueError as e:
+            raise ForbiddenURL(url, f"not a valid URL ({e})") from e
+        if target.scheme not in ("http", "https"):
+            raise ForbiddenURL(url, f"scheme {target.scheme!r} is not allowed (only http and https)")
+        host = target.raw_host
+        if not host:
+            raise ForbiddenURL(url, "has no host")
+        try:
+            literal = literal_ip(host)
+        except ValueError as e:
+            raise ForbiddenURL(url, str(e)) from None
+        if literal is not None:
+            addresses = [literal]
+        else:
+            try:
+                names = await self.resolve(host, target.port or 0)
+            except OSError as e:
+                raise FetchError(url, f"cannot resolve {host!r} ({e})") from e
+            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in names]
+            if not addresses:
+                raise FetchError(url, f"{host!r} resolves to no address")
+        for ip in addresses:
+            # One bad address refuses the host: a name that mixes public and private answers is a probe.
+            reason = forbidden_reason(ip, self.config.allow)
+            if reason is not None:
+                raise ForbiddenURL(url, f"{host} -> {reason}" if literal is None else reason)
+        return target, addresses
+
+    async def _get(self, url: URL, addresses: list[IPAddress]) -> tuple[int, str | None, Fetched | None]:
+        # A connector per hop, pinned to this hop's checked addresses; IP literals never reach a resolver,
+        # so they are dialled as written, which is the address that was checked.
+        connector = aiohttp.TCPConnector(resolver=PinnedResolver(url.raw_host or "", addresses),
+                                         use_dns_cache=False, force_close=True)
+        timeout = aiohttp.ClientTimeout(sock_connect=self.config.connect_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+            try:
+                async with session.get(url, allow_redirects=False, headers={"Accept": "image/*"}) as resp:
+                    if resp.status in REDIRECTS:
+                        return resp.status, resp.headers.get("Location"), None
+                    if resp.status != 200:
+                        return resp.status, None, None
+                    if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
+                        raise FetchError(str(url), f"compressed answer ({resp.headers['Content-Encoding']}) refused")
+                    data = await self._read(resp, str(url))
+                    return 200, None, Fetched(data, resp.headers.get("Content-Type", ""), str(url))
+            except aiohttp.ClientError as e:
+                raise FetchError(str(url), f"{type(e).__name__}: {e}") from e
+
+    async def _read(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
+        too_big = f"larger than the {self.max_bytes}-byte image limit"
+        if resp.content_length is not None and resp.content_length > self.max_bytes:
+            raise FetchError(url, too_big, "image_too_large", status=413)
+        buf = bytearray()
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            if len(buf) > self.max_bytes:
+                raise FetchError(url, too_big, "image_too_large", status=413)
+        return bytes(buf)
