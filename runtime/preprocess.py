@@ -283,7 +283,9 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-@functools.lru_cache(maxsize=64)
+# Weights are cached per image geometry; 16 of the largest (8000 px canvas, ~11 MB each) keep a
+# long-running gate that sees many different sizes within a couple of hundred MB.
+@functools.lru_cache(maxsize=16)
 def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float32: Pillow's BICUBIC weights, as Resample.c precompute_coeffs makes them.
 
@@ -319,7 +321,7 @@ class _Axis(NamedTuple):
     crop: int
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """(weights on the image's pixels (size, ceil(length / factor)), weight on the padding (size,)).
 
