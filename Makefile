@@ -1,9 +1,10 @@
 # safeclip: `make help` lists the targets.
 .DEFAULT_GOAL := help
-.PHONY: help install test engine gpu-check clean-engines
+.PHONY: help install test engine triton-repo gpu-check clean-engines
 
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
+TRITON_VENV ?= .venv-triton
 MODEL      ?= openai/clip-vit-large-patch14-336
 PRECISION  ?= fp32,fp16
 CLS        ?= final
@@ -22,6 +23,9 @@ install: $(PY) ## create .venv with the runtime, the exporter and the test tools
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e '.[export,serve,calibrate,dev]'
+	@# PyTriton bundles a CPU-capable Triton server for the tests but pins numpy<2: it gets its own venv.
+	python3 -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime
 
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	$(PY) -m pytest -q
@@ -33,6 +37,12 @@ endif
 	$(PY) -m safeclip.export --model '$(MODEL)' --out 'engines/$(NAME)' --precision '$(PRECISION)' --cls '$(CLS)' \
 		$(if $(DESCRIPTORS),--descriptors '$(DESCRIPTORS)')
 	$(PY) -m safeclip.runtime.cli build-engine --engine 'engines/$(NAME)' --if-available
+
+triton-repo: ## Triton model repository for engines/NAME in model_repository/
+ifndef NAME
+	$(error NAME is required, e.g. `make triton-repo NAME=llava15`)
+endif
+	$(PY) -m safeclip.runtime.cli export-triton --engine 'engines/$(NAME)' --out model_repository
 
 gpu-check: ## on a CUDA GPU with TensorRT: plan vs ONNX Runtime, and torch FP16 timing (MODEL= optional)
 	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)')

@@ -20,6 +20,9 @@ OUTPUT_PROBS = "probs"
 OUTPUT_EMBEDS = "embeds"
 OUTPUT_PATCH_FEATURES = "patch_features"
 
+# A served model (Triton) declares which manifest artifact it runs under this config parameter.
+TRITON_SHA256_PARAMETER = "safeclip_artifact_sha256"
+
 CLS_SOURCES = ("final", "penultimate")
 RESIZE_MODES = ("pad", "crop")
 PRECISIONS = ("fp32", "fp16", "int8", "trt")

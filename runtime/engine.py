@@ -32,31 +32,29 @@ class Engine:
         precision: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> Engine:
-        from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, resolve_provider
+        """backend: an onnxruntime provider (auto, cpu, cuda, tensorrt), trt for the native TensorRT
+        plan, or a Triton server URL (triton://host:8001, http://host:8000)."""
+        from safeclip.runtime.backends.triton import is_triton_url
 
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         path = Path(path)
         manifest = contract.read_manifest(path)
-        # Every artifact, not only the one used: a tampered sibling means the folder is not what was exported.
-        for artifact in manifest.artifacts:
-            contract.verify_artifact(path, artifact)
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
-        if backend == "trt" or (backend == "auto" and precision is None and _plan_runnable(manifest)):
-            from safeclip.runtime.backends.tensorrt import TensorRTBackend
-
-            if not any(a.precision == "trt" for a in manifest.artifacts):
-                raise ManifestError(f"{path}: no TensorRT plan; build one with `safeclip build-engine --engine {path}`")
-            trt_backend = TensorRTBackend(path / manifest.artifact("trt").path, manifest)
-            engine = cls(path, manifest, trt_backend, "trt", min(max_batch, trt_backend.max_batch))
-            engine._check_signature()
-            return engine
-        provider = resolve_provider(backend)
-        precision = precision or _default_precision(provider, manifest)
-        model_file = path / manifest.artifact(precision).path
-        bound = OnnxRuntimeBackend(model_file, provider)
-        engine = cls(path, manifest, bound, precision, max_batch)
+        if is_triton_url(backend):
+            # The model lives on the server; the folder only has to describe it (a Triton model
+            # repository's copy of the manifest lists files that are not next to it).
+            bound, precision = _triton(backend, manifest)
+        else:
+            if backend not in BACKEND_CHOICES:
+                raise ValueError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES} or a triton:// URL")
+            # Every artifact, not only the one used: a tampered sibling means the folder is not what was exported.
+            for artifact in manifest.artifacts:
+                contract.verify_artifact(path, artifact)
+            if backend == "trt" or (backend == "auto" and precision is None and _plan_runnable(manifest)):
+                bound, precision = _tensorrt(path, manifest)
+            else:
+                bound, precision = _onnxruntime(path, manifest, backend, precision)
+        engine = cls(path, manifest, bound, precision, min(max_batch, getattr(bound, "max_batch", max_batch)))
         engine._check_signature()
         return engine
 
@@ -93,6 +91,30 @@ class Engine:
             dims = tuple(d if isinstance(d, int) else 0 for d in spec.shape[1:])
             out[spec.name] = np.zeros((0, *dims), dtype=np.float32)
         return out
+
+
+def _onnxruntime(path: Path, manifest: Manifest, provider: str, precision: str | None) -> tuple[Backend, str]:
+    from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, resolve_provider
+
+    provider = resolve_provider(provider)
+    precision = precision or _default_precision(provider, manifest)
+    return OnnxRuntimeBackend(path / manifest.artifact(precision).path, provider), precision
+
+
+def _tensorrt(path: Path, manifest: Manifest) -> tuple[Backend, str]:
+    from safeclip.runtime.backends.tensorrt import TensorRTBackend
+
+    if not any(a.precision == "trt" for a in manifest.artifacts):
+        raise ManifestError(f"{path}: no TensorRT plan; build one with `safeclip build-engine --engine {path}`")
+    return TensorRTBackend(path / manifest.artifact("trt").path, manifest), "trt"
+
+
+def _triton(url: str, manifest: Manifest) -> tuple[Backend, str]:
+    from safeclip.runtime.backends.triton import TritonBackend
+
+    bound = TritonBackend(url, manifest)
+    served = next((a.precision for a in manifest.artifacts if a.path == bound.served_artifact), "triton")
+    return bound, served
 
 
 def _plan_runnable(manifest: Manifest) -> bool:

@@ -37,6 +37,14 @@ def parse_thresholds(text: str) -> dict[str, float]:
     return out
 
 
+def backend_choice(text: str) -> str:
+    from safeclip.runtime.backends.triton import is_triton_url
+
+    if text in BACKEND_CHOICES or is_triton_url(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(BACKEND_CHOICES)} or a triton:// URL, got {text!r}")
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags every command that loads an engine shares."""
     parser.add_argument("--engine", required=True, help="engine folder (with manifest.json)")
@@ -46,7 +54,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="per-category thresholds, e.g. 'gun=0.5,knife=0.7'")
     parser.add_argument("--disable", type=lambda s: tuple(x.strip() for x in s.split(",") if x.strip()), default=(),
                         metavar="CAT,...", help="categories never to flag")
-    parser.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="onnxruntime provider (default: auto)")
+    parser.add_argument("--backend", type=backend_choice, default="auto",
+                        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000 "
+                             "(default: auto)")
     parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), help="ONNX artifact (default: best for the backend)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images (decompression bombs)")
