@@ -333,7 +333,7 @@ def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.n
     inside = full[:, axis.offset : axis.offset + axis.length]
     pad_share = full.sum(axis=1) - inside.sum(axis=1)
     if factor == 1:
-        return inside, pad_share
+        return np.ascontiguousarray(inside), pad_share
     starts = np.arange(0, axis.length, factor)
     widths = np.minimum(starts + factor, axis.length) - starts
     centres = axis.offset + starts + (widths - 1) / 2
@@ -355,7 +355,7 @@ def _horizontal(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (3, H, S): rows resampled by weights (S, W)."""
     out = np.empty((3, rgb.shape[0], weights.shape[0]), np.float32)
     for r in range(0, rgb.shape[0], _BLOCK):
-        np.matmul(_planes(rgb[r : r + _BLOCK]), weights.T, out=out[:, r : r + _BLOCK])
+        out[:, r : r + _BLOCK] = _planes(rgb[r : r + _BLOCK]) @ weights.T
     return out
 
 
@@ -363,12 +363,13 @@ def _vertical(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) -> float32 (3, S, W): columns resampled by weights (S, H)."""
     out = np.empty((3, weights.shape[0], rgb.shape[1]), np.float32)
     for c in range(0, rgb.shape[1], _BLOCK):
-        np.matmul(weights, _planes(rgb[:, c : c + _BLOCK]), out=out[:, :, c : c + _BLOCK])
+        out[:, :, c : c + _BLOCK] = weights @ _planes(rgb[:, c : c + _BLOCK])
     return out
 
 
 def _planes(rgb: np.ndarray) -> np.ndarray:
-    return rgb.transpose(2, 0, 1).astype(np.float32)
+    # Contiguous operands (and no strided `out=`) keep numpy's matmul on BLAS: about 10x faster.
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
 
 
 def _pillow_vertical_first(y: _Axis, x: _Axis) -> bool:
