@@ -16,6 +16,7 @@ from typing import Any
 
 from yarl import URL
 
+from safeclip.runtime.contract import PRECISIONS
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
@@ -223,7 +224,7 @@ class GateConfig:
     thresholds: dict[str, float] = _parsed(_mapping(_threshold), factory=dict)
     disabled: tuple[str, ...] = _parsed(_str_tuple, ())
     backend: str = _parsed(_choice(BACKEND_CHOICES), "auto")
-    precision: str | None = _parsed(_optional(_choice(("fp32", "fp16", "int8"))), None)
+    precision: str | None = _parsed(_optional(_choice(PRECISIONS)), None)
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
     api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})

@@ -13,7 +13,6 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -43,7 +42,8 @@ def forbidden_reason(ip: IPAddress, allow: Sequence[IPNetwork]) -> str | None:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return forbidden_reason(ip.ipv4_mapped, allow)  # ::ffff:127.0.0.1 is 127.0.0.1
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    # Most specific first: 169.254/16 and 0/8 are "private" too, but the narrower name says more.
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return f"{ip} is a {kind.replace('_', '-')} address"
     if not ip.is_global:  # shared address space (100.64/10), documentation ranges and the like
@@ -93,37 +93,33 @@ class PinnedResolver(AbstractResolver):
         return None
 
 
-@dataclass(frozen=True)
-class Fetched:
-    data: bytes
-    content_type: str
-    url: str  # after redirects
-
-
 class Fetcher:
     def __init__(self, config: FetchConfig, max_bytes: int, resolve: Resolve = resolve_host):
         self.config = config
         self.max_bytes = max_bytes
         self.resolve = resolve
 
-    async def fetch(self, url: str) -> Fetched:
+    async def fetch(self, url: str) -> bytes:
         try:
             return await asyncio.wait_for(self._follow(url), self.config.timeout)
         except asyncio.TimeoutError:
             raise FetchError(url, f"no complete answer within {self.config.timeout:g} s", "image_fetch_timeout") from None
 
-    async def _follow(self, url: str) -> Fetched:
+    async def _follow(self, url: str) -> bytes:
         current = url
-        for hop in range(self.config.max_redirects + 1):
+        for _ in range(self.config.max_redirects + 1):
             target, addresses = await self.check(current)
-            status, location, fetched = await self._get(target, addresses)
+            status, location, data = await self._get(target, addresses)
             if status not in REDIRECTS:
-                if status != 200:
+                if data is None:
                     raise FetchError(current, f"answered HTTP {status}")
-                return fetched  # type: ignore[return-value]
+                return data
             if not location:
                 raise FetchError(current, f"HTTP {status} redirect without a Location")
-            current = str(target.join(URL(location)))
+            try:
+                current = str(target.join(URL(location)))
+            except ValueError as e:
+                raise FetchError(current, f"redirect to an invalid Location {location!r} ({e})") from e
         raise FetchError(url, f"more than {self.config.max_redirects} redirects")
 
     async def check(self, url: str) -> tuple[URL, list[IPAddress]]:
@@ -158,13 +154,16 @@ class Fetcher:
                 raise ForbiddenURL(url, f"{host} -> {reason}" if literal is None else reason)
         return target, addresses
 
-    async def _get(self, url: URL, addresses: list[IPAddress]) -> tuple[int, str | None, Fetched | None]:
+    async def _get(self, url: URL, addresses: list[IPAddress]) -> tuple[int, str | None, bytes | None]:
+        """(status, Location of a redirect, body of a 200)."""
         # A connector per hop, pinned to this hop's checked addresses; IP literals never reach a resolver,
         # so they are dialled as written, which is the address that was checked.
         connector = aiohttp.TCPConnector(resolver=PinnedResolver(url.raw_host or "", addresses),
                                          use_dns_cache=False, force_close=True)
         timeout = aiohttp.ClientTimeout(sock_connect=self.config.connect_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False) as session:
+        # No Accept-Encoding: the byte cap then counts what the decoder will see; a compressed answer is refused.
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                         skip_auto_headers=("Accept-Encoding",)) as session:
             try:
                 async with session.get(url, allow_redirects=False, headers={"Accept": "image/*"}) as resp:
                     if resp.status in REDIRECTS:
@@ -173,8 +172,7 @@ class Fetcher:
                         return resp.status, None, None
                     if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
                         raise FetchError(str(url), f"compressed answer ({resp.headers['Content-Encoding']}) refused")
-                    data = await self._read(resp, str(url))
-                    return 200, None, Fetched(data, resp.headers.get("Content-Type", ""), str(url))
+                    return 200, None, await self._read(resp, str(url))
             except aiohttp.ClientError as e:
                 raise FetchError(str(url), f"{type(e).__name__}: {e}") from e
 

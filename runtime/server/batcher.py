@@ -1,0 +1,119 @@
+"""Micro-batching: images of concurrent requests share one engine call, run off the event loop.
+
+The first request of a batch waits at most `max_delay` for company (or until `max_size` images are
+queued); a request's images always go into one call together. One engine call runs at a time, and
+requests that arrive during it form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from safeclip.runtime.decision import Verdict
+from safeclip.runtime.preprocess import ImageError
+
+Result = Verdict | ImageError
+ScreenFn = Callable[[list[bytes]], Sequence[Result]]
+OnBatch = Callable[[int, float], None]
+
+
+@dataclass
+class _Group:
+    images: list[bytes]
+    futures: list[asyncio.Future[Result]]
+
+
+class MicroBatcher:
+    def __init__(self, screen: ScreenFn, max_delay: float, max_size: int, on_batch: OnBatch | None = None):
+        if max_delay < 0 or max_size < 1:
+            raise ValueError(f"need max_delay >= 0 and max_size >= 1, got {max_delay}, {max_size}")
+        self.screen = screen
+        self.max_delay = max_delay
+        self.max_size = max_size
+        self.on_batch = on_batch
+        self._pending: list[_Group] = []
+        self._queued = 0
+        self._arrived = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the batching task on the running loop (not in __init__: no side effects in constructors)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safeclip-engine")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="safeclip-batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for group in self._pending:
+            for f in group.futures:
+                if not f.done():
+                    f.set_exception(RuntimeError("the gate is shutting down"))
+        self._pending.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, images: list[bytes]) -> list[asyncio.Future[Result]]:
+        """One future per image, resolved by the batching task whether or not the caller still waits."""
+        if self._task is None or self._task.done():
+            raise RuntimeError("the batcher is not running (start() not called, or closed)")
+        loop = asyncio.get_running_loop()
+        group = _Group(list(images), [loop.create_future() for _ in images])
+        if images:
+            self._pending.append(group)
+            self._queued += len(images)
+            self._arrived.set()
+        return group.futures
+
+    def _take(self) -> list[_Group]:
+        batch, count = [], 0
+        while self._pending and (not batch or count + len(self._pending[0].images) <= self.max_size):
+            group = self._pending.pop(0)
+            batch.append(group)
+            count += len(group.images)
+        self._queued -= count
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        carried_over = False  # groups left by a full batch have waited already
+        while True:
+            await self._arrived.wait()
+            deadline = loop.time() + (0.0 if carried_over else self.max_delay)
+            while self._queued < self.max_size and (left := deadline - loop.time()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch = self._take()
+            carried_over = bool(self._pending)
+            if carried_over:
+                self._arrived.set()
+            else:
+                self._arrived.clear()
+            await self._call(loop, batch)
+
+    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Group]) -> None:
+        images = [image for group in batch for image in group.images]
+        futures = [f for group in batch for f in group.futures]
+        start = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.screen, images)
+            if len(results) != len(images):
+                raise RuntimeError(f"the engine answered {len(results)} results for {len(images)} images")
+        except Exception as e:  # an engine failure fails every request of the batch, visibly
+            for f in futures:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(images), time.perf_counter() - start)
+        for f, result in zip(futures, results):
+            if not f.done():
+                f.set_result(result)

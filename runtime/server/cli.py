@@ -1,0 +1,152 @@
+"""`safeclip serve`: the OpenAI-compatible gate in front of an LVLM server.
+
+    safeclip serve --engine engines/llava15 --upstream http://127.0.0.1:8000 --port 8080
+    safeclip serve --config gate.toml --action inject
+
+Flags override the config file. Exit status: 0 after SIGINT/SIGTERM, 1 when the engine fails to load,
+2 for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from aiohttp import web
+
+from safeclip.runtime.contract import PRECISIONS
+from safeclip.runtime.engine import BACKEND_CHOICES
+from safeclip.runtime.gate import Gate
+from safeclip.runtime.screen import parse_thresholds
+from safeclip.runtime.server.app import STATE, build_app
+from safeclip.runtime.server.config import ACTIONS, GateConfig, load_config
+
+API_KEY_ENV = "SAFECLIP_API_KEY"
+
+
+def parse_actions(text: str) -> dict[str, str]:
+    """'alcohol=monitor,gun=inject' -> {'alcohol': 'monitor', 'gun': 'inject'}"""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, action = item.rpartition("=")
+        if not sep or not name.strip() or action.strip() not in ACTIONS:
+            raise argparse.ArgumentTypeError(f"expected CATEGORY=ACTION with ACTION in {ACTIONS}, got {item!r}")
+        out[name.strip()] = action.strip()
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safeclip serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML config file (flags override it)")
+    p.add_argument("--engine", help="engine folder (with manifest.json)")
+    p.add_argument("--upstream", help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 (without /v1)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
+    p.add_argument("--action", choices=ACTIONS, help="what to do with a flagged request (default refuse)")
+    p.add_argument("--actions", type=parse_actions, metavar="CAT=ACTION,...", help="per-category actions")
+    p.add_argument("--threshold", type=float, help="one threshold for every category (default: the manifest's)")
+    p.add_argument("--thresholds", type=parse_thresholds, metavar="CAT=T,...",
+                   help="per-category thresholds, applied after --threshold")
+    p.add_argument("--disable", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="CAT,...",
+                   help="categories never to flag")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, help="onnxruntime provider (default auto)")
+    p.add_argument("--precision", choices=PRECISIONS, help="engine artifact (default: best for the backend)")
+    p.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=None,
+                   help="forward undecodable images unscreened (counted in /metrics) instead of refusing them")
+    p.add_argument("--api-key", help=f"require this key from clients (default: ${API_KEY_ENV}, if set)")
+    p.add_argument("--audit-log", help="append one JSON line per screened request to this file ('-' for stdout)")
+    p.add_argument("--verdict-field", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a `safeclip` verdict object to non-streamed JSON responses")
+    p.add_argument("--allow", action="append", metavar="CIDR",
+                   help="let image URLs reach this private/loopback range (repeatable)")
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--max-images", type=int, help="images per request")
+    p.add_argument("--max-image-bytes", type=int)
+    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
+    p.add_argument("--batch-size", type=int, help="images per engine call")
+    p.add_argument("--cache-size", type=int, help="verdicts kept by image sha256 (default 4096; 0 disables)")
+    p.add_argument("--upstream-timeout", type=float, help="seconds the upstream may stay silent (default 600)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return p
+
+
+# flag -> path in the config file's shape
+_FLAG_KEYS = {
+    "engine": ("engine",), "upstream": ("upstream",), "host": ("host",), "port": ("port",), "action": ("action",),
+    "actions": ("actions",), "threshold": ("threshold",), "thresholds": ("thresholds",), "disable": ("disabled",),
+    "backend": ("backend",), "precision": ("precision",), "fail_open": ("fail_open",), "api_key": ("api_key",), "audit_log": ("audit_log",),
+    "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
+    "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
+    "max_pixels": ("limits", "max_pixels"), "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
+    "cache_size": ("cache_size",), "upstream_timeout": ("timeouts", "upstream_read"),
+}
+
+
+def overrides(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
+    """The flags that were given, shaped like the config file; the API key falls back to the environment."""
+    out: dict[str, Any] = {}
+    values = vars(args) | ({"api_key": environ[API_KEY_ENV]} if args.api_key is None and environ.get(API_KEY_ENV) else {})
+    for flag, path in _FLAG_KEYS.items():
+        value = values.get(flag)
+        if value is None:
+            continue
+        table = out
+        for key in path[:-1]:
+            table = table.setdefault(key, {})
+        table[path[-1]] = value
+    return out
+
+
+def load_gate(config: GateConfig) -> Gate:
+    return Gate.from_engine(config.engine, thresholds=config.thresholds, threshold=config.threshold,
+                            disabled=config.disabled, backend=config.backend, precision=config.precision,
+                            max_pixels=config.limits.max_pixels, max_batch=config.batch.size)
+
+
+async def serve(config: GateConfig) -> int:
+    """Run until SIGINT/SIGTERM; 1 if the engine cannot load."""
+    app = build_app(config, lambda: load_gate(config))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await web.TCPSite(runner, config.host, config.port).start()
+        for host, port, *_ in runner.addresses:  # the real port when --port 0
+            logging.info("gate listening on http://%s:%d -> %s", f"[{host}]" if ":" in host else host, port,
+                         config.upstream)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loading = app[STATE].loading
+        await asyncio.wait([t for t in (loading, stopping) if t is not None], return_when=asyncio.FIRST_COMPLETED)
+        if app[STATE].load_error is not None:
+            print(f"safeclip serve: {app[STATE].load_error}", file=sys.stderr)
+            return 1
+        await stopping
+        return 0
+    finally:
+        stopping.cancel()
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, overrides(args, dict(os.environ)))
+    except ValueError as e:
+        print(f"safeclip serve: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""Talking to the upstream: request bodies read under a cap, headers filtered, responses streamed back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.metrics import GateMetrics
+
+log = logging.getLogger("safeclip.server")
+
+# Headers about one hop of the connection, not the message (RFC 9110 7.6.1), and ones the gate recomputes.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+                        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
+GATE_KEY_HEADER = "x-safeclip-api-key"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    too_big = GateError(413, f"the request body is larger than the {limit}-byte limit", "request_too_large")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        buf += chunk
+        if len(buf) > limit:
+            raise too_big
+    return bytes(buf)
+
+
+def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | None = None) -> CIMultiDict[str]:
+    named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}  # hop-by-hop by declaration
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop and lower not in named and not (prefix and lower.startswith(prefix)):
+            out.add(name, value)
+    return out
+
+
+def request_headers(headers: Mapping[str, str], plain: bool) -> CIMultiDict[str]:
+    """What the upstream gets: the client's headers (Authorization included) minus hop-by-hop ones and the gate's key.
+
+    The body may have been re-encoded, and the server already undid any Content-Encoding, so that goes too;
+    `plain` also drops Accept-Encoding, for a response body the gate must read.
+    """
+    drop = HOP_BY_HOP | {GATE_KEY_HEADER, "content-encoding"} | ({"accept-encoding"} if plain else set())
+    return _filtered(headers, frozenset(drop))
+
+
+def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream's headers minus hop-by-hop ones and any x-safeclip-*: only the gate speaks for the gate."""
+    return _filtered(headers, HOP_BY_HOP, prefix="x-safeclip-")
+
+
+class StreamBroken(Exception):
+    """A response that started but cannot finish: the upstream failed ("stream_broken", and the client's
+    connection is closed unfinished) or the client went away ("client_disconnected")."""
+
+    def __init__(self, response: web.StreamResponse, code: str):
+        super().__init__(code)
+        self.response = response
+        self.code = code
+
+
+async def write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError as e:  # the client hung up; nothing more can reach it
+        raise StreamBroken(response, "client_disconnected") from e
+
+
+class Upstream:
+    def __init__(self, base: str, connect_timeout: float, read_timeout: float, metrics: GateMetrics):
+        self.base = base
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.metrics = metrics
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),  # the upstream queues; a pool limit would only add a second queue
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=self.read_timeout),
+            auto_decompress=False,  # bodies pass through as encoded, with their Content-Encoding
+            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies must never reach another's request
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def forward(self, request: web.Request, body: bytes | None, extra_headers: Mapping[str, str],
+                      edit_json: Callable[[dict], dict] | None = None) -> web.StreamResponse:
+        """Send the request on and stream the answer back chunk by chunk.
+
+        `edit_json`, when given, is applied to a successful JSON answer (which is then read whole).
+        """
+        if self.session is None:
+            raise RuntimeError("Upstream.start() was not called")
+        url = URL(self.base + request.rel_url.raw_path_qs, encoded=True)
+        start = time.perf_counter()
+        try:
+            up = await self.session.request(request.method, url, data=body, allow_redirects=False,
+                                            headers=request_headers(request.headers, plain=edit_json is not None))
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.inc("timeout")
+            raise GateError(504, f"the upstream did not answer within {self.read_timeout:g} s", "upstream_timeout",
+                            type="upstream_error") from None
+        except aiohttp.ClientError as e:
+            self.metrics.upstream_errors.inc("unavailable")
+            raise GateError(502, f"the upstream is unreachable ({type(e).__name__}: {e})", "upstream_unavailable",
+                            type="upstream_error") from e
+        self.metrics.stage.observe(time.perf_counter() - start, "upstream")
+        try:
+            headers = response_headers(up.headers)
+            headers.update(extra_headers)
+            if edit_json is not None and up.status == 200 and up.content_type == "application/json":
+                return await self._edited(up, headers, edit_json)
+            response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+            await response.prepare(request)
+            chunks = up.content.iter_any()
+            while True:
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+                    # The status line is gone already: the only honest signal left is to close the connection
+                    # without the final chunk, so the client sees a truncated response, not a complete one.
+                    self.metrics.upstream_errors.inc("stream")
+                    log.warning("upstream stream for %s broke after the response started: %s", request.path,
+                                type(e).__name__)
+                    if request.transport is not None:
+                        request.transport.close()
+                    raise StreamBroken(response, "stream_broken") from e
+                await write(response, chunk)
+            await response.write_eof()
+            return response
+        finally:
+            up.release()
+
+    async def _edited(self, up: aiohttp.ClientResponse, headers: CIMultiDict[str],
+                      edit_json: Callable[[dict], dict]) -> web.Response:
+        try:
+            data = await up.read()
+        except asyncio.TimeoutError:
+            self.metrics.upstream_errors.inc("timeout")
+            raise GateError(504, f"the upstream stopped answering for {self.read_timeout:g} s", "upstream_timeout",
+                            type="upstream_error") from None
+        except aiohttp.ClientError as e:
+            self.metrics.upstream_errors.inc("unavailable")
+            raise GateError(502, f"the upstream's answer broke off ({type(e).__name__})", "upstream_unavailable",
+                            type="upstream_error") from e
+        try:
+            parsed = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            parsed = None
+        if not isinstance(parsed, dict):  # not ours to fix: pass it on as it came
+            return web.Response(status=up.status, body=data, headers=headers)
+        headers.popall("Content-Type", None)
+        return web.json_response(edit_json(parsed), status=up.status, headers=headers)

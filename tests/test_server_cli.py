@@ -1,0 +1,103 @@
+"""Issue 8: `safeclip serve` as a command: flags over the config file, exit statuses, a real process."""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from safeclip.runtime.server.cli import build_parser, main, overrides
+from safeclip.runtime.server.config import load_config
+from server_helpers import RecordingUpstream, Servers, data_url, http, png, post_json, user_message
+
+
+def test_flags_override_the_file_and_the_key_comes_from_the_environment(tmp_path):
+    path = tmp_path / "gate.toml"
+    path.write_text('engine = "engines/a"\nupstream = "http://127.0.0.1:8000"\naction = "inject"\n'
+                    '[limits]\nmax_images = 4\nmax_body_bytes = 1000\n[actions]\ngun = "refuse"\n')
+    args = build_parser().parse_args(["--config", str(path), "--action", "monitor", "--max-images", "2",
+                                      "--actions", "insulting gesture=inject", "--allow", "10.0.0.0/8",
+                                      "--no-fail-open", "--disable", "alcohol,cigarette"])
+    config = load_config(args.config, overrides(args, {"SAFECLIP_API_KEY": "from-env"}))
+    assert (config.action, config.limits.max_images, config.limits.max_body_bytes) == ("monitor", 2, 1000)
+    assert config.actions == {"gun": "refuse", "insulting gesture": "inject"}
+    assert [str(n) for n in config.fetch.allow] == ["10.0.0.0/8"]
+    assert config.disabled == ("alcohol", "cigarette") and config.fail_open is False
+    assert config.api_key == "from-env" and "from-env" not in repr(config)
+    flagged = load_config(None, overrides(build_parser().parse_args(["--engine", "e", "--upstream", "http://h:1",
+                                                                     "--api-key", "flag"]), {"SAFECLIP_API_KEY": "env"}))
+    assert flagged.api_key == "flag"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--engine", "e"], "upstream is required"),
+    (["--engine", "e", "--upstream", "http://h:1/v1"], "without /v1"),
+    (["--engine", "e", "--upstream", "http://h:1", "--max-images", "0"], "must be >= 1"),
+])
+def test_bad_configuration_exits_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_category_action_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--actions", "gun=block"])
+    assert e.value.code == 2 and "CATEGORY=ACTION" in capsys.readouterr().err
+
+
+def run_gate(argv: list[str]) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
+    process = subprocess.Popen([sys.executable, "-m", "safeclip.runtime.cli", "serve", *argv],
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()  # type: ignore[union-attr]
+    return process, lines
+
+
+def wait_line(lines: "queue.Queue[str]", pattern: str, timeout: float = 60) -> re.Match:
+    seen = []
+    while True:
+        try:
+            line = lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got:\n{''.join(seen)}") from None
+        seen.append(line)
+        if match := re.search(pattern, line):
+            return match
+
+
+def test_serve_process_runs_until_sigterm(tiny_engine, tmp_path):
+    upstream = RecordingUpstream()
+    with Servers() as servers:
+        upstream_url = servers.start(upstream.app())
+        config = tmp_path / "gate.toml"
+        config.write_text(f'engine = "{tiny_engine}"\nupstream = "{upstream_url}"\nthreshold = 0.0\n')
+        process, lines = run_gate(["--config", str(config), "--port", "0", "--backend", "cpu"])
+        try:
+            base = wait_line(lines, r"listening on (http://\S+)").group(1)
+            wait_line(lines, r"ready \(policy [0-9a-f]{12}\)")
+            assert http("GET", f"{base}/readyz").status == 200
+            reply = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(png(1)))]})
+            assert reply.json()["choices"][0]["finish_reason"] == "content_filter"  # threshold 0 from the file
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=20) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    assert upstream.received == []
+
+
+def test_serve_exits_1_when_the_engine_cannot_load(tmp_path):
+    process, lines = run_gate(["--engine", str(tmp_path / "missing"), "--upstream", "http://127.0.0.1:9", "--port", "0"])
+    try:
+        assert process.wait(timeout=60) == 1
+        wait_line(lines, r"no manifest", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

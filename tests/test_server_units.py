@@ -1,0 +1,263 @@
+"""Issue 8, the gate's parts without a server: config, request parsing, responses, metrics, cache, batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from safeclip.runtime.decision import Verdict
+from safeclip.runtime.preprocess import CorruptImage
+from safeclip.runtime.server import responses
+from safeclip.runtime.server.batcher import MicroBatcher
+from safeclip.runtime.server.cache import VerdictCache
+from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT, GateConfig, load_config
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.messages import (
+    chat_images,
+    data_url,
+    decode_data_url,
+    has_image_hints,
+    inject_system_prompt,
+    moderation_inputs,
+)
+from safeclip.runtime.server.metrics import Histogram
+from safeclip.runtime.server.record import decide
+from server_helpers import png
+
+CATEGORIES = ("neutral", "porn", "gun")
+
+
+def verdict(sha: str, porn: float = 0.1, gun: float = 0.1, flagged: tuple[str, ...] = ()) -> Verdict:
+    probs = {"neutral": 1 - porn - gun, "porn": porn, "gun": gun}
+    top = max(("porn", "gun"), key=probs.__getitem__)
+    return Verdict(bool(flagged), top, probs[top], probs, sha, flagged)
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def test_config_file_then_flags(tmp_path):
+    path = tmp_path / "gate.toml"
+    path.write_text(
+        'engine = "engines/x"\nupstream = "http://10.1.2.3:8000/"\naction = "inject"\nport = 9000\n'
+        '[actions]\ngun = "refuse"\n[limits]\nmax_images = 3\n[fetch]\nallow = ["10.0.0.0/8"]\n'
+    )
+    config = load_config(path, {"port": 9100, "actions": {"porn": "monitor"}, "limits": {"max_image_bytes": 5}})
+    assert config.upstream == "http://10.1.2.3:8000"  # trailing slash dropped: paths are appended to it
+    assert (config.action, config.port) == ("inject", 9100)
+    assert config.actions == {"gun": "refuse", "porn": "monitor"}  # tables merge key by key
+    assert (config.limits.max_images, config.limits.max_image_bytes) == (3, 5)
+    assert [str(n) for n in config.fetch.allow] == ["10.0.0.0/8"]
+    assert config.action_for("gun") == "refuse" and config.action_for("knife") == "inject"
+    assert config.templates.safety_prompt == DEFAULT_SAFETY_PROMPT
+
+
+@pytest.mark.parametrize("text, message", [
+    ('action = "block"', "'block' is not one of"),
+    ("[limits]\nmax_imgs = 3", "unknown key(s) ['max_imgs']"),
+    ("[limits]\nmax_images = 0", "must be >= 1"),
+    ('upstream = "http://h:1/v1"', "without /v1"),
+    ('upstream = "ftp://h"', "http(s)://host:port"),
+    ('[fetch]\nallow = ["10.0.0.300/8"]', "is not a CIDR"),
+    ('[templates]\nrefusal = "{colour}"', "bad template"),
+    ('api_key = "secret"', "not read from files"),
+    ("threshold = 1.5", "in [0, 1]"),
+    ('[moderation]\ngun = ["weapons"]', "not an OpenAI moderation category"),
+    ("port = true", "expected an integer"),
+])
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "gate.toml"
+    path.write_text('engine = "e"\nupstream = "http://h:1"\n' + text if not text.startswith("upstream") else
+                    'engine = "e"\n' + text)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(path, {})
+
+
+def test_config_requires_engine_and_upstream():
+    with pytest.raises(ValueError, match="upstream is required"):
+        load_config(None, {"engine": "e"})
+
+
+def test_category_checks_against_the_engine():
+    config = load_config(None, {"engine": "e", "upstream": "http://h:1", "actions": {"gnu": "monitor"}})
+    with pytest.raises(ValueError, match=r"\[actions\]: unknown category 'gnu'"):
+        config.check_categories(CATEGORIES, "neutral")
+    assert GateConfig(moderation={"gun": ("illicit/violent",)}).moderation_map(("porn", "gun", "violence")) == {
+        "porn": ("sexual",), "gun": ("illicit/violent",), "violence": ("violence",)}
+
+
+# --- requests ---------------------------------------------------------------------------------------
+
+def test_chat_images_finds_every_image_part():
+    body = {"messages": [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:a"}}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"image_url": {"url": "b"}}]},
+    ]}
+    found = chat_images(body)
+    assert [(p.where, p.url) for p in found] == [
+        ("messages[1].content[1]", "data:a"), ("messages[3].content[0]", "http://x/y.png"), ("messages[3].content[1]", "b")]
+    found[1].set_url("data:z")
+    found[0].set_url("data:y")
+    assert body["messages"][3]["content"][0]["image_url"] == "data:z"  # string form kept
+    assert body["messages"][1]["content"][1]["image_url"] == {"url": "data:y"}
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"messages": "hi"}, "invalid_messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]}, "invalid_image_url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_pil", "data": "..."}]}]}, "unsupported_content_part"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}]}, "invalid_image_url"),
+    ({"messages": [{"role": "user", "content": 3}]}, "invalid_messages"),
+])
+def test_chat_images_refuses_what_it_cannot_screen(body, code):
+    with pytest.raises(GateError) as e:
+        chat_images(body)
+    assert e.value.code == code and e.value.status == 400
+
+
+def test_moderation_inputs_shapes():
+    assert moderation_inputs({"input": "text"}) == [[]]
+    assert moderation_inputs({"input": ["a", "b"]}) == [[], []]
+    [parts] = moderation_inputs({"input": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}]})
+    assert [p.url for p in parts] == ["u"]
+    with pytest.raises(GateError, match="'input' must be"):
+        moderation_inputs({"input": ["a", {"type": "text", "text": "x"}]})
+
+
+def test_data_urls_decode_strictly_and_sniff_their_type():
+    image = png(seed=1)
+    url = data_url(image)
+    assert url.startswith("data:image/png;base64,")
+    assert decode_data_url(url, "p", len(image)) == image
+    with pytest.raises(GateError) as e:
+        decode_data_url(url, "p", len(image) - 1)
+    assert (e.value.status, e.value.code) == (413, "image_too_large")
+    with pytest.raises(GateError, match="invalid base64"):
+        decode_data_url("data:image/png;base64,iVBOR w0K", "p", 100)
+    with pytest.raises(GateError, match="base64"):
+        decode_data_url("data:image/png,%89PNG", "p", 100)
+    assert data_url(b"no image here").startswith("data:application/octet-stream;base64,")
+
+
+def test_inject_merges_into_a_leading_system_message():
+    with_system = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]}
+    inject_system_prompt(with_system, "SAFETY")
+    assert with_system["messages"][0] == {"role": "system", "content": "SAFETY\n\nYou are terse."}
+    assert len(with_system["messages"]) == 2
+    without = {"messages": [{"role": "user", "content": "hi"}]}
+    inject_system_prompt(without, "SAFETY")
+    assert without["messages"][0] == {"role": "system", "content": "SAFETY"}
+    parts = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "x"}]}]}
+    inject_system_prompt(parts, "SAFETY")
+    assert parts["messages"][0]["content"][0] == {"type": "text", "text": "SAFETY"}
+
+
+def test_image_hints_on_unparsed_paths():
+    assert has_image_hints({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
+    assert has_image_hints({"prompt": "data:image/png;base64,AAAA"})
+    assert not has_image_hints({"model": "m", "prompt": "a text prompt", "max_tokens": 5})
+
+
+# --- decisions and responses ------------------------------------------------------------------------
+
+def test_decide_strictest_action_wins_and_names_its_category():
+    actions = {"porn": "monitor", "gun": "inject"}.__getitem__
+    a = verdict("a", porn=0.8, flagged=("porn",))
+    b = verdict("b", gun=0.7, flagged=("gun",))
+    d = decide([a, b], actions)
+    assert (d.action, d.category, d.probability, d.categories) == ("inject", "gun", 0.7, ("gun", "porn"))
+    clean = decide([verdict("c", porn=0.3), verdict("d", gun=0.4)], actions)
+    assert (clean.action, clean.flagged, clean.category, clean.probability) == ("pass", False, "gun", 0.4)
+    assert decide([], actions).category is None
+
+
+def test_refusal_stream_shape():
+    events = responses.refusal_events({"model": "m", "n": 2, "stream_options": {"include_usage": True}}, "no")
+    assert events[-1] == b"data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}, {"content": "no"}, {}]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:6]] == [None, None, "content_filter"] * 2
+    assert [c["choices"][0]["index"] for c in chunks[:6]] == [0, 0, 0, 1, 1, 1]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 0
+    assert len({c["id"] for c in chunks}) == 1
+
+
+def test_moderation_result_maps_and_keeps_our_names():
+    mapping = {"porn": ("sexual",), "gun": ("violence",)}
+    result = responses.moderation_result([verdict("a", gun=0.7, flagged=("gun",)), verdict("b", gun=0.2, porn=0.3)],
+                                         ("porn", "gun"), mapping)
+    assert result["flagged"] is True
+    assert result["categories"]["violence"] is True and result["categories"]["sexual"] is False
+    assert result["category_scores"]["violence"] == 0.7 and result["category_scores"]["sexual"] == 0.3
+    assert result["category_scores"]["hate"] == 0.0 and result["category_applied_input_types"]["hate"] == []
+    assert result["category_applied_input_types"]["violence"] == ["image"]
+    assert result["categories"]["gun"] is True and result["category_scores"]["porn"] == 0.3
+    text_only = responses.moderation_result([], ("porn", "gun"), mapping)
+    assert not text_only["flagged"] and text_only["category_applied_input_types"]["sexual"] == []
+
+
+# --- metrics, cache, batcher ------------------------------------------------------------------------
+
+def test_histogram_buckets_are_cumulative_with_le_bounds():
+    h = Histogram("t_seconds", "help", (0.1, 1.0), ("stage",))
+    for value in (0.05, 0.1, 0.5, 3.0):
+        h.observe(value, 'a"b')
+    lines = h.render()
+    assert 't_seconds_bucket{stage="a\\"b",le="0.1"} 2' in lines
+    assert 't_seconds_bucket{stage="a\\"b",le="1"} 3' in lines
+    assert 't_seconds_bucket{stage="a\\"b",le="+Inf"} 4' in lines
+    assert 't_seconds_count{stage="a\\"b"} 4' in lines and 't_seconds_sum{stage="a\\"b"} 3.65' in lines
+
+
+def test_cache_is_lru_and_bounded():
+    cache = VerdictCache(2)
+    for sha in "abc":
+        if sha == "c":
+            assert cache.get("a") is not None  # touch a: b is now the oldest
+        cache.put(verdict(sha))
+    assert cache.get("b") is None and cache.get("a") and cache.get("c") and len(cache) == 2
+    none = VerdictCache(0)
+    none.put(verdict("a"))
+    assert none.get("a") is None
+
+
+def test_batcher_merges_concurrent_requests_and_keeps_them_whole():
+    calls: list[list[bytes]] = []
+
+    def screen(images):
+        calls.append(list(images))
+        return [CorruptImage("x", "bad") if i == b"bad" else verdict(i.decode()) for i in images]
+
+    async def run():
+        batcher = MicroBatcher(screen, max_delay=0.05, max_size=4)
+        batcher.start()
+        try:
+            groups = [[b"a", b"b"], [b"c"], [b"d", b"e"], [b"bad"]]
+            futures = [batcher.submit(g) for g in groups]
+            return [[await f for f in fs] for fs in futures]
+        finally:
+            await batcher.close()
+
+    results = asyncio.run(run())
+    # a+b+c fill 3 of 4 slots; d+e would split, so they wait for the next call, with "bad".
+    assert calls == [[b"a", b"b", b"c"], [b"d", b"e", b"bad"]]
+    assert [r.sha256 for r in results[0] + results[1] + results[2]] == ["a", "b", "c", "d", "e"]
+    assert isinstance(results[3][0], CorruptImage)
+
+
+def test_batcher_engine_failure_reaches_every_waiter():
+    def screen(images):
+        raise RuntimeError("engine exploded")
+
+    async def run():
+        batcher = MicroBatcher(screen, max_delay=0.0, max_size=8)
+        batcher.start()
+        try:
+            return await asyncio.gather(*batcher.submit([b"a", b"b"]), return_exceptions=True)
+        finally:
+            await batcher.close()
+
+    assert [str(e) for e in asyncio.run(run())] == ["engine exploded"] * 2
