@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
@@ -65,12 +66,20 @@ class Gate:
                 raise result
         return results  # type: ignore[return-value]
 
-    def screen(self, images: Sequence[ImageInput]) -> list[Verdict | ImageError]:
-        """One result per image, in order: a Verdict, or the ImageError that kept it from being screened."""
+    def screen(
+        self, images: Sequence[ImageInput], timings: dict[str, float] | None = None
+    ) -> list[Verdict | ImageError]:
+        """One result per image, in order: a Verdict, or the ImageError that kept it from being screened.
+
+        `timings`, if given, gets the seconds spent in "decode" (read, decode, resize) and "infer" added."""
+        timings = {} if timings is None else timings
+        timings.setdefault("decode", 0.0)
+        timings.setdefault("infer", 0.0)
         results: list[Verdict | ImageError | None] = [None] * len(images)
         for start in range(0, len(images), self.engine.max_batch):
             chunk = range(start, min(start + self.engine.max_batch, len(images)))
             pixels, digests, rows = [], [], []
+            started = time.perf_counter()
             for i in chunk:
                 try:
                     data, source, digest = _read(images[i], i)
@@ -80,10 +89,13 @@ class Gate:
                     continue
                 digests.append(digest)
                 rows.append(i)
+            timings["decode"] += time.perf_counter() - started
             if not rows:
                 continue
+            started = time.perf_counter()
             with self._lock:
                 probs = self.engine.infer(np.stack(pixels))["probs"]
+            timings["infer"] += time.perf_counter() - started
             for i, verdict in zip(rows, self.policy.decide(probs, digests)):
                 results[i] = verdict
         return results  # type: ignore[return-value]

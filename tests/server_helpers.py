@@ -232,9 +232,9 @@ class CountingScreen:
         self.calls: list[int] = []
         gate.screen = self  # type: ignore[method-assign]
 
-    def __call__(self, images: list[bytes]) -> list:
+    def __call__(self, images: list[bytes], timings: dict[str, float] | None = None) -> list:
         self.calls.append(len(images))
-        return self.inner(images)
+        return self.inner(images, timings=timings)
 
 
 # ---------------------------------------------------------------------------------------------------

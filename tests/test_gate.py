@@ -113,3 +113,11 @@ def test_unreadable_path_and_wrong_type(tiny_engine, tmp_path):
 
 def test_empty_input(tiny_engine):
     assert Gate.from_engine(tiny_engine, backend="cpu").check([]) == []
+
+
+def test_screen_reports_decode_and_infer_time(tiny_engine):
+    gate = Gate.from_engine(tiny_engine, backend="cpu")
+    timings: dict[str, float] = {}
+    gate.screen([encode(img) for img in smooth_images(3, 400, 300, seed=8)] + [b""], timings=timings)
+    assert set(timings) == {"decode", "infer"}
+    assert timings["decode"] > 0 and timings["infer"] > 0

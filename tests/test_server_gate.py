@@ -441,7 +441,7 @@ def test_metrics(start, flag_all, upstream, image_host):
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="monitor"}') == 1
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="error"}') == 1
     assert metric(text, f'safeclip_images_total{{verdict="flagged",category="{verdict.category}"}}') >= 1
-    for stage in ("fetch", "screen", "upstream"):
+    for stage in ("fetch", "screen", "decode", "infer", "upstream"):
         assert metric(text, f'safeclip_stage_seconds_count{{stage="{stage}"}}') == 1, stage
     assert metric(text, "safeclip_batch_images_count") == 1 and metric(text, "safeclip_batch_images_sum") == 2
 

@@ -133,11 +133,21 @@ async def _load(state: GateState) -> None:
     batch = state.config.batch
     metrics = state.metrics
 
+    # The batcher runs one engine call at a time and reports it (on_batch) before starting the next,
+    # so the split of the last call can be handed over in this dict without a lock.
+    split: dict[str, float] = {}
+
+    def screen(images: list[bytes]):
+        split.clear()
+        return gate.screen(images, timings=split)
+
     def on_batch(size: int, seconds: float) -> None:
         metrics.batch.observe(size)
         metrics.stage.observe(seconds, "screen")
+        for stage, spent in split.items():
+            metrics.stage.observe(spent, stage)
 
-    state.batcher = MicroBatcher(gate.screen, batch.delay_ms / 1000, batch.size, on_batch)
+    state.batcher = MicroBatcher(screen, batch.delay_ms / 1000, batch.size, on_batch)
     state.batcher.start()
     state.categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
     state.moderation_map = state.config.moderation_map(state.categories)

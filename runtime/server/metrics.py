@@ -78,7 +78,8 @@ class GateMetrics:
         self.cache = Counter("safeclip_cache_total", "Unique images per request looked up in the verdict cache.", ("result",))
         self.upstream_errors = Counter("safeclip_upstream_errors_total", "Upstream failures answered by the gate.", ("kind",))
         self.stage = Histogram("safeclip_stage_seconds", "Time per stage: fetch (one image URL), screen (one engine "
-                               "call: decode + infer of a batch), upstream (until the upstream's response headers).",
+                               "call on a batch), its parts decode (read, decode, resize) and infer, upstream (until "
+                               "the upstream's response headers).",
                                LATENCY_BUCKETS, ("stage",))
         self.request_seconds = Histogram("safeclip_request_seconds", "Time the gate spent on a request, a streamed answer included.",
                                          LATENCY_BUCKETS, ("route",))
