@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -39,7 +40,6 @@ DEFAULT_MAX_PIXELS = 64_000_000
 
 SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
 
-_BLOCK = 256  # rows or columns converted to float32 at a time, so a large image never is all at once
 _JPEG_REDUCED = {
     1: cv2.IMREAD_COLOR,
     2: cv2.IMREAD_REDUCED_COLOR_2,
@@ -283,19 +283,43 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-# Weights are cached per image geometry; 16 of the largest (8000 px canvas, ~11 MB each) keep a
-# long-running gate that sees many different sizes within a couple of hundred MB.
-@functools.lru_cache(maxsize=16)
-def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32: Pillow's BICUBIC weights, as Resample.c precompute_coeffs makes them.
+# Weights are cached per image geometry, for canvases of up to _CACHED_CANVAS pixels: 16 of the largest
+# (~11 MB each at size 336) keep a long-running gate that sees many different sizes within a couple of
+# hundred MB. A larger canvas is computed for its image and freed with it: the weights grow with the
+# canvas side (a 1 x 1,000,000 strip, 3 KB as a PNG, needs 1.3 GB of them at size 336), so caching them
+# would let a handful of such files pin gigabytes.
+_CACHED_CANVAS = 8192
+
+
+def _cached_up_to_canvas(canvas: Callable[..., int]):
+    """lru_cache(16) for calls whose canvas (`canvas(*args)`) is at most _CACHED_CANVAS pixels."""
+
+    def wrap(function):
+        cached = functools.lru_cache(maxsize=16)(function)
+
+        @functools.wraps(function)
+        def call(*args):
+            return (cached if canvas(*args) <= _CACHED_CANVAS else function)(*args)
+
+        return call
+
+    return wrap
+
+
+@_cached_up_to_canvas(lambda in_size, *_: in_size)
+def _resize_weights(in_size: int, out_size: int, first_row: int, rows: int) -> np.ndarray:
+    """(rows, in_size) float32: rows [first_row, first_row + rows) of Pillow's BICUBIC weights for an
+    in_size -> out_size resize, as Resample.c precompute_coeffs makes them.
 
     When shrinking, the kernel is stretched by the scale (that is the antialiasing). Each output
     pixel's taps start at the rounded left edge of the support and end at its rounded right edge,
-    clipped to the axis; they are normalised to sum to one and quantised to 22 fractional bits."""
+    clipped to the axis; they are normalised to sum to one and quantised to 22 fractional bits.
+    Only the rows a centre crop keeps are made: the resized axis of a 1 x 4000 image cropped to 336
+    is 1,344,000 pixels long, and all of its rows would take 21 GB."""
     scale = in_size / out_size
     stretch = max(scale, 1.0)
     support = 2.0 * stretch
-    center = (np.arange(out_size) + 0.5)[:, None] * scale
+    center = (np.arange(first_row, first_row + rows) + 0.5)[:, None] * scale
     first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C casts truncate toward zero
     end = np.minimum((center + support + 0.5).astype(np.int64), in_size)
     taps = first + np.arange(int(np.ceil(support)) * 2 + 1)
@@ -304,9 +328,9 @@ def _resize_weights(in_size: int, out_size: int) -> np.ndarray:
     weights /= weights.sum(axis=1, keepdims=True)
     fixed = float(1 << 22)
     weights = np.trunc(weights * fixed + np.copysign(0.5, weights)) / fixed
-    dense = np.zeros((out_size, in_size), np.float32)
-    rows = np.broadcast_to(np.arange(out_size)[:, None], taps.shape)
-    dense[rows[valid], taps[valid]] = weights[valid]
+    dense = np.zeros((rows, in_size), np.float32)
+    row = np.broadcast_to(np.arange(rows)[:, None], taps.shape)
+    dense[row[valid], taps[valid]] = weights[valid]
     return dense
 
 
@@ -321,7 +345,7 @@ class _Axis(NamedTuple):
     crop: int
 
 
-@functools.lru_cache(maxsize=16)
+@_cached_up_to_canvas(lambda axis, *_: axis.canvas)
 def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
     """(weights on the image's pixels (size, ceil(length / factor)), weight on the padding (size,)).
 
@@ -329,7 +353,7 @@ def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.n
     padding offset at the reduced scale would shift the image by up to half a pixel): each reduced
     pixel, about the mean of a factor-wide block, weighs the kernel at the block's centre times the
     block's width, rescaled so the image keeps its full-resolution share of every output."""
-    full = _resize_weights(axis.canvas, axis.resized)[axis.crop : axis.crop + size]
+    full = _resize_weights(axis.canvas, axis.resized, axis.crop, size)
     inside = full[:, axis.offset : axis.offset + axis.length]
     pad_share = full.sum(axis=1) - inside.sum(axis=1)
     if factor == 1:
@@ -351,25 +375,43 @@ def _round8(x: np.ndarray) -> np.ndarray:
     return np.clip(x, 0.0, 255.0, out=x)
 
 
-def _horizontal(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, H, S): rows resampled by weights (S, W)."""
-    out = np.empty((3, rgb.shape[0], weights.shape[0]), np.float32)
-    for r in range(0, rgb.shape[0], _BLOCK):
-        out[:, r : r + _BLOCK] = _planes(rgb[r : r + _BLOCK]) @ weights.T
-    return out
+class _Taps(NamedTuple):
+    """A banded weight matrix as taps: output i reads source positions index[i] with weight[i]
+    (taps past a row's support weigh 0), and pad[i] is the padding's share of it."""
+
+    index: np.ndarray  # (S, K) int
+    weight: np.ndarray  # (S, K) float32
+    pad: np.ndarray  # (S,) float32
 
 
-def _vertical(rgb: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, 3) -> float32 (3, S, W): columns resampled by weights (S, H)."""
-    out = np.empty((3, weights.shape[0], rgb.shape[1]), np.float32)
-    for c in range(0, rgb.shape[1], _BLOCK):
-        out[:, :, c : c + _BLOCK] = weights @ _planes(rgb[:, c : c + _BLOCK])
-    return out
+@functools.lru_cache(maxsize=16)
+def _axis_taps(axis: _Axis, size: int, factor: int) -> _Taps:
+    """Only a few taps per output are non-zero (about 4x the downscale factor): applying them as
+    gathers is some 80x fewer multiply-adds than a dense matmul at 1024 -> 336, and keeps BLAS threads (which thrash
+    when the engine's threads share the cores) out of the picture."""
+    dense, pad = _axis_weights(axis, size, factor)
+    nonzero = dense != 0
+    first = nonzero.argmax(axis=1)
+    last = np.where(nonzero.any(axis=1), dense.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1), first)
+    positions = first[:, None] + np.arange(int((last - first).max()) + 1)
+    index = np.minimum(positions, dense.shape[1] - 1)
+    weight = np.where(positions <= last[:, None], np.take_along_axis(dense, index, axis=1), 0.0)
+    return _Taps(index, weight.astype(np.float32), pad.astype(np.float32))
 
 
-def _planes(rgb: np.ndarray) -> np.ndarray:
-    # Contiguous operands (and no strided `out=`) keep numpy's matmul on BLAS: about 10x faster.
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+def _resample(image: np.ndarray, taps: _Taps, axis: int, pad_color: np.ndarray) -> np.ndarray:
+    """One Pillow pass along `axis` (0: rows, 1: columns) of an (H, W, 3) array, rounded to 8 bits.
+    Canvas rows (columns) outside the image are exactly the pad colour, hence the pad term."""
+    along = (-1, 1, 1) if axis == 0 else (1, -1, 1)
+    out = (taps.pad.reshape(along) * pad_color).astype(np.float32)
+    out = np.broadcast_to(out, _with(image.shape, axis, len(taps.index))).copy()
+    for k in range(taps.index.shape[1]):
+        out += np.take(image, taps.index[:, k], axis=axis) * taps.weight[:, k].reshape(along)
+    return _round8(out)
+
+
+def _with(shape: tuple[int, ...], axis: int, length: int) -> tuple[int, ...]:
+    return shape[:axis] + (length,) + shape[axis + 1 :]
 
 
 def _pillow_vertical_first(y: _Axis, x: _Axis) -> bool:
@@ -500,19 +542,15 @@ class Preprocessor:
         return _Axis(length, length, 0, resized, (resized - self.size) // 2)
 
     def _fit(self, image: _Decoded) -> np.ndarray:
-        rgb = image.rgb
         y, x = self._axis(image.height, image.width), self._axis(image.width, image.height)
-        wy, pad_y = _axis_weights(y, self.size, image.factor)
-        wx, pad_x = _axis_weights(x, self.size, image.factor)
-        pad = np.asarray(self.pad_color, np.float32)[:, None, None]
-        pad_x, pad_y = pad * pad_x, pad * pad_y[:, None]  # (3, 1, S) and (3, S, 1)
-        # Pillow rounds to 8 bits between the two passes. Canvas rows (columns) outside the image are
-        # exactly the pad colour after the first pass, hence the pad term in the second.
+        rows, columns = _axis_taps(y, self.size, image.factor), _axis_taps(x, self.size, image.factor)
+        color = np.asarray(self.pad_color, np.float32)
+        # Pillow rounds to 8 bits between its two passes, so their order matters to the last level.
         if _pillow_vertical_first(y, x):
-            out = _round8(np.matmul(_round8(_vertical(rgb, wy) + pad_y), wx.T) + pad_x)
+            out = _resample(_resample(image.rgb, rows, 0, color), columns, 1, color)
         else:
-            out = _round8(np.matmul(wy, _round8(_horizontal(rgb, wx) + pad_x)) + pad_y)
-        return np.ascontiguousarray(out.transpose(1, 2, 0), dtype=np.uint8)
+            out = _resample(_resample(image.rgb, columns, 1, color), rows, 0, color)
+        return out.astype(np.uint8)
 
 
 def _imdecode(data: bytes, flags: int, fmt: str, source: str) -> np.ndarray:
