@@ -1,0 +1,148 @@
+"""`safeclip calibrate`: thresholds for a target false-positive rate, written into the engine's manifest.
+
+    safeclip calibrate --engine engines/llava15 --benign data/benign --toxic data/toxic --target-fpr 0.03
+
+Both folders are screened; the thresholds chosen keep the share of benign images flagged (by any
+category) at or under the target while flagging as many toxic images as possible. A flat --toxic folder
+calibrates one shared threshold; category subfolders (toxic/gun/, toxic/knife/, ...) calibrate each
+category on its own examples, and categories without a folder keep their current threshold.
+
+Needs at least 20 screenable images per set and per category folder, and at least 1/target benign
+images (with fewer, one false positive is already over the target). On any input error nothing is
+written. Otherwise: the manifest's thresholds (the previous ones are kept in the report), and in --out
+(default ENGINE/calibration): report.json, report.md, roc.png, histograms.png.
+
+Exit status: 0 = thresholds written, 2 = nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safeclip.calibration.labelled import MIN_IMAGES, add_set_arguments, screen_folders
+from safeclip.calibration.metrics import Evaluation, evaluate_policy
+from safeclip.calibration.plots import render_plots
+from safeclip.calibration.report import base_report, markdown, unreadable_note, write_report
+from safeclip.calibration.thresholds import ThresholdChoice, benign_budget, choose_thresholds
+from safeclip.runtime import contract
+from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.decision import Policy
+from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.gate import Gate
+from safeclip.runtime.screen import backend_choice
+
+DEFAULT_TARGET_FPR = 0.03
+REPORT_FOLDER = "calibration"
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    engine_dir: Path
+    out: Path
+    target_fpr: float
+    previous: dict[str, float]
+    choice: ThresholdChoice
+    evaluation: Evaluation
+    unreadable: tuple[tuple[str, str], ...]
+    files: tuple[Path, ...]
+
+
+def min_benign(target_fpr: float) -> int:
+    return max(MIN_IMAGES, math.ceil(1.0 / target_fpr - 1e-9))
+
+
+def calibrate(
+    engine_dir: str | Path,
+    benign_dir: str | Path,
+    toxic_dir: str | Path,
+    target_fpr: float = DEFAULT_TARGET_FPR,
+    out: str | Path | None = None,
+    backend: str = "auto",
+    precision: str | None = None,
+    batch_size: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> CalibrationReport:
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError(f"target FPR must be in (0, 1), got {target_fpr}")
+    engine_dir = Path(engine_dir)
+    out = Path(out) if out is not None else engine_dir / REPORT_FOLDER
+    gate = Gate.from_engine(engine_dir, backend=backend, precision=precision, max_batch=batch_size)
+    scores = screen_folders(gate, benign_dir, toxic_dir, progress, min_benign(target_fpr))
+    manifest = gate.manifest
+    choice = choose_thresholds(scores, dict(manifest.thresholds), target_fpr)
+    updated = replace(manifest, thresholds=choice.thresholds)
+    evaluation = evaluate_policy(scores, Policy.from_manifest(updated))
+    # Rendered before anything is written: a missing matplotlib must leave the engine as it was.
+    plots = render_plots(scores, evaluation, f"{manifest.model_id} calibrated")
+    report = {
+        **base_report(scores, evaluation, str(engine_dir), gate.engine.precision),
+        "target_fpr": target_fpr,
+        "benign_budget": benign_budget(evaluation.benign, target_fpr),
+        "thresholds": choice.thresholds,
+        "previous_thresholds": dict(manifest.thresholds),
+        "shared_threshold": choice.shared,
+        "calibrated_categories": list(choice.calibrated),
+        "kept_categories": list(choice.kept),
+    }
+    files = write_report(out, report, plots, markdown(evaluation, with_paper=False))
+    record = {
+        "target_fpr": target_fpr,
+        "false_positive_rate": evaluation.false_positive_rate,
+        "defense_success_rate": evaluation.defense_success_rate,
+        "images": {"benign": evaluation.benign, "toxic": evaluation.toxic},
+        "precision": gate.engine.precision,
+        "report": str(out),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    contract.write_manifest(engine_dir, replace(updated, extra={**manifest.extra, "calibration": record}))
+    return CalibrationReport(engine_dir, out, target_fpr, dict(manifest.thresholds), choice, evaluation,
+                             scores.unreadable, tuple(files))
+
+
+def summary(report: CalibrationReport) -> str:
+    lines = [f"target FPR {report.target_fpr:.1%}: thresholds written to {report.engine_dir / contract.MANIFEST_FILE}",
+             "", "| category | previous | new |", "|---|---|---|"]
+    for name, new in report.choice.thresholds.items():
+        old = report.previous.get(name)
+        note = " (kept: no toxic folder)" if name in report.choice.kept else ""
+        lines.append(f"| {name} | {'-' if old is None else f'{old:.4f}'} | {new:.4f}{note} |")
+    lines += ["", f"one shared threshold would be {report.choice.shared:.4f}", "", markdown(report.evaluation, False)]
+    never = [n for n in report.choice.calibrated if report.choice.thresholds[n] >= 1.0]
+    if never:
+        lines.append(f"warning: no threshold for {never} fits the target; they are set to 1.0 and never flag")
+    lines.append(unreadable_note(report.unreadable) + f"report: {', '.join(str(f) for f in report.files)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="safeclip calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", required=True, help="engine folder (with manifest.json)")
+    add_set_arguments(parser)
+    parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
+                        help=f"largest share of benign images flagged (default {DEFAULT_TARGET_FPR})")
+    parser.add_argument("--backend", type=backend_choice, default="auto",
+                        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server URL (default: auto)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                        help="calibrate the artifact you will deploy (default: best for the backend)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
+    args = parser.parse_args(argv)
+    try:
+        report = calibrate(args.engine, args.benign, args.toxic, args.target_fpr, args.out, args.backend,
+                           args.precision, args.batch_size, args.progress)
+    except (ValueError, BackendError, ImportError) as e:  # ValueError covers InputError and ManifestError
+        if isinstance(e, ImportError) and e.name != "matplotlib":
+            raise
+        print(f"safeclip calibrate: error: {e} (nothing written)", file=sys.stderr)
+        return 2
+    print(summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

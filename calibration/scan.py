@@ -1,0 +1,272 @@
+"""`safeclip scan`: screen a fine-tuning dataset and write a corrected copy.
+
+    safeclip scan --engine engines/llava15 data/llava_v1_5_mix665k.jsonl --out scan/ [--drop]
+
+DATASET is a folder of images, or LLaVA-style instruction data: a JSONL file (read line by line, any
+size) or a JSON list (loaded whole, on each of the scan's passes; convert a large one first:
+`jq -c '.[]' data.json > data.jsonl`). Each record has "image" (relative to --image-root, default the
+dataset file's folder) and "conversations" [{"from": "human", ...}, {"from": "gpt", ...}]; records
+without "image" are text-only and kept as they are.
+
+Written to --out (default ./scan-DATASET_NAME):
+  verdicts.jsonl   one line per sample in dataset order: index, id, image, then the verdict (flagged,
+                   category, probability, flagged_categories, probabilities, sha256), or error and
+                   error_type, or no_image
+  corrected.jsonl / corrected.json  the dataset in its own format: flagged samples' "gpt" turns replaced
+                   by --refusal ({category} is filled in), or dropped with --drop; samples whose image
+                   could not be screened are dropped, never passed as clean
+  kept.txt         for a folder: the images that screened clean
+  summary.json     counts, flagged per category, the first errors
+  report.html      counts by category and blurred thumbnails of flagged images, self-contained
+  scan.json        what the verdicts were made with
+
+Rerunning with the same --out resumes: samples already in verdicts.jsonl are not screened again (a
+line cut short by a crash is dropped and redone); the engine, thresholds and dataset must match.
+
+Exit status: 0 = every image screened and none flagged, 1 = some flagged, 2 = some not screened or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample
+from safeclip.calibration.scan_report import blurred_thumbnail, render
+from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.gate import Gate
+from safeclip.runtime.preprocess import ImageError
+from safeclip.runtime.progress import Progress
+from safeclip.runtime.screen import EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED, add_engine_arguments, gate_from_args
+
+DEFAULT_REFUSAL = "I'm sorry, but I can't help with this image: it appears to contain {category} content."
+VERDICTS, SUMMARY, REPORT, CONFIG = "verdicts.jsonl", "summary.json", "report.html", "scan.json"
+GALLERY_LIMIT = 200  # thumbnails in report.html: enough to judge the verdicts, small enough to open
+ERRORS_LISTED = 100
+
+
+@dataclass(frozen=True)
+class ScanSummary:
+    out: Path
+    counts: dict[str, int]
+    flagged_by_category: dict[str, int]
+    files: tuple[Path, ...]
+
+    @property
+    def exit_status(self) -> int:
+        if self.counts["errors"]:
+            return EXIT_UNSCREENED
+        return EXIT_FLAGGED if self.counts["flagged"] else EXIT_CLEAN
+
+
+def scan(
+    gate: Gate,
+    dataset: str | Path,
+    out: str | Path,
+    image_root: str | Path | None = None,
+    drop: bool = False,
+    refusal: str = DEFAULT_REFUSAL,
+    progress: bool | None = None,
+    gallery_limit: int = GALLERY_LIMIT,
+) -> ScanSummary:
+    try:
+        refusal.format(category="gun")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"refusal template {refusal!r} may only use {{category}} ({type(e).__name__}: {e})") from e
+    data = Dataset.open(dataset, image_root)
+    out = Path(out)
+    config = _config(gate, data)
+    done = _resume(out, config, data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    bar = Progress(data.size - done, label="samples", enabled=progress)
+    with open(out / VERDICTS, "a", encoding="utf-8") as verdicts:
+        batch: list[Sample] = []
+        for sample in itertools.islice(data.samples(), done, None):
+            batch.append(sample)
+            if len(batch) == gate.engine.max_batch:
+                _screen_batch(gate, batch, verdicts, bar)
+        _screen_batch(gate, batch, verdicts, bar)
+    bar.close()
+    return _write_outputs(gate, data, out, config, drop, refusal, done, gallery_limit)
+
+
+def _config(gate: Gate, data: Dataset) -> dict[str, Any]:
+    manifest = gate.manifest
+    return {
+        "dataset": str(data.path.resolve()),
+        "image_root": str(data.image_root.resolve()),
+        "model_id": manifest.model_id,
+        "model_hash": manifest.model_hash,
+        "precision": gate.engine.precision,
+        # None when a Triton server serves something the folder does not list.
+        "artifact_sha256": next((a.sha256 for a in manifest.artifacts if a.precision == gate.engine.precision), None),
+        "thresholds": dict(gate.policy.thresholds),
+        "resize_mode": gate.preprocessor.mode,
+        "max_pixels": gate.preprocessor.max_pixels,
+    }
+
+
+def _resume(out: Path, config: dict[str, Any], data: Dataset) -> int:
+    """How many samples verdicts.jsonl already has, after checking they belong to this dataset and setup."""
+    path = out / VERDICTS
+    if not path.exists():
+        return 0
+    try:
+        previous = json.loads((out / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{out} has {VERDICTS} but no readable {CONFIG} ({e}); use a fresh --out") from e
+    changed = sorted(k for k in config if previous.get(k) != config[k])
+    if changed:
+        raise DatasetError(f"{path} was made with other settings ({', '.join(changed)} differ); resume with the same "
+                           "engine, thresholds and dataset, or use a fresh --out")
+    _drop_partial_line(path)
+    done = 0
+    for sample, verdict in itertools.zip_longest(data.samples(), _verdicts(path)):
+        if verdict is None:
+            break
+        _check_lined_up(sample, verdict, path)
+        done += 1
+    return done
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A crash can leave the last line cut short; it is redone rather than trusted."""
+    with open(path, "rb+") as f:
+        complete = sum(len(line) for line in f if line.endswith(b"\n"))
+        f.truncate(complete)
+
+
+def _verdicts(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{number}: not valid JSON ({e.msg}); use a fresh --out") from e
+
+
+def _check_lined_up(sample: Sample | None, verdict: dict[str, Any], path: Path) -> None:
+    if sample is None or verdict.get("index") != sample.index or verdict.get("id") != sample.id:
+        where = "past the end of the dataset" if sample is None else f"sample {sample.index} (id {sample.id!r})"
+        raise DatasetError(f"{path}: verdict {verdict.get('index')} (id {verdict.get('id')!r}) does not match "
+                           f"{where}; the dataset changed since the scan started; use a fresh --out")
+
+
+def _screen_batch(gate: Gate, batch: list[Sample], verdicts: TextIO, bar: Progress) -> None:
+    with_image = [s for s in batch if s.path is not None]
+    results = dict(zip((s.index for s in with_image), gate.screen([s.path for s in with_image])))
+    for sample in batch:
+        record: dict[str, Any] = {"index": sample.index, "id": sample.id, "image": sample.image}
+        result = results.get(sample.index)
+        if sample.path is None:
+            record["no_image"] = True
+        elif isinstance(result, ImageError):
+            record.update(error=result.reason, error_type=type(result).__name__)
+        else:
+            record.update(result.to_dict())
+        verdicts.write(json.dumps(record, ensure_ascii=False) + "\n")
+    # Each batch reaches the file whole before the next starts, so a crash loses at most one batch.
+    verdicts.flush()
+    bar.update(len(batch))
+    batch.clear()
+
+
+def strongest(verdict: dict[str, Any]) -> str:
+    """The most probable of the categories that fired (not always the most probable category overall)."""
+    return max(verdict["flagged_categories"], key=verdict["probabilities"].__getitem__)
+
+
+def _write_outputs(gate: Gate, data: Dataset, out: Path, config: dict[str, Any], drop: bool, refusal: str,
+                   resumed: int, gallery_limit: int) -> ScanSummary:
+    counts = Counter({k: 0 for k in ("samples", "screened", "clean", "flagged", "errors", "no_image")})
+    by_category: Counter[str] = Counter()
+    gallery: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
+    with CorrectedWriter(data, out) as writer:
+        for sample, verdict in zip(data.samples(), _verdicts(out / VERDICTS)):
+            _check_lined_up(sample, verdict, out / VERDICTS)
+            counts["samples"] += 1
+            if verdict.get("no_image"):
+                counts["no_image"] += 1
+                writer.write(sample)
+            elif "error" in verdict:
+                counts["errors"] += 1
+                if len(errors) < ERRORS_LISTED:
+                    errors.append({k: verdict[k] for k in ("id", "image", "error", "error_type")})
+            elif not verdict["flagged"]:
+                counts["screened"] += 1
+                counts["clean"] += 1
+                writer.write(sample)
+            else:
+                counts["screened"] += 1
+                counts["flagged"] += 1
+                category = strongest(verdict)
+                by_category[category] += 1
+                if len(gallery) < gallery_limit:
+                    gallery.append({"id": sample.id, "category": category,
+                                    "probability": verdict["probabilities"][category],
+                                    "thumbnail": blurred_thumbnail(gate.preprocessor, sample.path)})
+                if not drop and sample.record is not None:
+                    writer.write(sample, refusal.format(category=category))
+    if counts["samples"] != data.size:  # the scan itself wrote every verdict, so only a changed dataset gets here
+        raise DatasetError(f"{out / VERDICTS} has verdicts for {counts['samples']} of {data.size} samples; rerun")
+    counts["already_done"] = resumed
+    summary = {
+        "dataset": str(data.path),
+        "engine": str(gate.engine.path),
+        **{k: config[k] for k in ("model_id", "precision", "thresholds")},
+        "flagged_samples": "dropped" if drop or data.kind == "folder" else "assistant turns replaced by a refusal",
+        "refusal": None if drop or data.kind == "folder" else refusal,
+        "counts": dict(counts),
+        "flagged_by_category": dict(by_category.most_common()),
+        "errors": errors,
+        "errors_listed": f"first {len(errors)} of {counts['errors']}; all are in {VERDICTS}",
+        "files": {"verdicts": VERDICTS, "corrected": writer.path.name, "report": REPORT},
+    }
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    (out / REPORT).write_text(render(summary, gallery, errors), encoding="utf-8")
+    files = tuple(out / name for name in (VERDICTS, writer.path.name, SUMMARY, REPORT))
+    return ScanSummary(out, dict(counts), dict(by_category), files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="safeclip scan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(parser)
+    parser.add_argument("dataset", metavar="DATASET",
+                        help="folder of images, or LLaVA-style .jsonl (streamed) / .json (loaded whole)")
+    parser.add_argument("--out", help="output folder (default ./scan-DATASET_NAME); rerun with it to resume")
+    parser.add_argument("--image-root", help="folder the records' image paths are relative to (default: the dataset's folder)")
+    parser.add_argument("--drop", action="store_true", help="drop flagged samples instead of rewriting their answers")
+    parser.add_argument("--refusal", default=DEFAULT_REFUSAL, metavar="TEXT",
+                        help="assistant answer for flagged samples; {category} is replaced (default: %(default)r)")
+    parser.add_argument("--gallery-limit", type=int, default=GALLERY_LIMIT, help="blurred thumbnails in report.html")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar with samples/s on stderr (default: when stderr is a terminal)")
+    args = parser.parse_args(argv)
+    out = args.out or f"scan-{Path(args.dataset).stem}"
+    try:
+        summary = scan(gate_from_args(args), args.dataset, out, args.image_root, args.drop, args.refusal,
+                       args.progress, args.gallery_limit)
+    except (ValueError, BackendError) as e:  # ValueError covers DatasetError and ManifestError
+        print(f"safeclip scan: error: {e}", file=sys.stderr)
+        return EXIT_UNSCREENED
+    c = summary.counts
+    print(f"{c['samples']:,} samples ({c['already_done']:,} already done): {c['clean']:,} clean, "
+          f"{c['flagged']:,} flagged, {c['errors']:,} could not be screened, {c['no_image']:,} without an image")
+    for name, n in summary.flagged_by_category.items():
+        print(f"  {name}: {n:,}")
+    print(f"written: {', '.join(str(f) for f in summary.files)}")
+    return summary.exit_status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
