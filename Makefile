@@ -1,6 +1,6 @@
 # safeclip: `make help` lists the targets.
 .DEFAULT_GOAL := help
-.PHONY: help install test engine triton-repo gpu-check clean-engines
+.PHONY: help install test engine triton-repo bench bench-quick gpu-check clean-engines
 
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
@@ -14,7 +14,7 @@ TORCH_PIN  ?= torch==2.13.0
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
-	@echo "  variables: MODEL=$(MODEL) NAME=<engine name> PRECISION=$(PRECISION) CLS=$(CLS) DESCRIPTORS=<toml>"
+	@echo "  variables: MODEL=$(MODEL) NAME=<engine name> PRECISION=$(PRECISION) CLS=$(CLS) DESCRIPTORS=<toml> ONLY=<bench,...>"
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,12 @@ ifndef NAME
 	$(error NAME is required, e.g. `make triton-repo NAME=llava15`)
 endif
 	$(PY) -m safeclip.runtime.cli export-triton --engine 'engines/$(NAME)' --out model_repository
+
+bench: ## the seven benchmarks side by side (CPU, ~15 min on 2 idle cores) -> bench/results/<date>.{json,md,png}
+	$(PY) -m bench --out bench/results $(if $(ONLY),--only '$(ONLY)')
+
+bench-quick: ## a short benchmark run (~3 min on 2 idle cores, ViT-B/32 only) -> bench/results/<date>-quick.*
+	$(PY) -m bench --quick --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
 gpu-check: ## on a CUDA GPU with TensorRT: plan vs ONNX Runtime, and torch FP16 timing (MODEL= optional)
 	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)')

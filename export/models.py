@@ -105,6 +105,16 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 def tiny_random_clip() -> LoadedClip:
     """A 4-layer CLIP with 56 px images and 14 px patches (ViT-L/14's patch size), seeded."""
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=56, patch_size=14)
+    return random_clip(vision, projection_dim=32, seed=TINY_RANDOM_SEED, model_id=TINY_RANDOM)
+
+
+def random_clip(
+    vision: dict, projection_dim: int, seed: int, model_id: str, attn_implementation: str = "eager"
+) -> LoadedClip:
+    """A seeded random-weight CLIP with the given vision tower (transformers CLIPVisionConfig fields)
+    and a small text tower: only the descriptor matrix comes from the text side."""
     tokenizer = _byte_level_tokenizer()
     config = CLIPConfig(
         text_config=dict(
@@ -118,22 +128,15 @@ def tiny_random_clip() -> LoadedClip:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            image_size=56,
-            patch_size=14,
-        ),
-        projection_dim=32,
+        vision_config=vision,
+        projection_dim=projection_dim,
         # Trained CLIPs end near exp(4.6) = 100; start there so the head sees realistic logits.
         logit_scale_init_value=math.log(100.0),
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(TINY_RANDOM_SEED)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
     model = CLIPModel(config).eval()
-    return LoadedClip(model, tokenizer, TINY_RANDOM, _weights_hash(model))
+    return LoadedClip(model, tokenizer, model_id, _weights_hash(model))
 
 
 def _byte_level_tokenizer() -> CLIPTokenizer:

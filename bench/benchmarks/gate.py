@@ -1,0 +1,229 @@
+"""6. The gate server: latency it adds in front of an upstream, and throughput under concurrent clients.
+
+Three processes on loopback: a stand-in upstream (bench.upstream) that answers at once, `safeclip serve`
+in front of it, and the clients here. Every request is an OpenAI chat completion with 336 px JPEGs as
+data URLs. The same request goes to the upstream directly and through the gate, back to back (order
+alternating); the added latency is the per-pair difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.core import NotRun, Result
+from bench.fixtures import arch, jpeg, log, photo_like
+
+GOAL_MS = 1.0
+READY_TIMEOUT_S = 180.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def expected(s):
+    keys = []
+    for n in s.gate_images_per_request:
+        for cache in ("cold", "warm"):
+            keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
+    for cache in ("warm", "cold"):
+        keys += [f"concurrent.{cache}.direct_rps", f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.throughput_vs_direct"]
+    return keys
+
+
+def needs(s):
+    return [(s.gate_arch, False, False)]
+
+
+def available() -> None:
+    if importlib.util.find_spec("aiohttp") is None:
+        raise NotRun("server not available (aiohttp is not installed; pip install 'safeclip[serve]')")
+    if importlib.util.find_spec("safeclip.runtime.server.cli") is None:
+        raise NotRun("server not available (safeclip.runtime.server.cli does not exist)")
+
+
+def request_body(images: list[bytes]) -> bytes:
+    content = [{"type": "text", "text": "Describe the image."}]
+    content += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
+                for b in images]
+    return json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": 8}).encode()
+
+
+def run(ctx, result: Result) -> None:
+    available()
+    s = ctx.settings
+    a = arch(s.gate_arch)
+    built = ctx.engine(s.gate_arch)
+    px = s.gate_image_px
+    seed = iter(range(10_000, 10_000_000))
+
+    def fresh(n: int) -> list[bytes]:  # images never sent before: a cold cache for them
+        return [jpeg(photo_like(px, px, next(seed))) for _ in range(n)]
+
+    result.params.update(
+        arch=a.label, image=f"{px}x{px} JPEG (data URL)", engine_backend="cpu", engine_precision="fp32",
+        server="safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise",
+        upstream="bench.upstream: aiohttp, answers at once", clients=s.gate_clients,
+    )
+    result.notes.append(
+        "Cold: every request carries images the gate has not seen, so it decodes, resizes and runs the engine; "
+        "warm: the same request again, answered from the verdict cache. Added = gate − direct for the same request, "
+        "measured back to back."
+    )
+    with services(built.path, ctx.workdir) as (upstream_url, gate_url):
+        measured = asyncio.run(_measure(s, upstream_url, gate_url, fresh))
+    for n in s.gate_images_per_request:
+        for cache in ("cold", "warm"):
+            direct, gate = measured[(n, cache)]
+            what = f"{n} image{'s' if n > 1 else ''}/request, cache {cache}"
+            result.add(f"{n}img.{cache}.direct_ms", f"upstream directly, {what}", "ms", direct, tail=True)
+            result.add(f"{n}img.{cache}.gate_ms", f"through the gate, {what}", "ms", gate, tail=True)
+            result.add(f"{n}img.{cache}.added_ms", f"{a.label}: latency added, {what}", "ms",
+                       [g - d for g, d in zip(gate, direct)], goal=("<", GOAL_MS), tail=True)
+    for cache in ("warm", "cold"):
+        direct, gate, total = measured[("concurrent", cache)]
+        what = f"{s.gate_clients} concurrent clients, 1 image/request, cache {cache}"
+        result.add(f"concurrent.{cache}.direct_rps", f"upstream directly, {what}", "requests/s", direct,
+                   higher_is_better=True, detail=f"{total} requests in {len(direct)} rounds")
+        result.add(f"concurrent.{cache}.gate_rps", f"through the gate, {what}", "requests/s", gate,
+                   higher_is_better=True, detail=f"{total} requests in {len(gate)} rounds")
+        result.ratio(f"concurrent.{cache}.throughput_vs_direct", f"{a.label}: gate throughput / direct, {what}",
+                     f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.direct_rps")
+
+
+async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
+    import aiohttp
+
+    out: dict = {}
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=s.gate_clients)) as session:
+        async def post(base: str, body: bytes) -> float:
+            start = time.perf_counter()
+            async with session.post(base + "/v1/chat/completions", data=body,
+                                    headers={"Content-Type": "application/json"}) as response:
+                text = await response.read()
+            elapsed = time.perf_counter() - start
+            if response.status != 200 or b"bench-upstream" not in text:
+                raise RuntimeError(f"{base}: expected the upstream's completion, got {response.status}: {text[:300]!r}")
+            return elapsed
+
+        async def pair(body: bytes, i: int) -> tuple[float, float]:
+            if i % 2:
+                g = await post(gate_url, body)
+                d = await post(upstream_url, body)
+            else:
+                d = await post(upstream_url, body)
+                g = await post(gate_url, body)
+            return d * 1e3, g * 1e3
+
+        # Warm both paths up (connections, first engine call) on images not used below.
+        for _ in range(3):
+            await pair(request_body(fresh(1)), 0)
+        for n in s.gate_images_per_request:
+            for cache in ("cold", "warm"):
+                count = s.gate_requests_cold if cache == "cold" else s.gate_requests_warm
+                warm_body = request_body(fresh(n))
+                if cache == "warm":
+                    await post(gate_url, warm_body)  # into the cache
+                pairs = [await pair(warm_body if cache == "warm" else request_body(fresh(n)), i) for i in range(count)]
+                out[(n, cache)] = ([p[0] for p in pairs], [p[1] for p in pairs])
+                log(f"gate: {n} image(s)/request, cache {cache}: {count} pairs")
+
+        async def flood(base: str, bodies: list[bytes]) -> float:
+            queue = list(bodies)
+
+            async def client() -> None:
+                while queue:
+                    await post(base, queue.pop())
+
+            start = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(s.gate_clients)))
+            return len(bodies) / (time.perf_counter() - start)
+
+        for cache in ("warm", "cold"):
+            rounds = 3 if cache == "warm" else s.gate_cold_rounds
+            per_round = max(s.gate_clients, s.gate_concurrent_requests // 3) if cache == "warm" else s.gate_clients
+            direct, gate = [], []
+            shared = request_body(fresh(1))
+            if cache == "warm":
+                await post(gate_url, shared)
+            for r in range(rounds):
+                bodies = [shared] * per_round if cache == "warm" else [request_body(fresh(1)) for _ in range(per_round)]
+                order = [(upstream_url, direct), (gate_url, gate)]
+                for base, sink in (order if r % 2 == 0 else order[::-1]):
+                    sink.append(await flood(base, bodies))
+            out[("concurrent", cache)] = (direct, gate, per_round * rounds)
+            log(f"gate: {s.gate_clients} concurrent clients, cache {cache}: {per_round * rounds} requests each way")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def services(engine: Path, workdir: Path):
+    """Start the upstream and `safeclip serve` in front of it; yield their URLs; stop both."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    up_port, gate_port = _free_port(), _free_port()
+    logs = {name: open(workdir / f"{name}.log", "w+b") for name in ("upstream", "gate")}
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs["upstream"] = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
+                                             cwd=REPO, env=env, stdout=logs["upstream"], stderr=subprocess.STDOUT)
+        upstream_url = f"http://127.0.0.1:{up_port}"
+        procs["gate"] = subprocess.Popen(
+            [sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine", str(engine), "--upstream", upstream_url,
+             "--host", "127.0.0.1", "--port", str(gate_port), "--backend", "cpu", "--precision", "fp32",
+             "--threshold", "1.0", "--log-level", "WARNING"],
+            cwd=REPO, env=env, stdout=logs["gate"], stderr=subprocess.STDOUT,
+        )
+        gate_url = f"http://127.0.0.1:{gate_port}"
+        _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
+        yield upstream_url, gate_url
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in procs.items():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                log(f"gate: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
+                proc.kill()
+                proc.wait()
+        for f in logs.values():
+            f.close()
+
+
+def _wait_ready(urls: dict[str, str], procs: dict[str, subprocess.Popen], logs) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    pending = dict(urls)
+    while pending:
+        for name, url in list(pending.items()):
+            if procs[name].poll() is not None:
+                logs[name].seek(0)
+                tail = logs[name].read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{name} exited with status {procs[name].returncode} before it was ready:\n{tail}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        del pending[name]
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{', '.join(pending)} not ready after {READY_TIMEOUT_S:.0f} s")
+        time.sleep(0.2)

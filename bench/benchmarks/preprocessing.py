@@ -1,0 +1,82 @@
+"""3. Preprocessing: safeclip's decode + resize vs PIL + LLaVA expand2square + CLIPImageProcessorPil."""
+
+from __future__ import annotations
+
+import io
+
+from bench.core import Result, interleaved
+from bench.fixtures import jpeg, photo_like
+
+
+def _key(size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
+def expected(s):
+    return [f"{_key(z)}.{k}" for z in s.preprocess_sizes for k in ("safeclip_ms", "transformers_ms", "speedup")]
+
+
+def expand2square(pil_img, background_color):
+    """LLaVA-1.5's pad (llava/mm_utils.py), as a LLaVA user runs it before the CLIP processor."""
+    from PIL import Image
+
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+def clip_processor(size: int, mean, std):
+    # transformers 5 without torchvision falls back to the PIL backend; name it so the comparison is explicit.
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std)
+    )
+
+
+def run(ctx, result: Result) -> None:
+    from PIL import Image
+
+    from safeclip.export.models import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from safeclip.runtime.contract import ImageSpec
+    from safeclip.runtime.preprocess import Preprocessor
+
+    s = ctx.settings
+    spec = ImageSpec(size=s.preprocess_target, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, resize_mode="pad")
+    ours = Preprocessor.from_spec(spec)
+    processor = clip_processor(spec.size, spec.mean, spec.std)
+    pad = spec.pad_color
+    result.params.update(
+        target=spec.size, mode="pad", jpeg_quality=90,
+        safeclip="Preprocessor(bytes) -> uint8 [S, S, 3] (normalization happens inside the engine)",
+        transformers="PIL.Image.open(bytes).convert('RGB') -> expand2square(mean colour) -> "
+                     "CLIPImageProcessorPil(return_tensors='pt') -> float32 [1, 3, S, S]",
+    )
+    for size in s.preprocess_sizes:
+        width, height = size
+        data = jpeg(photo_like(height, width, seed=width))
+
+        def safeclip_pre(data=data):
+            return ours(data)
+
+        def transformers_pre(data=data):
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            return processor(images=expand2square(image, pad), return_tensors="pt")["pixel_values"]
+
+        if safeclip_pre().shape != (spec.size, spec.size, 3) or tuple(transformers_pre().shape) != (1, 3, spec.size, spec.size):
+            raise RuntimeError(f"{_key(size)}: a pipeline did not produce a {spec.size}x{spec.size} image")
+        t = interleaved({"safeclip": safeclip_pre, "transformers": transformers_pre},
+                        budget_s=s.preprocess_budget_s, lo=s.preprocess_min, hi=s.preprocess_max, warmup=1)
+        k = _key(size)
+        result.add(f"{k}.safeclip_ms", f"{k} JPEG -> {spec.size}px, safeclip", "ms", [v * 1e3 for v in t["safeclip"]])
+        result.add(f"{k}.transformers_ms", f"{k} JPEG -> {spec.size}px, PIL + expand2square + CLIPImageProcessorPil",
+                   "ms", [v * 1e3 for v in t["transformers"]])
+        result.ratio(f"{k}.speedup", f"{k} JPEG preprocessing speedup", f"{k}.transformers_ms", f"{k}.safeclip_ms",
+                     detail=f"{len(data) // 1024} KiB JPEG")

@@ -1,0 +1,210 @@
+"""What the benchmarks run on: real-size CLIP shapes with random weights, engines exported from them
+through the project's own exporter, and photo-like JPEGs made on the fly.
+
+Speed does not depend on weight values, so no checkpoint is downloaded. Decision agreement measured
+on random weights says how precisions differ numerically, not how a trained model behaves.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from safeclip.runtime import contract
+
+if TYPE_CHECKING:
+    from safeclip.export.descriptors import DescriptorSet
+    from safeclip.export.models import LoadedClip
+
+SEED = 0
+ENGINE_OUTPUTS = (contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS)
+TOWER_OUTPUT = "cls_hidden"
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    label: str
+    image_size: int
+    patch_size: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    projection_dim: int
+
+
+# Vision towers at their published sizes. The text tower is kept tiny: only the descriptor matrix
+# [phrases, projection_dim] reaches the engine, and its size depends on projection_dim alone.
+ARCHS = {
+    "vit-b-32": Arch("vit-b-32", "ViT-B/32 224px", 224, 32, 768, 3072, 12, 12, 512),
+    "vit-l-14-336": Arch("vit-l-14-336", "ViT-L/14 336px", 336, 14, 1024, 4096, 24, 16, 768),
+    # The seeded 56 px model the test suite uses (export.models.tiny_random_clip); for smoke runs only.
+    "tiny": Arch("tiny", "tiny-random 56px (smoke only)", 56, 14, 64, 128, 4, 4, 32),
+}
+
+
+def arch(name: str) -> Arch:
+    if name not in ARCHS:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(ARCHS)}")
+    return ARCHS[name]
+
+
+def random_clip(a: Arch, attn: str = "eager") -> LoadedClip:
+    """A CLIPModel of the given vision shape with seeded random weights. `eager` attention is what the
+    exporter needs; `sdpa` is what a transformers user gets by default."""
+    from safeclip.export import models
+
+    if a.name == "tiny":
+        clip = models.tiny_random_clip()
+        if attn != "eager":
+            clip.model.set_attn_implementation(attn)
+        return clip
+    vision = dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                  num_attention_heads=a.heads, image_size=a.image_size, patch_size=a.patch_size)
+    return models.random_clip(vision, a.projection_dim, SEED, f"random:{a.name}", attn_implementation=attn)
+
+
+def descriptors() -> DescriptorSet:
+    from safeclip.export.descriptors import load_descriptors
+
+    return load_descriptors()
+
+
+def manifest_for(clip: LoadedClip, desc: DescriptorSet, size: int, artifacts: tuple[contract.Artifact, ...]) -> contract.Manifest:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from safeclip.export.onnx_export import OPSET
+
+    return contract.Manifest(
+        model_id=clip.model_id,
+        model_hash=clip.model_hash,
+        cls="final",
+        image=contract.ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode="pad"),
+        categories=desc.categories,
+        logit_scale=float(clip.model.logit_scale.detach().exp()),
+        thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
+        artifacts=artifacts,
+        outputs=ENGINE_OUTPUTS,
+        versions={
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": str(OPSET),
+            "python": platform.python_version(),
+        },
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra={"descriptors": desc.source, "bench": "random weights: for timing only, detects nothing"},
+    )
+
+
+@dataclass(frozen=True)
+class BuiltEngine:
+    arch: Arch
+    path: Path  # engine folder with manifest.json
+    tower: Path | None  # bare vision tower ONNX, same exporter and settings
+
+
+def build_engine(a: Arch, clip: LoadedClip, out: Path, fp16: bool, tower: bool) -> BuiltEngine:
+    """The fused graph through the project's exporter (build_fused + its ONNX export settings), FP16
+    through its converter, a manifest through the runtime contract. The torch parity check that
+    `safeclip export` runs is skipped: it costs minutes at ViT-L size and the test suite covers it."""
+    from safeclip.export.onnx_export import ONNX_FILES, build_fused, convert_to_fp16
+
+    out.mkdir(parents=True, exist_ok=True)
+    desc = descriptors()
+    fused = build_fused(clip, desc, "final", False)
+    fp32 = out / ONNX_FILES["fp32"]
+    _export(fused, a.image_size, list(ENGINE_OUTPUTS), fp32)
+    written = {"fp32": fp32}
+    if fp16:
+        written["fp16"] = out / ONNX_FILES["fp16"]
+        convert_to_fp16(fp32, written["fp16"])
+    artifacts = tuple(contract.artifact_for(out, p, precision) for precision, p in written.items())
+    contract.write_manifest(out, manifest_for(clip, desc, a.image_size, artifacts))
+    tower_path = None
+    if tower:
+        tower_path = out.parent / f"{out.name}.tower.onnx"
+        _export(tower_only(fused), a.image_size, [TOWER_OUTPUT], tower_path)
+    return BuiltEngine(a, out, tower_path)
+
+
+def _export(module, size: int, outputs: list[str], path: Path) -> None:
+    # The exporter's own function, so the fused graph and the bare tower share every export setting
+    # (opset, dynamo, optimize, dynamic batch) and differ only in the head.
+    from safeclip.export.onnx_export import _export_onnx
+
+    _export_onnx(module, size, outputs, path)
+
+
+def tower_only(fused):
+    """The fused module up to the last encoder layer's CLS token: the same submodules (same names,
+    so the same export scopes), normalization and tower; no post-LayerNorm, projection, L2 norm,
+    descriptor matmul or softmax."""
+    from torch import nn
+
+    class TowerOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = fused.embeddings
+            self.pre_layrnorm = fused.pre_layrnorm
+            self.layers = fused.layers
+            self.register_buffer("pixel_mean", fused.pixel_mean.clone())
+            self.register_buffer("pixel_inv_std", fused.pixel_inv_std.clone())
+
+        def forward(self, image):  # the exporter's dynamic shapes name this input `image`
+            pixels = (image.float() - self.pixel_mean) * self.pixel_inv_std
+            hidden = self.pre_layrnorm(self.embeddings(pixels.permute(0, 3, 1, 2)))
+            for layer in self.layers:
+                hidden = layer(hidden, None)
+            return (hidden[:, 0],)
+
+    return TowerOnly().eval()
+
+
+# --- images ---------------------------------------------------------------------------------------
+
+
+def photo_like(height: int, width: int, seed: int) -> np.ndarray:
+    """uint8 [H, W, 3] RGB: smooth colour fields, shapes and mild grain, which JPEG compresses like a
+    photograph (pure noise would make decoding unrealistically slow, flat colour unrealistically fast)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (max(2, height // 48), max(2, width // 48), 3)).astype(np.float32)
+    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    for _ in range(6):
+        center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        axes = (int(rng.integers(4, max(5, width // 4))), int(rng.integers(4, max(5, height // 4))))
+        cv2.ellipse(img, center, axes, float(rng.uniform(0, 180)), 0, 360, rng.uniform(0, 255, 3).tolist(), -1)
+    img += rng.normal(0, 6, img.shape).astype(np.float32)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def jpeg(image_rgb: np.ndarray, quality: int = 90) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError(f"could not encode a {image_rgb.shape} image as JPEG")
+    return buf.tobytes()
+
+
+def jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
+    return [jpeg(photo_like(height, width, seed + i)) for i in range(count)]
+
+
+def engine_inputs(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 [N, S, S, 3] already at engine size."""
+    return np.stack([photo_like(size, size, seed + i) for i in range(count)]) if count else np.zeros((0, size, size, 3), np.uint8)
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,179 @@
+"""How long and on what each benchmark runs: one frozen preset per mode, nothing else decides it.
+
+Budgets are seconds of timed work per contender; the number of samples adapts to the machine
+within [min, max] (see core.plan_repeats), so a slow machine runs fewer samples, not longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str  # "full", "quick", or "smoke" (the test suite)
+    # 1. head overhead
+    head_archs: tuple[str, ...]
+    head_budget_s: float
+    head_min_pairs: int
+    head_max_pairs: int
+    # 2. decision path
+    decision_budget_s: float
+    decision_batches: tuple[int, ...]
+    # 3. preprocessing
+    preprocess_sizes: tuple[tuple[int, int], ...]  # (width, height) of the source JPEGs
+    preprocess_target: int
+    preprocess_budget_s: float
+    preprocess_min: int
+    preprocess_max: int
+    # 4. end to end
+    e2e_arch: str
+    e2e_images: int
+    e2e_batch: int
+    e2e_source: tuple[int, int]  # (width, height) of the screened JPEGs
+    # 5. precision
+    precision_arch: str
+    precision_batch: int
+    precision_budget_s: float
+    precision_min: int
+    precision_max: int
+    precision_agreement_images: int
+    precision_calibration_images: int  # handed to `safeclip quantize` (a quarter is its held-out set)
+    # 6. the gate
+    gate_arch: str
+    gate_image_px: int
+    gate_images_per_request: tuple[int, ...]
+    gate_requests_cold: int
+    gate_requests_warm: int
+    gate_clients: int
+    gate_concurrent_requests: int  # cache warm, over 3 rounds
+    gate_cold_rounds: int  # cache cold: rounds of one fresh request per client
+    # 7. scaling
+    scaling_arch: str
+    scaling_batches: tuple[int, ...]
+    scaling_budget_s: float
+    scaling_min: int
+    scaling_max: int
+    plot: bool = True
+
+
+FULL = Settings(
+    mode="full",
+    head_archs=("vit-b-32", "vit-l-14-336"),
+    head_budget_s=30.0,
+    head_min_pairs=7,
+    head_max_pairs=60,
+    decision_budget_s=3.0,
+    decision_batches=(1, 32),
+    preprocess_sizes=((1024, 768), (4000, 3000)),
+    preprocess_target=336,
+    preprocess_budget_s=10.0,
+    preprocess_min=7,
+    preprocess_max=60,
+    e2e_arch="vit-l-14-336",
+    e2e_images=64,
+    e2e_batch=32,
+    e2e_source=(1024, 768),
+    precision_arch="vit-b-32",
+    precision_batch=8,
+    precision_budget_s=20.0,
+    precision_min=5,
+    precision_max=30,
+    precision_agreement_images=64,
+    precision_calibration_images=16,
+    gate_arch="vit-b-32",
+    gate_image_px=336,
+    gate_images_per_request=(1, 8),
+    gate_requests_cold=20,
+    gate_requests_warm=200,
+    gate_clients=64,
+    gate_concurrent_requests=512,
+    gate_cold_rounds=3,
+    scaling_arch="vit-b-32",
+    scaling_batches=(1, 2, 4, 8, 16, 32),
+    scaling_budget_s=20.0,
+    scaling_min=3,
+    scaling_max=10,
+)
+
+QUICK = Settings(
+    mode="quick",
+    head_archs=("vit-b-32",),
+    head_budget_s=8.0,
+    head_min_pairs=7,
+    head_max_pairs=40,
+    decision_budget_s=1.0,
+    decision_batches=(1, 32),
+    preprocess_sizes=((1024, 768), (4000, 3000)),
+    preprocess_target=336,
+    preprocess_budget_s=4.0,
+    preprocess_min=5,
+    preprocess_max=30,
+    e2e_arch="vit-b-32",
+    e2e_images=64,
+    e2e_batch=32,
+    e2e_source=(1024, 768),
+    precision_arch="vit-b-32",
+    precision_batch=8,
+    precision_budget_s=6.0,
+    precision_min=3,
+    precision_max=15,
+    precision_agreement_images=32,
+    precision_calibration_images=12,
+    gate_arch="vit-b-32",
+    gate_image_px=336,
+    gate_images_per_request=(1, 8),
+    gate_requests_cold=10,
+    gate_requests_warm=100,
+    gate_clients=64,
+    gate_concurrent_requests=256,
+    gate_cold_rounds=2,
+    scaling_arch="vit-b-32",
+    scaling_batches=(1, 2, 4, 8, 16, 32),
+    scaling_budget_s=12.0,
+    scaling_min=2,
+    scaling_max=5,
+)
+
+# The test suite's preset: the seeded tiny model and the fewest samples that still give a median.
+SMOKE = Settings(
+    mode="smoke",
+    head_archs=("tiny",),
+    head_budget_s=0.2,
+    head_min_pairs=3,
+    head_max_pairs=5,
+    decision_budget_s=0.1,
+    decision_batches=(1, 4),
+    preprocess_sizes=((160, 120),),
+    preprocess_target=56,
+    preprocess_budget_s=0.1,
+    preprocess_min=3,
+    preprocess_max=3,
+    e2e_arch="tiny",
+    e2e_images=4,
+    e2e_batch=2,
+    e2e_source=(160, 120),
+    precision_arch="tiny",
+    precision_batch=2,
+    precision_budget_s=0.1,
+    precision_min=3,
+    precision_max=3,
+    precision_agreement_images=4,
+    precision_calibration_images=12,
+    gate_arch="tiny",
+    gate_image_px=56,
+    gate_images_per_request=(1,),
+    gate_requests_cold=3,
+    gate_requests_warm=5,
+    gate_clients=4,
+    gate_concurrent_requests=8,
+    gate_cold_rounds=2,
+    scaling_arch="tiny",
+    scaling_batches=(1, 2, 4),
+    scaling_budget_s=0.2,
+    scaling_min=3,
+    scaling_max=3,
+    plot=True,
+)
+
+PRESETS = {s.mode: s for s in (FULL, QUICK, SMOKE)}
