@@ -283,11 +283,10 @@ def _bicubic(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
 
 
-# Weights are cached per image geometry, for canvases of up to _CACHED_CANVAS pixels: 16 of the largest
-# (~11 MB each at size 336) keep a long-running gate that sees many different sizes within a couple of
-# hundred MB. A larger canvas is computed for its image and freed with it: the weights grow with the
-# canvas side (a 1 x 1,000,000 strip, 3 KB as a PNG, needs 1.3 GB of them at size 336), so caching them
-# would let a handful of such files pin gigabytes.
+# Taps are cached per image geometry, for canvases of up to _CACHED_CANVAS pixels. A larger canvas's
+# taps are computed for its image and freed with it: they grow with the canvas side (a 1 x 1,000,000
+# strip, 3 KB as a PNG, needs 48 MB of them at size 336), so caching them would let a handful of such
+# files pin gigabytes.
 _CACHED_CANVAS = 8192
 
 
@@ -306,16 +305,16 @@ def _cached_up_to_canvas(canvas: Callable[..., int]):
     return wrap
 
 
-@_cached_up_to_canvas(lambda in_size, *_: in_size)
-def _resize_weights(in_size: int, out_size: int, first_row: int, rows: int) -> np.ndarray:
-    """(rows, in_size) float32: rows [first_row, first_row + rows) of Pillow's BICUBIC weights for an
-    in_size -> out_size resize, as Resample.c precompute_coeffs makes them.
+def _resize_taps(in_size: int, out_size: int, first_row: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs [first_row, first_row + rows) of Pillow's BICUBIC in_size -> out_size resize, as
+    Resample.c precompute_coeffs makes them: (source index (rows, K), weight (rows, K)); taps past a
+    row's support weigh 0.
 
     When shrinking, the kernel is stretched by the scale (that is the antialiasing). Each output
     pixel's taps start at the rounded left edge of the support and end at its rounded right edge,
     clipped to the axis; they are normalised to sum to one and quantised to 22 fractional bits.
     Only the rows a centre crop keeps are made: the resized axis of a 1 x 4000 image cropped to 336
-    is 1,344,000 pixels long, and all of its rows would take 21 GB."""
+    is 1,344,000 pixels long."""
     scale = in_size / out_size
     stretch = max(scale, 1.0)
     support = 2.0 * stretch
@@ -328,10 +327,7 @@ def _resize_weights(in_size: int, out_size: int, first_row: int, rows: int) -> n
     weights /= weights.sum(axis=1, keepdims=True)
     fixed = float(1 << 22)
     weights = np.trunc(weights * fixed + np.copysign(0.5, weights)) / fixed
-    dense = np.zeros((rows, in_size), np.float32)
-    row = np.broadcast_to(np.arange(rows)[:, None], taps.shape)
-    dense[row[valid], taps[valid]] = weights[valid]
-    return dense
+    return np.minimum(taps, in_size - 1), weights
 
 
 class _Axis(NamedTuple):
@@ -345,19 +341,14 @@ class _Axis(NamedTuple):
     crop: int
 
 
-@_cached_up_to_canvas(lambda axis, *_: axis.canvas)
-def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
-    """(weights on the image's pixels (size, ceil(length / factor)), weight on the padding (size,)).
+def _reduced_weights(axis: _Axis, size: int, factor: int, inside_share: np.ndarray) -> np.ndarray:
+    """(size, ceil(length / factor)) weights on the pixels of an image decoded reduced by `factor`.
 
-    An image decoded reduced by `factor` keeps the geometry of the full-resolution one (rounding the
-    padding offset at the reduced scale would shift the image by up to half a pixel): each reduced
-    pixel, about the mean of a factor-wide block, weighs the kernel at the block's centre times the
-    block's width, rescaled so the image keeps its full-resolution share of every output."""
-    full = _resize_weights(axis.canvas, axis.resized, axis.crop, size)
-    inside = full[:, axis.offset : axis.offset + axis.length]
-    pad_share = full.sum(axis=1) - inside.sum(axis=1)
-    if factor == 1:
-        return np.ascontiguousarray(inside), pad_share
+    It keeps the geometry of the full-resolution one (rounding the padding offset at the reduced
+    scale would shift the image by up to half a pixel): each reduced pixel, about the mean of a
+    factor-wide block, weighs the kernel at the block's centre times the block's width, rescaled so
+    the image keeps its full-resolution share of every output. Only JPEG decodes reduced, and its
+    sides stop at 65,535, so this dense matrix stays small."""
     starts = np.arange(0, axis.length, factor)
     widths = np.minimum(starts + factor, axis.length) - starts
     centres = axis.offset + starts + (widths - 1) / 2
@@ -365,8 +356,8 @@ def _axis_weights(axis: _Axis, size: int, factor: int) -> tuple[np.ndarray, np.n
     outputs = (np.arange(axis.crop, axis.crop + size) + 0.5)[:, None] * scale
     sampled = _bicubic((centres - outputs + 0.5) / max(scale, 1.0)) * widths
     share = sampled.sum(axis=1, keepdims=True)
-    rescale = np.divide(inside.sum(axis=1, keepdims=True), share, out=np.zeros_like(share), where=share != 0)
-    return (sampled * rescale).astype(np.float32), pad_share
+    rescale = np.divide(inside_share[:, None], share, out=np.zeros_like(share), where=share != 0)
+    return sampled * rescale
 
 
 def _round8(x: np.ndarray) -> np.ndarray:
@@ -384,12 +375,23 @@ class _Taps(NamedTuple):
     pad: np.ndarray  # (S,) float32
 
 
-@functools.lru_cache(maxsize=16)
+@_cached_up_to_canvas(lambda axis, *_: axis.canvas)  # a 1 x 1,000,000 strip's taps take 48 MB at 336
 def _axis_taps(axis: _Axis, size: int, factor: int) -> _Taps:
     """Only a few taps per output are non-zero (about 4x the downscale factor): applying them as
-    gathers is some 80x fewer multiply-adds than a dense matmul at 1024 -> 336, and keeps BLAS threads (which thrash
-    when the engine's threads share the cores) out of the picture."""
-    dense, pad = _axis_weights(axis, size, factor)
+    gathers is some 80x fewer multiply-adds than a dense matmul at 1024 -> 336, keeps BLAS threads
+    (which thrash when the engine's threads share the cores) out of the picture, and never builds a
+    matrix as long as the canvas."""
+    index, weight = _resize_taps(axis.canvas, axis.resized, axis.crop, size)
+    inside = (index >= axis.offset) & (index < axis.offset + axis.length)
+    pad = np.where(inside, 0.0, weight).sum(axis=1)
+    weight = np.where(inside, weight, 0.0)
+    if factor > 1:
+        return _banded(_reduced_weights(axis, size, factor, weight.sum(axis=1)), pad)
+    index = np.clip(index - axis.offset, 0, axis.length - 1)
+    return _Taps(index, weight.astype(np.float32), pad.astype(np.float32))
+
+
+def _banded(dense: np.ndarray, pad: np.ndarray) -> _Taps:
     nonzero = dense != 0
     first = nonzero.argmax(axis=1)
     last = np.where(nonzero.any(axis=1), dense.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1), first)
