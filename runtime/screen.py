@@ -19,7 +19,10 @@ from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError
 from safeclip.runtime.progress import Progress
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif"}
+# Walked in folders. HEIC/HEIF, AVIF and SVG are not decoded, but they are images: listing them reports
+# each as unsupported (exit 2) instead of skipping it, so a folder holding one never reads as clean.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif",
+                  ".heic", ".heif", ".avif", ".svg"}
 EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED = 0, 1, 2
 
 

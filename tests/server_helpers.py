@@ -1,5 +1,6 @@
 """Test plumbing for the gate: servers on loopback in a background loop, a recording upstream, a network
-namespace, and the SSRF scenario that runs inside one (`python -c "import server_helpers as h; h.netns_main()"`)."""
+namespace, and the SSRF scenario that runs inside one (`python -c "import server_helpers as h; h.netns_main()"`);
+commands run as processes with their peak memory; time and address-space bounds for code run in this process."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import asyncio
 import base64
 import json
 import os
+import re
+import resource
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -26,7 +33,7 @@ from aiohttp import web
 
 from images import encode, smooth_images
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.server.app import STATE, build_app
+from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import GateConfig, load_config
 
 TESTS = Path(__file__).resolve().parent
@@ -77,9 +84,9 @@ class Servers:
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self, app: web.Application, host: str = "127.0.0.1", port: int = 0) -> str:
+    def start(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, **runner_options: Any) -> str:
         async def go() -> str:
-            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+            runner = web.AppRunner(app, access_log=None, shutdown_timeout=1, **runner_options)
             await runner.setup()
             self.runners.append(runner)
             await web.TCPSite(runner, host, port).start()
@@ -88,9 +95,9 @@ class Servers:
         return self.call(go())
 
     def start_gate(self, config: GateConfig, gate: Gate, host: str = "127.0.0.1") -> str:
-        """The gate serving `gate`; returns its base URL once /readyz would say ready."""
+        """The gate serving `gate`, run as `safeclip serve` runs it; its base URL once /readyz would say ready."""
         app = build_app(config, lambda: gate)
-        url = self.start(app, host)
+        url = self.start(app, host, **RUNNER_OPTIONS)
 
         async def loaded() -> None:
             task = app[STATE].loading
@@ -122,11 +129,16 @@ class Received:
 class RecordingUpstream:
     """An OpenAI-ish upstream that records every request and answers according to the request's model:
     "slow:S" sleeps S seconds first, "fail:N" answers HTTP N, "hold" streams one chunk then waits for
-    `release` (so a test can tell a passthrough stream from a buffered one); anything else answers at once."""
+    `release` (so a test can tell a passthrough stream from a buffered one), "hold-headers" waits for
+    `release` before answering at all, "reset" streams one chunk then resets the connection, "drop"
+    resets it without answering, "echo" answers with the request's first text part and its
+    x-test-id header (so concurrent clients can check they got their own answer); anything else answers
+    at once. While holding, a gate that closes the connection sets `disconnected`."""
 
     received: list[Received] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     holding: threading.Event = field(default_factory=threading.Event)
+    disconnected: threading.Event = field(default_factory=threading.Event)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -144,9 +156,37 @@ class RecordingUpstream:
         return web.json_response({"object": "list", "data": [{"id": "upstream-model", "object": "model"}]},
                                  headers={"x-upstream": "yes", "x-safeclip-action": "spoofed by the upstream"})
 
+    async def _hold(self, request: web.Request) -> bool:
+        """Wait for `release` (10 s at most); False, at once, if the gate closes the connection meanwhile."""
+        self.holding.set()
+        deadline = time.monotonic() + 10
+        try:
+            while not self.release.is_set() and time.monotonic() < deadline:
+                if request.transport is None or request.transport.is_closing():
+                    self.disconnected.set()
+                    return False
+                await asyncio.sleep(0.005)
+            return True
+        finally:
+            self.holding.clear()
+
+    @staticmethod
+    def _reset(request: web.Request) -> None:
+        """Close the connection with a TCP reset (SO_LINGER 0), as a crashing server's kernel would."""
+        sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        request.transport.close()  # type: ignore[union-attr]
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await self._record(request))
         model = str(body.get("model", ""))
+        if model == "drop":
+            self._reset(request)
+            return web.Response()
+        if model == "hold-headers" and not await self._hold(request):
+            return web.Response()  # nobody left to answer
+        if model == "echo":
+            return self._echo(request, body)
         if model.startswith("slow:"):
             await asyncio.sleep(float(model.split(":")[1]))
         if model.startswith("fail:"):
@@ -162,6 +202,15 @@ class RecordingUpstream:
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
         }, headers={"x-upstream": "yes"})
 
+    @staticmethod
+    def _echo(request: web.Request, body: dict[str, Any]) -> web.Response:
+        parts = [p for m in body["messages"] if isinstance(m.get("content"), list) for p in m["content"]]
+        text = next(p["text"] for p in parts if p.get("type") == "text")
+        return web.json_response({
+            "id": "chatcmpl-echo", "object": "chat.completion", "created": 1, "model": "echo",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        }, headers={"x-test-id": request.headers.get("x-test-id", "")})
+
     async def _stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-upstream": "yes"})
         await response.prepare(request)
@@ -172,9 +221,12 @@ class RecordingUpstream:
                          "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if i == 0 and model == "hold":
-                    self.holding.set()
-                    await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 10)
-                    self.holding.clear()
+                    await self._hold(request)
+                if i == 0 and model == "reset":
+                    # Long enough for the gate to pass the first chunk on: a reset drops unsent data.
+                    await asyncio.sleep(0.05)
+                    self._reset(request)
+                    return response
             done = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
             await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
@@ -241,7 +293,30 @@ class CountingScreen:
 # Network namespace: the SSRF tests put private addresses on a namespace's loopback, so nothing the gate
 # does there can reach a real network, even if the gate is broken.
 
-NETNS_ADDRESSES = ("10.0.0.1/32", "169.254.169.254/32")
+NETNS_ADDRESSES = ("10.0.0.1/32", "10.0.0.2/32", "169.254.169.254/32")
+# Inside the namespace an image host listens on each of these, all on one port, so a table row can name
+# a host in any spelling (http://2130706433:8080/) and still mean one listener.
+NETNS_IMAGE_HOSTS = ("10.0.0.1", "10.0.0.2", "169.254.169.254", "127.0.0.1", "::1")
+NETNS_IMAGE_PORT = 8080
+# /etc/hosts inside the namespace (bind-mounted over it by netns_main, for that process alone): names that
+# resolve, through the system resolver the gate really uses, to addresses it must refuse.
+NETNS_HOSTS = {
+    "localhost": ("127.0.0.1", "::1"),
+    "internal.test": ("10.0.0.1",),
+    "other.test": ("10.0.0.2",),
+    "metadata.test": ("169.254.169.254",),
+    "loop.test": ("127.0.0.1",),
+    "v6loop.test": ("::1",),
+    "mapped.test": ("::ffff:127.0.0.1",),
+    "mixed.test": ("93.184.216.34", "10.0.0.1"),  # one public answer does not make the name safe
+    "pair.test": ("10.0.0.1", "10.0.0.2"),  # nor one allow-listed answer
+}
+# The gates the scenario runs, by name: their [fetch] tables.
+NETNS_GATES = {
+    "strict": {},
+    "allow-10.0.0.1": {"allow": ["10.0.0.1/32"]},
+    "allow-loopback": {"allow": ["127.0.0.0/8", "::1/128"]},
+}
 
 
 def netns_available() -> str | None:
@@ -270,13 +345,18 @@ def network_namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "delete", name], check=True, timeout=10)
 
 
-def run_in_namespace(name: str, engine: Path, timeout: float = 90) -> dict[str, Any]:
-    """Run netns_main() inside the namespace; its JSON report."""
+def run_in_namespace(name: str, engine: Path, rows: list[dict[str, str]], timeout: float = 120) -> dict[str, Any]:
+    """Run netns_main() inside the namespace on rows of {"url", "gate"}; its JSON report."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run(
-        ["ip", "netns", "exec", name, sys.executable, "-c", "import server_helpers as h; h.netns_main()", str(engine)],
-        capture_output=True, text=True, timeout=timeout, env=env, check=False,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        hosts = Path(tmp) / "hosts"
+        hosts.write_text("".join(f"{address} {host}\n" for host, addresses in NETNS_HOSTS.items()
+                                 for address in addresses))
+        done = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, "-c", "import server_helpers as h; h.netns_main()",
+             str(engine), str(hosts)],
+            input=json.dumps(rows), capture_output=True, text=True, timeout=timeout, env=env, check=False,
+        )
     if done.returncode != 0:
         raise AssertionError(f"namespace scenario failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -307,53 +387,40 @@ def post_json(url: str, value: Any, headers: dict[str, str] | None = None) -> Re
     return http("POST", url, json.dumps(value).encode(), {"Content-Type": "application/json", **(headers or {})})
 
 
-def _chat_status(gate: str, url: str) -> dict[str, Any]:
-    reply = post_json(f"{gate}/v1/chat/completions", {"model": "m", "messages": [user_message(url)]})
-    return {"status": reply.status, "code": reply.json()["error"]["code"] if reply.status >= 400 else None}
-
-
 def netns_main() -> None:
-    """Inside the namespace: image hosts on 10.0.0.1, 169.254.169.254, 127.0.0.1 and ::1, a recording
-    upstream, and two gates (no allow-list; 10.0.0.1/32 allowed). Prints one JSON line of what happened."""
-    engine = sys.argv[1]
+    """Inside the namespace: the namespace's own /etc/hosts, an image host on every NETNS_IMAGE_HOSTS
+    address, a recording upstream and the NETNS_GATES; then one chat request per row of the JSON table on
+    stdin. Prints one JSON line: per row the gate's status and error code, the hits each image host got,
+    and the image URLs the upstream received."""
+    engine, hosts_file = sys.argv[1:3]
+    rows = json.load(sys.stdin)
+    # `ip netns exec` gave this process a mount namespace of its own: the bind mount is seen by it alone.
+    subprocess.run(["mount", "--bind", hosts_file, "/etc/hosts"], check=True, timeout=10)
     image = png(seed=7)
-    hosts = {name: ImageHost(image) for name in ("10", "metadata", "loopback", "v6")}
+    hosts = {address: ImageHost(image) for address in NETNS_IMAGE_HOSTS}
     upstream = RecordingUpstream()
-    report: dict[str, Any] = {"refused": {}, "allowed": {}}
+    results = []
     with Servers() as servers:
-        base = {name: servers.start(h.app(), host) for (name, h), host in
-                zip(hosts.items(), ("10.0.0.1", "169.254.169.254", "127.0.0.1", "::1"))}
+        for address, host in hosts.items():
+            servers.start(host.app(), address, NETNS_IMAGE_PORT)
         up = servers.start(upstream.app())
         gate = Gate.from_engine(engine, threshold=1.0)
-        strict = servers.start_gate(gate_config(engine, up), gate)
-        allowing = servers.start_gate(gate_config(engine, up, fetch={"allow": ["10.0.0.1/32"]}), gate)
-        loop_port = base["loopback"].rsplit(":", 1)[1]
-        probes = {
-            "10.0.0.1": f"{base['10']}/img.png",
-            "169.254.169.254": f"{base['metadata']}/img.png",
-            "127.0.0.1": f"{base['loopback']}/img.png",
-            "[::1]": f"{base['v6']}/img.png",
-            "localhost": f"http://localhost:{loop_port}/img.png",
-            "decimal 2130706433": f"http://2130706433:{loop_port}/img.png",
-            "octal 0177.0.0.1": f"http://0177.0.0.1:{loop_port}/img.png",
-            "hex 0x7f.1": f"http://0x7f.1:{loop_port}/img.png",
-            "ipv4-mapped [::ffff:127.0.0.1]": f"http://[::ffff:127.0.0.1]:{loop_port}/img.png",
-            "file scheme": "file:///etc/passwd",
-            "ftp scheme": "ftp://10.0.0.1/img.png",
-        }
-        for label, url in probes.items():
-            report["refused"][label] = _chat_status(strict, url)
-        report["hits_after_refusals"] = {name: h.hits for name, h in hosts.items()}
-        # Allowed first hop, then a redirect to loopback: the second hop is checked and refused.
-        redirect = f"{base['10']}/to?url={base['loopback']}/img.png"
-        report["allowed"]["redirect to loopback"] = _chat_status(allowing, redirect)
-        report["allowed"]["10.0.0.1"] = _chat_status(allowing, f"{base['10']}/img.png")
-        report["hits"] = {name: h.hits for name, h in hosts.items()}
-        forwarded = [r.json() for r in upstream.received]
-        report["forwarded_urls"] = [p["image_url"]["url"] for body in forwarded
-                                    for p in body["messages"][0]["content"] if p["type"] == "image_url"]
-        report["image_data_url"] = data_url(image)
-    print(json.dumps(report))
+        gates = {name: servers.start_gate(gate_config(engine, up, fetch=fetch), gate)
+                 for name, fetch in NETNS_GATES.items()}
+        for row in rows:
+            hits = {address: host.hits for address, host in hosts.items()}
+            seen = len(upstream.received)
+            reply = post_json(f"{gates[row['gate']]}/v1/chat/completions",
+                              {"model": "m", "messages": [user_message(row["url"])]})
+            results.append({
+                "status": reply.status,
+                "code": reply.json()["error"]["code"] if reply.status >= 400 else None,
+                "hits": {address: host.hits - hits[address] for address, host in hosts.items()
+                         if host.hits > hits[address]},
+                "forwarded": [p["image_url"]["url"] for r in upstream.received[seen:]
+                              for p in r.json()["messages"][0]["content"] if p["type"] == "image_url"],
+            })
+    print(json.dumps({"results": results, "image": data_url(image)}))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -364,3 +431,168 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.005)
     return predicate()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands run as processes, with their peak memory. That is the child's own VmHWM (the high-water RSS of
+# the memory it got at exec), polled while it runs: its ru_maxrss from wait4 is no good here, since Linux
+# folds in the RSS of the mm it replaced at exec, which for a vfork'd child is this whole test process.
+
+@dataclass
+class Finished:
+    returncode: int  # -9 when it was killed for running past its timeout
+    stdout: str
+    stderr: str
+    peak_rss_mb: float
+    timed_out: bool
+
+
+def high_water_mb(pid: int) -> float | None:
+    """A running process's peak RSS so far (VmHWM), in MiB; None once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found.group(1)) / 1024 if found else None
+
+
+def wait_measuring(process: subprocess.Popen, timeout: float, poll: float = 0.02) -> tuple[int, float, bool]:
+    """(exit status, peak RSS in MiB, whether it was killed for running past `timeout` seconds). The peak
+    is read every `poll` seconds, so growth in the last `poll` seconds of its life can be missed."""
+    deadline = time.monotonic() + timeout
+    peak = 0.0
+    while True:
+        peak = max(peak, high_water_mb(process.pid) or 0.0)
+        try:
+            return process.wait(poll), peak, False
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                process.kill()
+                return process.wait(), peak, True
+
+
+def run_measured(argv: list[str], timeout: float) -> Finished:
+    """Run a command to its end (or kill it after `timeout` s); its output and its peak RSS."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(argv, stdout=out, stderr=err)
+        returncode, peak, timed_out = wait_measuring(process, timeout)
+        out.seek(0)
+        err.seek(0)
+        return Finished(returncode, out.read().decode(), err.read().decode(errors="replace"), peak, timed_out)
+
+
+def safeclip(*args: str) -> list[str]:
+    return [sys.executable, "-m", "safeclip.runtime.cli", *args]
+
+
+@dataclass
+class GateProcess:
+    """`safeclip serve` in a child process; `base` is its URL, `lines` its log so far. Once stopped,
+    `returncode` and `peak_rss_mb` are set."""
+
+    process: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    base: str = ""
+    returncode: int | None = None
+    peak_rss_mb: float = 0.0
+    _new_line: threading.Condition = field(default_factory=threading.Condition)
+
+    def _read(self) -> None:
+        for line in self.process.stderr:  # type: ignore[union-attr]
+            with self._new_line:
+                self.lines.append(line)
+                self._new_line.notify_all()
+        with self._new_line:
+            self.lines.append("")  # end of output
+            self._new_line.notify_all()
+
+    def wait_line(self, pattern: str, timeout: float = 60) -> re.Match:
+        """The first log line matching `pattern`; AssertionError (with the log) if none comes in time."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._new_line:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := re.search(pattern, line):
+                        return match
+                seen = len(self.lines)
+                ended = self.lines and self.lines[-1] == ""
+                left = deadline - time.monotonic()
+                if ended or left <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r}; the log:\n{''.join(self.lines)}")
+                self._new_line.wait(left)
+
+    def stop(self, timeout: float = 20) -> int:
+        """SIGTERM, then the exit status (killed after `timeout` s); sets peak_rss_mb."""
+        if self.returncode is None:
+            self.peak_rss_mb = high_water_mb(self.process.pid) or 0.0  # exact: nothing runs between read and stop
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+            self.returncode, peak, _ = wait_measuring(self.process, timeout)
+            self.peak_rss_mb = max(self.peak_rss_mb, peak)
+        return self.returncode
+
+
+@contextmanager
+def gate_process(*args: str, ready: bool = True) -> Iterator[GateProcess]:
+    """`safeclip serve --port 0 ARGS` running until the block ends (then stopped with SIGTERM). With
+    `ready`, yields once the engine is loaded, with `base` set."""
+    process = subprocess.Popen(safeclip("serve", "--port", "0", *args), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    gate = GateProcess(process)
+    threading.Thread(target=gate._read, daemon=True).start()
+    try:
+        if ready:
+            gate.base = gate.wait_line(r"listening on (http://\S+)").group(1)
+            gate.wait_line(r"ready \(policy [0-9a-f]{12}\)")
+        yield gate
+    finally:
+        gate.stop()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bounds for code run in this process: a hang fails the test instead of stalling the run, and an allocation
+# past a budget raises MemoryError instead of growing the process until the kernel kills pytest.
+
+def within(seconds: float, call: Callable[[], Any]) -> Any:
+    """call() in a daemon thread; the test fails (and moves on) if it has not returned in time."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as e:  # re-raised below, in the test's thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still running after {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def address_space() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
+def resident() -> int:
+    """This process's RSS now, in bytes (unlike its address space, not grown by a thread's malloc arena)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+@contextmanager
+def address_space_headroom(extra: int) -> Iterator[None]:
+    """Allocations past `extra` more bytes of address space fail (MemoryError, or cv2.error inside OpenCV)
+    instead of growing the process until the kernel kills it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (address_space() + extra, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -35,6 +36,7 @@ from safeclip.runtime.server.messages import (
     decode_data_url,
     has_image_hints,
     inject_system_prompt,
+    load_json,
     moderation_inputs,
     parse_json,
 )
@@ -48,6 +50,10 @@ log = logging.getLogger("safeclip.server")
 CHAT, MODERATIONS = "/v1/chat/completions", "/v1/moderations"
 ROUTE_LABELS = {CHAT: "chat", MODERATIONS: "moderations"}
 UNAUTHENTICATED = ("/healthz", "/readyz")  # probes carry no keys
+# How the gate's aiohttp runner must be made (`safeclip serve` and the tests). handler_cancellation: a
+# client that hangs up cancels its handler, so the upstream request (a generation nobody will read) is
+# closed at once rather than run to its end; verdicts other requests wait for are shielded (screener.py).
+RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True}
 
 
 @dataclass
@@ -147,7 +153,7 @@ async def _load(state: GateState) -> None:
         for stage, spent in split.items():
             metrics.stage.observe(spent, stage)
 
-    state.batcher = MicroBatcher(screen, batch.delay_ms / 1000, batch.size, on_batch)
+    state.batcher = MicroBatcher(screen, batch.delay_ms / 1000, batch.size, on_batch, batch.max_queued)
     state.batcher.start()
     state.categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
     state.moderation_map = state.config.moderation_map(state.categories)
@@ -188,6 +194,9 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
         response = await _answer(request, handler, state, record)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        record.error = record.error or "client_disconnected"
+        raise
     finally:
         route = ROUTE_LABELS.get(request.path, "proxy" if request.path.startswith("/v1/") else None)
         if route is not None:
@@ -212,7 +221,7 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
         return e.response
     except GateError as e:
         record.error = e.code
-        response = web.json_response(e.body(), status=e.status)
+        response = web.json_response(e.body(), status=e.status, headers=e.headers())
     except web.HTTPException as e:  # aiohttp's own 404/405, in OpenAI's format too
         record.error = e.reason.lower().replace(" ", "_")
         error = GateError(e.status, f"{request.method} {request.path}: {e.reason}", record.error)
@@ -360,11 +369,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
             raise GateError(415, f"{request.path}: the gate forwards only JSON bodies here (got "
                                  f"{request.content_type!r}), since it must look for images in them", "unsupported_media_type")
-        try:
-            value = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise GateError(400, f"the request body is not valid JSON ({e})", "invalid_json") from e
-        if has_image_hints(value):
+        if has_image_hints(load_json(raw)):
             raise GateError(400, f"{request.path} is not screened by the gate and this body may carry an image; "
                                  f"send images to {CHAT} or {MODERATIONS}", "unscreened_image")
     return await state.upstream.forward(request, raw if raw else None, request[RECORD].headers())

@@ -3,11 +3,16 @@
 The first request of a batch waits at most `max_delay` for company (or until `max_size` images are
 queued); a request's images always go into one call together. One engine call runs at a time, and
 requests that arrive during it form the next batch.
+
+The queue is bounded: while `max_queued` images wait for the engine, a request that would add more is
+refused with Overloaded (503 and a Retry-After), so a burst the engine cannot keep up with costs the
+clients a retry, not the gate its memory and every client its latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +20,20 @@ from dataclasses import dataclass
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import ImageError
+from safeclip.runtime.server.errors import GateError
 
 Result = Verdict | ImageError
 ScreenFn = Callable[[list[bytes]], Sequence[Result]]
 OnBatch = Callable[[int, float], None]
+# Eight full engine calls at the default batch size: under a second of queueing on a GPU, several on a CPU.
+DEFAULT_MAX_QUEUED = 256
+
+
+class Overloaded(GateError):
+    def __init__(self, queued: int, limit: int, retry_after: int):
+        super().__init__(503, f"the gate is overloaded: {queued} images are waiting for the engine (at most {limit} "
+                              f"are queued); retry in {retry_after} s", "overloaded", type="server_error",
+                         retry_after=retry_after)
 
 
 @dataclass
@@ -28,15 +43,19 @@ class _Group:
 
 
 class MicroBatcher:
-    def __init__(self, screen: ScreenFn, max_delay: float, max_size: int, on_batch: OnBatch | None = None):
-        if max_delay < 0 or max_size < 1:
-            raise ValueError(f"need max_delay >= 0 and max_size >= 1, got {max_delay}, {max_size}")
+    def __init__(self, screen: ScreenFn, max_delay: float, max_size: int, on_batch: OnBatch | None = None,
+                 max_queued: int = DEFAULT_MAX_QUEUED):
+        if max_delay < 0 or max_size < 1 or max_queued < 1:
+            raise ValueError(f"need max_delay >= 0, max_size >= 1 and max_queued >= 1, got {max_delay}, {max_size}, "
+                             f"{max_queued}")
         self.screen = screen
         self.max_delay = max_delay
         self.max_size = max_size
+        self.max_queued = max_queued
         self.on_batch = on_batch
         self._pending: list[_Group] = []
         self._queued = 0
+        self._call_seconds = 0.0  # how long the last engine call took, to say when to retry
         self._arrived = asyncio.Event()
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -59,9 +78,16 @@ class MicroBatcher:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
     def submit(self, images: list[bytes]) -> list[asyncio.Future[Result]]:
-        """One future per image, resolved by the batching task whether or not the caller still waits."""
+        """One future per image, resolved by the batching task whether or not the caller still waits.
+
+        Overloaded if the images would take the queue past `max_queued`; an empty queue takes any request
+        whole, so one with more images than that is slow, never refused forever."""
         if self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running (start() not called, or closed)")
+        if images and self._queued and self._queued + len(images) > self.max_queued:
+            # The queue drains in one engine call per max_size images, after the call in progress.
+            calls = math.ceil(self._queued / self.max_size) + 1
+            raise Overloaded(self._queued, self.max_queued, max(1, math.ceil(calls * self._call_seconds)))
         loop = asyncio.get_running_loop()
         group = _Group(list(images), [loop.create_future() for _ in images])
         if images:
@@ -112,8 +138,9 @@ class MicroBatcher:
                 if not f.done():
                     f.set_exception(e)
             return
+        self._call_seconds = time.perf_counter() - start
         if self.on_batch is not None:
-            self.on_batch(len(images), time.perf_counter() - start)
+            self.on_batch(len(images), self._call_seconds)
         for f, result in zip(futures, results):
             if not f.done():
                 f.set_result(result)

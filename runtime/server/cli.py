@@ -23,7 +23,7 @@ from safeclip.runtime.contract import PRECISIONS
 from safeclip.runtime.engine import BACKEND_CHOICES
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.screen import parse_thresholds
-from safeclip.runtime.server.app import STATE, build_app
+from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import ACTIONS, GateConfig, load_config
 
 API_KEY_ENV = "SAFECLIP_API_KEY"
@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int)
     p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
     p.add_argument("--batch-size", type=int, help="images per engine call")
+    p.add_argument("--max-queued", type=int,
+                   help="images waiting for the engine before requests are answered 503 with Retry-After (default 256)")
     p.add_argument("--cache-size", type=int, help="verdicts kept by image sha256 (default 4096; 0 disables)")
     p.add_argument("--upstream-timeout", type=float, help="seconds the upstream may stay silent (default 600)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -85,6 +87,7 @@ _FLAG_KEYS = {
     "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
     "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
     "max_pixels": ("limits", "max_pixels"), "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
+    "max_queued": ("batch", "max_queued"),
     "cache_size": ("cache_size",), "upstream_timeout": ("timeouts", "upstream_read"),
 }
 
@@ -113,7 +116,7 @@ def load_gate(config: GateConfig) -> Gate:
 async def serve(config: GateConfig) -> int:
     """Run until SIGINT/SIGTERM; 1 if the engine cannot load."""
     app = build_app(config, lambda: load_gate(config))
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, **RUNNER_OPTIONS)
     await runner.setup()
     stop = asyncio.Event()
     stopping = asyncio.ensure_future(stop.wait())

@@ -19,6 +19,7 @@ from yarl import URL
 from safeclip.runtime.contract import PRECISIONS
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
+from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 
 ACTIONS = ("refuse", "inject", "monitor")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -195,6 +196,8 @@ class BatchConfig:
     # A few ms of waiting lets concurrent requests share one engine call; the first request pays it.
     delay_ms: float = _parsed(_float(0.0, strict=False), 2.0)
     size: int = _parsed(_int(1), DEFAULT_MAX_BATCH)
+    # Images waiting for an engine call; a request that would queue more is answered 503 with a Retry-After.
+    max_queued: int = _parsed(_int(1), DEFAULT_MAX_QUEUED)
 
 
 @dataclass(frozen=True)

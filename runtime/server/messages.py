@@ -39,11 +39,17 @@ class ImagePart:
             self.part["image_url"] = url
 
 
-def parse_json(body: bytes) -> dict[str, Any]:
+def load_json(body: bytes) -> Any:
     try:
-        data = json.loads(body)
+        return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise GateError(400, f"the request body is not valid JSON ({e})", "invalid_json") from e
+    except RecursionError:  # `[[[[...` a few thousand deep: the parser's stack, not the gate, gives up
+        raise GateError(400, "the request body nests too deeply to parse", "invalid_json") from None
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    data = load_json(body)
     if not isinstance(data, dict):
         raise GateError(400, "the request body must be a JSON object", "invalid_json")
     return data
@@ -150,9 +156,19 @@ def inject_system_prompt(body: dict[str, Any], prompt: str) -> None:
 
 
 def has_image_hints(value: Any) -> bool:
-    """Whether a JSON value has a key or a data: URL that suggests an image (for paths the gate does not parse)."""
-    if isinstance(value, dict):
-        return any(any(h in str(k).lower() for h in _IMAGE_KEY_HINTS) or has_image_hints(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(has_image_hints(v) for v in value)
-    return isinstance(value, str) and value[:5].lower() == "data:"
+    """Whether a JSON value has a key or a data: URL that suggests an image (for paths the gate does not parse).
+
+    Walked with a list, not by recursion: the JSON parser accepts values nested deeper than Python's stack
+    would let this function follow them."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            if any(h in str(k).lower() for k in item for h in _IMAGE_KEY_HINTS):
+                return True
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, str) and item[:5].lower() == "data:":
+            return True
+    return False

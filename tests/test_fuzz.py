@@ -1,0 +1,320 @@
+"""Issue 9: fuzzing (hypothesis) of the image decode path and of the gate's request parsing.
+
+The properties: decoding gives an ImageError subclass or the engine's uint8 [S, S, 3] array; parsing a
+request gives the gate's own GateError (4xx) or the image parts, every one of them; the running gate
+answers anything with a 2xx or an OpenAI-format 4xx, never a 5xx. Any other exception is a finding.
+
+Budget: SAFECLIP_FUZZ_EXAMPLES examples per test (default 300: a few seconds each on 2 cores, small enough
+for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from hostile_corpus import png_header
+from images import encode, smooth_images
+from safeclip.runtime.gate import Gate
+from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.messages import (
+    TEXT_PARTS,
+    chat_images,
+    data_url,
+    decode_data_url,
+    has_image_hints,
+    inject_system_prompt,
+    load_json,
+    moderation_inputs,
+    parse_json,
+)
+from server_helpers import RecordingUpstream, Servers, address_space_headroom, gate_config, http, png
+
+EXAMPLES = int(os.environ.get("SAFECLIP_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SIZE = 56
+# A small pixel limit keeps each example's decode small and fast; which limit applies is not what is
+# fuzzed, the header check that enforces it is.
+DECODERS = (Preprocessor(SIZE, "pad", max_pixels=1 << 20), Preprocessor(SIZE, "crop", max_pixels=1 << 20))
+HEADROOM_BYTES = 2 << 30
+
+
+def _pil(image: Image.Image, fmt: str, **params) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def _seeds() -> dict[str, bytes]:
+    """Small valid files of every supported format and the layouts that take other code paths."""
+    photo = smooth_images(1, 12, 16, seed=5)[0]
+    pil = Image.fromarray(photo)
+    return {
+        "jpeg": encode(photo, ".jpg"),
+        "jpeg-progressive": _pil(pil, "JPEG", progressive=True),
+        "jpeg-cmyk": _pil(pil.convert("CMYK"), "JPEG"),
+        "png": encode(photo, ".png"),
+        "png-16": encode(photo.astype(np.uint16) * 257, ".png"),
+        "png-palette": _pil(pil.quantize(8), "PNG", transparency=0),
+        "png-alpha": _pil(pil.convert("RGBA"), "PNG"),
+        "gif": _pil(pil.quantize(8), "GIF"),
+        "gif-animated": _pil(pil.quantize(8), "GIF", save_all=True, append_images=[pil.quantize(4)]),
+        "webp-lossy": _pil(pil, "WEBP", quality=50),
+        "webp-lossless": encode(photo, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+        "webp-alpha": _pil(pil.convert("RGBA"), "WEBP"),
+        "bmp": encode(photo, ".bmp"),
+        "tiff": encode(photo, ".tiff"),
+    }
+
+
+SEEDS = _seeds()
+MAGICS = (b"\xff\xd8\xff", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
+          b"MM\x00*", b"RIFF\x00\x01\x00\x00WEBPVP8 ", b"RIFF\x00\x01\x00\x00WEBPVP8L",
+          b"RIFF\x00\x01\x00\x00WEBPVP8X", png_header(16, 12)[:33])
+
+
+def decodes_or_refuses(data: bytes, decoder: Preprocessor) -> None:
+    header = image_size_from_header(data)  # the gate's data_url() sniffs every forwarded image with it
+    assert header is None or (header[0] in ("jpeg", "png", "gif", "webp", "bmp", "tiff") and
+                              all(isinstance(n, int) and n >= 0 for n in header[1:]))
+    try:
+        with address_space_headroom(HEADROOM_BYTES):
+            out = decoder(data, source="fuzz")
+    except ImageError as e:
+        assert e.source == "fuzz" and e.reason
+        return
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8 and out.flags.c_contiguous
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    """A seed file with 1-8 mutations: bit flips, overwritten and deleted runs, insertions, a cut, and
+    32-bit fields set to extreme values; half of them in the first 64 bytes, where the headers are."""
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 8))):
+        span = min(len(data), 64) if draw(st.booleans()) else len(data)
+        at = draw(st.integers(0, max(span - 1, 0)))
+        op = draw(st.sampled_from(["flip", "overwrite", "delete", "insert", "cut", "extreme"]))
+        if op == "flip" and data:
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "overwrite":
+            data[at:at + 4] = draw(st.binary(min_size=1, max_size=4))
+        elif op == "delete":
+            del data[at:at + draw(st.integers(1, 16))]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "cut":
+            del data[at:]
+        elif op == "extreme":
+            data[at:at + 4] = struct.pack(draw(st.sampled_from(["<I", ">I"])),
+                                          draw(st.sampled_from([0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF])))
+    return bytes(data)
+
+
+@FUZZ
+@given(magic=st.sampled_from(MAGICS), tail=st.binary(max_size=4096), decoder=st.sampled_from(DECODERS))
+def test_random_bytes_behind_a_valid_signature(magic, tail, decoder):
+    decodes_or_refuses(magic + tail, decoder)
+
+
+@FUZZ
+@given(data=mutated(), decoder=st.sampled_from(DECODERS))
+def test_mutated_valid_images(data, decoder):
+    decodes_or_refuses(data, decoder)
+
+
+@FUZZ
+@given(width=st.integers(0, (1 << 32) - 1), height=st.integers(0, (1 << 32) - 1), rows=st.binary(max_size=256))
+def test_png_declared_sizes_with_valid_checksums(width, height, rows):
+    """Any IHDR size (CRC valid, so only the size can be wrong), with whatever rows follow."""
+    ihdr = png_header(width, height)
+    idat = zlib.compress(rows)
+    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
+    decodes_or_refuses(ihdr + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82", DECODERS[0])
+
+
+def test_every_seed_decodes():
+    """The mutations start from files that decode: a broken seed would only ever test the error path."""
+    for name, data in SEEDS.items():
+        for decoder in DECODERS:
+            assert decoder(data).shape == (SIZE, SIZE, 3), name
+
+
+# --- the request parser -----------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+urls = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(["", "data:", "data:,", "DATA:image/png;BASE64,iVBORw0KGgo=", "http://127.0.0.1/x.png",
+                     "data:image/png;base64,AAAA", "data:image/png;base64,====", "file:///etc/passwd"]),
+    st.builds(lambda media, payload: f"data:{media};base64,{payload}",
+              st.sampled_from(["image/png", "text/plain", "", "image/png;charset=x"]),
+              st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n -_%", max_size=40)),
+)
+part_types = st.sampled_from(["text", "image_url", "refusal", "input_audio", "input_image", "image", "file",
+                              "video_url"])
+parts = st.one_of(
+    st.fixed_dictionaries({}, optional={
+        "type": part_types | json_values,
+        "text": json_values,
+        "image_url": st.one_of(urls, json_values,
+                               st.fixed_dictionaries({}, optional={"url": urls | json_values,
+                                                                   "detail": st.text(max_size=5)})),
+    }),
+    json_values,
+)
+messages = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
+                          optional={"content": st.one_of(st.text(max_size=20), st.none(), st.lists(parts, max_size=4),
+                                                         json_values)}),
+    json_values,
+)
+bodies = st.one_of(
+    st.fixed_dictionaries({}, optional={
+        "model": json_values, "messages": st.lists(messages, max_size=4) | json_values,
+        "input": st.one_of(st.text(max_size=10), st.lists(st.text(max_size=5), max_size=3), st.lists(parts, max_size=4),
+                           json_values),
+        "stream": json_values, "n": json_values, "stream_options": json_values,
+    }),
+    st.dictionaries(st.text(max_size=8), json_values, max_size=4),
+)
+
+
+def is_image_part(part) -> bool:
+    return isinstance(part, dict) and (part.get("type") == "image_url" or "image_url" in part)
+
+
+def check_client_error(e: GateError) -> None:
+    assert 400 <= e.status < 500 and e.code and e.message
+    assert json.dumps(e.body())  # serialisable in OpenAI's shape
+
+
+@FUZZ
+@given(body=bodies)
+def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
+    try:
+        found = chat_images(body)
+    except GateError as e:
+        check_client_error(e)
+        return
+    # An independent walk: every image part, in order, and nothing else but text-like parts.
+    expected = []
+    for i, message in enumerate(body["messages"]):
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if is_image_part(part):
+                expected.append((f"messages[{i}].content[{j}]", part))
+            else:
+                assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
+    assert [(p.where, id(p.part)) for p in found] == [(w, id(part)) for w, part in expected]
+    for p in found:
+        assert isinstance(p.url, str) and p.url
+        p.set_url("data:image/png;base64,AAAA")  # the gate pins fetched images this way
+    inject_system_prompt(body, "notice")  # and edits the body this way
+    assert json.loads(json.dumps(body)) is not None  # and sends it on re-encoded
+
+
+@FUZZ
+@given(body=bodies)
+def test_moderation_inputs_gives_groups_or_a_gate_error(body):
+    try:
+        groups = moderation_inputs(body)
+    except GateError as e:
+        check_client_error(e)
+        return
+    assert groups and all(isinstance(g, list) for g in groups)
+    assert all(p.url and p.where.startswith("input[") for g in groups for p in g)
+
+
+@FUZZ
+@given(url=urls, limit=st.integers(0, 64))
+def test_decode_data_url_is_strict_and_capped(url, limit):
+    try:
+        data = decode_data_url(url, "here", limit)
+    except GateError as e:
+        check_client_error(e)
+        assert e.param == "here" and e.status in (400, 413)
+        return
+    assert isinstance(data, bytes) and len(data) <= limit
+    assert url[5:].partition(",")[0].lower().endswith(";base64")
+    assert data_url(data).startswith("data:")  # what is forwarded for it can always be written
+
+
+@FUZZ
+@given(raw=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                     st.integers(1, 50_000).map(lambda n: b"[" * n + b"]" * n),
+                     st.integers(1, 50_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n)))
+def test_json_bodies_parse_or_refuse(raw):
+    try:
+        value = load_json(raw)
+    except GateError as e:
+        check_client_error(e)
+        return
+    assert isinstance(has_image_hints(value), bool)
+    try:
+        assert isinstance(parse_json(raw), dict)
+    except GateError as e:
+        check_client_error(e)
+
+
+# --- the running gate ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gate_url(tiny_engine):
+    """A gate that flags every image and injects the safety prompt, so a body with a decodable image is
+    edited and re-encoded: the path with the most to go wrong."""
+    upstream = RecordingUpstream()
+    with Servers() as servers:
+        up = servers.start(upstream.app())
+        flag_all = Gate.from_engine(tiny_engine, threshold=0.0)
+        yield servers.start_gate(gate_config(tiny_engine, up, action="inject"), flag_all)
+
+
+IMAGE_URL = f"data:image/png;base64,{base64.b64encode(png(seed=3, size=16)).decode()}"
+gate_bodies = st.one_of(
+    bodies.map(lambda b: json.dumps(b).encode()),
+    st.lists(st.one_of(messages, st.just({"role": "user", "content": [
+        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": IMAGE_URL}}]})),
+        max_size=3).map(lambda m: json.dumps({"model": "m", "messages": m}).encode()),
+    st.binary(max_size=100),
+    st.integers(1, 5000).map(lambda n: b'{"model": "m", "messages": [], "x": ' + b"[" * n + b"]" * n + b"}"),
+)
+
+
+@FUZZ
+@given(raw=gate_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/moderations", "/v1/responses"]))
+def test_the_gate_never_answers_5xx(gate_url, raw, path):
+    reply = http("POST", gate_url + path, raw, {"Content-Type": "application/json"}, timeout=30)
+    assert reply.status < 500, reply.body[:500]
+    if reply.status >= 400:
+        error = reply.json()["error"]
+        assert error["code"] and error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("depth", [100, 400, 900, 5_000, 1_000_000])
+@pytest.mark.parametrize("where", ["model", "extra"])
+def test_deeply_nested_bodies_are_4xx_or_served(gate_url, depth, where):
+    """Nesting as deep as the JSON parser goes (and past it), in a field the gate reads for a refusal
+    (model) or one it only re-encodes: a 4xx, or an answer; never the gate's own 500."""
+    nested = b"[" * depth + b"]" * depth
+    image = json.dumps({"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}]}).encode()
+    raw = b'{"model": ' + (nested if where == "model" else b'"m"') + b', "messages": [' + image + b"]" + \
+        (b', "extra": ' + nested if where == "extra" else b"") + b"}"
+    reply = http("POST", gate_url + "/v1/chat/completions", raw, {"Content-Type": "application/json"}, timeout=30)
+    assert reply.status < 500, reply.body[:500]
