@@ -51,3 +51,32 @@ def tiny_clip():
     from safeclip.export.models import tiny_random_clip
 
     return tiny_random_clip()
+
+
+# The gate tests' servers: one background loop and one recording upstream per test module.
+
+
+@pytest.fixture(scope="module")
+def servers():
+    from server_helpers import Servers
+
+    with Servers() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def upstream_server(servers):
+    from server_helpers import RecordingUpstream
+
+    upstream = RecordingUpstream()
+    return upstream, servers.start(upstream.app())
+
+
+@pytest.fixture
+def upstream(upstream_server):
+    """The module's upstream, emptied for this test."""
+    upstream, _ = upstream_server
+    upstream.received.clear()
+    upstream.release.clear()
+    upstream.disconnected.clear()
+    return upstream

@@ -22,8 +22,6 @@ import pytest
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from server_helpers import (
-    RecordingUpstream,
-    Servers,
     data_url,
     gate_config,
     gate_process,
@@ -42,27 +40,6 @@ IMAGE = png(seed=31)
 def metric(text: str, line_start: str) -> float:
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
     return values[0] if values else 0.0
-
-
-@pytest.fixture(scope="module")
-def servers():
-    with Servers() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def upstream_server(servers):
-    upstream = RecordingUpstream()
-    return upstream, servers.start(upstream.app())
-
-
-@pytest.fixture
-def upstream(upstream_server):
-    upstream, _ = upstream_server
-    upstream.received.clear()
-    upstream.release.clear()
-    upstream.disconnected.clear()
-    return upstream
 
 
 @pytest.fixture(scope="module")

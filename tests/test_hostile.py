@@ -25,8 +25,6 @@ from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DecompressionBomb, ImageError, Preprocessor
 from server_helpers import (
-    RecordingUpstream,
-    Servers,
     address_space_headroom,
     gate_config,
     http,
@@ -168,24 +166,6 @@ def test_cli_reports_every_file_as_the_runtime_does_and_exits_2(tiny_engine, cor
 
 
 # --- gate ------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def servers():
-    with Servers() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def upstream_server(servers):
-    upstream = RecordingUpstream()
-    return upstream, servers.start(upstream.app())
-
-
-@pytest.fixture
-def upstream(upstream_server):
-    upstream_server[0].received.clear()
-    return upstream_server[0]
-
 
 def chat(base: str, url: str, timeout: float = REQUEST_SECONDS):
     body = json.dumps({"model": "m", "messages": [user_message(url)]}).encode()

@@ -22,8 +22,6 @@ from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMP
 from server_helpers import (
     CountingScreen,
     ImageHost,
-    RecordingUpstream,
-    Servers,
     data_url,
     gate_config,
     http,
@@ -34,27 +32,6 @@ from server_helpers import (
 )
 
 IMAGE = png(seed=11)
-
-
-@pytest.fixture(scope="module")
-def servers():
-    with Servers() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def upstream_server(servers):
-    upstream = RecordingUpstream()
-    return upstream, servers.start(upstream.app())
-
-
-@pytest.fixture
-def upstream(upstream_server):
-    """The module's upstream, emptied for this test."""
-    upstream, _ = upstream_server
-    upstream.received.clear()
-    upstream.release.clear()
-    return upstream
 
 
 @pytest.fixture(scope="module")
