@@ -113,14 +113,8 @@ class Upstream:
         try:
             up = await self.session.request(request.method, url, data=body, allow_redirects=False,
                                             headers=request_headers(request.headers, plain=edit_json is not None))
-        except asyncio.TimeoutError:
-            self.metrics.upstream_errors.inc("timeout")
-            raise GateError(504, f"the upstream did not answer within {self.read_timeout:g} s", "upstream_timeout",
-                            type="upstream_error") from None
-        except aiohttp.ClientError as e:
-            self.metrics.upstream_errors.inc("unavailable")
-            raise GateError(502, f"the upstream is unreachable ({type(e).__name__}: {e})", "upstream_unavailable",
-                            type="upstream_error") from e
+        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+            raise self._failure(e, "is unreachable") from e
         self.metrics.stage.observe(time.perf_counter() - start, "upstream")
         try:
             headers = response_headers(up.headers)
@@ -150,18 +144,22 @@ class Upstream:
         finally:
             up.release()
 
+    def _failure(self, error: BaseException, what: str) -> GateError:
+        """An upstream failure as the client sees it: 504 for a timeout, 502 for anything else, counted."""
+        if isinstance(error, asyncio.TimeoutError):
+            self.metrics.upstream_errors.inc("timeout")
+            return GateError(504, f"the upstream gave no answer within {self.read_timeout:g} s", "upstream_timeout",
+                             type="upstream_error")
+        self.metrics.upstream_errors.inc("unavailable")
+        return GateError(502, f"the upstream {what} ({type(error).__name__}: {error})", "upstream_unavailable",
+                         type="upstream_error")
+
     async def _edited(self, up: aiohttp.ClientResponse, headers: CIMultiDict[str],
                       edit_json: Callable[[dict], dict]) -> web.Response:
         try:
             data = await up.read()
-        except asyncio.TimeoutError:
-            self.metrics.upstream_errors.inc("timeout")
-            raise GateError(504, f"the upstream stopped answering for {self.read_timeout:g} s", "upstream_timeout",
-                            type="upstream_error") from None
-        except aiohttp.ClientError as e:
-            self.metrics.upstream_errors.inc("unavailable")
-            raise GateError(502, f"the upstream's answer broke off ({type(e).__name__})", "upstream_unavailable",
-                            type="upstream_error") from e
+        except (asyncio.TimeoutError, aiohttp.ClientError) as e:
+            raise self._failure(e, "broke off its answer") from e
         try:
             parsed = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):
