@@ -58,6 +58,18 @@ class Gate:
         size = self.engine.image_size
         self.engine.infer(np.zeros((1, size, size, 3), np.uint8))
 
+    def classify(self, pixels: Sequence[np.ndarray], digests: Sequence[str]) -> list[Verdict]:
+        """Verdicts for engine inputs already preprocessed (uint8 [size, size, 3] each), in engine-sized calls;
+        `digests` name the images they came from."""
+        if len(pixels) != len(digests):
+            raise ValueError(f"{len(pixels)} images but {len(digests)} digests")
+        verdicts: list[Verdict] = []
+        for start in range(0, len(pixels), self.engine.max_batch):
+            with self._lock:
+                probs = self.engine.infer(np.stack(pixels[start:start + self.engine.max_batch]))["probs"]
+            verdicts += self.policy.decide(probs, list(digests[start:start + self.engine.max_batch]))
+        return verdicts
+
     def check(self, images: Sequence[ImageInput]) -> list[Verdict]:
         """Verdicts for every image, or ImageError (naming the image) if any cannot be screened."""
         results = self.screen(images)

@@ -586,3 +586,40 @@ def _jpeg_reduction(width: int, height: int, size: int, mode: str) -> int:
         if -(-side // factor) >= 2 * size:  # libjpeg rounds reduced dimensions up
             return factor
     return 1
+
+
+# --- TEMPORARY (replaced by the Pillow rewrite being merged): the gate's decode / re-encode interface ---
+def decode_image(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    import io
+
+    from PIL import Image, ImageOps
+
+    Preprocessor(1, max_pixels=max_pixels)._check_header(data, source)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(white, rgba)
+            return np.ascontiguousarray(np.asarray(im.convert("RGB")))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise CorruptImage(source, f"undecodable image ({e})") from e
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _fit(self: Preprocessor, rgb: np.ndarray) -> np.ndarray:
+    return self._fit(_Decoded(rgb, *rgb.shape[:2], factor=1))
+
+
+Preprocessor.fit = _fit  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from images import encode, smooth_images
 from safeclip.runtime.gate import Gate
+from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import GateConfig, load_config
 
@@ -45,6 +46,15 @@ def png(seed: int, size: int = 48) -> bytes:
 
 def data_url(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
+
+
+def screened_png(data: bytes) -> bytes:
+    """What the gate forwards in an image's place: its pixels, as the gate decoded them, as a PNG."""
+    return encode_png(decode_image(data, "test image", DEFAULT_MAX_PIXELS))
+
+
+def screened_url(data: bytes) -> str:
+    return data_url(screened_png(data))
 
 
 def user_message(*urls: str, text: str = "what is in this picture?") -> dict[str, Any]:
@@ -277,16 +287,16 @@ class ImageHost:
 
 
 class CountingScreen:
-    """Wraps gate.screen to count engine calls and images."""
+    """Wraps gate.classify (what the gate's engine thread runs) to count engine calls and images."""
 
     def __init__(self, gate: Gate):
-        self.inner = gate.screen
+        self.inner = gate.classify
         self.calls: list[int] = []
-        gate.screen = self  # type: ignore[method-assign]
+        gate.classify = self  # type: ignore[method-assign]
 
-    def __call__(self, images: list[bytes], timings: dict[str, float] | None = None) -> list:
-        self.calls.append(len(images))
-        return self.inner(images, timings=timings)
+    def __call__(self, pixels: list, digests: list[str]) -> list:
+        self.calls.append(len(pixels))
+        return self.inner(pixels, digests)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -118,15 +118,15 @@ def test_client_disconnect_cancels_the_upstream_request(tiny_engine, upstream_se
 
 def test_engine_failing_at_run_time_fails_the_request_closed(servers, upstream_server, upstream, tiny_engine):
     gate = Gate.from_engine(tiny_engine, threshold=1.0)
-    inner = gate.screen
+    inner = gate.classify
     failures = [RuntimeError("CUDA error: an illegal memory access was encountered")]
 
-    def screen(images, timings=None):
+    def classify(pixels, digests):
         if failures:
             raise failures.pop()
-        return inner(images, timings=timings)
+        return inner(pixels, digests)
 
-    gate.screen = screen  # type: ignore[method-assign]
+    gate.classify = classify  # type: ignore[method-assign]
     base = servers.start_gate(gate_config(tiny_engine, upstream_server[1]), gate)
     failed = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(IMAGE))]})
     assert failed.status == 500 and failed.json()["error"]["type"] == "server_error"

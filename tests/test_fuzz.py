@@ -29,17 +29,10 @@ from images import encode, smooth_images
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.messages import (
-    TEXT_PARTS,
-    chat_images,
-    data_url,
-    decode_data_url,
-    has_image_hints,
-    inject_system_prompt,
-    load_json,
-    moderation_inputs,
-    parse_json,
-)
+from safeclip.runtime.server.dialects.base import data_url, decode_data_url
+from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
+from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
+from safeclip.runtime.server.jsonbody import canonical, parse, parse_object, stray_images
 from server_helpers import RecordingUpstream, Servers, address_space_headroom, gate_config, http, png
 
 EXAMPLES = int(os.environ.get("SAFECLIP_FUZZ_EXAMPLES", "300"))
@@ -209,7 +202,7 @@ def check_client_error(e: GateError) -> None:
 @given(body=bodies)
 def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
     try:
-        found = chat_images(body)
+        found = OpenAIChat().images(body, "/v1/chat/completions")
     except GateError as e:
         check_client_error(e)
         return
@@ -222,24 +215,25 @@ def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
                 expected.append((f"messages[{i}].content[{j}]", part))
             else:
                 assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
-    assert [(p.where, id(p.part)) for p in found] == [(w, id(part)) for w, part in expected]
-    for p in found:
-        assert isinstance(p.url, str) and p.url
-        p.set_url("data:image/png;base64,AAAA")  # the gate pins fetched images this way
-    inject_system_prompt(body, "notice")  # and edits the body this way
-    assert json.loads(json.dumps(body)) is not None  # and sends it on re-encoded
+    assert [p.where for p in found] == [w for w, _ in expected]
+    for p, (_, part) in zip(found, expected):
+        assert isinstance(p.value, str) and p.value
+        p.rewrite(b"\x89PNG", "image/png")  # the gate puts the screened pixels in each image's place
+        assert part["image_url"] in (data_url(b"\x89PNG", "image/png"), {**part["image_url"], "url": data_url(b"\x89PNG", "image/png")})
+    OpenAIChat().inject(body, "/v1/chat/completions", "notice")  # and edits the body this way
+    assert canonical(body)  # and sends it on re-encoded
 
 
 @FUZZ
 @given(body=bodies)
 def test_moderation_inputs_gives_groups_or_a_gate_error(body):
     try:
-        groups = moderation_inputs(body)
+        groups = OpenAIModerations().groups(body)
     except GateError as e:
         check_client_error(e)
         return
     assert groups and all(isinstance(g, list) for g in groups)
-    assert all(p.url and p.where.startswith("input[") for g in groups for p in g)
+    assert all(p.value and p.where.startswith("input[") for g in groups for p in g)
 
 
 @FUZZ
@@ -253,7 +247,7 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
         return
     assert isinstance(data, bytes) and len(data) <= limit
     assert url[5:].partition(",")[0].lower().endswith(";base64")
-    assert data_url(data).startswith("data:")  # what is forwarded for it can always be written
+    assert decode_data_url(data_url(data, "image/png"), "here", limit) == data  # what is forwarded round-trips
 
 
 @FUZZ
@@ -262,13 +256,14 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
                      st.integers(1, 50_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n)))
 def test_json_bodies_parse_or_refuse(raw):
     try:
-        value = load_json(raw)
+        value = parse(raw)
     except GateError as e:
         check_client_error(e)
         return
-    assert isinstance(has_image_hints(value), bool)
+    assert parse(canonical(value)) == value  # what goes upstream parses back to what the gate read
+    assert isinstance(stray_images(value, ()), list)
     try:
-        assert isinstance(parse_json(raw), dict)
+        assert isinstance(parse_object(raw), dict)
     except GateError as e:
         check_client_error(e)
 

@@ -35,7 +35,7 @@ def test_flags_override_the_file_and_the_key_comes_from_the_environment(tmp_path
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--engine", "e"], "upstream is required"),
+    ([], "engine is required"),
     (["--engine", "e", "--upstream", "http://h:1/v1"], "without /v1"),
     (["--engine", "e", "--upstream", "http://h:1", "--max-images", "0"], "must be >= 1"),
 ])

@@ -19,6 +19,7 @@ from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMPT
+from safeclip.runtime.server.jsonbody import canonical
 from server_helpers import (
     CountingScreen,
     ImageHost,
@@ -26,6 +27,7 @@ from server_helpers import (
     gate_config,
     http,
     png,
+    screened_url,
     post_json,
     user_message,
     wait_for,
@@ -76,7 +78,7 @@ def metric(text: str, line_start: str) -> float:
 
 # --- forwarding ------------------------------------------------------------------------------------
 
-def test_clean_request_is_forwarded_byte_for_byte(start, flag_none, upstream):
+def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, flag_none, upstream):
     base = start(flag_none)
     raw = ('{"model": "m",\n "messages": [' + json.dumps(user_message(data_url(IMAGE))) +
            '], "temperature": 0.25, "vendor_extra": {"k": [1, 2]}}').encode()
@@ -86,7 +88,9 @@ def test_clean_request_is_forwarded_byte_for_byte(start, flag_none, upstream):
     assert reply.json()["choices"][0]["message"]["content"] == "seen 1"
     assert reply.headers["x-upstream"] == "yes"  # upstream headers come back
     [got] = upstream.received
-    assert got.body == raw
+    expected = {"model": "m", "messages": [user_message(screened_url(IMAGE))], "temperature": 0.25,
+                "vendor_extra": {"k": [1, 2]}}
+    assert got.body == canonical(expected)  # what the gate parsed, re-serialized; never the client's bytes
     assert got.headers["Authorization"] == "Bearer sk-up" and got.headers["X-Custom"] == "1"
 
 
@@ -99,7 +103,7 @@ def test_http_image_is_fetched_and_pinned_as_data(start, flag_none, upstream, im
                                                                                  "detail": "low"}}]}]
     completion = client(base).chat.completions.create(model="m", messages=messages)
     assert completion.choices[0].message.content == "seen 1"
-    messages[1]["content"][1]["image_url"]["url"] = data_url(host.image)  # the only change
+    messages[1]["content"][1]["image_url"]["url"] = screened_url(host.image)  # the only change
     assert upstream.received[0].json() == {"model": "m", "messages": messages}
 
 
@@ -143,14 +147,15 @@ def test_inject_adds_the_safety_prompt(start, flag_all, upstream):
                                           categories=", ".join(sorted(verdict.flagged_categories)))
     sent = upstream.received[0].json()["messages"]
     assert sent[0] == {"role": "system", "content": f"{prompt}\n\nYou are terse."}
-    assert sent[1:] == messages[1:]
+    assert sent[1:] == [user_message(screened_url(IMAGE))]
 
 
 def test_monitor_forwards_untouched_and_reports(start, flag_all, upstream):
     base = start(flag_all, action="monitor")
     raw = json.dumps({"model": "m", "messages": [user_message(data_url(IMAGE))]}).encode()
     reply = http("POST", f"{base}/v1/chat/completions", raw, {"Content-Type": "application/json"})
-    assert reply.status == 200 and upstream.received[0].body == raw
+    assert reply.status == 200
+    assert upstream.received[0].json() == {"model": "m", "messages": [user_message(screened_url(IMAGE))]}
     assert (reply.headers["x-safeclip-flagged"], reply.headers["x-safeclip-action"]) == ("true", "monitor")
 
 
@@ -185,7 +190,7 @@ def test_verdict_headers_on_every_response(start, flag_none, upstream):
         ids.add(reply.headers["x-safeclip-request-id"])
     assert len(ids) == 5
     assert others[0].headers["x-upstream"] == "yes" and "x-safeclip-action" not in others[0].headers
-    assert http("GET", f"{base}/nope").json()["error"]["code"] == "not_found"  # OpenAI format for aiohttp's 404 too
+    assert http("GET", f"{base}/nope").json()["error"]["code"] == "route_not_allowed"  # in OpenAI's format
 
 
 def test_verdict_field_is_opt_in(start, flag_all, flag_none, upstream):
@@ -302,19 +307,21 @@ def test_streaming_passes_through_chunk_by_chunk(start, flag_none, upstream):
     assert rest[-1].choices[0].finish_reason == "stop"
 
 
-def test_other_v1_paths_are_proxied_unless_they_carry_images(start, flag_none, upstream):
-    base = start(flag_none)
+def test_other_paths_are_proxied_only_when_allowed_and_without_images(start, flag_none, upstream):
+    base = start(flag_none, proxy={"allow": ["/v1/models", "/v1/completions", "/v1/custom/*"]})
     assert [m.id for m in client(base).models.list()] == ["upstream-model"]
     raw = b'{"model": "m", "prompt": "hello", "max_tokens": 3}'
     assert http("POST", f"{base}/v1/completions?x=1", raw, {"Content-Type": "application/json"}).status == 200
-    responses_api = {"model": "m", "input": [{"role": "user", "content": [
-        {"type": "input_image", "image_url": data_url(IMAGE)}]}]}
-    refused = post_json(f"{base}/v1/responses", responses_api)
+    hidden = {"model": "m", "extra": {"deep": [data_url(IMAGE)]}}
+    refused = post_json(f"{base}/v1/custom/thing", hidden)
     assert (refused.status, refused.json()["error"]["code"]) == (400, "unscreened_image")
-    upload = http("POST", f"{base}/v1/files", b"--x\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
+    assert refused.json()["error"]["param"] == "extra.deep[0]"
+    not_allowed = post_json(f"{base}/v1/embeddings", {"model": "m", "input": "text"})
+    assert (not_allowed.status, not_allowed.json()["error"]["code"]) == (404, "route_not_allowed")
+    upload = http("POST", f"{base}/v1/custom/files", b"--x\r\n", {"Content-Type": "multipart/form-data; boundary=x"})
     assert upload.status == 415
     assert [(r.method, r.path) for r in upstream.received] == [("GET", "/v1/models"), ("POST", "/v1/completions?x=1")]
-    assert upstream.received[1].body == raw
+    assert upstream.received[1].json() == json.loads(raw)
 
 
 # --- cache and batching -----------------------------------------------------------------------------------
@@ -418,9 +425,12 @@ def test_metrics(start, flag_all, upstream, image_host):
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="monitor"}') == 1
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="error"}') == 1
     assert metric(text, f'safeclip_images_total{{verdict="flagged",category="{verdict.category}"}}') >= 1
-    for stage in ("fetch", "screen", "decode", "infer", "upstream"):
-        assert metric(text, f'safeclip_stage_seconds_count{{stage="{stage}"}}') == 1, stage
-    assert metric(text, "safeclip_batch_images_count") == 1 and metric(text, "safeclip_batch_images_sum") == 2
+    for stage, count in (("fetch", 1), ("decode", 2), ("upstream", 1)):  # decode: per image
+        assert metric(text, f'safeclip_stage_seconds_count{{stage="{stage}"}}') == count, stage
+    calls = metric(text, "safeclip_batch_images_count")  # the two images may share an engine call, or not
+    assert 1 <= calls <= 2 and metric(text, "safeclip_batch_images_sum") == 2
+    for stage in ("screen", "infer"):
+        assert metric(text, f'safeclip_stage_seconds_count{{stage="{stage}"}}') == calls, stage
 
 
 def test_audit_log_lines(start, flag_all, upstream, tmp_path):
@@ -430,10 +440,12 @@ def test_audit_log_lines(start, flag_all, upstream, tmp_path):
     raw = sdk.chat.completions.with_raw_response.create(model="m", messages=[user_message(data_url(IMAGE))])
     expect_error(lambda: sdk.chat.completions.create(model="m", messages=[user_message(data_url(b"junk"))]),
                  400, "invalid_image")
-    http("GET", f"{base}/v1/models")  # not a screening route: no line
+    http("GET", f"{base}/v1/models")  # proxied: a line too, without images
+    http("GET", f"{base}/metrics")  # the gate's own endpoints: no line
     text = log.read_text()
     assert data_url(IMAGE).split(",")[1][:64] not in text  # never the image
-    refused, failed = (json.loads(line) for line in text.splitlines())
+    refused, failed, proxied = (json.loads(line) for line in text.splitlines())
+    assert (proxied["route"], proxied["status"], proxied["images"]) == ("/v1/models", 200, [])
     [verdict] = flag_all.check([IMAGE])
     assert refused["request_id"] == raw.headers["x-safeclip-request-id"]
     assert refused["policy_version"] == http("GET", f"{base}/readyz").json()["policy_version"]

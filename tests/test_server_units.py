@@ -9,19 +9,13 @@ import pytest
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import CorruptImage
-from safeclip.runtime.server import responses
 from safeclip.runtime.server.batcher import MicroBatcher
-from safeclip.runtime.server.cache import VerdictCache
+from safeclip.runtime.server.cache import Entry, VerdictCache
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT, GateConfig, load_config
+from safeclip.runtime.server.dialects.base import data_url, decode_data_url
+from safeclip.runtime.server.dialects.openai_chat import OpenAIChat, inject_system_message, refusal_events
+from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations, moderation_result
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.messages import (
-    chat_images,
-    data_url,
-    decode_data_url,
-    has_image_hints,
-    inject_system_prompt,
-    moderation_inputs,
-)
 from safeclip.runtime.server.metrics import Histogram
 from safeclip.runtime.server.record import decide
 from server_helpers import png
@@ -74,9 +68,10 @@ def test_config_errors_name_the_key(tmp_path, text, message):
         load_config(path, {})
 
 
-def test_config_requires_engine_and_upstream():
-    with pytest.raises(ValueError, match="upstream is required"):
-        load_config(None, {"engine": "e"})
+def test_config_requires_an_engine_and_an_upstream_is_optional():
+    with pytest.raises(ValueError, match="engine is required"):
+        load_config(None, {"upstream": "http://h:1"})
+    assert load_config(None, {"engine": "e"}).upstream == ""  # guardrail-only: screens, forwards nothing
 
 
 def test_category_checks_against_the_engine():
@@ -96,40 +91,47 @@ def test_chat_images_finds_every_image_part():
         {"role": "assistant", "content": None, "tool_calls": []},
         {"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"image_url": {"url": "b"}}]},
     ]}
-    found = chat_images(body)
-    assert [(p.where, p.url) for p in found] == [
-        ("messages[1].content[1]", "data:a"), ("messages[3].content[0]", "http://x/y.png"), ("messages[3].content[1]", "b")]
-    found[1].set_url("data:z")
-    found[0].set_url("data:y")
-    assert body["messages"][3]["content"][0]["image_url"] == "data:z"  # string form kept
-    assert body["messages"][1]["content"][1]["image_url"] == {"url": "data:y"}
+    found = OpenAIChat().images(body, "/v1/chat/completions")
+    assert [(p.where, p.value, p.kind) for p in found] == [
+        ("messages[1].content[1]", "data:a", "data_url"), ("messages[3].content[0]", "http://x/y.png", "url"),
+        ("messages[3].content[1]", "b", "url")]
+    assert found[0].path == ("messages", 1, "content", 1, "image_url", "url")
+    assert found[1].path == ("messages", 3, "content", 0, "image_url")  # the bare-string form
+    found[1].rewrite(b"z", "image/png")
+    found[0].rewrite(b"y", "image/png")
+    assert body["messages"][3]["content"][0]["image_url"] == data_url(b"z", "image/png")  # string form kept
+    assert body["messages"][1]["content"][1]["image_url"] == {"url": data_url(b"y", "image/png")}
 
 
 @pytest.mark.parametrize("body, code", [
-    ({"messages": "hi"}, "invalid_messages"),
+    ({"messages": "hi"}, "invalid_request"),
     ({"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]}, "invalid_image_url"),
     ({"messages": [{"role": "user", "content": [{"type": "image_pil", "data": "..."}]}]}, "unsupported_content_part"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}]}, "invalid_image_url"),
-    ({"messages": [{"role": "user", "content": 3}]}, "invalid_messages"),
+    ({"messages": [{"role": "user", "content": 3}]}, "invalid_request"),
+    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "..."}}]}]},
+     "unsupported_content_part"),
+    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "unsupported_content_part"),
 ])
 def test_chat_images_refuses_what_it_cannot_screen(body, code):
     with pytest.raises(GateError) as e:
-        chat_images(body)
+        OpenAIChat().images(body, "/v1/chat/completions")
     assert e.value.code == code and e.value.status == 400
 
 
 def test_moderation_inputs_shapes():
-    assert moderation_inputs({"input": "text"}) == [[]]
-    assert moderation_inputs({"input": ["a", "b"]}) == [[], []]
-    [parts] = moderation_inputs({"input": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}]})
-    assert [p.url for p in parts] == ["u"]
-    with pytest.raises(GateError, match="'input' must be"):
-        moderation_inputs({"input": ["a", {"type": "text", "text": "x"}]})
+    groups = OpenAIModerations().groups
+    assert groups({"input": "text"}) == [[]]
+    assert groups({"input": ["a", "b"]}) == [[], []]
+    [parts] = groups({"input": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "u"}}]})
+    assert [p.value for p in parts] == ["u"]
+    with pytest.raises(GateError, match="input: must be"):
+        groups({"input": ["a", {"type": "text", "text": "x"}]})
 
 
-def test_data_urls_decode_strictly_and_sniff_their_type():
+def test_data_urls_decode_strictly():
     image = png(seed=1)
-    url = data_url(image)
+    url = data_url(image, "image/png")
     assert url.startswith("data:image/png;base64,")
     assert decode_data_url(url, "p", len(image)) == image
     with pytest.raises(GateError) as e:
@@ -139,26 +141,19 @@ def test_data_urls_decode_strictly_and_sniff_their_type():
         decode_data_url("data:image/png;base64,iVBOR w0K", "p", 100)
     with pytest.raises(GateError, match="base64"):
         decode_data_url("data:image/png,%89PNG", "p", 100)
-    assert data_url(b"no image here").startswith("data:application/octet-stream;base64,")
 
 
 def test_inject_merges_into_a_leading_system_message():
     with_system = {"messages": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"}]}
-    inject_system_prompt(with_system, "SAFETY")
+    inject_system_message(with_system["messages"], "SAFETY")
     assert with_system["messages"][0] == {"role": "system", "content": "SAFETY\n\nYou are terse."}
     assert len(with_system["messages"]) == 2
     without = {"messages": [{"role": "user", "content": "hi"}]}
-    inject_system_prompt(without, "SAFETY")
+    inject_system_message(without["messages"], "SAFETY")
     assert without["messages"][0] == {"role": "system", "content": "SAFETY"}
     parts = {"messages": [{"role": "developer", "content": [{"type": "text", "text": "x"}]}]}
-    inject_system_prompt(parts, "SAFETY")
+    inject_system_message(parts["messages"], "SAFETY")
     assert parts["messages"][0]["content"][0] == {"type": "text", "text": "SAFETY"}
-
-
-def test_image_hints_on_unparsed_paths():
-    assert has_image_hints({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]})
-    assert has_image_hints({"prompt": "data:image/png;base64,AAAA"})
-    assert not has_image_hints({"model": "m", "prompt": "a text prompt", "max_tokens": 5})
 
 
 # --- decisions and responses ------------------------------------------------------------------------
@@ -175,7 +170,7 @@ def test_decide_strictest_action_wins_and_names_its_category():
 
 
 def test_refusal_stream_shape():
-    events = responses.refusal_events({"model": "m", "n": 2, "stream_options": {"include_usage": True}}, "no")
+    events = refusal_events({"model": "m", "n": 2, "stream_options": {"include_usage": True}}, "no")
     assert events[-1] == b"data: [DONE]\n\n"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}, {"content": "no"}, {}]
@@ -187,7 +182,7 @@ def test_refusal_stream_shape():
 
 def test_moderation_result_maps_and_keeps_our_names():
     mapping = {"porn": ("sexual",), "gun": ("violence",)}
-    result = responses.moderation_result([verdict("a", gun=0.7, flagged=("gun",)), verdict("b", gun=0.2, porn=0.3)],
+    result = moderation_result([verdict("a", gun=0.7, flagged=("gun",)), verdict("b", gun=0.2, porn=0.3)],
                                          ("porn", "gun"), mapping)
     assert result["flagged"] is True
     assert result["categories"]["violence"] is True and result["categories"]["sexual"] is False
@@ -195,7 +190,7 @@ def test_moderation_result_maps_and_keeps_our_names():
     assert result["category_scores"]["hate"] == 0.0 and result["category_applied_input_types"]["hate"] == []
     assert result["category_applied_input_types"]["violence"] == ["image"]
     assert result["categories"]["gun"] is True and result["category_scores"]["porn"] == 0.3
-    text_only = responses.moderation_result([], ("porn", "gun"), mapping)
+    text_only = moderation_result([], ("porn", "gun"), mapping)
     assert not text_only["flagged"] and text_only["category_applied_input_types"]["sexual"] == []
 
 
@@ -217,11 +212,20 @@ def test_cache_is_lru_and_bounded():
     for sha in "abc":
         if sha == "c":
             assert cache.get("a") is not None  # touch a: b is now the oldest
-        cache.put(verdict(sha))
+        cache.put(sha, Entry(verdict(sha), None))
     assert cache.get("b") is None and cache.get("a") and cache.get("c") and len(cache) == 2
     none = VerdictCache(0)
-    none.put(verdict("a"))
+    none.put("a", Entry(verdict("a"), None))
     assert none.get("a") is None
+
+
+def test_cache_is_bounded_by_the_bytes_of_its_pngs():
+    cache = VerdictCache(10, max_bytes=100)
+    cache.put("a", Entry(verdict("a"), b"x" * 60))
+    cache.put("b", Entry(verdict("b"), b"x" * 60))  # 120 bytes: a goes
+    assert cache.get("a") is None and cache.get("b").forward == b"x" * 60
+    cache.put("c", Entry(verdict("c"), b"x" * 101))  # alone over the bound: kept without its pixels
+    assert cache.get("c").forward is None and cache.get("b") is not None
 
 
 def test_batcher_merges_concurrent_requests_and_keeps_them_whole():

@@ -1,9 +1,10 @@
-"""The gate's aiohttp application: routes, the request path of an image, and readiness.
+"""The gate's aiohttp application: routes, the middleware every request passes, and readiness.
 
     app = build_app(config, lambda: Gate.from_engine(config.engine))
 
 The engine loads in a thread after the server starts, so /healthz answers at once and /readyz turns 200
-once the engine is loaded and warmed up; until then screening routes answer 503.
+once the engine is loaded and warmed up; until then screening routes answer 503. What happens to a
+request is in pipeline.py; each API's format is in dialects/.
 """
 
 from __future__ import annotations
@@ -16,96 +17,53 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.preprocess import DecompressionBomb, ImageError
-from safeclip.runtime.server import responses
+from safeclip.runtime.server import pipeline
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import VerdictCache
 from safeclip.runtime.server.config import GateConfig, to_dict
+from safeclip.runtime.server.decoding import DecodePool
+from safeclip.runtime.server.dialects import ROUTES, dialect_for
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
-from safeclip.runtime.server.messages import (
-    ImagePart,
-    chat_images,
-    data_url,
-    decode_data_url,
-    has_image_hints,
-    inject_system_prompt,
-    load_json,
-    moderation_inputs,
-    parse_json,
-)
 from safeclip.runtime.server.metrics import GateMetrics
-from safeclip.runtime.server.proxy import GATE_KEY_HEADER, StreamBroken, Upstream, read_body, write
-from safeclip.runtime.server.record import AuditLog, Record, decide, image_entry
-from safeclip.runtime.server.screener import Screened, Screener
+from safeclip.runtime.server.proxy import GATE_KEY_HEADER, StreamBroken, Upstream
+from safeclip.runtime.server.record import AuditLog, Record
+from safeclip.runtime.server.screener import Screener
+from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
 
 log = logging.getLogger("safeclip.server")
 
-CHAT, MODERATIONS = "/v1/chat/completions", "/v1/moderations"
-ROUTE_LABELS = {CHAT: "chat", MODERATIONS: "moderations"}
-UNAUTHENTICATED = ("/healthz", "/readyz")  # probes carry no keys
+PROBES = ("/healthz", "/readyz")  # probes carry no keys
+UNAUDITED = (*PROBES, "/metrics")
 # How the gate's aiohttp runner must be made (`safeclip serve` and the tests). handler_cancellation: a
 # client that hangs up cancels its handler, so the upstream request (a generation nobody will read) is
-# closed at once rather than run to its end; verdicts other requests wait for are shielded (screener.py).
+# closed at once rather than run to its end; work other requests wait for is shielded (screener.py).
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True}
 
-
-@dataclass
-class GateState:
-    config: GateConfig
-    load_gate: Callable[[], Gate]
-    metrics: GateMetrics
-    fetcher: Fetcher
-    upstream: Upstream
-    audit: AuditLog | None = None
-    batcher: MicroBatcher | None = None
-    screener: Screener | None = None
-    policy_version: str = ""
-    categories: tuple[str, ...] = ()  # the engine's non-neutral categories
-    moderation_map: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    loading: asyncio.Task[None] | None = None
-    load_error: BaseException | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.screener is not None
-
-    def require_ready(self) -> Screener:
-        if self.screener is None:
-            if self.load_error is not None:
-                raise GateError(503, f"the engine failed to load: {self.load_error}", "engine_failed", type="server_error")
-            raise GateError(503, "the engine is still loading; retry shortly", "not_ready", type="server_error")
-        return self.screener
-
-
-STATE = web.AppKey("safeclip_state", GateState)
-RECORD = web.RequestKey("safeclip_record", Record)  # aiohttp >= 3.14
+__all__ = ["RUNNER_OPTIONS", "STATE", "build_app", "policy_version"]
 
 
 def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Application:
     """The gate as an aiohttp application; nothing loads until the application starts."""
     metrics = GateMetrics()
-    state = GateState(
-        config=config,
-        load_gate=load_gate,
-        metrics=metrics,
-        fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
-        upstream=Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics),
-    )
+    upstream = None
+    if config.upstream:
+        upstream = Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics)
+    state = GateState(config=config, load_gate=load_gate, metrics=metrics,
+                      fetcher=Fetcher(config.fetch, config.limits.max_image_bytes), upstream=upstream)
     app = web.Application(middlewares=[_middleware])
     app[STATE] = state
-    app.router.add_post(CHAT, _chat)
-    app.router.add_post(MODERATIONS, _moderations)
+    for path in ROUTES:
+        app.router.add_post(path, pipeline.handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", _proxy)
+    app.router.add_route("*", "/{tail:.*}", pipeline.passthrough)
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
@@ -120,7 +78,8 @@ def policy_version(config: GateConfig, gate: Gate) -> str:
 
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
-    await state.upstream.start()
+    if state.upstream is not None:
+        await state.upstream.start()
     if state.config.audit_log:
         state.audit = AuditLog.open(state.config.audit_log)
     state.loading = asyncio.get_running_loop().create_task(_load(state), name="safeclip-load")
@@ -128,39 +87,44 @@ async def _startup(app: web.Application) -> None:
 
 async def _load(state: GateState) -> None:
     loop = asyncio.get_running_loop()
+    config = state.config
     try:
         gate = await loop.run_in_executor(None, state.load_gate)
-        state.config.check_categories(gate.manifest.category_names, gate.manifest.neutral)
+        config.check_categories(gate.manifest.category_names, gate.manifest.neutral)
         await loop.run_in_executor(None, gate.warmup)
     except Exception as e:  # kept for /healthz, /readyz and the CLI, which exits on it
         log.error("engine failed to load: %s", e)
         state.load_error = e
         return
-    batch = state.config.batch
     metrics = state.metrics
 
-    # The batcher runs one engine call at a time and reports it (on_batch) before starting the next,
-    # so the split of the last call can be handed over in this dict without a lock.
-    split: dict[str, float] = {}
-
-    def screen(images: list[bytes]):
-        split.clear()
-        return gate.screen(images, timings=split)
+    def classify(items: list[tuple[Any, str]]):
+        start = time.perf_counter()
+        verdicts = gate.classify([pixels for pixels, _ in items], [digest for _, digest in items])
+        metrics.stage.observe(time.perf_counter() - start, "infer")
+        return verdicts
 
     def on_batch(size: int, seconds: float) -> None:
         metrics.batch.observe(size)
         metrics.stage.observe(seconds, "screen")
-        for stage, spent in split.items():
-            metrics.stage.observe(spent, stage)
 
-    state.batcher = MicroBatcher(screen, batch.delay_ms / 1000, batch.size, on_batch, batch.max_queued)
-    state.batcher.start()
-    state.categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
-    state.moderation_map = state.config.moderation_map(state.categories)
-    state.policy_version = policy_version(state.config, gate)
-    cache = VerdictCache(state.config.cache_size)
-    state.screener = Screener(state.batcher, cache, lambda hit: metrics.cache.inc("hit" if hit else "miss"))
-    log.info("engine %s ready (policy %s)", gate.manifest.model_id, state.policy_version)
+    def observe(what: str, value: Any) -> None:
+        if what == "cache":
+            metrics.cache.inc("hit" if value else "miss")
+        else:
+            metrics.stage.observe(value, what)
+
+    batch = config.batch
+    batcher = MicroBatcher(classify, batch.delay_ms / 1000, batch.size, on_batch, batch.max_queued)
+    batcher.start()
+    pool = DecodePool(batch.decode_workers)
+    pool.start()
+    screener = Screener(batcher, VerdictCache(config.cache_size, config.cache_bytes), pool, gate.preprocessor,
+                        config.limits.max_request_pixels, observe)
+    categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
+    state.ready = Ready(screener, batcher, pool, policy_version(config, gate), categories,
+                        config.moderation_map(categories))
+    log.info("engine %s ready (policy %s)", gate.manifest.model_id, state.ready.policy_version)
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -168,9 +132,11 @@ async def _cleanup(app: web.Application) -> None:
     if state.loading is not None:
         state.loading.cancel()
         await asyncio.gather(state.loading, return_exceptions=True)
-    if state.batcher is not None:
-        await state.batcher.close()
-    await state.upstream.close()
+    if state.ready is not None:
+        await state.ready.batcher.close()
+        state.ready.pool.close()
+    if state.upstream is not None:
+        await state.upstream.close()
     if state.audit is not None:
         state.audit.close()
 
@@ -181,6 +147,13 @@ def _authorized(request: web.Request, key: str) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         given = token.strip() if scheme.lower() == "bearer" else ""
     return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _route_label(path: str) -> str | None:
+    route = ROUTES.get(path)
+    if route is not None:
+        return route.label
+    return None if path in UNAUDITED else "proxy"
 
 
 @web.middleware
@@ -198,21 +171,21 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
         record.error = record.error or "client_disconnected"
         raise
     finally:
-        route = ROUTE_LABELS.get(request.path, "proxy" if request.path.startswith("/v1/") else None)
-        if route is not None:
+        label = _route_label(request.path)
+        if label is not None:
             outcome = "error" if record.error else record.action or ("flagged" if any(v.flagged for v in record.verdicts) else "clean")
-            state.metrics.requests.inc(route, outcome)
-            state.metrics.request_seconds.observe(time.perf_counter() - start, route)
-        if state.audit is not None and request.path in ROUTE_LABELS:
-            state.audit.write(record.audit_line(status, state.policy_version))
+            state.metrics.requests.inc(label, outcome)
+            state.metrics.request_seconds.observe(time.perf_counter() - start, label)
+            if state.audit is not None:
+                state.audit.write(record.audit_line(status, state.ready.policy_version if state.ready else ""))
 
 
 async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                   state: GateState, record: Record) -> web.StreamResponse:
-    """The handler's response, or the error it raised in OpenAI's format; verdict headers on either."""
+    """The handler's response, or the error it raised in the route's API format; verdict headers on either."""
     try:
         # The key is checked before anything else, the body included.
-        if state.config.api_key and request.path not in UNAUTHENTICATED and not _authorized(request, state.config.api_key):
+        if state.config.api_key and request.path not in PROBES and not _authorized(request, state.config.api_key):
             raise GateError(401, f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or "
                                  f"`{GATE_KEY_HEADER}: KEY`)", "invalid_api_key", type="authentication_error")
         response = await handler(request)
@@ -221,158 +194,22 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
         return e.response
     except GateError as e:
         record.error = e.code
-        response = web.json_response(e.body(), status=e.status, headers=e.headers())
-    except web.HTTPException as e:  # aiohttp's own 404/405, in OpenAI's format too
+        response = _error(request, e)
+    except web.HTTPException as e:  # aiohttp's own 404/405
         record.error = e.reason.lower().replace(" ", "_")
-        error = GateError(e.status, f"{request.method} {request.path}: {e.reason}", record.error)
-        response = web.json_response(error.body(), status=e.status)
+        response = _error(request, GateError(e.status, f"{request.method} {request.path}: {e.reason}", record.error))
     except Exception as e:  # e.g. the engine failing: logged with its traceback, answered as a 500
         log.exception("%s: %s failed", record.request_id, request.path)
         record.error = "internal_error"
-        error = GateError(500, f"the gate failed ({type(e).__name__}: {e})", record.error, type="server_error")
-        response = web.json_response(error.body(), status=500)
+        response = _error(request, GateError(500, f"the gate failed ({type(e).__name__}: {e})", record.error,
+                                             type="server_error"))
     if not response.prepared:
         response.headers.update(record.headers())
     return response
 
 
-async def _images(state: GateState, record: Record, screener: Screener, parts: list[ImagePart],
-                  fail_open: bool) -> list[tuple[ImagePart, bytes]]:
-    """Every image's bytes, screened; verdicts land in `record`. Errors refuse the request (fail-closed),
-    except undecodable images under `fail_open`, which are forwarded unscreened and counted."""
-    limits = state.config.limits
-    if len(parts) > limits.max_images:
-        raise GateError(400, f"the request has {len(parts)} images; the limit is {limits.max_images}", "too_many_images")
-    data: list[bytes | None] = [None] * len(parts)
-    for i, part in enumerate(parts):
-        if part.is_data:
-            data[i] = decode_data_url(part.url, part.where, limits.max_image_bytes)
-    urls = [(i, part) for i, part in enumerate(parts) if not part.is_data]
-    fetched = await asyncio.gather(*(_fetch(state, part) for _, part in urls), return_exceptions=True)
-    for (i, part), result in zip(urls, fetched):
-        if isinstance(result, BaseException):
-            raise result
-        data[i] = result
-    images = [d for d in data if d is not None]  # every part has its bytes by now
-    screened = await screener.screen(images)
-    failures: list[GateError] = []
-    for part, item in zip(parts, screened):
-        _account(state, record, part, item, failures, fail_open)
-    if failures:  # raised after every image is accounted for, so the audit line lists them all
-        raise failures[0]
-    return list(zip(parts, images))
-
-
-async def _fetch(state: GateState, part: ImagePart) -> bytes:
-    start = time.perf_counter()
-    try:
-        data = await state.fetcher.fetch(part.url)
-    except GateError as e:
-        raise GateError(e.status, f"{part.where}: {e.message}", e.code, part.where) from e
-    state.metrics.stage.observe(time.perf_counter() - start, "fetch")
-    return data
-
-
-def _account(state: GateState, record: Record, part: ImagePart, item: Screened, failures: list[GateError],
-             fail_open: bool) -> None:
-    source = "data" if part.is_data else "url"
-    result = item.result
-    if not isinstance(result, ImageError):
-        record.verdicts.append(result)
-        record.images.append(image_entry(result, item.cached, source))
-        deciding = max(result.flagged_categories, key=lambda c: result.probabilities[c], default="none")
-        state.metrics.images.inc("flagged" if result.flagged else "clean", deciding)
-        return
-    record.images.append({"sha256": item.sha256, "source": source, "cached": False, "error": result.reason})
-    state.metrics.images.inc("error", "none")
-    if isinstance(result, DecompressionBomb):  # a limit, not a decoding failure: --fail-open does not apply
-        failures.append(GateError(413, f"{part.where}: {result.reason}", "image_too_large", part.where))
-    elif fail_open:
-        record.unscreened += 1
-        state.metrics.fail_open.inc()
-        log.warning("%s %s: forwarding an unscreened image (--fail-open): %s", record.request_id, part.where, result.reason)
-    else:
-        failures.append(GateError(400, f"{part.where}: the image could not be screened ({result.reason})",
-                                  "invalid_image", part.where))
-
-
-async def _chat(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    screener = state.require_ready()
-    config = state.config
-    record = request[RECORD]
-    raw = await read_body(request, config.limits.max_body_bytes)
-    body = parse_json(raw)
-    images = await _images(state, record, screener, chat_images(body), config.fail_open)
-    decision = decide(record.verdicts, config.action_for)
-    record.decision = decision
-    record.action = decision.action
-    add_field = _verdict_field(state, record)
-    if decision.action == "refuse":
-        text = config.templates.refusal.format(**decision.template_fields())
-        if body.get("stream") is True:
-            return await _sse(request, responses.refusal_events(body, text), record)
-        completion = responses.refusal_completion(body, text)
-        return web.json_response(add_field(completion) if add_field else completion)
-    changed = False
-    for part, data in images:
-        if not part.is_data:  # pinned: the upstream gets the bytes that were screened, not a URL to fetch again
-            part.set_url(data_url(data))
-            changed = True
-    if decision.action == "inject":
-        inject_system_prompt(body, config.templates.safety_prompt.format(**decision.template_fields()))
-        changed = True
-    payload = json.dumps(body).encode() if changed else raw  # untouched requests go on byte for byte
-    return await state.upstream.forward(request, payload, record.headers(), add_field)
-
-
-def _verdict_field(state: GateState, record: Record) -> Callable[[dict], dict] | None:
-    if not state.config.verdict_field:
-        return None
-    return lambda body: {**body, "safeclip": record.summary(state.policy_version)}
-
-
-async def _sse(request: web.Request, events: list[bytes], record: Record) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           **record.headers()})
-    await response.prepare(request)
-    for event in events:
-        await write(response, event)
-    await response.write_eof()
-    return response
-
-
-async def _moderations(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    screener = state.require_ready()
-    record = request[RECORD]
-    body = parse_json(await read_body(request, state.config.limits.max_body_bytes))
-    groups = moderation_inputs(body)
-    # Nothing is forwarded here, so an undecodable image is always an error.
-    await _images(state, record, screener, [p for g in groups for p in g], fail_open=False)
-    record.decision = decide(record.verdicts, state.config.action_for)
-    results, start = [], 0
-    for group in groups:
-        verdicts = record.verdicts[start:start + len(group)]
-        start += len(group)
-        results.append(responses.moderation_result(verdicts, state.categories, state.moderation_map))
-    model = body.get("model") if isinstance(body.get("model"), str) else "safeclip"
-    return web.json_response(responses.moderation_response(model, results))
-
-
-async def _proxy(request: web.Request) -> web.StreamResponse:
-    """Any other /v1/* path goes on untouched, unless its body looks like it carries an image the gate
-    would not see: those are refused rather than forwarded unscreened."""
-    state = request.app[STATE]
-    raw = await read_body(request, state.config.limits.max_body_bytes)
-    if raw:
-        if request.content_type != "application/json" and not request.content_type.endswith("+json"):
-            raise GateError(415, f"{request.path}: the gate forwards only JSON bodies here (got "
-                                 f"{request.content_type!r}), since it must look for images in them", "unsupported_media_type")
-        if has_image_hints(load_json(raw)):
-            raise GateError(400, f"{request.path} is not screened by the gate and this body may carry an image; "
-                                 f"send images to {CHAT} or {MODERATIONS}", "unscreened_image")
-    return await state.upstream.forward(request, raw if raw else None, request[RECORD].headers())
+def _error(request: web.Request, error: GateError) -> web.Response:
+    return web.json_response(dialect_for(request.path).error_body(error), status=error.status, headers=error.headers())
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:
@@ -384,8 +221,8 @@ async def _healthz(request: web.Request) -> web.StreamResponse:
 
 async def _readyz(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    if state.ready:
-        return web.json_response({"status": "ready", "policy_version": state.policy_version})
+    if state.ready is not None:
+        return web.json_response({"status": "ready", "policy_version": state.ready.policy_version})
     status = "error" if state.load_error is not None else "loading"
     return web.json_response({"status": status}, status=503)
 

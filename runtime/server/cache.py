@@ -1,34 +1,57 @@
-"""A bounded LRU of verdicts by image sha256: chat clients resend every earlier image on each turn."""
+"""A bounded LRU of screened images: chat clients resend every earlier image on each turn.
+
+An entry is found by the sha256 of the image's bytes, and also by the sha256 of the text it arrived as
+(a data: URL or base64), so a resent inline image costs a hash, not a base64 decode. It holds the verdict
+and the PNG the upstream gets in the image's place, so a hit costs no decode, resize or encode either.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from safeclip.runtime.decision import Verdict
 
 
-class VerdictCache:
-    """Used from the event loop only, so it needs no lock. Size 0 keeps nothing."""
+@dataclass(frozen=True)
+class Entry:
+    verdict: Verdict
+    forward: bytes | None  # the screened pixels as a PNG, when a forwarding route asked for them
 
-    def __init__(self, size: int):
-        if size < 0:
-            raise ValueError(f"cache size must be >= 0, got {size}")
+
+class VerdictCache:
+    """Used from the event loop only, so it needs no lock. Bounded by entries and by the bytes of the PNGs
+    it keeps (an entry shared by two keys counts once per key: the bound errs on the small side)."""
+
+    def __init__(self, size: int, max_bytes: int = 256 << 20):
+        if size < 0 or max_bytes < 0:
+            raise ValueError(f"cache size and bytes must be >= 0, got {size} and {max_bytes}")
         self.size = size
-        self._items: OrderedDict[str, Verdict] = OrderedDict()
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[str, Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, sha256: str) -> Verdict | None:
-        verdict = self._items.get(sha256)
-        if verdict is not None:
-            self._items.move_to_end(sha256)
-        return verdict
+    def get(self, key: str) -> Entry | None:
+        entry = self._items.get(key)
+        if entry is not None:
+            self._items.move_to_end(key)
+        return entry
 
-    def put(self, verdict: Verdict) -> None:
+    def put(self, key: str, entry: Entry) -> None:
         if self.size == 0:
             return
-        self._items[verdict.sha256] = verdict
-        self._items.move_to_end(verdict.sha256)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        cost = len(entry.forward or b"")
+        if cost > self.max_bytes:  # worth its verdict, not its pixels
+            entry = Entry(entry.verdict, None)
+            cost = 0
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= len(old.forward or b"")
+        self._items[key] = entry
+        self._bytes += cost
+        while len(self._items) > self.size or self._bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self._bytes -= len(dropped.forward or b"")

@@ -121,10 +121,14 @@ async def serve(config: GateConfig) -> int:
     stop = asyncio.Event()
     stopping = asyncio.ensure_future(stop.wait())
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        try:
+            await web.TCPSite(runner, config.host, config.port).start()
+        except OSError as e:  # the port is taken, or the address is not this machine's: one line, no traceback
+            print(f"safeclip serve: cannot listen on {config.host}:{config.port} ({e.strerror or e})", file=sys.stderr)
+            return 2
         for host, port, *_ in runner.addresses:  # the real port when --port 0
             logging.info("gate listening on http://%s:%d -> %s", f"[{host}]" if ":" in host else host, port,
-                         config.upstream)
+                         config.upstream or "no upstream (guardrail-only)")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

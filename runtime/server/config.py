@@ -1,13 +1,15 @@
 """The gate's configuration: frozen dataclasses, read from one TOML file, then overridden by CLI flags.
 
 The TOML file has the shape of `GateConfig`: top-level keys, and one table per nested dataclass
-(`[limits]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping (`[thresholds]`, `[actions]`,
+(`[limits]`, `[proxy]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping (`[thresholds]`, `[actions]`,
 `[moderation]`). Unknown keys are errors, so a typo never silently keeps a default.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -20,6 +22,7 @@ from safeclip.runtime.contract import PRECISIONS
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
+from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 
 ACTIONS = ("refuse", "inject", "monitor")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -35,23 +38,6 @@ DEFAULT_REFUSAL = (
     "I can't help with this request: an image in it was flagged by the content filter as {category}."
 )
 TEMPLATE_FIELDS = {"category": "gun", "categories": "gun, knife", "probability": 0.5}
-
-# OpenAI's moderation categories (omni-moderation), the keys its clients read.
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-    "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
-    "violence/graphic",
-)
-# Our default categories (export/descriptors/default.toml) -> OpenAI moderation categories. A category
-# named like an OpenAI one maps to it without an entry; alcohol and cigarette have no OpenAI counterpart.
-DEFAULT_MODERATION_MAP: dict[str, tuple[str, ...]] = {
-    "porn": ("sexual",),
-    "blood": ("violence", "violence/graphic"),
-    "gun": ("violence",),
-    "knife": ("violence",),
-    "insulting gesture": ("harassment",),
-}
-
 
 def _int(minimum: int) -> Callable[[Any, str], int]:
     def parse(value: Any, where: str) -> int:
@@ -179,6 +165,36 @@ class Limits:
     max_images: int = _parsed(_int(1), 16)
     max_image_bytes: int = _parsed(_int(1), 16 << 20)
     max_pixels: int = _parsed(_int(1), DEFAULT_MAX_PIXELS)
+    # The pixels one request's images may declare together: two of the largest photos max_pixels allows.
+    # Decoding them is the costliest thing a client can make the gate do.
+    max_request_pixels: int = _parsed(_int(1), 2 * DEFAULT_MAX_PIXELS)
+
+
+# Paths forwarded without a dialect (no images in them): model lists, server facts, text completions.
+DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/v1/completions", "/api/tags", "/api/version", "/api/ps",
+                       "/api/show")
+
+
+def _path_patterns(value: Any, where: str) -> tuple[str, ...]:
+    patterns = _str_tuple(value, where)
+    for i, pattern in enumerate(patterns):
+        if not pattern.startswith("/"):
+            raise ValueError(f"{where}[{i}]: a path pattern starts with '/', got {pattern!r}")
+    return patterns
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What is forwarded besides the screened routes, and in what form images are."""
+
+    # Glob patterns (fnmatch, `*` spans `/` too) of the paths no dialect owns that may be forwarded.
+    allow: tuple[str, ...] = _parsed(_path_patterns, DEFAULT_PROXY_ALLOW)
+    # Forward images as the client sent them instead of as the screened pixels. Weaker: another decoder may
+    # show the upstream another picture (an APNG's frames, pixels under transparency). Trusted clients only.
+    forward_original: bool = _parsed(_bool, False)
+
+    def allows(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.allow)
 
 
 @dataclass(frozen=True)
@@ -198,6 +214,8 @@ class BatchConfig:
     size: int = _parsed(_int(1), DEFAULT_MAX_BATCH)
     # Images waiting for an engine call; a request that would queue more is answered 503 with a Retry-After.
     max_queued: int = _parsed(_int(1), DEFAULT_MAX_QUEUED)
+    # Threads that decode and resize images, apart from the engine's (Pillow releases the GIL there).
+    decode_workers: int = _parsed(_int(1), max(2, min(8, os.cpu_count() or 2)))
 
 
 @dataclass(frozen=True)
@@ -234,9 +252,12 @@ class GateConfig:
     audit_log: str | None = _parsed(_optional(_str), None)
     verdict_field: bool = _parsed(_bool, False)
     cache_size: int = _parsed(_int(0), 4096)
+    # The cache also keeps each image's screened PNG, so a resent image costs no decode: bounded here.
+    cache_bytes: int = _parsed(_int(0), 256 << 20)
     # Entries added to (or replacing) DEFAULT_MODERATION_MAP: our category -> OpenAI categories ([] for none).
     moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
     limits: Limits = _parsed(None, factory=Limits)
+    proxy: ProxyConfig = _parsed(None, factory=ProxyConfig)
     fetch: FetchConfig = _parsed(None, factory=FetchConfig)
     batch: BatchConfig = _parsed(None, factory=BatchConfig)
     timeouts: Timeouts = _parsed(None, factory=Timeouts)
@@ -309,9 +330,8 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> GateCo
     """The config file (if any), then `overrides` (CLI flags, shaped like the file), validated."""
     data = merge(read_toml(path) if path else {}, overrides)
     config = build(GateConfig, data, str(path) if path else "")
-    for name in ("engine", "upstream"):
-        if not getattr(config, name):
-            raise ValueError(f"{name} is required (--{name} or `{name} = ...` in the config file)")
+    if not config.engine:
+        raise ValueError("engine is required (--engine or `engine = ...` in the config file)")
     return config
 
 

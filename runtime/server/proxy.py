@@ -22,18 +22,32 @@ log = logging.getLogger("safeclip.server")
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
                         "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
 GATE_KEY_HEADER = "x-safeclip-api-key"
+# Headers that would make the upstream read the forwarded request as something else than the gate did: a
+# method override, or a body type and encoding (the gate sends its own canonical JSON).
+_REINTERPRETING = frozenset({"x-http-method-override", "x-http-method", "x-method-override", "content-type",
+                             "content-encoding"})
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it is known to be over `limit` bytes."""
+    """The whole body, refused with 413 as soon as it is known to be over `limit` bytes.
+
+    Compressed bodies are refused: the byte cap must count what is parsed, and a body that does not
+    decompress must be the client's error, not the server's."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise GateError(415, f"the gate accepts uncompressed request bodies only (got Content-Encoding {encoding!r})",
+                        "unsupported_content_encoding")
     too_big = GateError(413, f"the request body is larger than the {limit}-byte limit", "request_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
     buf = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        buf += chunk
-        if len(buf) > limit:
-            raise too_big
+    try:
+        async for chunk in request.content.iter_chunked(1 << 16):
+            buf += chunk
+            if len(buf) > limit:
+                raise too_big
+    except aiohttp.ClientPayloadError as e:  # a body cut short or malformed in transfer
+        raise GateError(400, f"the request body could not be read ({e})", "invalid_body") from e
     return bytes(buf)
 
 
@@ -48,12 +62,11 @@ def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | No
 
 
 def request_headers(headers: Mapping[str, str], plain: bool) -> CIMultiDict[str]:
-    """What the upstream gets: the client's headers (Authorization included) minus hop-by-hop ones and the gate's key.
-
-    The body may have been re-encoded, and the server already undid any Content-Encoding, so that goes too;
-    `plain` also drops Accept-Encoding, for a response body the gate must read.
+    """What the upstream gets: the client's headers (Authorization included) minus hop-by-hop ones, the gate's
+    key, and any that would change how the upstream reads the request (the body is the gate's canonical JSON,
+    sent with its own Content-Type). `plain` also drops Accept-Encoding, for a response body the gate must read.
     """
-    drop = HOP_BY_HOP | {GATE_KEY_HEADER, "content-encoding"} | ({"accept-encoding"} if plain else set())
+    drop = HOP_BY_HOP | _REINTERPRETING | {GATE_KEY_HEADER} | ({"accept-encoding"} if plain else set())
     return _filtered(headers, frozenset(drop))
 
 
@@ -100,19 +113,22 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
-    async def forward(self, request: web.Request, body: bytes | None, extra_headers: Mapping[str, str],
+    async def forward(self, request: web.Request, path: str, body: bytes | None, extra_headers: Mapping[str, str],
                       edit_json: Callable[[dict], dict] | None = None) -> web.StreamResponse:
-        """Send the request on and stream the answer back chunk by chunk.
+        """Send the request on to `path` (the one the gate routed it by, not the client's spelling of it) and
+        stream the answer back chunk by chunk. `body` is JSON or None.
 
         `edit_json`, when given, is applied to a successful JSON answer (which is then read whole).
         """
         if self.session is None:
             raise RuntimeError("Upstream.start() was not called")
-        url = URL(self.base + request.rel_url.raw_path_qs, encoded=True)
+        url = URL(self.base).with_path(URL(self.base).path.rstrip("/") + path).with_query(request.rel_url.query)
+        headers = request_headers(request.headers, plain=edit_json is not None)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         start = time.perf_counter()
         try:
-            up = await self.session.request(request.method, url, data=body, allow_redirects=False,
-                                            headers=request_headers(request.headers, plain=edit_json is not None))
+            up = await self.session.request(request.method, url, data=body, allow_redirects=False, headers=headers)
         except (asyncio.TimeoutError, aiohttp.ClientError) as e:
             raise self._failure(e, "is unreachable") from e
         self.metrics.stage.observe(time.perf_counter() - start, "upstream")

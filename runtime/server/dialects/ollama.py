@@ -1,0 +1,87 @@
+"""Ollama's native API (`POST /api/chat`, `POST /api/generate`), what Open WebUI and Ollama's clients speak.
+
+Images are bare base64 strings in `messages[].images` (chat) and `images` (generate). Ollama streams
+by default: a request without `"stream": false` gets its refusal as one NDJSON line. Errors are
+Ollama's `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, b64, bad, expect
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.jsonbody import JsonPath
+
+CHAT, GENERATE = "/api/chat", "/api/generate"
+
+VOCABULARY = frozenset({
+    "model", "messages", "role", "content", "images", "tool_calls", "function", "name", "arguments", "thinking",
+    "tool_name", "tools", "format", "options", "stream", "keep_alive", "think", "prompt", "suffix", "system",
+    "template", "context", "raw", "logprobs", "top_logprobs", "index", "parameters",
+})
+FREE_FORM = (("format",), ("options",), ("tools", "*", "function", "parameters"),
+             ("messages", "*", "tool_calls", "*", "function", "arguments"))
+
+
+def _images(holder: dict[str, Any], path: JsonPath) -> list[ImageSlot]:
+    images = holder.get("images")
+    if images is None:
+        return []
+    expect(images, list, path + ("images",), "a list of base64 strings")
+    slots = []
+    for k, value in enumerate(images):
+        here = path + ("images", k)
+        if not isinstance(value, str) or not value:
+            raise bad(here, "an image must be a non-empty base64 string", "invalid_image_data")
+
+        def rewrite(data: bytes, media_type: str, k: int = k) -> None:
+            images[k] = b64(data)
+
+        slots.append(ImageSlot(here, "base64", value, rewrite))
+    return slots
+
+
+class Ollama(Dialect):
+    name = "ollama"
+    vocabulary = VOCABULARY
+    free_form = FREE_FORM
+
+    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+        if path == GENERATE:
+            return _images(body, ())
+        messages = expect(body.get("messages", []), list, ("messages",), "a list")
+        slots = []
+        for i, message in enumerate(messages):
+            expect(message, dict, ("messages", i), "an object")
+            slots += _images(message, ("messages", i))
+        return slots
+
+    def inject(self, body: dict[str, Any], path: str, prompt: str) -> None:
+        if path == GENERATE:
+            system = body.get("system")
+            body["system"] = f"{prompt}\n\n{system}" if isinstance(system, str) and system else prompt
+            return
+        messages = body.setdefault("messages", [])
+        first = messages[0] if messages else None
+        if isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str):
+            first["content"] = f"{prompt}\n\n{first['content']}"
+        else:
+            messages.insert(0, {"role": "system", "content": prompt})
+
+    def refusal(self, body: dict[str, Any], path: str, text: str) -> Reply:
+        answer: dict[str, Any] = {"model": str(body.get("model", "")),
+                                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if path == GENERATE:
+            answer["response"] = text
+        else:
+            answer["message"] = {"role": "assistant", "content": text}
+        answer |= {"done": True, "done_reason": "stop"}
+        if body.get("stream", True) is not False:
+            return Reply(events=[json.dumps(answer).encode() + b"\n"], content_type="application/x-ndjson")
+        return Reply(answer)
+
+    def error_body(self, error: GateError) -> dict[str, Any]:
+        return {"error": error.message}

@@ -1,0 +1,227 @@
+"""Request bodies read one way only: strict JSON in, a canonical serialization of what was parsed out.
+
+The gate screens what *it* parsed; the upstream must not be able to read the same bytes as a different
+request. Each rule here closes a class of parser differentials:
+
+- UTF-8 only, no byte-order mark: Python's json would also take UTF-16/32, other servers would not.
+- Duplicate keys are refused: first-key-wins and last-key-wins parsers would read different requests.
+- Keys that fold to a field the dialect knows (Go's encoding/json matches struct fields case-insensitively
+  with Unicode simple folding: `Messages`, `meſſages` and `K` for `k` all hit `messages`) are refused
+  unless they are exactly that field, and so are two keys of one object that fold together.
+- Integers past Python's digit limit, NaN and Infinity are refused (they are not JSON other servers take).
+- Any string that decodes as an image (a data: URL, or base64 whose bytes start like an image) outside
+  the slots the dialect screens is refused: an upstream that knows a field the gate does not must find no
+  image there.
+
+What goes upstream is `canonical(body)`, never the client's bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
+
+from safeclip.runtime.server.errors import GateError
+
+JsonPath = tuple[str | int, ...]
+# A free-form subtree: its keys are the client's own (a JSON schema, metadata), not fields the upstream
+# maps onto its structs, so folding does not apply there; "*" matches any key or index.
+PathPattern = tuple[str, ...]
+
+# Magic numbers of image (and image-carrying) formats, decoded or not by the gate: any of them in an
+# unscreened field is refused, whatever the upstream would make of it.
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00",
+    b"MM\x00+", b"\x00\x00\x01\x00", b"8BPS", b"%PDF", b"\xff\x0a", b"\x00\x00\x00\x0cJXL ",
+    b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51", b"qoif", b"<svg", b"<?xml",
+)
+_BASE64_CHARS = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
+_MIN_IMAGE_BASE64 = 24  # 18 bytes: shorter than any image header worth sniffing (a GIF header alone is 13)
+
+
+def invalid(message: str, code: str = "invalid_json", param: str | None = None) -> GateError:
+    return GateError(400, message, code, param=param)
+
+
+def _no_constants(name: str) -> Any:
+    raise invalid(f"the request body holds {name}, which is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise invalid(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    folded: dict[str, str] = {}
+    for key, value in pairs:
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in key):
+            raise invalid(f"the key {key!r} holds an unpaired surrogate", "invalid_key")
+        if key in out:
+            raise invalid(f"duplicate key {key!r}: parsers disagree on which value counts", "duplicate_key", key)
+        for fold in folds(key):
+            other = folded.setdefault(fold, key)
+            if other != key:
+                raise invalid(f"keys {other!r} and {key!r} are the same field to case-insensitive parsers",
+                              "duplicate_key", key)
+        out[key] = value
+    return out
+
+
+def parse(raw: bytes) -> Any:
+    """The JSON value of a request body, under the rules above; GateError (400) otherwise."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise invalid("the request body starts with a byte-order mark; send plain UTF-8 JSON")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid(f"the request body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise invalid(f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # `[[[[...` a few thousand deep: the parser's stack, not the gate, gives up
+        raise invalid("the request body nests too deeply to parse") from None
+    except ValueError as e:  # int() past sys.get_int_max_str_digits
+        if isinstance(e, GateError):
+            raise
+        raise invalid(f"the request body holds a number that cannot be read ({e})") from None
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    data = parse(raw)
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object")
+    return data
+
+
+def canonical(body: Any) -> bytes:
+    """What the upstream receives: ASCII-only JSON of the parsed value (no escapes left to interpret)."""
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folding
+
+
+def _go_fold(key: str) -> str:
+    """Go's encoding/json foldName: per rune, upper(lower(r)) with simple (one-rune) case mappings."""
+    out = []
+    for c in key:
+        lower = c.lower()
+        lower = lower[0] if lower else c  # a full mapping (İ -> i + dot) starts with the simple one
+        upper = lower.upper()
+        out.append(upper if len(upper) == 1 else lower)  # ß has no one-rune upper case: it stays
+    return "".join(out)
+
+
+def folds(key: str) -> set[str]:
+    """Every reading of `key` some case-insensitive parser could match a field name with (over-approximated:
+    refusing one reading too many only costs a client a clear 400)."""
+    return {_go_fold(key).lower(), key.casefold(), unicodedata.normalize("NFKC", key).casefold()}
+
+
+def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathPattern] = ()) -> None:
+    """400 for a key that folds to a field name in `vocabulary` without being exactly it."""
+    known: dict[str, str] = {}
+    for name in vocabulary:
+        for fold in folds(name):
+            known[fold] = name
+    patterns = tuple(free_form)
+    for path, obj in _objects(body):
+        if any(_matches(path, p) for p in patterns):
+            continue
+        for key in obj:
+            if key in vocabulary:
+                continue
+            for fold in folds(key):
+                name = known.get(fold)
+                if name is not None:
+                    where = location(path + (key,))
+                    raise invalid(f"{where}: the key {key!r} is not {name!r}, but case-insensitive parsers read "
+                                  f"it as {name!r}; send the field name exactly", "ambiguous_key", where)
+
+
+def _objects(value: Any) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
+    """Every object with its path, skipping below free-form roots is the caller's business. Iterative:
+    the parser accepts nesting deeper than Python's stack."""
+    todo: list[tuple[JsonPath, Any]] = [((), value)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, dict):
+            yield path, item
+            todo.extend((path + (k,), v) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((path + (i,), v) for i, v in enumerate(item))
+
+
+def _matches(path: JsonPath, pattern: PathPattern) -> bool:
+    """Whether `path` is at or below the free-form root `pattern`."""
+    if len(path) < len(pattern):
+        return False
+    return all(p == "*" or p == str(k) for p, k in zip(pattern, path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Images where none is screened
+
+
+def looks_like_image(text: str) -> bool:
+    """A data: URL, or base64 (either alphabet, whitespace allowed) whose first bytes are an image's."""
+    stripped = text.strip()
+    if stripped[:5].lower() == "data:":
+        return True
+    if len(stripped) < _MIN_IMAGE_BASE64 or not _BASE64_CHARS.fullmatch(stripped[:96]):
+        return False
+    head = "".join(stripped[:128].split())[:64]
+    head = head[: len(head) // 4 * 4]
+    for alphabet in (None, b"-_"):
+        try:
+            data = base64.b64decode(head, altchars=alphabet) if alphabet else base64.b64decode(head)
+        except (binascii.Error, ValueError):
+            continue
+        if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") \
+                or data[4:8] == b"ftyp" or data.lstrip()[:4].lower() in (b"<svg", b"<?xm"):
+            return True
+    return False
+
+
+def stray_images(body: Any, screened: Collection[JsonPath]) -> list[JsonPath]:
+    """Paths of strings that decode as an image but are not one of the `screened` slots."""
+    found = []
+    todo: list[tuple[JsonPath, Any]] = [((), body)]
+    while todo:
+        path, item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend((path + (k,), v) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((path + (i,), v) for i, v in enumerate(item))
+        elif isinstance(item, str) and path not in screened and looks_like_image(item):
+            found.append(path)
+    return sorted(found, key=location)
+
+
+def refuse_stray_images(body: Any, screened: Collection[JsonPath]) -> None:
+    stray = stray_images(body, screened)
+    if stray:
+        where = location(stray[0])
+        raise GateError(400, f"{where} holds what decodes as an image, in a field the gate does not screen; "
+                             "send images only where the API defines them", "unscreened_image", param=where)
+
+
+def location(path: JsonPath) -> str:
+    """messages[0].content[1] from ("messages", 0, "content", 1)."""
+    out = ""
+    for step in path:
+        out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
+    return out or "body"
+
