@@ -209,7 +209,9 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 
 def _error(request: web.Request, error: GateError) -> web.Response:
-    return web.json_response(dialect_for(request.path).error_body(error), status=error.status, headers=error.headers())
+    # Not ASCII-escaped: a message that names a key like `meſsages` must show the client that very key.
+    return web.json_response(dialect_for(request.path).error_body(error), status=error.status, headers=error.headers(),
+                             dumps=lambda value: json.dumps(value, ensure_ascii=False))
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:

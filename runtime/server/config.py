@@ -170,9 +170,9 @@ class Limits:
     max_request_pixels: int = _parsed(_int(1), 2 * DEFAULT_MAX_PIXELS)
 
 
-# Paths forwarded without a dialect (no images in them): model lists, server facts, text completions.
-DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/v1/completions", "/api/tags", "/api/version", "/api/ps",
-                       "/api/show")
+# Paths forwarded without a dialect: model lists and server facts. Add text routes you use (/v1/completions,
+# /v1/embeddings) in `[proxy] allow`; their bodies are still refused if anything in them decodes as an image.
+DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/api/tags", "/api/version", "/api/ps", "/api/show")
 
 
 def _path_patterns(value: Any, where: str) -> tuple[str, ...]:
