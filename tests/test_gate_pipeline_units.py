@@ -1,0 +1,120 @@
+"""The gate's request-path parts without a server: strict JSON, key folding, stray images, the fair decode pool."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+
+import pytest
+
+from safeclip.runtime.server.decoding import LARGE_IMAGE_PIXELS, DecodePool
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.jsonbody import canonical, check_keys, folds, looks_like_image, parse, stray_images
+from server_helpers import png
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b'{"a": 1, "a": 2}', "duplicate_key"),
+    (b'{"messages": [], "Messages": []}', "duplicate_key"),
+    ('{"me\u017fsages": [], "messages": []}'.encode(), "duplicate_key"),  # ſ folds to s in Go
+    (b"\xef\xbb\xbf{}", "invalid_json"),
+    ('{"a": 1}'.encode("utf-16"), "invalid_json"),
+    (b'{"a": NaN}', "invalid_json"),
+    (b'{"a": 1e999}', "invalid_json"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "invalid_json"),
+    (b'{"\\ud800": 1}', "invalid_key"),
+    (b'{"a": 1,}', "invalid_json"),
+])
+def test_parse_refuses_what_other_parsers_read_otherwise(raw, code):
+    with pytest.raises(GateError) as e:
+        parse(raw)
+    assert (e.value.status, e.value.code) == (400, code)
+
+
+def test_canonical_round_trips_and_is_ascii():
+    value = parse('{"text": "caf\u00e9 \\ud83d\\ude00", "n": [1, 2.5, null, true]}'.encode())
+    out = canonical(value)
+    assert out.isascii() and parse(out) == value
+
+
+@pytest.mark.parametrize("key", ["Messages", "MESSAGES", "me\u017fsages", "\u212aeep_alive", "\u0130mages", "Image_URL"])
+def test_keys_that_fold_to_a_known_field_are_refused_and_named(key):
+    known = {"messages", "keep_alive", "images", "image_url"}
+    with pytest.raises(GateError) as e:
+        check_keys({"model": "m", "wrapper": [{key: []}]}, known)
+    assert e.value.code == "ambiguous_key" and key in e.value.message and e.value.param == f"wrapper[0].{key}"
+
+
+def test_free_form_subtrees_keep_their_own_keys():
+    schema = {"tools": [{"function": {"parameters": {"properties": {"Messages": {"type": "string"}}}}}]}
+    check_keys(schema, {"messages"}, [("tools", "*", "function", "parameters")])  # a JSON schema's names are its own
+    with pytest.raises(GateError):
+        check_keys(schema, {"messages"})
+    assert "messages" in folds("ME\u017fSAGES") and "k" in folds("\u212a")
+
+
+def test_stray_images_are_found_in_every_encoding_and_skipped_in_screened_slots():
+    image = png(seed=3)
+    std, url = base64.b64encode(image).decode(), base64.urlsafe_b64encode(image).decode()
+    body = {"a": {"b": [std]}, "c": f"data:image/png;base64,{std}", "d": url, "e": " \n" + std[:60] + "\n" + std[60:],
+            "f": "just some words that are long enough to look like base64 maybe", "g": "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ="}
+    assert stray_images(body, ()) == [("a", "b", 0), ("c",), ("d",), ("e",)]
+    assert stray_images(body, {("a", "b", 0), ("c",)}) == [("d",), ("e",)]
+    assert not looks_like_image("hello world, this is a sentence of text.")
+
+
+def test_decode_pool_takes_requests_in_turn_and_keeps_a_worker_from_large_images():
+    """Two workers; a request of four large images and one of a small image: the large ones may hold one
+    worker only, so the small one starts while they wait, and never behind all of them."""
+    order: list[str] = []
+    gates = {name: threading.Event() for name in ("L0", "L1", "L2", "L3", "S0")}
+
+    def job(name: str):
+        def work():
+            order.append(name)
+            assert gates[name].wait(5), name
+            return name
+        return work
+
+    async def run():
+        pool = DecodePool(2)
+        pool.start()
+        try:
+            large = [asyncio.ensure_future(pool.run("big", job(f"L{i}"), LARGE_IMAGE_PIXELS + 1)) for i in range(4)]
+            await asyncio.sleep(0.05)
+            small = asyncio.ensure_future(pool.run("small", job("S0"), 100))
+            await asyncio.sleep(0.05)
+            started_before_small_finished = list(order)
+            gates["S0"].set()
+            assert await small == "S0"
+            for name in ("L0", "L1", "L2", "L3"):
+                gates[name].set()
+            assert await asyncio.gather(*large) == ["L0", "L1", "L2", "L3"]
+            return started_before_small_finished
+        finally:
+            pool.close()
+
+    assert asyncio.run(run()) == ["L0", "S0"]  # L1 waited: large images may not take the last worker
+
+
+def test_decode_pool_round_robin_between_requests():
+    order: list[str] = []
+    release = threading.Event()
+
+    async def run():
+        pool = DecodePool(1)
+        pool.start()
+        try:
+            blocker = asyncio.ensure_future(pool.run("x", lambda: release.wait(5)))
+            await asyncio.sleep(0.02)
+            a = [asyncio.ensure_future(pool.run("a", lambda i=i: order.append(f"a{i}"))) for i in range(3)]
+            b = [asyncio.ensure_future(pool.run("b", lambda i=i: order.append(f"b{i}"))) for i in range(2)]
+            await asyncio.sleep(0.02)
+            release.set()
+            await asyncio.gather(blocker, *a, *b)
+        finally:
+            pool.close()
+
+    asyncio.run(run())
+    assert order == ["a0", "b0", "a1", "b1", "a2"]
