@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -101,3 +102,17 @@ def test_serve_exits_1_when_the_engine_cannot_load(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
+
+
+def test_port_in_use_is_one_clear_line_and_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = subprocess.run([sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine",
+                                  str(tmp_path / "missing"), "--port", str(port)],
+                                 capture_output=True, text=True, timeout=60)
+    assert process.returncode == 2
+    lines = [line for line in process.stderr.splitlines() if "safeclip serve:" in line]
+    assert lines == [f"safeclip serve: cannot listen on 127.0.0.1:{port} (Address already in use)"], process.stderr
+    assert "Traceback" not in process.stderr

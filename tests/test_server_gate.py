@@ -249,6 +249,18 @@ def test_limits(start, flag_none, upstream, image_host, tiny_engine):
     assert upstream.received == []
 
 
+def test_request_pixel_budget_is_checked_from_the_headers(start, flag_none, upstream):
+    """Two 48x48 images fit a 2 x 48 x 48 budget; three do not, and are refused before anything is decoded."""
+    base = start(flag_none, limits={"max_request_pixels": 2 * 48 * 48})
+    sdk = client(base)
+    two = [user_message(data_url(png(seed=61)), data_url(png(seed=62)))]
+    assert sdk.chat.completions.create(model="m", messages=two).choices
+    three = [user_message(*(data_url(png(seed=s)) for s in (64, 65, 66)))]  # not cached: cached ones cost nothing
+    error = expect_error(lambda: sdk.chat.completions.create(model="m", messages=three), 413, "too_many_pixels")
+    assert "6,912 pixels" in error.message
+    assert len(upstream.received) == 1
+
+
 def test_undecodable_image_fails_closed_or_open(start, flag_none, upstream, tiny_engine):
     junk = data_url(b"this is not an image at all", "image/png")
     closed = start(flag_none)

@@ -124,7 +124,8 @@ async def serve(config: GateConfig) -> int:
         try:
             await web.TCPSite(runner, config.host, config.port).start()
         except OSError as e:  # the port is taken, or the address is not this machine's: one line, no traceback
-            print(f"safeclip serve: cannot listen on {config.host}:{config.port} ({e.strerror or e})", file=sys.stderr)
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            print(f"safeclip serve: cannot listen on {config.host}:{config.port} ({reason})", file=sys.stderr)
             return 2
         for host, port, *_ in runner.addresses:  # the real port when --port 0
             logging.info("gate listening on http://%s:%d -> %s", f"[{host}]" if ":" in host else host, port,
