@@ -129,7 +129,6 @@ def _events(response: dict[str, Any], text: str) -> list[bytes]:
     ids = {"item_id": message["id"], "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": started},
-        {"type": "response.in_progress", "response": started},
         {"type": "response.output_item.added", "output_index": 0, "item": {**message, "status": "in_progress",
                                                                             "content": []}},
         {"type": "response.content_part.added", **ids, "part": {"type": "refusal", "refusal": ""}},
