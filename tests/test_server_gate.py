@@ -19,6 +19,7 @@ from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMPT
+from images import encode, smooth_images
 from safeclip.runtime.server.jsonbody import canonical
 from server_helpers import (
     CountingScreen,
@@ -92,6 +93,17 @@ def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, fl
                 "vendor_extra": {"k": [1, 2]}}
     assert got.body == canonical(expected)  # what the gate parsed, re-serialized; never the client's bytes
     assert got.headers["Authorization"] == "Bearer sk-up" and got.headers["X-Custom"] == "1"
+
+
+def test_forward_original_sends_images_as_they_came(start, flag_none, upstream, image_host):
+    """The weaker opt-in mode: inline images go on as sent; a URL still becomes its fetched bytes."""
+    host, host_url = image_host
+    base = start(flag_none, proxy={"forward_original": True}, fetch={"allow": ["127.0.0.1/32"]})
+    jpeg_url = data_url(encode(smooth_images(1, 40, seed=9)[0], ".jpg"), "image/jpeg")
+    client(base).chat.completions.create(model="m", messages=[user_message(jpeg_url, f"{host_url}/img.png")])
+    sent = upstream.received[0].json()["messages"][0]["content"]
+    assert sent[1]["image_url"]["url"] == jpeg_url
+    assert sent[2]["image_url"]["url"] == data_url(host.image, "image/png")
 
 
 def test_http_image_is_fetched_and_pinned_as_data(start, flag_none, upstream, image_host):

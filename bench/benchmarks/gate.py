@@ -1,4 +1,5 @@
-"""6. The gate server: latency it adds in front of an upstream, and throughput under concurrent clients.
+"""6. The gate server: latency it adds in front of an upstream, throughput under concurrent clients, and
+whether a small request waits behind a large one's decoding.
 
 Three processes on loopback: a stand-in upstream (bench.upstream) that answers at once, `safeclip serve`
 in front of it, and the clients here. Every request is an OpenAI chat completion with 336 px JPEGs as
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
+import io
 import json
 import os
 import signal
@@ -25,6 +27,10 @@ from bench.core import NotRun, Result
 from bench.fixtures import arch, jpeg, log, photo_like
 
 GOAL_MS = 1.0
+# The fairness load: one request of the largest images the default per-image limit allows, solid colour
+# (small as PNGs, costly to decode and re-encode).
+LARGE_IMAGES, LARGE_SIDE = 16, 8000
+FAIRNESS_SAMPLES = 20
 READY_TIMEOUT_S = 180.0
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,6 +42,7 @@ def expected(s):
             keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
     for cache in ("warm", "cold"):
         keys += [f"concurrent.{cache}.direct_rps", f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.throughput_vs_direct"]
+    keys += ["fairness.idle_ms", "fairness.loaded_ms", "fairness.loaded_vs_idle"]
     return keys
 
 
@@ -55,6 +62,17 @@ def request_body(images: list[bytes]) -> bytes:
     content += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
                 for b in images]
     return json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": 8}).encode()
+
+
+def large_pngs() -> list[bytes]:
+    from PIL import Image
+
+    out = []
+    for i in range(LARGE_IMAGES):
+        buf = io.BytesIO()
+        Image.new("RGB", (LARGE_SIDE, LARGE_SIDE), (i * 13 % 256, 90, 200)).save(buf, "PNG", compress_level=9)
+        out.append(buf.getvalue())
+    return out
 
 
 def run(ctx, result: Result) -> None:
@@ -97,6 +115,13 @@ def run(ctx, result: Result) -> None:
                    higher_is_better=True, detail=f"{total} requests in {len(gate)} rounds")
         result.ratio(f"concurrent.{cache}.throughput_vs_direct", f"{a.label}: gate throughput / direct, {what}",
                      f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.direct_rps")
+    idle, loaded, large_s = measured["fairness"]
+    what = f"a 1-image request ({px} px JPEG, new image)"
+    result.add("fairness.idle_ms", f"{what}, gate otherwise idle", "ms", idle, tail=True)
+    result.add("fairness.loaded_ms", f"{what}, while a {LARGE_IMAGES} x {LARGE_SIDE}x{LARGE_SIDE} PNG request is in "
+               "flight", "ms", loaded, tail=True, detail=f"the large request took {large_s:.1f} s")
+    result.ratio("fairness.loaded_vs_idle", f"{a.label}: small-request latency under a large request / idle",
+                 "fairness.loaded_ms", "fairness.idle_ms")
 
 
 async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
@@ -114,6 +139,9 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
             if response.status != 200 or b"bench-upstream" not in text:
                 raise RuntimeError(f"{base}: expected the upstream's completion, got {response.status}: {text[:300]!r}")
             return elapsed
+
+        async def timed_gate(body: bytes, expect_status: int = 200) -> float:
+            return await post(gate_url, body) * 1e3
 
         async def pair(body: bytes, i: int) -> tuple[float, float]:
             if i % 2:
@@ -162,6 +190,21 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
                     sink.append(await flood(base, bodies))
             out[("concurrent", cache)] = (direct, gate, per_round * rounds)
             log(f"gate: {s.gate_clients} concurrent clients, cache {cache}: {per_round * rounds} requests each way")
+
+        # Fairness: small new-image requests alone, then while one request of 16 large PNGs decodes.
+        idle = [(await timed_gate(request_body(fresh(1)))) for _ in range(FAIRNESS_SAMPLES)]
+        large = asyncio.ensure_future(timed_gate(request_body(large_pngs()), expect_status=200))
+        await asyncio.sleep(0.5)  # let its decoding start
+        loaded = []
+        while not large.done() and len(loaded) < FAIRNESS_SAMPLES:
+            elapsed = await timed_gate(request_body(fresh(1)))
+            if not large.done():  # only requests that ran start to end beside the large one count
+                loaded.append(elapsed)
+        large_s = (await large) / 1e3
+        if len(loaded) < 3:
+            raise RuntimeError(f"the large request ended after {len(loaded)} small ones; make it larger")
+        out["fairness"] = (idle, loaded, large_s)
+        log(f"gate: fairness: {len(loaded)} small requests beside a {large_s:.1f} s large one")
     return out
 
 
@@ -185,7 +228,9 @@ def services(engine: Path, workdir: Path):
         procs["gate"] = subprocess.Popen(
             [sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine", str(engine), "--upstream", upstream_url,
              "--host", "127.0.0.1", "--port", str(gate_port), "--backend", "cpu", "--precision", "fp32",
-             "--threshold", "1.0", "--log-level", "WARNING"],
+             "--threshold", "1.0", "--log-level", "WARNING",
+             # room for the fairness load (16 x 64 MP) in one request
+             "--max-request-pixels", str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE), "--max-body-bytes", str(64 << 20)],
             cwd=REPO, env=env, stdout=logs["gate"], stderr=subprocess.STDOUT,
         )
         gate_url = f"http://127.0.0.1:{gate_port}"

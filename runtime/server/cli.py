@@ -68,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--max-images", type=int, help="images per request")
     p.add_argument("--max-image-bytes", type=int)
-    p.add_argument("--max-pixels", type=int)
+    p.add_argument("--max-pixels", type=int, help="pixels per image, from its header (default 64,000,000)")
+    p.add_argument("--max-request-pixels", type=int, help="pixels of one request's images together (default 128,000,000)")
+    p.add_argument("--decode-workers", type=int, help="threads that decode and resize images (default: cores, 2 to 8)")
+    p.add_argument("--forward-original", action=argparse.BooleanOptionalAction, default=None,
+                   help="forward images as sent instead of as the screened pixels (weaker; trusted clients only)")
     p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
     p.add_argument("--batch-size", type=int, help="images per engine call")
     p.add_argument("--max-queued", type=int,
@@ -86,7 +90,8 @@ _FLAG_KEYS = {
     "backend": ("backend",), "precision": ("precision",), "fail_open": ("fail_open",), "api_key": ("api_key",), "audit_log": ("audit_log",),
     "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
     "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
-    "max_pixels": ("limits", "max_pixels"), "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
+    "max_pixels": ("limits", "max_pixels"), "max_request_pixels": ("limits", "max_request_pixels"),
+    "decode_workers": ("batch", "decode_workers"), "forward_original": ("proxy", "forward_original"), "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
     "max_queued": ("batch", "max_queued"),
     "cache_size": ("cache_size",), "upstream_timeout": ("timeouts", "upstream_read"),
 }
