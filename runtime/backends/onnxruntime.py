@@ -131,9 +131,10 @@ class OnnxRuntimeBackend:
                 (PROVIDERS["tensorrt"], {
                     # The EP builds its FP16 engine from the FP32 graph. LayerNorm stays FP32 because the
                     # graph is opset >= 17, where it is one LayerNormalization node that TensorRT runs as a
-                    # normalization layer in FP32; trt_layer_norm_fp32_fallback would only catch the
-                    # Pow -> ReduceMean pattern older opsets decompose LayerNorm into.
+                    # normalization layer in FP32. trt_layer_norm_fp32_fallback does not do that: it only
+                    # catches the Pow -> ReduceMean form older opsets decompose LayerNorm into (kept as a guard).
                     "trt_fp16_enable": True,
+                    "trt_layer_norm_fp32_fallback": True,
                     "trt_engine_cache_enable": True,
                     "trt_engine_cache_path": str(cache),
                     "trt_timing_cache_enable": True,
