@@ -73,9 +73,9 @@ def build_plan(engine_dir: str | Path, profile: Profile = Profile(), workspace_g
     if strongly_typed and _major(trt) < 11:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    onnx_parser = trt.OnnxParser(network, logger)
+    if not onnx_parser.parse_from_file(str(onnx_path)):
+        errors = [str(onnx_parser.get_error(i)) for i in range(onnx_parser.num_errors)]
         for error in errors:
             print(f"ONNX parser: {error}", file=sys.stderr)
         raise BuildError(f"{onnx_path}: TensorRT's ONNX parser failed with {len(errors)} error(s), listed above")
