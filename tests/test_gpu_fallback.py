@@ -328,3 +328,14 @@ def test_timing_cache_from_another_gpu_starts_fresh(tmp_path, capsys):
 
     config = FakeBuilderConfig(accepts={b"", b"from an A100"})
     assert attach_timing_cache(config, path) is True and config.attached == ("cache", b"from an A100")
+
+
+def test_export_without_onnxruntime_names_both_extras():
+    import subprocess
+
+    code = ("import sys; sys.modules['onnxruntime'] = None; from safeclip.runtime.cli import main; "
+            "raise SystemExit(main(['export', '--help']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("safeclip export: onnxruntime is not installed; install exactly one build: "
+                           "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`\n")
