@@ -11,6 +11,12 @@ CLS        ?= final
 DESCRIPTORS ?=
 # torch 2.13.0 is the CPU wheel on our machines; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_PIN  ?= torch==2.13.0
+# The TensorRT and cuda-python bindings of each supported major, unpacked beside the venv (never on its
+# path: two TensorRT majors cannot share one) for tests/test_gpu_api.py, which checks every attribute the
+# code uses without a GPU. ~70 MB from the registry; the wheels import without CUDA or TensorRT libraries.
+GPU_BINDINGS ?= $(VENV)/gpu-bindings
+TRT_BINDINGS ?= tensorrt10=tensorrt-cu13-bindings==10.16.1.11 tensorrt11=tensorrt-cu13-bindings==11.4.0.106
+CUDA_BINDINGS ?= cuda13=cuda-bindings==13.4.4 cuda12=cuda-bindings==12.9.10
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -19,10 +25,17 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-install: $(PY) ## create .venv with the runtime, the exporter and the test tools
+install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter and the test tools
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[export,serve,calibrate,dev]'
+	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
+	$(PY) -m pip install --quiet -e '.[cpu,export,serve,calibrate,dev]'
+	@for spec in $(TRT_BINDINGS); do \
+		$(PY) -m pip install --quiet --no-deps --upgrade --target '$(GPU_BINDINGS)/'"$${spec%%=*}" "$${spec#*=}" || exit 1; \
+	done
+	@for spec in $(CUDA_BINDINGS); do \
+		$(PY) -m pip install --quiet --no-deps --upgrade --target '$(GPU_BINDINGS)/'"$${spec%%=*}" "$${spec#*=}" cuda-pathfinder || exit 1; \
+	done
 	@# PyTriton bundles a CPU-capable Triton server for the tests but pins numpy<2: it gets its own venv.
 	python3 -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime
@@ -50,8 +63,9 @@ bench: ## the seven benchmarks side by side (CPU, ~20 min on 2 cores) -> bench/r
 bench-quick: ## a short benchmark run (~3 min on 2 idle cores, ViT-B/32 only) -> bench/results/<date>-quick.*
 	$(PY) -m bench --quick --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
-gpu-check: ## on a CUDA GPU with TensorRT: plan vs ONNX Runtime, and torch FP16 timing (MODEL= optional)
-	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)')
+gpu-check: ## on a CUDA GPU: plan and GPU providers vs ONNX Runtime CPU, torch FP16 timing (MODEL= optional); without one, says so
+	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)') \
+		$(if $(GPU_CHECK_OUT),--out '$(GPU_CHECK_OUT)')
 
 clean-engines: ## delete everything under engines/
 	find engines -mindepth 1 -not -name .gitkeep -delete

@@ -149,6 +149,35 @@ def _export_onnx(fused: FusedSafeClip, size: int, outputs: list[str], path: Path
             verbose=False,
         )
     onnx.checker.check_model(str(path))
+    feed_image_only_to_cast(path)
+
+
+def feed_image_only_to_cast(path: Path) -> None:
+    """Make the uint8 image's Cast its only consumer: TensorRT takes a uint8 network input only into a Cast.
+
+    The exporter also reads the batch size with a Shape node on the raw input; a Cast keeps the shape,
+    so that node (and any other) reads the Cast's float output instead.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    image = contract.INPUT_IMAGE
+    casts = [n for n in graph.node if n.op_type == "Cast" and list(n.input) == [image]]
+    if len(casts) != 1:
+        raise ExportError(f"{path}: expected one Cast of the uint8 {image!r} input, found {len(casts)}")
+    cast_out = casts[0].output[0]
+    rewired = 0
+    for node in graph.node:
+        if node is casts[0]:
+            continue
+        for i, name in enumerate(node.input):
+            if name == image:
+                node.input[i] = cast_out
+                rewired += 1
+    if rewired:
+        # The rewired nodes may now sit before the Cast they read: restore producer-before-consumer order.
+        _topological_sort(graph)
+        onnx.save(model, str(path))
+        onnx.checker.check_model(str(path))
 
 
 def convert_to_fp16(src: Path, dst: Path) -> None:

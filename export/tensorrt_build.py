@@ -73,9 +73,9 @@ def build_plan(engine_dir: str | Path, profile: Profile = Profile(), workspace_g
     if strongly_typed and _major(trt) < 11:
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    onnx_parser = trt.OnnxParser(network, logger)
+    if not onnx_parser.parse_from_file(str(onnx_path)):
+        errors = [str(onnx_parser.get_error(i)) for i in range(onnx_parser.num_errors)]
         for error in errors:
             print(f"ONNX parser: {error}", file=sys.stderr)
         raise BuildError(f"{onnx_path}: TensorRT's ONNX parser failed with {len(errors)} error(s), listed above")
@@ -89,15 +89,18 @@ def build_plan(engine_dir: str | Path, profile: Profile = Profile(), workspace_g
     config.add_optimization_profile(opt_profile)
 
     cache_path = engine_dir / TIMING_CACHE_FILE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    attach_timing_cache(config, cache_path)
 
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build a plan (see the TensorRT log above)")
+    timings = config.get_timing_cache()
+    if timings is None:
+        # Checked before anything is written: a plan without its manifest entry would be an orphan.
+        raise BuildError(f"{onnx_path}: TensorRT built a plan but returned no timing cache; nothing written")
     plan_path = engine_dir / PLAN_FILE
     plan_path.write_bytes(bytes(plan))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_path.write_bytes(bytes(timings.serialize()))
 
     manifest = manifest.with_artifact(contract.artifact_for(engine_dir, plan_path, "trt"))
     extra = dict(manifest.extra)
@@ -112,6 +115,24 @@ def build_plan(engine_dir: str | Path, profile: Profile = Profile(), workspace_g
     manifest = replace(manifest, extra=extra)
     contract.write_manifest(engine_dir, manifest)
     return manifest
+
+
+def attach_timing_cache(config, cache_path: Path) -> bool:
+    """Reuse the folder's timing cache when TensorRT accepts it; otherwise start an empty one.
+
+    A cache from another GPU or TensorRT version is refused by set_timing_cache (ignore_mismatch=False
+    returns False). Returns whether the saved cache was reused.
+    """
+    if cache_path.is_file():
+        saved = config.create_timing_cache(cache_path.read_bytes())
+        if saved is not None and config.set_timing_cache(saved, ignore_mismatch=False):
+            return True
+        print(f"safeclip build-engine: {cache_path} was made on another GPU or TensorRT; starting a new timing cache",
+              file=sys.stderr)
+    fresh = config.create_timing_cache(b"")
+    if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
+        raise BuildError("TensorRT refused an empty timing cache")
+    return False
 
 
 def _major(trt) -> int:

@@ -3,7 +3,9 @@
 Writes, under OUT:
 
     NAME/config.pbtxt      onnxruntime model: the FP32 ONNX; on GPU the TensorRT accelerator makes its own
-    NAME/1/model.onnx      FP16 engine with LayerNorm kept FP32 (the ViT overflow the FP16 ONNX works around)
+    NAME/1/model.onnx      FP16 engine. LayerNorm stays FP32 there because the graph is opset >= 17, where it is
+                           one LayerNormalization node TensorRT runs in FP32 (the ViT overflow the FP16 ONNX
+                           works around); trt_layer_norm_fp32_fallback only catches older opsets' Pow->Reduce form
     NAME/manifest.json     the engine's manifest, so a gate can read categories and thresholds
     NAME_trt/...           a tensorrt_plan model, only where `safeclip build-engine` made a plan
 
@@ -32,7 +34,10 @@ PLAN_FILE = "model.plan"
 CONFIG_FILE = "config.pbtxt"
 VERSION = "1"
 PLAN_SUFFIX = "_trt"
-DEFAULT_TRT_CACHE = "/tmp/triton-trt-cache"
+# onnxruntime's TensorRT EP creates only the last folder of its cache path (one create_directory call),
+# so the generated path is exactly one level below a folder that must already exist on the server.
+DEFAULT_TRT_CACHE = "/tmp"
+TRT_CACHE_SUFFIX = "-trt-cache"
 
 # ONNX element types (onnx.TensorProto numbering) and onnxruntime type strings -> Triton data types.
 _ONNX_ELEM_TYPES = {1: "TYPE_FP32", 2: "TYPE_UINT8", 10: "TYPE_FP16"}
@@ -160,8 +165,8 @@ def onnxruntime_config(name: str, manifest: Manifest, batching: Batching, inputs
     opt = max(batching.preferred, default=batching.max_batch)
     accelerator = {
         "precision_mode": "FP16",
-        # Documented onnxruntime-backend key for ORT's trt_layer_norm_fp32_fallback: LayerNorm overflows
-        # in FP16 inside ViTs, so TensorRT keeps it FP32 while the rest runs FP16.
+        # Not what keeps LayerNorm FP32 (the opset >= 17 LayerNormalization node is, see the module doc):
+        # this only guards a Pow -> ReduceMean decomposition, which the exported graph does not contain.
         "trt_layer_norm_fp32_fallback": "1",
         # One TensorRT engine for the whole batch range; without a profile ORT rebuilds the engine each
         # time a batch exceeds the largest seen so far (minutes for ViT-L).
@@ -210,6 +215,14 @@ def parse_config(text: str, source: str):
         raise TritonRepoError(f"{source}: not a valid Triton model config ({e})") from e
 
 
+def trt_cache_path(trt_cache_dir: str, name: str) -> str:
+    """NAME's TensorRT cache folder on the server: one new level inside trt_cache_dir (which must exist)."""
+    parent = trt_cache_dir.rstrip("/") or "/"
+    if not parent.startswith("/"):
+        raise TritonRepoError(f"--trt-cache-dir must be an absolute path on the Triton server, got {trt_cache_dir!r}")
+    return f"{parent.rstrip('/')}/{name}{TRT_CACHE_SUFFIX}"
+
+
 def write_model_repository(
     engine_dir: str | Path,
     out: str | Path,
@@ -228,7 +241,7 @@ def write_model_repository(
     onnx_path = contract.verify_artifact(engine_dir, onnx_artifact)
     inputs, outputs = onnx_signature(onnx_path)
     check_signature(manifest, inputs, outputs, onnx_path)
-    cache = f"{trt_cache_dir.rstrip('/')}/{name}"
+    cache = trt_cache_path(trt_cache_dir, name)
     # (folder, config text, file to copy in as version 1, its name there)
     models = [(out / name, onnxruntime_config(name, manifest, batching, inputs, outputs, onnx_artifact.sha256, cache),
                onnx_path, MODEL_FILE)]
@@ -287,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue-delay-us", type=int, default=500,
                         help="how long a request may wait to be batched, in microseconds (default: %(default)s)")
     parser.add_argument("--trt-cache-dir", default=DEFAULT_TRT_CACHE,
-                        help="folder ON THE TRITON SERVER for TensorRT engine caches (default: %(default)s/NAME)")
+                        help="an existing folder ON THE TRITON SERVER; TensorRT engine caches go to "
+                             f"DIR/NAME{TRT_CACHE_SUFFIX} (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace existing model folders of the same name")
     args = parser.parse_args(argv)
     try:

@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(command[0])
     except ImportError as e:
         extra = EXTRAS.get(args[0])
+        if e.name == "onnxruntime":
+            # Not part of any one extra: it comes from exactly one of [cpu] or [gpu].
+            print(f"safeclip {args[0]}: onnxruntime is not installed; install exactly one build: "
+                  "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`", file=sys.stderr)
+            return 2
         if extra is None:
             raise
         print(f"safeclip {args[0]}: missing dependency ({e.name}); install it with "

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from safeclip.runtime.backends.base import BackendError
 
-class CudaError(RuntimeError):
-    pass
+
+class CudaError(BackendError):
+    """A CUDA runtime call failed (no driver, no device, out of memory...): a backend that cannot run here."""
 
 
 def cudart():
@@ -23,14 +25,26 @@ def cudart():
     return runtime
 
 
-def check(result):
+def check(result, what: str = "CUDA call"):
     """cuda-python returns (error, *values); raise on error, return the values."""
     err, *values = result
     if int(err) != 0:
-        raise CudaError(f"CUDA error {err}")
+        raise CudaError(f"{what} failed: {_describe(err)}")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
+
+
+def _describe(err) -> str:
+    """'cudaErrorNoDevice (no CUDA-capable device is detected)', from the runtime's own strings."""
+    name = getattr(err, "name", str(err))
+    try:
+        ok, text = cudart().cudaGetErrorString(err)
+    except (TypeError, ValueError):
+        return name
+    if int(ok) != 0:
+        return name
+    return f"{name} ({text.decode() if isinstance(text, bytes) else text})"
 
 
 @dataclass(frozen=True)
@@ -41,8 +55,8 @@ class Device:
 
 def current_device() -> Device:
     rt = cudart()
-    index = check(rt.cudaGetDevice())
-    props = check(rt.cudaGetDeviceProperties(index))
+    index = check(rt.cudaGetDevice(), "cudaGetDevice")
+    props = check(rt.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return Device(name=name.rstrip("\x00"), compute_capability=f"{props.major}.{props.minor}")
 
@@ -52,22 +66,36 @@ class PinnedBuffer:
 
     def __init__(self, nbytes: int, dtype: np.dtype):
         self.nbytes = nbytes
-        self.ptr = check(cudart().cudaMallocHost(nbytes))
+        self.ptr = check(cudart().cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})")
         raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
         self.array = np.frombuffer(raw, dtype=np.uint8).view(dtype)
 
     def free(self) -> None:
         if self.ptr:
-            check(cudart().cudaFreeHost(self.ptr))
-            self.ptr = 0
+            ptr, self.ptr = self.ptr, 0
+            self.array = np.empty(0, self.array.dtype)  # the view must not outlive the memory
+            check(cudart().cudaFreeHost(ptr), "cudaFreeHost")
 
 
 class DeviceBuffer:
     def __init__(self, nbytes: int):
         self.nbytes = nbytes
-        self.ptr = check(cudart().cudaMalloc(nbytes))
+        self.ptr = check(cudart().cudaMalloc(nbytes), f"cudaMalloc({nbytes})")
 
     def free(self) -> None:
         if self.ptr:
-            check(cudart().cudaFree(self.ptr))
-            self.ptr = 0
+            ptr, self.ptr = self.ptr, 0
+            check(cudart().cudaFree(ptr), "cudaFree")
+
+
+class Stream:
+    def __init__(self):
+        self.handle = check(cudart().cudaStreamCreate(), "cudaStreamCreate")
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            check(cudart().cudaStreamDestroy(handle), "cudaStreamDestroy")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from safeclip.runtime import contract
-from safeclip.runtime.backends.base import Backend
+from safeclip.runtime.backends.base import Backend, BackendError
 from safeclip.runtime.contract import Manifest, ManifestError
 
 # cpu/cuda/tensorrt are onnxruntime providers; trt is a native TensorRT plan from `safeclip build-engine`.
@@ -50,13 +51,21 @@ class Engine:
             # Every artifact, not only the one used: a tampered sibling means the folder is not what was exported.
             for artifact in manifest.artifacts:
                 contract.verify_artifact(path, artifact)
-            if backend == "trt" or (backend == "auto" and precision is None and _plan_runnable(manifest)):
+            if backend == "trt":
                 bound, precision = _tensorrt(path, manifest)
+            elif backend == "auto":
+                bound, precision = _auto(path, manifest, precision)
             else:
                 bound, precision = _onnxruntime(path, manifest, backend, precision)
         engine = cls(path, manifest, bound, precision, min(max_batch, getattr(bound, "max_batch", max_batch)))
         engine._check_signature()
         return engine
+
+    def close(self) -> None:
+        """Release what the backend holds now (the native TensorRT backend's GPU buffers); idempotent."""
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     @property
     def image_size(self) -> int:
@@ -94,11 +103,30 @@ class Engine:
 
 
 def _onnxruntime(path: Path, manifest: Manifest, provider: str, precision: str | None) -> tuple[Backend, str]:
-    from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, resolve_provider
+    from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, check_provider
 
-    provider = resolve_provider(provider)
+    provider = check_provider(provider)
     precision = precision or _default_precision(provider, manifest)
     return OnnxRuntimeBackend(path / manifest.artifact(precision).path, provider), precision
+
+
+def _auto(path: Path, manifest: Manifest, precision: str | None) -> tuple[Backend, str]:
+    """The native plan where it runs here, else the first onnxruntime provider a session really runs on."""
+    from safeclip.runtime.backends.onnxruntime import open_auto
+
+    if precision is None and _plan_runnable(manifest):
+        try:
+            return _tensorrt(path, manifest)
+        except (BackendError, ManifestError) as e:
+            # A plan from another GPU or TensorRT, or a CUDA error: the ONNX artifacts still work.
+            warnings.warn(f"--backend auto: not using the TensorRT plan ({e}); falling back to the ONNX engines",
+                          RuntimeWarning, stacklevel=4)
+
+    def artifact_for(provider: str) -> Path:
+        return path / manifest.artifact(precision or _default_precision(provider, manifest)).path
+
+    bound, provider = open_auto(artifact_for)
+    return bound, precision or _default_precision(provider, manifest)
 
 
 def _tensorrt(path: Path, manifest: Manifest) -> tuple[Backend, str]:
@@ -106,7 +134,10 @@ def _tensorrt(path: Path, manifest: Manifest) -> tuple[Backend, str]:
 
     if not any(a.precision == "trt" for a in manifest.artifacts):
         raise ManifestError(f"{path}: no TensorRT plan; build one with `safeclip build-engine --engine {path}`")
-    return TensorRTBackend(path / manifest.artifact("trt").path, manifest), "trt"
+    try:
+        return TensorRTBackend(path / manifest.artifact("trt").path, manifest), "trt"
+    except ImportError as e:
+        raise BackendError(f"the TensorRT plan needs tensorrt and cuda-python ({e}); pip install 'safeclip[gpu]'") from e
 
 
 def _triton(url: str, manifest: Manifest) -> tuple[Backend, str]:

@@ -138,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNSCREENED
     # A missing path is reported in the output like any unreadable image, so nothing is lost.
     progress = Progress(sum(1 for _ in iter_inputs(args.paths)), enabled=args.progress)
-    status = screen_paths(gate, args.paths, args.json, progress)
-    progress.close()
+    try:
+        status = screen_paths(gate, args.paths, args.json, progress)
+    except BackendError as e:
+        # A CUDA or TensorRT failure mid-run: images after it were not screened, and must not read as clean.
+        print(f"safeclip screen: error: the {gate.engine.backend.name} backend failed: {e}", file=sys.stderr)
+        return EXIT_UNSCREENED
+    finally:
+        progress.close()
+        gate.engine.close()
     return status
 
 

@@ -9,19 +9,27 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _has_cuda_gpu() -> bool:
+def gpu_unavailable_reason() -> str | None:
+    """Why the gpu-marked tests cannot run here, or None: they need a GPU and importable TensorRT."""
+    import importlib.util
     import shutil
     import subprocess
 
     if shutil.which("nvidia-smi") is None:
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode == 0
+        return "no CUDA GPU (nvidia-smi not found)"
+    if subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=30).returncode != 0:
+        return "no CUDA GPU (nvidia-smi -L failed)"
+    missing = [m for m in ("tensorrt", "cuda") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"a GPU but no {' or '.join(missing)} module (pip install 'safeclip[gpu]')"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda_gpu():
+    reason = gpu_unavailable_reason()
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU with TensorRT (run `make gpu-check` on one)")
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU with TensorRT: {reason} (run `make gpu-check` on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

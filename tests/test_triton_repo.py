@@ -79,6 +79,8 @@ def test_onnxruntime_model(tiny_engine, tmp_path):
     assert params["trt_layer_norm_fp32_fallback"] == "1"
     assert params["trt_profile_max_shapes"] == f"image:16x{size}x{size}x3"
     assert params["trt_profile_opt_shapes"] == f"image:8x{size}x{size}x3"
+    # The TensorRT EP creates only the last folder of its cache path: one new level inside /tmp.
+    assert params["trt_engine_cache_path"] == params["trt_timing_cache_path"] == "/tmp/safeclip-trt-cache"
 
     fp32 = manifest.artifact("fp32")
     assert cfg.parameters[SHA256_PARAMETER].string_value == fp32.sha256
@@ -197,3 +199,22 @@ def test_export_triton_is_torch_free(tiny_engine, tmp_path):
     """)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "repo" / "safeclip" / "1" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("/tmp", "/tmp/gate-trt-cache"),
+    ("/models/cache/", "/models/cache/gate-trt-cache"),
+    ("/", "/gate-trt-cache"),
+])
+def test_trt_cache_path_is_one_level_below_an_existing_folder(engine_copy, tmp_path, given, expected):
+    folders = write_model_repository(engine_copy, tmp_path / "repo", name="gate", trt_cache_dir=given)
+    [accelerator] = load_config(folders[0]).optimization.execution_accelerators.gpu_execution_accelerator
+    path = dict(accelerator.parameters)["trt_engine_cache_path"]
+    assert path == expected
+    # Exactly one folder for the EP to create: its parent is the folder the operator said exists.
+    assert path.rsplit("/", 1)[0] in (given.rstrip("/"), "")
+
+
+def test_relative_trt_cache_dir_is_refused(engine_copy, tmp_path):
+    with pytest.raises(TritonRepoError, match="absolute path on the Triton server"):
+        write_model_repository(engine_copy, tmp_path / "repo", trt_cache_dir="cache")
