@@ -74,9 +74,10 @@ def test_config_errors_name_the_key(tmp_path, text, message):
         load_config(path, {})
 
 
-def test_config_requires_engine_and_upstream():
-    with pytest.raises(ValueError, match="upstream is required"):
-        load_config(None, {"engine": "e"})
+def test_config_requires_an_engine_and_the_upstream_is_optional():
+    with pytest.raises(ValueError, match="engine is required"):
+        load_config(None, {"upstream": "http://h:1"})
+    assert load_config(None, {"engine": "e"}).upstream == ""  # guardrail-only
 
 
 def test_category_checks_against_the_engine():

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DecompressionBomb, ImageError
-from safeclip.runtime.server import responses
+from safeclip.runtime.server import litellm, responses
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import VerdictCache
 from safeclip.runtime.server.config import GateConfig, to_dict
@@ -47,9 +47,11 @@ from safeclip.runtime.server.screener import Screened, Screener
 
 log = logging.getLogger("safeclip.server")
 
-CHAT, MODERATIONS = "/v1/chat/completions", "/v1/moderations"
-ROUTE_LABELS = {CHAT: "chat", MODERATIONS: "moderations"}
+CHAT, MODERATIONS, GUARDRAIL = "/v1/chat/completions", "/v1/moderations", litellm.GUARDRAIL_PATH
+ROUTE_LABELS = {CHAT: "chat", MODERATIONS: "moderations", GUARDRAIL: "litellm"}
 UNAUTHENTICATED = ("/healthz", "/readyz")  # probes carry no keys
+# What a gate without an upstream (guardrail-only) serves; every other path needs an upstream.
+SCREENING_ONLY = (MODERATIONS, GUARDRAIL, "/healthz", "/readyz", "/metrics")
 # How the gate's aiohttp runner must be made (`safeclip serve` and the tests). handler_cancellation: a
 # client that hangs up cancels its handler, so the upstream request (a generation nobody will read) is
 # closed at once rather than run to its end; verdicts other requests wait for are shielded (screener.py).
@@ -96,12 +98,14 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
         load_gate=load_gate,
         metrics=metrics,
         fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
-        upstream=Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics),
+        upstream=Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics,
+                          api_key=config.upstream_api_key, gate_key=config.api_key),
     )
     app = web.Application(middlewares=[_middleware])
     app[STATE] = state
     app.router.add_post(CHAT, _chat)
     app.router.add_post(MODERATIONS, _moderations)
+    app.router.add_post(GUARDRAIL, _litellm_guardrail)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -203,7 +207,7 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
             outcome = "error" if record.error else record.action or ("flagged" if any(v.flagged for v in record.verdicts) else "clean")
             state.metrics.requests.inc(route, outcome)
             state.metrics.request_seconds.observe(time.perf_counter() - start, route)
-        if state.audit is not None and request.path in ROUTE_LABELS:
+        if state.audit is not None and route is not None:
             state.audit.write(record.audit_line(status, state.policy_version))
 
 
@@ -215,6 +219,10 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
         if state.config.api_key and request.path not in UNAUTHENTICATED and not _authorized(request, state.config.api_key):
             raise GateError(401, f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or "
                                  f"`{GATE_KEY_HEADER}: KEY`)", "invalid_api_key", type="authentication_error")
+        if not state.config.upstream and request.path not in SCREENING_ONLY:
+            raise GateError(404, f"{request.path}: this gate runs without an upstream (guardrail-only) and forwards "
+                                 f"nothing; it serves {', '.join(SCREENING_ONLY)}. Start it with --upstream URL to "
+                                 "proxy requests", "no_upstream")
         response = await handler(request)
     except StreamBroken as e:  # already answered in part; aiohttp finds the connection closed and stops there
         record.error = e.code
@@ -358,6 +366,46 @@ async def _moderations(request: web.Request) -> web.StreamResponse:
         results.append(responses.moderation_result(verdicts, state.categories, state.moderation_map))
     model = body.get("model") if isinstance(body.get("model"), str) else "safeclip"
     return web.json_response(responses.moderation_response(model, results))
+
+
+async def _litellm_guardrail(request: web.Request) -> web.StreamResponse:
+    """LiteLLM's Generic Guardrail API (runtime/server/litellm.py). A client's image that cannot be screened
+    is answered BLOCKED, not 4xx, since LiteLLM shows the client a blocked reason but not an error body; the
+    gate's own trouble (not ready, overloaded) stays a 503, which LiteLLM's unreachable_fallback decides on."""
+    state = request.app[STATE]
+    screener = state.require_ready()
+    config = state.config
+    record = request[RECORD]
+    guard = litellm.parse_request(parse_json(await read_body(request, config.limits.max_body_bytes)))
+    unique = list({ref.value: ref for ref in guard.images}.values())  # `images` repeats the messages' images
+    parts = [ImagePart(ref.where, ref.screenable_url, {}) for ref in unique]
+    try:
+        screened = await _images(state, record, screener, parts, config.fail_open)
+    except GateError as e:
+        if e.status >= 500:
+            raise
+        record.error = e.code
+        return web.json_response(litellm.blocked(f"safeclip could not screen an image: {e.message} "
+                                                 f"(request {record.request_id})"))
+    decision = decide(record.verdicts, config.action_for)
+    record.decision = decision
+    record.action = decision.action
+    fields = decision.template_fields()
+    if decision.action == "refuse":
+        return web.json_response(litellm.blocked(
+            f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
+            f"{decision.probability:.2f}, request {record.request_id}]"))
+    prompt = config.templates.safety_prompt.format(**fields) if decision.action == "inject" else None
+    if prompt is not None and not guard.body.get("structured_messages"):
+        record.error = "cannot_inject"  # nowhere to put the safety prompt: refused rather than passed unprompted
+        return web.json_response(litellm.blocked(
+            f"safeclip: an image was flagged as {decision.category} (probability {decision.probability:.2f}) and "
+            f"this request has no messages to add the safety prompt to (request {record.request_id})"))
+    # URL images are pinned: the provider gets the bytes that were screened, not a URL to fetch again.
+    pinned = {ref.value: data_url(data) for ref, (_, data) in zip(unique, screened) if ref.kind == "url"}
+    if not pinned and prompt is None:
+        return web.json_response(litellm.none())
+    return web.json_response(litellm.intervened(guard, pinned, prompt))
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:
