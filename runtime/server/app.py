@@ -377,7 +377,10 @@ async def _litellm_guardrail(request: web.Request) -> web.StreamResponse:
     config = state.config
     record = request[RECORD]
     guard = litellm.parse_request(parse_json(await read_body(request, config.limits.max_body_bytes)))
-    unique = list({ref.value: ref for ref in guard.images}.values())  # `images` repeats the messages' images
+    first: dict[str, litellm.ImageRef] = {}
+    for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
+        first.setdefault(ref.value, ref)
+    unique = list(first.values())
     parts = [ImagePart(ref.where, ref.screenable_url, {}) for ref in unique]
     try:
         screened = await _images(state, record, screener, parts, config.fail_open)
