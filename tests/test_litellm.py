@@ -392,8 +392,8 @@ def test_litellm_anthropic_messages(proxy, upstream, image_host, flag_all):
     assert ask("pass", {"type": "image", "source": {"type": "url", "url": f"{host_url}/img.png"}}).content
     assert sent_images(upstream.received[0]) == [data_url(host.image)]  # pinned
     upstream.received.clear()
-    ask("refuse")  # text only
-    assert upstream.received[0].json()["messages"] == [{"role": "user", "content": "what?"}]
+    ask("refuse")  # text only: LiteLLM's own translation to chat, and nothing else
+    assert upstream.received[0].json()["messages"] == [{"role": "user", "content": [{"type": "text", "text": "what?"}]}]
 
 
 @pytest.mark.slow
