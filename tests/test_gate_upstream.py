@@ -81,9 +81,11 @@ def test_guardrail_only_mode_serves_screening_and_refuses_forwarding(start, flag
         error = reply.json()["error"]
         assert (reply.status, error["code"]) == (404, "no_upstream"), path
         assert "guardrail-only" in error["message"] and "--upstream" in error["message"]
-    moderation = post_json(f"{base}/v1/moderations", {"input": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]})
+    moderation = post_json(f"{base}/v1/moderations",
+                           {"input": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]})
     assert moderation.status == 200 and moderation.json()["results"][0]["flagged"] is False
-    guard = post_json(f"{base}/beta/litellm_basic_guardrail_api", {"input_type": "request", "images": [data_url(IMAGE)]})
+    guard = post_json(f"{base}/beta/litellm_basic_guardrail_api",
+                      {"input_type": "request", "images": [data_url(IMAGE)]})
     assert guard.json() == {"action": "NONE"}
     for path in ("/healthz", "/readyz", "/metrics"):
         assert http("GET", f"{base}{path}").status == 200, path

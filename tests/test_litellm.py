@@ -15,7 +15,6 @@ import re
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import anthropic
 import openai

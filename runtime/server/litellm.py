@@ -83,7 +83,8 @@ def _message_images(messages: Any) -> list[ImageRef]:
     if messages is None:
         return []
     if not isinstance(messages, list):
-        raise GateError(400, "'structured_messages' must be a list or null", "invalid_request", param="structured_messages")
+        raise GateError(400, "'structured_messages' must be a list or null", "invalid_request",
+                        param="structured_messages")
     refs = []
     for i, message in enumerate(messages):
         where = f"structured_messages[{i}]"
