@@ -5,6 +5,9 @@
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TRITON_VENV ?= .venv-triton
+LITELLM_VENV ?= .venv-litellm
+# The LiteLLM version the guardrail endpoint was read from and is tested against (tests/test_litellm.py).
+LITELLM_PIN ?= litellm[proxy]==1.106.12
 MODEL      ?= openai/clip-vit-large-patch14-336
 PRECISION  ?= fp32,fp16
 CLS        ?= final
@@ -25,7 +28,7 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter and the test tools
+install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter and the test tools (+ .venv-triton, .venv-litellm)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
@@ -39,6 +42,9 @@ install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter 
 	@# PyTriton bundles a CPU-capable Triton server for the tests but pins numpy<2: it gets its own venv.
 	python3 -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/pip install --quiet nvidia-pytriton==0.7.0 onnxruntime
+	@# LiteLLM's proxy, for the guardrail end-to-end tests; its pins are its own, so it gets its own venv too.
+	python3 -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install --quiet '$(LITELLM_PIN)'
 
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	$(PY) -m pytest -q

@@ -120,8 +120,10 @@ class Servers:
 
 
 def gate_config(engine: Path | str, upstream: str, **overrides: Any) -> GateConfig:
-    """A GateConfig as the CLI would build it; nested tables as dicts (limits={"max_images": 2})."""
-    return load_config(None, {"engine": str(engine), "upstream": upstream, "batch": {"delay_ms": 0.0}, **overrides})
+    """A GateConfig as the CLI would build it; nested tables as dicts (limits={"max_images": 2}). An empty
+    `upstream` makes a guardrail-only gate."""
+    return load_config(None, {"engine": str(engine), **({"upstream": upstream} if upstream else {}),
+                              "batch": {"delay_ms": 0.0}, **overrides})
 
 
 @dataclass

@@ -35,8 +35,22 @@ def test_flags_override_the_file_and_the_key_comes_from_the_environment(tmp_path
     assert flagged.api_key == "flag"
 
 
+def test_upstream_key_comes_from_the_flag_or_the_environment_never_the_file(tmp_path):
+    argv = ["--engine", "e", "--upstream", "https://api.example.com/openai/"]
+    from_env = load_config(None, overrides(build_parser().parse_args(argv), {"SAFECLIP_UPSTREAM_API_KEY": "sk-env"}))
+    assert from_env.upstream_api_key == "sk-env" and "sk-env" not in repr(from_env)
+    assert from_env.upstream == "https://api.example.com/openai"
+    flag = build_parser().parse_args([*argv, "--upstream-api-key", "sk-flag"])
+    assert load_config(None, overrides(flag, {"SAFECLIP_UPSTREAM_API_KEY": "sk-env"})).upstream_api_key == "sk-flag"
+    path = tmp_path / "gate.toml"
+    path.write_text('engine = "e"\nupstream = "http://h:1"\nupstream_api_key = "sk-file"\n')
+    with pytest.raises(ValueError, match="upstream_api_key is not read from files; use --upstream-api-key"):
+        load_config(path, {})
+
+
 @pytest.mark.parametrize("argv, message", [
-    ([], "engine is required"),
+    (["--upstream", "http://h:1"], "engine is required"),
+    (["--engine", "e", "--upstream-api-key", "sk-provider"], "no upstream"),
     (["--engine", "e", "--upstream", "http://h:1/v1"], "without /v1"),
     (["--engine", "e", "--upstream", "http://h:1", "--max-images", "0"], "must be >= 1"),
 ])

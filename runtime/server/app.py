@@ -27,7 +27,7 @@ from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import VerdictCache
 from safeclip.runtime.server.config import GateConfig, to_dict
 from safeclip.runtime.server.decoding import DecodePool
-from safeclip.runtime.server.dialects import ROUTES, dialect_for
+from safeclip.runtime.server.dialects import ROUTES, dialect_for, litellm
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
@@ -53,13 +53,15 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
     metrics = GateMetrics()
     upstream = None
     if config.upstream:
-        upstream = Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics)
+        upstream = Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics,
+                            api_key=config.upstream_api_key, gate_key=config.api_key)
     state = GateState(config=config, load_gate=load_gate, metrics=metrics,
                       fetcher=Fetcher(config.fetch, config.limits.max_image_bytes), upstream=upstream)
     app = web.Application(middlewares=[_middleware])
     app[STATE] = state
     for path in ROUTES:
         app.router.add_post(path, pipeline.handle)
+    app.router.add_post(litellm.GUARDRAIL_PATH, pipeline.guardrail)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -153,6 +155,8 @@ def _route_label(path: str) -> str | None:
     route = ROUTES.get(path)
     if route is not None:
         return route.label
+    if path == litellm.GUARDRAIL_PATH:
+        return "litellm"
     return None if path in UNAUDITED else "proxy"
 
 

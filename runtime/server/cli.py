@@ -2,6 +2,7 @@
 
     safeclip serve --engine engines/llava15 --upstream http://127.0.0.1:8000 --port 8080
     safeclip serve --config gate.toml --action inject
+    safeclip serve --engine engines/llava15 --port 8080     # guardrail-only: screens, forwards nothing
 
 Flags override the config file. Exit status: 0 after SIGINT/SIGTERM, 1 when the engine fails to load,
 2 for a bad configuration.
@@ -24,9 +25,7 @@ from safeclip.runtime.engine import BACKEND_CHOICES
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.screen import parse_thresholds
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
-from safeclip.runtime.server.config import ACTIONS, GateConfig, load_config
-
-API_KEY_ENV = "SAFECLIP_API_KEY"
+from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, load_config
 
 
 def parse_actions(text: str) -> dict[str, str]:
@@ -45,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (flags override it)")
     p.add_argument("--engine", help="engine folder (with manifest.json)")
-    p.add_argument("--upstream", help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 (without /v1)")
+    p.add_argument("--upstream", help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 or "
+                                      "https://api.example.com/openai (without /v1); none: guardrail-only, the gate "
+                                      "serves /v1/moderations and the LiteLLM guardrail and forwards nothing")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
     p.add_argument("--action", choices=ACTIONS, help="what to do with a flagged request (default refuse)")
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, help="engine artifact (default: best for the backend)")
     p.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=None,
                    help="forward undecodable images unscreened (counted in /metrics) instead of refusing them")
-    p.add_argument("--api-key", help=f"require this key from clients (default: ${API_KEY_ENV}, if set)")
+    p.add_argument("--api-key", help="require this key from clients (default: $SAFECLIP_API_KEY, if set); it is "
+                                     "never forwarded upstream")
+    p.add_argument("--upstream-api-key", help="send this key upstream as `Authorization: Bearer`, replacing what the "
+                                              "client sent (default: $SAFECLIP_UPSTREAM_API_KEY, if set)")
     p.add_argument("--audit-log", help="append one JSON line per screened request to this file ('-' for stdout)")
     p.add_argument("--verdict-field", action=argparse.BooleanOptionalAction, default=None,
                    help="add a `safeclip` verdict object to non-streamed JSON responses")
@@ -87,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_KEYS = {
     "engine": ("engine",), "upstream": ("upstream",), "host": ("host",), "port": ("port",), "action": ("action",),
     "actions": ("actions",), "threshold": ("threshold",), "thresholds": ("thresholds",), "disable": ("disabled",),
-    "backend": ("backend",), "precision": ("precision",), "fail_open": ("fail_open",), "api_key": ("api_key",), "audit_log": ("audit_log",),
+    "backend": ("backend",), "precision": ("precision",), "fail_open": ("fail_open",), "api_key": ("api_key",),
+    "upstream_api_key": ("upstream_api_key",), "audit_log": ("audit_log",),
     "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
     "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
     "max_pixels": ("limits", "max_pixels"), "max_request_pixels": ("limits", "max_request_pixels"),
@@ -98,9 +103,12 @@ _FLAG_KEYS = {
 
 
 def overrides(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
-    """The flags that were given, shaped like the config file; the API key falls back to the environment."""
+    """The flags that were given, shaped like the config file; the API keys fall back to the environment."""
     out: dict[str, Any] = {}
-    values = vars(args) | ({"api_key": environ[API_KEY_ENV]} if args.api_key is None and environ.get(API_KEY_ENV) else {})
+    values = dict(vars(args))
+    for key, _, env in SECRETS:
+        if values.get(key) is None and environ.get(env):
+            values[key] = environ[env]
     for flag, path in _FLAG_KEYS.items():
         value = values.get(flag)
         if value is None:

@@ -25,6 +25,10 @@ from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 
 ACTIONS = ("refuse", "inject", "monitor")
+# Secrets: never read from the config file, never in the policy fingerprint. (key, flag, environment variable)
+SECRETS = (("api_key", "--api-key", "SAFECLIP_API_KEY"),
+           ("upstream_api_key", "--upstream-api-key", "SAFECLIP_UPSTREAM_API_KEY"))
+SECRET_KEYS = frozenset(key for key, _, _ in SECRETS)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The paper's dynamic correction: the model is told what the image was flagged as and how to respond.
@@ -236,6 +240,7 @@ class Templates:
 @dataclass(frozen=True)
 class GateConfig:
     engine: str = _parsed(_str, "")
+    # Empty: guardrail-only, the gate screens (/v1/moderations, the LiteLLM guardrail) and forwards nothing.
     upstream: str = _parsed(_upstream, "")
     host: str = _parsed(_str, "127.0.0.1")
     port: int = _parsed(_port, 8080)
@@ -249,6 +254,9 @@ class GateConfig:
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
     api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
+    # Sent upstream as `Authorization: Bearer` instead of whatever the client sent; never read from the file
+    # either (the flag or SAFECLIP_UPSTREAM_API_KEY).
+    upstream_api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
     audit_log: str | None = _parsed(_optional(_str), None)
     verdict_field: bool = _parsed(_bool, False)
     cache_size: int = _parsed(_int(0), 4096)
@@ -321,8 +329,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from e
-    if "api_key" in data:
-        raise ValueError(f"{path}: api_key is not read from files; use --api-key or SAFECLIP_API_KEY")
+    for key, flag, env in SECRETS:
+        if key in data:
+            raise ValueError(f"{path}: {key} is not read from files; use {flag} or {env}")
     return data
 
 
@@ -332,6 +341,8 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> GateCo
     config = build(GateConfig, data, str(path) if path else "")
     if not config.engine:
         raise ValueError("engine is required (--engine or `engine = ...` in the config file)")
+    if config.upstream_api_key and not config.upstream:
+        raise ValueError("an upstream API key was given but no upstream (--upstream or `upstream = ...`)")
     return config
 
 
@@ -339,7 +350,7 @@ def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly view (networks as strings), used to fingerprint the policy; the API key is left out."""
     out = {}
     for f in fields(config):
-        if f.name == "api_key":
+        if f.name in SECRET_KEYS:
             continue
         value = getattr(config, f.name)
         if is_dataclass(value):

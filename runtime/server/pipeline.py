@@ -17,12 +17,13 @@ from aiohttp import web
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import DecompressionBomb, ImageError, image_size_from_header
 from safeclip.runtime.server import jsonbody
-from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route
+from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
     COUNT,
     MODERATE,
     ImageSlot,
     Reply,
+    data_url,
     decode_base64,
     decode_data_url,
 )
@@ -149,11 +150,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """A dialect route: the steps above, then the upstream or the gate's own answer."""
     state = request.app[STATE]
     route = ROUTES[request.path]
+    upstream = state.require_upstream() if route.kind != MODERATE else None
     ready = state.require_ready()
     exchange = await parse(request, state, route)
     if route.kind == MODERATE:
         return await _moderate(state, ready, exchange)
-    upstream = state.require_upstream()
     screened = await screen(state, ready, exchange, forward=True)
     record = exchange.record
     decision = decide(record.verdicts, state.config.action_for)
@@ -172,6 +173,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if state.config.verdict_field:
         def edit(body: dict) -> dict:
             return {**body, "safeclip": record.summary(ready.policy_version)}
+    assert upstream is not None  # every route but MODERATE forwards
     return await upstream.forward(request, route.path, jsonbody.canonical(exchange.body), record.headers(), edit)
 
 
@@ -193,10 +195,10 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     """A path no dialect owns: forwarded only when `[proxy] allow` lists it, and only if its body (JSON, if
     any) holds nothing that decodes as an image."""
     state = request.app[STATE]
+    upstream = state.require_upstream()
     if not state.config.proxy.allows(request.path):
         raise GateError(404, f"{request.method} {request.path} is not served by the gate (screened routes: "
                              f"{', '.join(sorted(ROUTES))}; others need `[proxy] allow`)", "route_not_allowed")
-    upstream = state.require_upstream()
     raw = await read_body(request, state.config.limits.max_body_bytes)
     payload = None
     if raw:
@@ -209,3 +211,57 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         jsonbody.refuse_stray_images(body, ())
         payload = jsonbody.canonical(body)
     return await upstream.forward(request, request.path, payload, request[RECORD].headers())
+
+
+async def guardrail(request: web.Request) -> web.StreamResponse:
+    """LiteLLM's Generic Guardrail API (dialects/litellm.py). LiteLLM forwards its own copy of the request, so
+    the gate answers with what to change in it: BLOCKED (refuse), NONE, or GUARDRAIL_INTERVENED with every
+    image in `structured_messages` (which LiteLLM writes back) replaced by the PNG of the pixels screened, as
+    the proxy forwards them (with `forward_original`: URL images only, as their fetched bytes).
+
+    An image the client sent that cannot be screened is BLOCKED, not a 4xx: LiteLLM shows its client a blocked
+    reason but drops an error's body. The gate's own trouble (not ready, overloaded) stays a 503, which
+    LiteLLM's `unreachable_fallback` decides on."""
+    state = request.app[STATE]
+    ready = state.require_ready()
+    config = state.config
+    record = request[RECORD]
+    guard = litellm.parse_request(jsonbody.parse_object(await read_body(request, config.limits.max_body_bytes)))
+    first: dict[str, litellm.ImageRef] = {}
+    for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
+        first.setdefault(ref.value, ref)
+    refs = list(first.values())
+    exchange = Exchange(ROUTES["/v1/chat/completions"], guard.body, [ref.slot() for ref in refs], record)
+    try:
+        screened = await screen(state, ready, exchange, forward=True)
+    except GateError as e:
+        if e.status >= 500:
+            raise
+        record.error = e.code
+        return web.json_response(litellm.blocked(f"safeclip could not screen an image: {e.message} "
+                                                 f"(request {record.request_id})"), headers=record.headers())
+    decision = decide(record.verdicts, config.action_for)
+    record.decision = decision
+    record.action = decision.action
+    fields = decision.template_fields()
+    if decision.action == "refuse":
+        return web.json_response(litellm.blocked(
+            f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
+            f"{decision.probability:.2f}, request {record.request_id}]"), headers=record.headers())
+    prompt = config.templates.safety_prompt.format(**fields) if decision.action == "inject" else None
+    if prompt is not None and not guard.body.get("structured_messages"):
+        record.error = "cannot_inject"  # nowhere to put the safety prompt: refused rather than passed unprompted
+        return web.json_response(litellm.blocked(
+            f"safeclip: an image was flagged as {decision.category} (probability {decision.probability:.2f}) and "
+            f"this request has no messages to add the safety prompt to (request {record.request_id})"),
+            headers=record.headers())
+    replaced: dict[str, str] = {}
+    for ref, item in zip(refs, screened):
+        if item.forward is not None and not config.proxy.forward_original:
+            replaced[ref.value] = data_url(item.forward, "image/png")
+        elif ref.kind == "url" and item.original is not None:  # pinned: never a URL to fetch again
+            header = image_size_from_header(item.original)
+            replaced[ref.value] = data_url(item.original, f"image/{header[0]}" if header else "application/octet-stream")
+    if not replaced and prompt is None:
+        return web.json_response(litellm.none(), headers=record.headers())
+    return web.json_response(litellm.intervened(guard, replaced, prompt), headers=record.headers())

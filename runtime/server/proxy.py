@@ -61,13 +61,27 @@ def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | No
     return out
 
 
-def request_headers(headers: Mapping[str, str], plain: bool) -> CIMultiDict[str]:
-    """What the upstream gets: the client's headers (Authorization included) minus hop-by-hop ones, the gate's
-    key, and any that would change how the upstream reads the request (the body is the gate's canonical JSON,
-    sent with its own Content-Type). `plain` also drops Accept-Encoding, for a response body the gate must read.
+def request_headers(headers: Mapping[str, str], plain: bool, gate_key: str | None = None,
+                    upstream_key: str | None = None) -> CIMultiDict[str]:
+    """What the upstream gets: the client's headers minus hop-by-hop ones, the gate's own key, and any that
+    would change how the upstream reads the request (the body is the gate's canonical JSON, sent with its own
+    Content-Type).
+
+    The gate's key goes whichever header carried it (x-safeclip-api-key, Authorization, x-api-key, ...): any
+    header whose value holds it is dropped. With `upstream_key`, the client's Authorization is replaced by
+    `Bearer upstream_key`, so clients never need the provider's key. `plain` also drops Accept-Encoding, for
+    a response body the gate must read.
     """
     drop = HOP_BY_HOP | _REINTERPRETING | {GATE_KEY_HEADER} | ({"accept-encoding"} if plain else set())
-    return _filtered(headers, frozenset(drop))
+    if upstream_key:
+        drop |= {"authorization"}
+    out = _filtered(headers, frozenset(drop))
+    if gate_key:
+        for name in [name for name, value in out.items() if gate_key in value]:
+            out.popall(name, None)
+    if upstream_key:
+        out["Authorization"] = f"Bearer {upstream_key}"
+    return out
 
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
@@ -93,8 +107,11 @@ async def write(response: web.StreamResponse, data: bytes) -> None:
 
 
 class Upstream:
-    def __init__(self, base: str, connect_timeout: float, read_timeout: float, metrics: GateMetrics):
+    def __init__(self, base: str, connect_timeout: float, read_timeout: float, metrics: GateMetrics,
+                 api_key: str | None = None, gate_key: str | None = None):
         self.base = base
+        self.api_key = api_key  # sent upstream as Authorization: Bearer
+        self.gate_key = gate_key  # never sent upstream
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.metrics = metrics
@@ -123,7 +140,7 @@ class Upstream:
         if self.session is None:
             raise RuntimeError("Upstream.start() was not called")
         url = URL(self.base).with_path(URL(self.base).path.rstrip("/") + path).with_query(request.rel_url.query)
-        headers = request_headers(request.headers, plain=edit_json is not None)
+        headers = request_headers(request.headers, edit_json is not None, self.gate_key, self.api_key)
         if body is not None:
             headers["Content-Type"] = "application/json"
         start = time.perf_counter()

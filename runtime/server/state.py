@@ -54,8 +54,8 @@ class GateState:
     def require_upstream(self) -> Upstream:
         if self.upstream is None:
             raise GateError(404, "this gate runs without an upstream (guardrail-only): it screens images at "
-                                 "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing",
-                            "no_upstream")
+                                 "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing; start "
+                                 "it with --upstream URL to proxy requests", "no_upstream")
         return self.upstream
 
 

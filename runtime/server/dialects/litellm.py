@@ -1,0 +1,161 @@
+"""LiteLLM's Generic Guardrail API: POST /beta/litellm_basic_guardrail_api, as LiteLLM 1.106.12 speaks it.
+
+Pure functions over the JSON bodies; the pipeline (pipeline.guardrail) does the screening in between:
+
+    guard = parse_request(body)                  # the image references, with their JSON locations
+    ... screen guard.images ...
+    answer = blocked(reason) | none() | intervened(guard, replaced, safety_prompt)
+
+What LiteLLM sends (its `GenericGuardrailAPIRequest`, read from the installed package and from captured
+traffic): `input_type` ("request" | "response"), `litellm_call_id`, `litellm_trace_id`, `texts`, `images`
+(strings: data URLs, http(s) URLs, or bare base64 for an Anthropic image without a media type; null on the
+Responses route), `structured_messages` (the conversation in OpenAI chat form, whatever the client's API:
+images are `image_url` parts there, on the Responses route too), `tools`, `tool_calls`, `model`,
+`request_data` (the LiteLLM key's metadata), `request_headers` (values of non-allowlisted headers replaced
+by "[present]"), `litellm_version`, `additional_provider_specific_params`.
+
+What LiteLLM does with the answer: BLOCKED raises its GuardrailRaisedException, which the client sees as a
+400 whose message is `blocked_reason`; NONE lets the request go on; GUARDRAIL_INTERVENED writes back the
+returned `texts` and `structured_messages` (chat, Anthropic Messages and Responses alike) but never the
+returned `images`. Pinned images therefore travel in `structured_messages`; `images` is answered too, for
+guardrail clients that do read it. Any non-2xx answer is an error to LiteLLM: 502/503/504 count as
+"unreachable" (its `unreachable_fallback` decides), anything else fails the request without our message.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from safeclip.runtime.server.dialects.base import ImageSlot
+from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, inject_system_message
+from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.jsonbody import JsonPath
+
+GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
+BLOCKED, NONE, INTERVENED = "BLOCKED", "NONE", "GUARDRAIL_INTERVENED"
+INPUT_TYPES = ("request", "response")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image string of the guardrail request and where it sits."""
+
+    where: str  # "images[1]" or "structured_messages[0].content[2]", as named in errors and reasons
+    value: str  # the string as LiteLLM sent it
+    kind: str  # "data_url", "url" (http or https) or "base64" (bare), as ImageSlot names them
+    path: JsonPath = ()
+
+    def slot(self) -> ImageSlot:
+        """The reference as the pipeline screens it; LiteLLM's request is answered, not edited, so the slot's
+        rewrite does nothing (intervened() builds the answer)."""
+        return ImageSlot(self.path, self.kind, self.value, lambda data, media_type: None, self.path)
+
+
+@dataclass(frozen=True)
+class GuardrailRequest:
+    body: dict[str, Any]
+    input_type: str
+    call_id: str | None
+    images: tuple[ImageRef, ...]  # `images` first, then the structured messages' image parts, in order
+
+
+def image_kind(value: str, where: str) -> str:
+    """data, url or base64. Any other scheme (file:, gs:, ...) is refused; base64 has no colon. Bare base64
+    is checked strictly when it is decoded, with the data: URLs."""
+    head = value[:8].lower()
+    if head.startswith("data:"):
+        return "data_url"
+    if head.startswith(("http://", "https://")):
+        return "url"
+    if not value or ":" in value:
+        raise GateError(400, f"{where}: not a data: URL, an http(s) URL or base64 ({value[:40]!r})",
+                        "invalid_image_url", param=where)
+    return "base64"
+
+
+def _ref(value: Any, where: str, path: JsonPath) -> ImageRef:
+    if not isinstance(value, str):
+        raise GateError(400, f"{where}: an image must be a string, got {type(value).__name__}", "invalid_image_url",
+                        param=where)
+    return ImageRef(where, value, image_kind(value, where), path)
+
+
+def _message_images(messages: Any) -> list[ImageRef]:
+    if messages is None:
+        return []
+    if not isinstance(messages, list):
+        raise GateError(400, "'structured_messages' must be a list or null", "invalid_request",
+                        param="structured_messages")
+    refs = []
+    for i, message in enumerate(messages):
+        where = f"structured_messages[{i}]"
+        if not isinstance(message, dict):
+            raise GateError(400, f"{where} must be an object", "invalid_request", param=where)
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise GateError(400, f"{where}.content must be a string, a list or null", "invalid_request",
+                            param=f"{where}.content")
+        for j, part in enumerate(content):
+            here = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise GateError(400, f"{here}: a content part must be an object", "invalid_request", param=here)
+            kind = part.get("type")
+            if kind == "image_url" or "image_url" in part:
+                image_url = part.get("image_url")
+                refs.append(_ref(image_url.get("url") if isinstance(image_url, dict) else image_url, here,
+                                 ("structured_messages", i, "content", j)))
+            elif kind not in TEXT_PARTS:
+                # A file or document part may carry an image the gate cannot see: refused, as the proxy refuses it.
+                raise GateError(400, f"{here}: content part type {kind!r} cannot be screened by the gate",
+                                "unsupported_content_part", param=here)
+    return refs
+
+
+def parse_request(body: dict[str, Any]) -> GuardrailRequest:
+    """The guardrail request's image references; GateError (400) naming the field for a malformed one."""
+    input_type = body.get("input_type")
+    if input_type not in INPUT_TYPES:
+        raise GateError(400, f"'input_type' must be one of {list(INPUT_TYPES)}, got {input_type!r}", "invalid_request",
+                        param="input_type")
+    call_id = body.get("litellm_call_id")
+    images = body.get("images")
+    if images is not None and not isinstance(images, list):
+        raise GateError(400, "'images' must be a list of strings or null", "invalid_request", param="images")
+    refs = [_ref(value, f"images[{i}]", ("images", i)) for i, value in enumerate(images or [])]
+    refs += _message_images(body.get("structured_messages"))
+    return GuardrailRequest(body, input_type, call_id if isinstance(call_id, str) else None, tuple(refs))
+
+
+def blocked(reason: str) -> dict[str, Any]:
+    return {"action": BLOCKED, "blocked_reason": reason}
+
+
+def none() -> dict[str, Any]:
+    return {"action": NONE}
+
+
+def intervened(guard: GuardrailRequest, pinned: dict[str, str], safety_prompt: str | None = None) -> dict[str, Any]:
+    """GUARDRAIL_INTERVENED: every image string in `pinned` (as sent -> data URL of the screened pixels)
+    replaced, in `images` and in `structured_messages`, and `safety_prompt` put first in the conversation as a
+    system message (merged into a leading one), where the proxy's `inject` puts it too."""
+    answer: dict[str, Any] = {"action": INTERVENED}
+    images = guard.body.get("images")
+    if images:
+        answer["images"] = [pinned.get(value, value) for value in images]
+    messages = copy.deepcopy(guard.body.get("structured_messages"))
+    if messages:
+        for message in messages:
+            for part in message["content"] if isinstance(message.get("content"), list) else ():
+                image_url = part.get("image_url")
+                if isinstance(image_url, dict) and image_url.get("url") in pinned:
+                    part["image_url"] = {**image_url, "url": pinned[image_url["url"]]}  # keeps "detail"
+                elif isinstance(image_url, str) and image_url in pinned:
+                    part["image_url"] = pinned[image_url]
+        if safety_prompt is not None:
+            inject_system_message(messages, safety_prompt)
+        answer["structured_messages"] = messages
+    return answer
