@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from pathlib import Path
 
-import cv2
+from PIL import Image, ImageFilter
 
 from safeclip.runtime.preprocess import ImageError, Preprocessor
 
@@ -36,12 +37,11 @@ def blurred_thumbnail(preprocessor: Preprocessor, path: Path) -> str | None:
         return None
     height, width = rgb.shape[:2]
     scale = THUMB_SIDE / max(height, width)
-    small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
-    blurred = cv2.GaussianBlur(small, (0, 0), THUMB_BLUR_SIGMA)
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(blurred, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, THUMB_QUALITY])
-    if not ok:
-        return None
-    return "data:image/jpeg;base64," + base64.b64encode(jpeg.tobytes()).decode("ascii")
+    small = Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
+    blurred = small.filter(ImageFilter.GaussianBlur(THUMB_BLUR_SIGMA))  # Pillow's radius is the sigma
+    jpeg = io.BytesIO()
+    blurred.save(jpeg, "JPEG", quality=THUMB_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii")
 
 
 def render(summary: dict, gallery: list[dict], errors: list[dict]) -> str:

@@ -8,20 +8,16 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
 from safeclip.runtime.decision import Policy, Verdict
 from safeclip.runtime.engine import DEFAULT_MAX_BATCH, Engine
-from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessor
-
-ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageInput, Preprocessor, read_input
 
 
 class Gate:
@@ -94,8 +90,9 @@ class Gate:
             started = time.perf_counter()
             for i in chunk:
                 try:
-                    data, source, digest = _read(images[i], i)
+                    data, source = read_input(images[i], index=i)
                     pixels.append(self.preprocessor(data, source=source))
+                    digest = _digest(data)
                 except ImageError as e:
                     results[i] = e
                     continue
@@ -113,18 +110,6 @@ class Gate:
         return results  # type: ignore[return-value]
 
 
-def _read(image: ImageInput, index: int) -> tuple[bytes | np.ndarray, str, str]:
-    """(data for the preprocessor, a name for errors, sha256 of what was given)."""
-    if isinstance(image, np.ndarray):
-        return image, f"image[{index}] <array>", hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        data = bytes(image)
-        return data, f"image[{index}] <bytes>", hashlib.sha256(data).hexdigest()
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(str(path), f"cannot read ({e.strerror or e})") from e
-        return data, str(path), hashlib.sha256(data).hexdigest()
-    raise ImageError(f"image[{index}]", f"expected a path, bytes or a uint8 array, got {type(image).__name__}")
+def _digest(data: bytes | np.ndarray) -> str:
+    """sha256 of what was given: the encoded bytes, or the array's pixels."""
+    return hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()).hexdigest()

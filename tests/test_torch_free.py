@@ -1,4 +1,4 @@
-"""The runtime must import and screen with torch and transformers unavailable."""
+"""The runtime must import and screen with torch, transformers and OpenCV unavailable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 def test_runtime_imports_and_screens_without_torch(tiny_engine):
     script = textwrap.dedent(f"""
         import importlib, pkgutil, sys
-        for blocked in ("torch", "transformers", "PIL"):
+        for blocked in ("torch", "transformers", "cv2"):
             sys.modules[blocked] = None  # any import of them raises ImportError
         import safeclip.runtime as runtime
         names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "safeclip.runtime.")]
