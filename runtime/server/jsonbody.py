@@ -19,6 +19,7 @@ What goes upstream is `canonical(body)`, never the client's bytes.
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import json
 import math
@@ -124,18 +125,21 @@ def _go_fold(key: str) -> str:
     return "".join(out)
 
 
-def folds(key: str) -> set[str]:
+@functools.lru_cache(maxsize=4096)  # requests repeat the same few dozen keys
+def folds(key: str) -> frozenset[str]:
     """Every reading of `key` some case-insensitive parser could match a field name with (over-approximated:
     refusing one reading too many only costs a client a clear 400)."""
-    return {_go_fold(key).lower(), key.casefold(), unicodedata.normalize("NFKC", key).casefold()}
+    return frozenset({_go_fold(key).lower(), key.casefold(), unicodedata.normalize("NFKC", key).casefold()})
+
+
+@functools.lru_cache(maxsize=16)
+def _folded(vocabulary: frozenset[str]) -> dict[str, str]:
+    return {fold: name for name in vocabulary for fold in folds(name)}
 
 
 def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathPattern] = ()) -> None:
     """400 for a key that folds to a field name in `vocabulary` without being exactly it."""
-    known: dict[str, str] = {}
-    for name in vocabulary:
-        for fold in folds(name):
-            known[fold] = name
+    known = _folded(frozenset(vocabulary))
     patterns = tuple(free_form)
     for path, obj in _objects(body):
         if any(_matches(path, p) for p in patterns):
