@@ -355,8 +355,9 @@ def test_litellm_chat_clean_url_image_arrives_pinned_and_text_only_untouched(pro
     assert chat(proxy, "pass", text_and(data_url(IMAGE), f"{host_url}/img.png")).choices[0].message.content
     [received] = upstream.received
     assert received.headers["Authorization"] == "Bearer sk-upstream"
-    # LiteLLM wrote the guardrail's structured_messages back: the model gets the screened bytes, not the URL.
-    assert sent_images(received) == [data_url(IMAGE), data_url(host.image)]
+    # LiteLLM wrote the guardrail's structured_messages back: the model gets the screened pixels, not the URL
+    # nor the bytes as sent.
+    assert sent_images(received) == [screened_url(IMAGE), screened_url(host.image)]
     upstream.received.clear()
     chat(proxy, "refuse", "no image here")
     [received] = upstream.received
@@ -371,7 +372,7 @@ def test_litellm_inject_puts_the_safety_prompt_first(proxy, upstream, flag_all):
     first, second = received.json()["messages"]
     prompt = DEFAULT_SAFETY_PROMPT.format(category=verdict.category, probability=verdict.probability)
     assert first == {"role": "system", "content": prompt}
-    assert sent_images(received) == [data_url(IMAGE)] and second["role"] == "user"
+    assert sent_images(received) == [screened_url(IMAGE)] and second["role"] == "user"
 
 
 @pytest.mark.slow
@@ -401,7 +402,7 @@ def test_litellm_anthropic_messages(proxy, upstream, image_host, flag_all):
         ask("refuse", {"type": "image", "source": {"type": "url", "url": f"{host_url}/img.png"}})
     assert upstream.received == []
     assert ask("pass", {"type": "image", "source": {"type": "url", "url": f"{host_url}/img.png"}}).content
-    assert sent_images(upstream.received[0]) == [data_url(host.image)]  # pinned
+    assert sent_images(upstream.received[0]) == [screened_url(host.image)]  # pinned, as the screened pixels
     upstream.received.clear()
     ask("refuse")  # text only: LiteLLM's own translation to chat, and nothing else
     assert upstream.received[0].json()["messages"] == [{"role": "user", "content": [{"type": "text", "text": "what?"}]}]
@@ -428,4 +429,4 @@ def test_litellm_responses_api_images_are_screened_through_structured_messages(p
     [received] = upstream.received
     assert received.path == "/v1/responses"
     [item] = received.json()["input"]
-    assert [p.get("image_url") for p in item["content"]] == [None, data_url(host.image)]
+    assert [p.get("image_url") for p in item["content"]] == [None, screened_url(host.image)]
