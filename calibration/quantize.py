@@ -4,8 +4,8 @@
 
 dynamic (the default): ONNX Runtime dynamic quantization of the vision tower's weight MatMuls
 (MatMulInteger, per-tensor s8 weights, activations quantized per batch at run time). No calibration: every
-image in --images measures agreement. ViT-L/14-336 quantizes in about 10 s under 5 GB, and on an AVX2
-CPU runs ViT-B/32 about 1.5x and ViT-L about 1.7x faster than FP32.
+image in --images measures agreement. ViT-L/14-336 quantizes in 11 s; the whole command peaks at 4.2 GiB
+(2-core AVX2 machine). `make bench` records the speed against FP32.
 static: ONNX Runtime static QDQ quantization of the tower's MatMul, Gemm and Conv weights (per channel),
 calibrated on a share of the images, the rest held out. Its quantizer holds several copies of the model:
 about 21 GB for ViT-L/14-336. Quantize where there is room and copy the engine folder.
