@@ -7,24 +7,20 @@ on random weights says how precisions differ numerically, not how a trained mode
 
 from __future__ import annotations
 
-import platform
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
-from safeclip.runtime import contract
 
 if TYPE_CHECKING:
     from safeclip.export.descriptors import DescriptorSet
     from safeclip.export.models import LoadedClip
 
 SEED = 0
-ENGINE_OUTPUTS = (contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS)
 TOWER_OUTPUT = "cls_hidden"
 
 
@@ -78,37 +74,6 @@ def descriptors() -> DescriptorSet:
     return load_descriptors()
 
 
-def manifest_for(clip: LoadedClip, desc: DescriptorSet, size: int, artifacts: tuple[contract.Artifact, ...]) -> contract.Manifest:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    from safeclip.export.onnx_export import OPSET
-
-    return contract.Manifest(
-        model_id=clip.model_id,
-        model_hash=clip.model_hash,
-        cls="final",
-        image=contract.ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode="pad"),
-        categories=desc.categories,
-        logit_scale=float(clip.model.logit_scale.detach().exp()),
-        thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
-        artifacts=artifacts,
-        outputs=ENGINE_OUTPUTS,
-        versions={
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "opset": str(OPSET),
-            "python": platform.python_version(),
-        },
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra={"descriptors": desc.source, "bench": "random weights: for timing only, detects nothing"},
-    )
-
-
 @dataclass(frozen=True)
 class BuiltEngine:
     arch: Arch
@@ -117,35 +82,20 @@ class BuiltEngine:
 
 
 def build_engine(a: Arch, clip: LoadedClip, out: Path, fp16: bool, tower: bool) -> BuiltEngine:
-    """The fused graph through the project's exporter (build_fused + its ONNX export settings), FP16
-    through its converter, a manifest through the runtime contract. The torch parity check that
-    `safeclip export` runs is skipped: it costs minutes at ViT-L size and the test suite covers it."""
-    from safeclip.export.onnx_export import ONNX_FILES, build_fused, convert_to_fp16
+    """The engine folder through the project's exporter (`export_clip`: the fused graph, FP16, the
+    manifest), without the torch parity check `safeclip export` runs: it costs minutes at ViT-L size
+    and the test suite covers it. The bare tower goes through the same ONNX export function."""
+    from safeclip.export.onnx_export import build_fused, export_clip, export_onnx
 
-    out.mkdir(parents=True, exist_ok=True)
     desc = descriptors()
-    fused = build_fused(clip, desc, "final", False)
-    fp32 = out / ONNX_FILES["fp32"]
-    _export(fused, a.image_size, list(ENGINE_OUTPUTS), fp32)
-    written = {"fp32": fp32}
-    if fp16:
-        written["fp16"] = out / ONNX_FILES["fp16"]
-        convert_to_fp16(fp32, written["fp16"])
-    artifacts = tuple(contract.artifact_for(out, p, precision) for precision, p in written.items())
-    contract.write_manifest(out, manifest_for(clip, desc, a.image_size, artifacts))
+    export_clip(clip, desc, out, precisions=("fp32", "fp16") if fp16 else ("fp32",), verify=False,
+                extra={"bench": "random weights: for timing only, detects nothing"})
     tower_path = None
     if tower:
         tower_path = out.parent / f"{out.name}.tower.onnx"
-        _export(tower_only(fused), a.image_size, [TOWER_OUTPUT], tower_path)
+        # Same settings (opset, dynamo, optimize, dynamic batch, external data); the graphs differ only in the head.
+        export_onnx(tower_only(build_fused(clip, desc, "final", False)), a.image_size, [TOWER_OUTPUT], tower_path)
     return BuiltEngine(a, out, tower_path)
-
-
-def _export(module, size: int, outputs: list[str], path: Path) -> None:
-    # The exporter's own function, so the fused graph and the bare tower share every export setting
-    # (opset, dynamo, optimize, dynamic batch) and differ only in the head.
-    from safeclip.export.onnx_export import _export_onnx
-
-    _export_onnx(module, size, outputs, path)
 
 
 def tower_only(fused):

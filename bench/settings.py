@@ -31,14 +31,13 @@ class Settings:
     e2e_images: int
     e2e_batch: int
     e2e_source: tuple[int, int]  # (width, height) of the screened JPEGs
-    # 5. precision
-    precision_arch: str
+    # 5. precision (FP32, FP16, INT8 dynamic) on each of these
+    precision_archs: tuple[str, ...]
     precision_batch: int
     precision_budget_s: float
     precision_min: int
     precision_max: int
     precision_agreement_images: int
-    precision_calibration_images: int  # handed to `safeclip quantize` (a quarter is its held-out set)
     # 6. the gate
     gate_arch: str
     gate_image_px: int
@@ -74,13 +73,12 @@ FULL = Settings(
     e2e_images=64,
     e2e_batch=32,
     e2e_source=(1024, 768),
-    precision_arch="vit-b-32",
+    precision_archs=("vit-b-32", "vit-l-14-336"),
     precision_batch=8,
     precision_budget_s=20.0,
     precision_min=5,
     precision_max=30,
     precision_agreement_images=64,
-    precision_calibration_images=16,
     gate_arch="vit-b-32",
     gate_image_px=336,
     gate_images_per_request=(1, 8),
@@ -113,13 +111,12 @@ QUICK = Settings(
     e2e_images=64,
     e2e_batch=32,
     e2e_source=(1024, 768),
-    precision_arch="vit-b-32",
+    precision_archs=("vit-b-32",),
     precision_batch=8,
     precision_budget_s=6.0,
     precision_min=3,
     precision_max=15,
     precision_agreement_images=32,
-    precision_calibration_images=12,
     gate_arch="vit-b-32",
     gate_image_px=336,
     gate_images_per_request=(1, 8),
@@ -153,13 +150,12 @@ SMOKE = Settings(
     e2e_images=4,
     e2e_batch=2,
     e2e_source=(160, 120),
-    precision_arch="tiny",
+    precision_archs=("tiny",),
     precision_batch=2,
     precision_budget_s=0.1,
     precision_min=3,
     precision_max=3,
     precision_agreement_images=4,
-    precision_calibration_images=12,
     gate_arch="tiny",
     gate_image_px=56,
     gate_images_per_request=(1,),

@@ -52,6 +52,11 @@ def export_engine(
     patch_features: bool = False,
     resize_mode: str = "pad",
 ) -> ExportReport:
+    _check_options(precisions, cls, resize_mode)
+    return export_clip(load_clip(model), load_descriptors(descriptors), out, precisions, cls, patch_features, resize_mode)
+
+
+def _check_options(precisions: tuple[str, ...], cls: str, resize_mode: str) -> None:
     unknown = [p for p in precisions if p not in ONNX_FILES]
     if unknown or not precisions:
         raise ValueError(f"precisions must be a non-empty subset of {tuple(ONNX_FILES)}, got {precisions}")
@@ -59,8 +64,22 @@ def export_engine(
         raise ValueError(f"cls must be one of {contract.CLS_SOURCES}, got {cls!r}")
     if resize_mode not in contract.RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {contract.RESIZE_MODES}, got {resize_mode!r}")
-    desc = load_descriptors(descriptors)
-    clip = load_clip(model)
+
+
+def export_clip(
+    clip: LoadedClip,
+    desc: DescriptorSet,
+    out: str | Path,
+    precisions: tuple[str, ...] = ("fp32", "fp16"),
+    cls: str = "final",
+    patch_features: bool = False,
+    resize_mode: str = "pad",
+    verify: bool = True,
+    extra: dict | None = None,
+) -> ExportReport:
+    """An engine folder from a loaded CLIP. `verify=False` skips the torch parity check (minutes at ViT-L
+    size; the benchmarks, which time random weights, skip it); `extra` is merged into the manifest's."""
+    _check_options(precisions, cls, resize_mode)
     engine_dir = Path(out)
     engine_dir.mkdir(parents=True, exist_ok=True)
 
@@ -69,34 +88,17 @@ def export_engine(
     outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + ([contract.OUTPUT_PATCH_FEATURES] if patch_features else [])
 
     fp32_path = engine_dir / ONNX_FILES["fp32"]
-    _export_onnx(fused, size, outputs, fp32_path)
+    export_onnx(fused, size, outputs, fp32_path)
     written = {"fp32": fp32_path}
     if "fp16" in precisions:
         written["fp16"] = engine_dir / ONNX_FILES["fp16"]
         convert_to_fp16(fp32_path, written["fp16"])
 
-    images = verification_images(VERIFY_IMAGES, size)
-    with torch.no_grad():
-        reference = fused(torch.from_numpy(images))[0].numpy()
-    neutral = next(i for i, c in enumerate(desc.categories) if c.neutral)
     report = ExportReport(engine_dir, {}, {})
-    for precision, path in written.items():
-        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-            [contract.OUTPUT_PROBS], {contract.INPUT_IMAGE: images}
-        )[0]
-        diff = float(np.abs(got - reference).max())
-        agree = bool(np.array_equal(_flags(got, neutral), _flags(reference, neutral)))
-        report.max_abs_diff[precision] = diff
-        report.decisions_agree[precision] = agree
-        print(f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
-              f"decisions at {contract.DEFAULT_THRESHOLD} {'agree' if agree else 'DIFFER'} on {len(images)} images")
-        if diff > TOLERANCE[precision] or not agree:
-            raise ExportError(
-                f"{path}: ONNX Runtime differs from torch by {diff:.3e} (bound {TOLERANCE[precision]:.0e}), "
-                f"decisions {'agree' if agree else 'differ'}; the engine is not usable"
-            )
+    if verify:
+        _verify(fused, desc, size, written, report)
     if "fp32" not in precisions:
-        fp32_path.unlink()
+        _remove_onnx(fp32_path)
         del written["fp32"]
 
     manifest = Manifest(
@@ -118,10 +120,35 @@ def export_engine(
             "python": platform.python_version(),
         },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra={"descriptors": desc.source, "verification": {"images": len(images), "max_abs_diff": report.max_abs_diff}},
+        extra={"descriptors": desc.source,
+               **({"verification": {"images": VERIFY_IMAGES, "max_abs_diff": report.max_abs_diff}} if verify else {}),
+               **(extra or {})},
     )
     contract.write_manifest(engine_dir, manifest)
     return report
+
+
+def _verify(fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[str, Path], report: ExportReport) -> None:
+    images = verification_images(VERIFY_IMAGES, size)
+    with torch.no_grad():
+        reference = fused(torch.from_numpy(images))[0].numpy()
+    neutral = next(i for i, c in enumerate(desc.categories) if c.neutral)
+    for precision, path in written.items():
+        # From the path, as every backend loads it: the external data file resolves next to the graph.
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            [contract.OUTPUT_PROBS], {contract.INPUT_IMAGE: images}
+        )[0]
+        diff = float(np.abs(got - reference).max())
+        agree = bool(np.array_equal(_flags(got, neutral), _flags(reference, neutral)))
+        report.max_abs_diff[precision] = diff
+        report.decisions_agree[precision] = agree
+        print(f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
+              f"decisions at {contract.DEFAULT_THRESHOLD} {'agree' if agree else 'DIFFER'} on {len(images)} images")
+        if diff > TOLERANCE[precision] or not agree:
+            raise ExportError(
+                f"{path}: ONNX Runtime differs from torch by {diff:.3e} (bound {TOLERANCE[precision]:.0e}), "
+                f"decisions {'agree' if agree else 'differ'}; the engine is not usable"
+            )
 
 
 def build_fused(clip: LoadedClip, desc: DescriptorSet, cls: str, patch_features: bool) -> FusedSafeClip:
@@ -129,14 +156,17 @@ def build_fused(clip: LoadedClip, desc: DescriptorSet, cls: str, patch_features:
     return FusedSafeClip(clip.model, text, desc, clip.mean, clip.std, cls, patch_features).eval()
 
 
-def _export_onnx(fused: FusedSafeClip, size: int, outputs: list[str], path: Path) -> None:
+def export_onnx(module: torch.nn.Module, size: int, outputs: list[str], path: Path) -> None:
+    """`module` (uint8 [N, size, size, 3] `image` in) as ONNX at `path`, weights in external data next to
+    it: serializing ViT-L/14-336 as one protobuf needs more than 7.8 GB, with external data 1.7 GB."""
+    _remove_onnx(path)  # external data is appended to, never truncated
     # A batch of 2 keeps the exporter from specialising the batch dimension to 1.
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.onnx.export(
-            fused,
+            module,
             (example,),
             str(path),
             input_names=[contract.INPUT_IMAGE],
@@ -144,11 +174,11 @@ def _export_onnx(fused: FusedSafeClip, size: int, outputs: list[str], path: Path
             dynamic_shapes={"image": {0: batch}},
             opset_version=OPSET,
             dynamo=True,
-            external_data=False,
+            external_data=True,
             optimize=True,
             verbose=False,
         )
-    onnx.checker.check_model(str(path))
+    _check_onnx(path)
     feed_image_only_to_cast(path)
 
 
@@ -176,24 +206,49 @@ def feed_image_only_to_cast(path: Path) -> None:
     if rewired:
         # The rewired nodes may now sit before the Cast they read: restore producer-before-consumer order.
         _topological_sort(graph)
-        onnx.save(model, str(path))
-        onnx.checker.check_model(str(path))
+        onnx.save(model, str(path))  # the initializers keep pointing at the data file, which is untouched
+        _check_onnx(path)
 
 
 def convert_to_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))
+    # Types are inferred on the graph without its weights, which are loaded only afterwards: inferring
+    # them on the whole model (what the converter would do) serializes and reparses it. ViT-L/14-336's
+    # whole export peaked at 8.0 GiB that way, 4.3 GiB this way.
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False))
+    onnx.load_external_data_for_model(model, str(src.parent))
     head = [n.name for n in model.graph.node if not _in_tower(n)]
     if len(head) == len(model.graph.node):
         raise ExportError(f"{src}: no node carries the exporter's module scopes; cannot tell the tower from the head")
     fp16 = convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=head, disable_shape_infer=False
+        model, keep_io_types=True, op_block_list=FP16_KEEP_FP32_OPS, node_block_list=head, disable_shape_infer=True
     )
+    del model
     _drop_fp16_round_trips(fp16, set(head))
     _topological_sort(fp16.graph)
-    onnx.save(fp16, str(dst))
-    onnx.checker.check_model(str(dst))
+    _remove_onnx(dst)
+    data = contract.external_data_path(dst)
+    onnx.save(fp16, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    data.chmod(dst.stat().st_mode & 0o777)  # onnx creates it owner-only; a server running as another user reads it
+    _check_onnx(dst)
+
+
+def _check_onnx(path: Path) -> None:
+    """The ONNX checker (from the path, so external data is allowed), and the contract's one data file:
+    a graph reading any other file would load weights the manifest does not cover."""
+    onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path), load_external_data=False).graph
+    locations = {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for e in t.external_data if e.key == "location"}
+    allowed = {contract.external_data_path(path).name}
+    if not locations <= allowed:
+        raise ExportError(f"{path}: external data in {sorted(locations - allowed)}; expected only {sorted(allowed)}")
+
+
+def _remove_onnx(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    contract.external_data_path(path).unlink(missing_ok=True)
 
 
 def _drop_fp16_round_trips(model: onnx.ModelProto, kept_fp32: set[str]) -> None:

@@ -6,6 +6,7 @@ Writes, under OUT:
     NAME/1/model.onnx      FP16 engine. LayerNorm stays FP32 there because the graph is opset >= 17, where it is
                            one LayerNormalization node TensorRT runs in FP32 (the ViT overflow the FP16 ONNX
                            works around); trt_layer_norm_fp32_fallback only catches older opsets' Pow->Reduce form
+    NAME/1/model.fp32.onnx.data  its weights (ONNX external data, under the name the graph refers to)
     NAME/manifest.json     the engine's manifest, so a gate can read categories and thresholds
     NAME_trt/...           a tensorrt_plan model, only where `safeclip build-engine` made a plan
 
@@ -276,6 +277,10 @@ def write_model_repository(
             shutil.rmtree(folder)
         (folder / VERSION).mkdir(parents=True)
         shutil.copyfile(model_file, folder / VERSION / model_name)
+        # External data keeps its name: the graph refers to it by that name, relative to itself.
+        data = contract.external_data_path(model_file)
+        if data.is_file():
+            shutil.copyfile(data, folder / VERSION / data.name)
         shutil.copyfile(engine_dir / contract.MANIFEST_FILE, folder / contract.MANIFEST_FILE)
         (folder / CONFIG_FILE).write_text(text)
     return tuple(folder for folder, _, _, _ in models)

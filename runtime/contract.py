@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# 2 added an artifact's external data file (`data`): a reader that did not know it would load unverified
+# weights, so it must refuse. Version 1 manifests (every graph self-contained) are still read.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
+# An ONNX artifact larger than a small machine can serialize in one piece keeps its weights in ONNX
+# external data: one file next to the graph, named after it (what torch.onnx.export writes).
+EXTERNAL_DATA_SUFFIX = ".data"
 
 INPUT_IMAGE = "image"
 OUTPUT_PROBS = "probs"
@@ -41,11 +47,24 @@ class Category:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Artifact:
     path: str
     precision: str
     sha256: str
     bytes: int
+    # The ONNX graph's external data (its weights), checked like the graph; None when the graph holds them.
+    data: DataFile | None = None
+
+    def files(self) -> tuple[str, ...]:
+        """Every file of the artifact, relative to the engine folder."""
+        return (self.path,) if self.data is None else (self.path, self.data.path)
 
 
 @dataclass(frozen=True)
@@ -104,10 +123,10 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> Manifest:
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ManifestError(
                 f"{source}: schema_version {version!r} is not supported (this safeclip reads "
-                f"{SCHEMA_VERSION}); re-export the engine with this version"
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); re-export the engine with this version"
             )
         try:
             image = d["image"]
@@ -128,7 +147,8 @@ class Manifest:
                 logit_scale=float(d["logit_scale"]),
                 thresholds={str(k): float(v) for k, v in d["thresholds"].items()},
                 artifacts=tuple(
-                    Artifact(str(a["path"]), str(a["precision"]), str(a["sha256"]), int(a["bytes"]))
+                    Artifact(str(a["path"]), str(a["precision"]), str(a["sha256"]), int(a["bytes"]),
+                             _data_file(a.get("data")))
                     for a in d["artifacts"]
                 ),
                 outputs=tuple(str(o) for o in d["outputs"]),
@@ -160,8 +180,9 @@ class Manifest:
         for a in self.artifacts:
             if a.precision not in PRECISIONS:
                 raise ManifestError(f"{source}: artifact {a.path} has unknown precision {a.precision!r}")
-            if Path(a.path).is_absolute() or ".." in Path(a.path).parts:
-                raise ManifestError(f"{source}: artifact path {a.path!r} must stay inside the engine folder")
+            for file in a.files():
+                if Path(file).is_absolute() or ".." in Path(file).parts:
+                    raise ManifestError(f"{source}: artifact path {file!r} must stay inside the engine folder")
         if OUTPUT_PROBS not in self.outputs:
             raise ManifestError(f"{source}: outputs {self.outputs} lack {OUTPUT_PROBS!r}")
 
@@ -174,12 +195,28 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _data_file(d: dict[str, Any] | None) -> DataFile | None:
+    return None if d is None else DataFile(str(d["path"]), str(d["sha256"]), int(d["bytes"]))
+
+
+def external_data_path(model_file: Path) -> Path:
+    """Where an ONNX artifact's external data lives, if it has any."""
+    return model_file.with_name(model_file.name + EXTERNAL_DATA_SUFFIX)
+
+
 def artifact_for(engine_dir: Path, file: Path, precision: str) -> Artifact:
+    """The manifest entry for `file`, and for its external data file when one sits next to it (writers
+    remove a stale one before writing a self-contained graph)."""
+    data_path = external_data_path(file)
+    data = None
+    if data_path.is_file():
+        data = DataFile(data_path.relative_to(engine_dir).as_posix(), sha256_file(data_path), data_path.stat().st_size)
     return Artifact(
         path=file.relative_to(engine_dir).as_posix(),
         precision=precision,
         sha256=sha256_file(file),
         bytes=file.stat().st_size,
+        data=data,
     )
 
 
@@ -206,14 +243,20 @@ def write_manifest(engine_dir: str | Path, manifest: Manifest) -> Path:
 
 
 def verify_artifact(engine_dir: str | Path, artifact: Artifact) -> Path:
-    """Return the artifact's path once its size and sha256 match the manifest."""
+    """Return the artifact's path once its sha256 (and its external data's) match the manifest."""
     path = Path(engine_dir) / artifact.path
+    _verify_file(path, artifact.sha256)
+    if artifact.data is not None:
+        _verify_file(Path(engine_dir) / artifact.data.path, artifact.data.sha256)
+    return path
+
+
+def _verify_file(path: Path, sha256: str) -> None:
     if not path.is_file():
         raise ManifestError(f"{path}: listed in the manifest but missing")
     digest = sha256_file(path)
-    if digest != artifact.sha256:
+    if digest != sha256:
         raise ManifestError(
-            f"{path}: sha256 {digest[:16]}... does not match the manifest's {artifact.sha256[:16]}...; "
+            f"{path}: sha256 {digest[:16]}... does not match the manifest's {sha256[:16]}...; "
             "the file was changed after export; re-export or restore it"
         )
-    return path

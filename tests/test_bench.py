@@ -115,3 +115,30 @@ def test_cli_lists_and_rejects_unknown_names(capsys):
     assert all(name in listed for name in NAMES) and len(NAMES) == 7
     assert main(["--only", "decision,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
+    """Issue 16: INT8 dynamic speed, its agreement where it can fail, and INT8 end to end at batch 1."""
+    rc = run_suite(SMOKE, REGISTRY, tmp_path, only=["end_to_end", "precision"], stem="int8")
+    assert rc == 0
+    doc, md = _read(tmp_path, "int8")
+    assert doc["complete"] is True and doc["not_run"] == {}
+
+    precision = doc["benchmarks"]["precision"]
+    assert precision["status"] == "ok"
+    metrics, ratios = precision["metrics"], precision["ratios"]
+    for p in ("fp32", "fp16", "int8"):
+        assert metrics[f"tiny.{p}.images_per_s"]["median"] > 0
+    for at in ("manifest", "p50", "p80", "p95"):
+        share = metrics[f"tiny.int8.agreement_{at}_pct"]
+        assert 0 <= share["median"] <= 100 and "FP32 flags" in share["detail"]
+    # The spread thresholds split the images: some flagged, some not.
+    assert "FP32 flags 2/4" in metrics["tiny.int8.agreement_p50_pct"]["detail"]
+    assert ratios["tiny.int8.speedup"]["value"] == pytest.approx(
+        metrics["tiny.int8.images_per_s"]["median"] / metrics["tiny.fp32.images_per_s"]["median"])
+
+    e2e = doc["benchmarks"]["end_to_end"]
+    assert e2e["metrics"]["safeclip_int8_b1.images_per_s"]["median"] > 0
+    assert e2e["ratios"]["speedup_int8_b1_vs_b1"]["denominator"] == "transformers_b1.images_per_s"
+    assert "INT8 dynamic" in md

@@ -188,3 +188,59 @@ def test_local_checkpoint_folder_loads(tmp_path, tiny_clip):
     loaded = load_clip(str(tmp_path / "ckpt"))
     assert loaded.model_hash == tiny_clip.model_hash
     assert loaded.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
+
+
+def test_weights_are_external_data_listed_and_verified(tiny_engine, tmp_path):
+    """Issue 16: graphs keep their weights in one external data file next to them (ViT-L cannot be
+    serialized as one protobuf on a small machine); the manifest covers it like the graph."""
+    import shutil
+
+    import onnx
+
+    from safeclip.runtime.engine import Engine
+
+    manifest = contract.read_manifest(tiny_engine)
+    for artifact in manifest.artifacts:
+        graph_file = tiny_engine / artifact.path
+        data_file = tiny_engine / f"{artifact.path}.data"
+        assert artifact.data is not None and artifact.data.path == data_file.name
+        assert artifact.data.sha256 == contract.sha256_file(data_file) and artifact.data.bytes == data_file.stat().st_size
+        graph = onnx.load(str(graph_file), load_external_data=False).graph
+        external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        largest = max(graph.initializer, key=lambda t: np.prod(t.dims))
+        # The weights, not just a few small tensors, live outside the graph file.
+        assert largest.name in external and data_file.stat().st_size > graph_file.stat().st_size
+
+    engine = Path(shutil.copytree(tiny_engine, tmp_path / "engine"))
+    data = engine / "model.fp16.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[-1] ^= 1
+    data.write_bytes(bytes(blob))
+    with pytest.raises(contract.ManifestError, match=r"model\.fp16\.onnx\.data: sha256"):
+        Engine.load(engine, backend="cpu", precision="fp32")  # every artifact is checked, not just the one used
+    data.unlink()
+    with pytest.raises(contract.ManifestError, match=r"model\.fp16\.onnx\.data: listed in the manifest but missing"):
+        Engine.load(engine, backend="cpu", precision="fp32")
+
+
+def test_schema_1_manifests_without_external_data_are_still_read(tiny_engine, tmp_path):
+    data = json.loads((tiny_engine / contract.MANIFEST_FILE).read_text())
+    data["schema_version"] = 1
+    for artifact in data["artifacts"]:
+        del artifact["data"]
+    manifest = contract.Manifest.from_dict(data)
+    assert all(a.data is None for a in manifest.artifacts)
+    data["schema_version"] = contract.SCHEMA_VERSION + 1
+    with pytest.raises(contract.ManifestError, match="is not supported"):
+        contract.Manifest.from_dict(data)
+
+
+def test_triton_repository_carries_the_external_data(tiny_engine, tmp_path):
+    from safeclip.export.triton_repo import MODEL_FILE, write_model_repository
+
+    (folder,) = write_model_repository(tiny_engine, tmp_path / "repo")
+    version = folder / "1"
+    assert (version / "model.fp32.onnx.data").read_bytes() == (tiny_engine / "model.fp32.onnx.data").read_bytes()
+    images = smooth_images(2, 56, seed=5)
+    served = run_onnx(version / MODEL_FILE, images)[0]
+    assert np.array_equal(served, run_onnx(tiny_engine / "model.fp32.onnx", images)[0])

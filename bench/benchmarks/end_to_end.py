@@ -12,8 +12,8 @@ from bench.core import Result, time_once
 from bench.fixtures import arch, descriptors, jpegs, log, random_clip
 
 GOAL_X = 3.0
-CONTENDERS = ("safeclip", "safeclip_b1", "transformers_b1", "transformers_batched")
-RATIOS = ("speedup_vs_b1", "speedup_vs_batched", "speedup_b1_vs_b1")
+CONTENDERS = ("safeclip", "safeclip_b1", "safeclip_int8_b1", "transformers_b1", "transformers_batched")
+RATIOS = ("speedup_vs_b1", "speedup_vs_batched", "speedup_b1_vs_b1", "speedup_int8_b1_vs_b1")
 
 
 def expected(s):
@@ -21,7 +21,7 @@ def expected(s):
 
 
 def needs(s):
-    return [(s.e2e_arch, False, False)]
+    return [(s.e2e_arch, False, False)]  # and its INT8 model: ctx.int8
 
 
 class TransformersZeroShot:
@@ -70,22 +70,23 @@ def run(ctx, result: Result) -> None:
 
     s = ctx.settings
     a = arch(s.e2e_arch)
-    built = ctx.engine(s.e2e_arch)
+    built = ctx.int8(s.e2e_arch)
     gate = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=s.e2e_batch)
     gate_b1 = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=1)
+    gate_int8_b1 = Gate.from_engine(built.path, backend="cpu", precision="int8", max_batch=1)
     user = TransformersZeroShot(random_clip(a, attn="sdpa"), descriptors(), contract.DEFAULT_THRESHOLD)
     width, height = s.e2e_source
     images = jpegs(s.e2e_images, height, width, seed=100)
     result.params.update(
         arch=a.label, images=s.e2e_images, source=f"{width}x{height} JPEG", batch=s.e2e_batch,
         safeclip=f"Gate.from_engine(backend='cpu', precision='fp32', max_batch={s.e2e_batch} (the default) or 1)"
-                 ".check(jpeg bytes)",
+                 ".check(jpeg bytes); and precision='int8' (dynamic, as `safeclip quantize` makes it), max_batch=1",
         transformers="CLIPModel (default sdpa attention) + CLIPProcessor(CLIPImageProcessorPil) after expand2square; "
                      "text features computed once, untimed",
         torch_threads=user.torch.get_num_threads(),
     )
     result.notes.append(
-        f"{s.e2e_images} images in rounds of {s.e2e_batch} (one batch); in each round the four pipelines run "
+        f"{s.e2e_images} images in rounds of {s.e2e_batch} (one batch); in each round the five pipelines run "
         "back to back in rotating order. images/s samples are per round."
     )
 
@@ -96,6 +97,7 @@ def run(ctx, result: Result) -> None:
     warm = jpegs(2, height, width, seed=9000)
     gate.check(warm)
     gate_b1.check(warm)
+    gate_int8_b1.check(warm)
     user.screen(warm[:1])
     user.screen(warm)
 
@@ -109,6 +111,9 @@ def run(ctx, result: Result) -> None:
         def run_gate_b1(chunk=chunk):
             return gate_b1.check(chunk)
 
+        def run_gate_int8_b1(chunk=chunk):
+            return gate_int8_b1.check(chunk)
+
         def run_b1(chunk=chunk):
             for one in chunk:
                 b1_images.append(time_once(lambda one=one: user.screen([one])))
@@ -116,7 +121,7 @@ def run(ctx, result: Result) -> None:
         def run_batched(chunk=chunk):
             return user.screen(chunk)
 
-        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_b1, run_batched)))
+        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched)))
         order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
         for name in order:
             settle()
@@ -127,6 +132,7 @@ def run(ctx, result: Result) -> None:
     labels = {
         "safeclip": f"safeclip Gate, {a.label}, batch {s.e2e_batch}",
         "safeclip_b1": f"safeclip Gate, {a.label}, batch 1",
+        "safeclip_int8_b1": f"safeclip Gate, {a.label} INT8 dynamic, batch 1",
         "transformers_b1": f"transformers zero-shot, {a.label}, batch 1",
         "transformers_batched": f"transformers zero-shot, {a.label}, batch {s.e2e_batch}",
     }
@@ -141,3 +147,5 @@ def run(ctx, result: Result) -> None:
                  "safeclip.images_per_s", "transformers_batched.images_per_s", goal=(">=", GOAL_X))
     result.ratio("speedup_b1_vs_b1", f"{a.label}: safeclip vs transformers, both batch 1",
                  "safeclip_b1.images_per_s", "transformers_b1.images_per_s", goal=(">=", GOAL_X))
+    result.ratio("speedup_int8_b1_vs_b1", f"{a.label}: safeclip INT8 dynamic vs transformers FP32, both batch 1",
+                 "safeclip_int8_b1.images_per_s", "transformers_b1.images_per_s", goal=(">=", GOAL_X))
