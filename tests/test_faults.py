@@ -19,6 +19,7 @@ import time
 import openai
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from server_helpers import (
@@ -35,11 +36,6 @@ from server_helpers import (
 )
 
 IMAGE = png(seed=31)
-
-
-def metric(text: str, line_start: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
-    return values[0] if values else 0.0
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
@@ -65,13 +66,6 @@ def client(base: str, **kwargs) -> openai.OpenAI:
 
 def flaggable(gate: Gate) -> list[str]:
     return [c for c in gate.manifest.category_names if c != gate.manifest.neutral]
-
-
-def metric(text: str, line_start: str) -> float:
-    """The value of the one metrics line that starts with `line_start` (0 when absent)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
-    assert len(values) <= 1, values
-    return values[0] if values else 0.0
 
 
 # --- forwarding ------------------------------------------------------------------------------------
@@ -463,7 +457,6 @@ def test_gate_api_key(start, flag_none, upstream):
     assert first.headers["Authorization"] == "Bearer upstream-key" and "x-safeclip-api-key" not in {
         k.lower() for k in first.headers}
     assert second.headers["Authorization"] == "Bearer gate-key"  # passed through untouched
-
 
 
 def test_stream_that_stalls_midway_breaks_the_connection(start, flag_none, upstream):
