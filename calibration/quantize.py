@@ -40,7 +40,7 @@ from safeclip.runtime.decision import Policy
 from safeclip.runtime.engine import Engine
 from safeclip.runtime.preprocess import ImageError, Preprocessor
 from safeclip.runtime.progress import Progress
-from safeclip.runtime.screen import iter_inputs
+from safeclip.runtime.cli_options import iter_inputs
 
 INT8_FILE = "model.int8.onnx"
 MIN_AGREEMENT = 0.99

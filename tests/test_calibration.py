@@ -21,7 +21,7 @@ from safeclip.calibration.thresholds import candidates, fires
 from safeclip.runtime.contract import read_manifest, write_manifest
 from safeclip.runtime.engine import Engine
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.screen import iter_inputs
+from safeclip.runtime.cli_options import iter_inputs
 
 SIZE = 64
 BLUE, GREEN = (0, 0, 1), (0, 1, 0)

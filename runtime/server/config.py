@@ -16,11 +16,12 @@ from typing import Any
 
 from yarl import URL
 
-from safeclip.runtime.contract import PRECISIONS
-from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
+from safeclip.runtime.engine import DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 
+# What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -160,6 +161,13 @@ def _action(value: Any, where: str) -> str:
     return _choice(ACTIONS)(value, where)
 
 
+def _backend(value: Any, where: str) -> str:
+    try:
+        return parse_backend(_str(value, where))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _threshold(value: Any, where: str) -> float:
     number = _float(0.0, strict=False)(value, where)
     if number > 1.0:
@@ -226,8 +234,8 @@ class GateConfig:
     threshold: float | None = _parsed(_optional(_threshold), None)
     thresholds: dict[str, float] = _parsed(_mapping(_threshold), factory=dict)
     disabled: tuple[str, ...] = _parsed(_str_tuple, ())
-    backend: str = _parsed(_choice(BACKEND_CHOICES), "auto")
-    precision: str | None = _parsed(_optional(_choice(PRECISIONS)), None)
+    backend: str = _parsed(_backend, "auto")
+    precision: str | None = _parsed(_optional(_choice(PRECISION_CHOICES)), None)
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
     api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
