@@ -218,7 +218,7 @@ def _compare(reference: Engine, int8: OnnxRuntimeBackend, holdout: np.ndarray, p
     int8_probs = np.concatenate([int8.infer(holdout[i : i + batch_size])[contract.OUTPUT_PROBS]
                                  for i in range(0, len(holdout), batch_size)])
     blank = [""] * len(holdout)
-    same = [a.flagged == b.flagged for a, b in zip(policy.decide(fp32_probs, blank), policy.decide(int8_probs, blank))]
+    same = [a.flagged == b.flagged for a, b in zip(policy.verdicts(fp32_probs, blank), policy.verdicts(int8_probs, blank))]
     return float(np.abs(fp32_probs - int8_probs).max()), sum(same) / len(same)
 
 

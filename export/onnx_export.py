@@ -19,6 +19,7 @@ from safeclip.export.graph import FusedSafeClip, descriptor_matrix
 from safeclip.export.models import LoadedClip, load_clip
 from safeclip.runtime import contract
 from safeclip.runtime.contract import ImageSpec, Manifest
+from safeclip.runtime.decision import Policy
 
 OPSET = 18
 VERIFY_IMAGES = 8
@@ -48,15 +49,15 @@ def export_engine(
     out: str | Path,
     descriptors: str | Path | None = None,
     precisions: tuple[str, ...] = ("fp32", "fp16"),
-    cls: str = "final",
+    cls_source: str = "final",
     patch_features: bool = False,
     resize_mode: str = "pad",
 ) -> ExportReport:
     unknown = [p for p in precisions if p not in ONNX_FILES]
     if unknown or not precisions:
         raise ValueError(f"precisions must be a non-empty subset of {tuple(ONNX_FILES)}, got {precisions}")
-    if cls not in contract.CLS_SOURCES:
-        raise ValueError(f"cls must be one of {contract.CLS_SOURCES}, got {cls!r}")
+    if cls_source not in contract.CLS_SOURCES:
+        raise ValueError(f"cls_source must be one of {contract.CLS_SOURCES}, got {cls_source!r}")
     if resize_mode not in contract.RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {contract.RESIZE_MODES}, got {resize_mode!r}")
     desc = load_descriptors(descriptors)
@@ -64,7 +65,7 @@ def export_engine(
     engine_dir = Path(out)
     engine_dir.mkdir(parents=True, exist_ok=True)
 
-    fused = build_fused(clip, desc, cls, patch_features)
+    fused = build_fused(clip, desc, cls_source, patch_features)
     size = clip.model.config.vision_config.image_size
     outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + ([contract.OUTPUT_PATCH_FEATURES] if patch_features else [])
 
@@ -78,14 +79,19 @@ def export_engine(
     images = verification_images(VERIFY_IMAGES, size)
     with torch.no_grad():
         reference = fused(torch.from_numpy(images))[0].numpy()
-    neutral = next(i for i, c in enumerate(desc.categories) if c.neutral)
+    # The runtime's rule at the default thresholds: what the manifest written below will decide.
+    policy = Policy(
+        categories=tuple(c.name for c in desc.categories),
+        neutral=next(c.name for c in desc.categories if c.neutral),
+        thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
+    )
     report = ExportReport(engine_dir, {}, {})
     for precision, path in written.items():
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             [contract.OUTPUT_PROBS], {contract.INPUT_IMAGE: images}
         )[0]
         diff = float(np.abs(got - reference).max())
-        agree = bool(np.array_equal(_flags(got, neutral), _flags(reference, neutral)))
+        agree = bool(np.array_equal(policy.flagged(got), policy.flagged(reference)))
         report.max_abs_diff[precision] = diff
         report.decisions_agree[precision] = agree
         print(f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
@@ -102,11 +108,11 @@ def export_engine(
     manifest = Manifest(
         model_id=clip.model_id,
         model_hash=clip.model_hash,
-        cls=cls,
+        cls=cls_source,
         image=ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode=resize_mode),
         categories=desc.categories,
         logit_scale=float(clip.model.logit_scale.detach().exp()),
-        thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
+        thresholds=dict(policy.thresholds),
         artifacts=tuple(contract.artifact_for(engine_dir, path, p) for p, path in written.items()),
         outputs=tuple(outputs),
         versions={
@@ -124,9 +130,9 @@ def export_engine(
     return report
 
 
-def build_fused(clip: LoadedClip, desc: DescriptorSet, cls: str, patch_features: bool) -> FusedSafeClip:
+def build_fused(clip: LoadedClip, desc: DescriptorSet, cls_source: str, patch_features: bool) -> FusedSafeClip:
     text = descriptor_matrix(clip.model, clip.tokenizer, desc)
-    return FusedSafeClip(clip.model, text, desc, clip.mean, clip.std, cls, patch_features).eval()
+    return FusedSafeClip(clip.model, text, desc, clip.mean, clip.std, cls_source, patch_features).eval()
 
 
 def _export_onnx(fused: FusedSafeClip, size: int, outputs: list[str], path: Path) -> None:
@@ -237,8 +243,3 @@ def verification_images(count: int, size: int, seed: int = 0) -> np.ndarray:
             img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
     return images
-
-
-def _flags(probs: np.ndarray, neutral: int) -> np.ndarray:
-    others = np.delete(probs, neutral, axis=1)
-    return (others > contract.DEFAULT_THRESHOLD).any(axis=1)

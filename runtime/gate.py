@@ -96,7 +96,7 @@ class Gate:
             with self._lock:
                 probs = self.engine.infer(np.stack(pixels))["probs"]
             timings["infer"] += time.perf_counter() - started
-            for i, verdict in zip(rows, self.policy.decide(probs, digests)):
+            for i, verdict in zip(rows, self.policy.verdicts(probs, digests)):
                 results[i] = verdict
         return results  # type: ignore[return-value]
 

@@ -42,7 +42,7 @@ def tiny_engine_penultimate(tmp_path_factory) -> Path:
     from safeclip.export.onnx_export import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny-penultimate"
-    export_engine("tiny-random", out, precisions=("fp32",), cls="penultimate", patch_features=True)
+    export_engine("tiny-random", out, precisions=("fp32",), cls_source="penultimate", patch_features=True)
     return out
 
 

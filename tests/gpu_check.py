@@ -54,7 +54,7 @@ def check_model(model: str, work: Path, max_batch: int, repeats: int) -> dict:
     got = trt_engine.infer(images)["probs"]
     policy = Policy.from_manifest(manifest)
     digests = [""] * len(images)
-    agree = np.mean([a.flagged == b.flagged for a, b in zip(policy.decide(ref, digests), policy.decide(got, digests))])
+    agree = np.mean([a.flagged == b.flagged for a, b in zip(policy.verdicts(ref, digests), policy.verdicts(got, digests))])
 
     clip = load_clip(model)
     fused = build_fused(clip, load_descriptors(), manifest.cls, False).cuda().half()

@@ -151,7 +151,7 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="precisions"):
         export_engine("tiny-random", tmp_path, precisions=("int4",))
     with pytest.raises(ValueError, match="cls"):
-        export_engine("tiny-random", tmp_path, cls="middle")
+        export_engine("tiny-random", tmp_path, cls_source="middle")
 
 
 def test_offline_hub_model_fails_fast_with_fixes(tmp_path):

@@ -97,7 +97,7 @@ def run(ctx, result: Result) -> None:
     policy = Policy.from_manifest(manifest)
     digests = [str(i) for i in range(len(agree_images))]
     probs = {p: e.infer(agree_images)["probs"] for p, e in engines.items()}
-    flags = {p: np.array([v.flagged for v in policy.decide(pr, digests)]) for p, pr in probs.items()}
+    flags = {p: np.array([v.flagged for v in policy.verdicts(pr, digests)]) for p, pr in probs.items()}
     top = {p: pr.argmax(axis=1) for p, pr in probs.items()}
     result.params["fp32_flagged"] = int(flags["fp32"].sum())
     for p in available[1:]:
