@@ -8,18 +8,19 @@ The TOML file has the shape of `GateConfig`: top-level keys, and one table per n
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from yarl import URL
 
 from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
 from safeclip.runtime.engine import DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
+from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 
 # What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
@@ -36,23 +37,6 @@ DEFAULT_REFUSAL = (
     "I can't help with this request: an image in it was flagged by the content filter as {category}."
 )
 TEMPLATE_FIELDS = {"category": "gun", "categories": "gun, knife", "probability": 0.5}
-
-# OpenAI's moderation categories (omni-moderation), the keys its clients read.
-OPENAI_CATEGORIES = (
-    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-    "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
-    "violence/graphic",
-)
-# Our default categories (export/descriptors/default.toml) -> OpenAI moderation categories. A category
-# named like an OpenAI one maps to it without an entry; alcohol and cigarette have no OpenAI counterpart.
-DEFAULT_MODERATION_MAP: dict[str, tuple[str, ...]] = {
-    "porn": ("sexual",),
-    "blood": ("violence", "violence/graphic"),
-    "gun": ("violence",),
-    "knife": ("violence",),
-    "insulting gesture": ("harassment",),
-}
-
 
 def _int(minimum: int) -> Callable[[Any, str], int]:
     def parse(value: Any, where: str) -> int:
@@ -175,10 +159,20 @@ def _threshold(value: Any, where: str) -> float:
     return number
 
 
+# How `build` reads each field. A field is either a value, checked and converted by its parser
+# (`_parsed(parse, default)`), or a nested table that is a dataclass of its own (`_table(cls)`), built
+# from the table by `build` with that dataclass's own field parsers.
+PARSE, TABLE = "parse", "table"
+
+
 def _parsed(parse: Callable[[Any, str], Any], default: Any = None, factory: Callable[[], Any] | None = None) -> Any:
     if factory is not None:
-        return field(default_factory=factory, metadata={"parse": parse})
-    return field(default=default, metadata={"parse": parse})
+        return field(default_factory=factory, metadata={PARSE: parse})
+    return field(default=default, metadata={PARSE: parse})
+
+
+def _table(cls: type) -> Any:
+    return field(default_factory=cls, metadata={TABLE: cls})
 
 
 @dataclass(frozen=True)
@@ -238,17 +232,17 @@ class GateConfig:
     precision: str | None = _parsed(_optional(_choice(PRECISION_CHOICES)), None)
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
-    api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
+    api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
     audit_log: str | None = _parsed(_optional(_str), None)
     verdict_field: bool = _parsed(_bool, False)
     cache_size: int = _parsed(_int(0), 4096)
     # Entries added to (or replacing) DEFAULT_MODERATION_MAP: our category -> OpenAI categories ([] for none).
     moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
-    limits: Limits = _parsed(None, factory=Limits)
-    fetch: FetchConfig = _parsed(None, factory=FetchConfig)
-    batch: BatchConfig = _parsed(None, factory=BatchConfig)
-    timeouts: Timeouts = _parsed(None, factory=Timeouts)
-    templates: Templates = _parsed(None, factory=Templates)
+    limits: Limits = _table(Limits)
+    fetch: FetchConfig = _table(FetchConfig)
+    batch: BatchConfig = _table(BatchConfig)
+    timeouts: Timeouts = _table(Timeouts)
+    templates: Templates = _table(Templates)
 
     def action_for(self, category: str) -> str:
         return self.actions.get(category, self.action)
@@ -280,12 +274,12 @@ def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     for name, value in data.items():
         f = known[name]
         label = f"{where}.{name}" if where else name
-        if f.metadata["parse"] is None:  # a nested dataclass, given as a table
+        if TABLE in f.metadata:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{label}: expected a table, got {value!r}")
-            kwargs[name] = build(f.default_factory, value, label)  # type: ignore[arg-type, misc]
+            kwargs[name] = build(f.metadata[TABLE], value, label)
         else:
-            kwargs[name] = f.metadata["parse"](value, label)
+            kwargs[name] = f.metadata[PARSE](value, label)
     return cls(**kwargs)
 
 
