@@ -31,10 +31,10 @@ from safeclip.calibration.report import base_report, markdown, unreadable_note, 
 from safeclip.calibration.thresholds import ThresholdChoice, benign_budget, choose_thresholds
 from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.cli_options import PRECISION_CHOICES, backend_choice
 from safeclip.runtime.decision import Policy
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.cli_options import PRECISION_CHOICES, backend_choice
 
 DEFAULT_TARGET_FPR = 0.03
 REPORT_FOLDER = "calibration"

@@ -36,11 +36,11 @@ from safeclip.calibration.labelled import InputError
 from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
 from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from safeclip.runtime.cli_options import iter_inputs
 from safeclip.runtime.decision import Policy
 from safeclip.runtime.engine import Engine
 from safeclip.runtime.preprocess import ImageError, Preprocessor
 from safeclip.runtime.progress import Progress
-from safeclip.runtime.cli_options import iter_inputs
 
 INT8_FILE = "model.int8.onnx"
 MIN_AGREEMENT = 0.99

@@ -26,6 +26,12 @@ class FusedSafeClip(nn.Module):
     unless patch features (also layer -2) are asked for, in which case it is still not run.
     """
 
+    # Buffers (register_buffer below), declared for the type checker: nn.Module's __getattr__ is untyped.
+    pixel_mean: torch.Tensor
+    pixel_inv_std: torch.Tensor
+    text: torch.Tensor
+    phrase_to_category: torch.Tensor
+
     def __init__(
         self,
         clip: CLIPModel,

@@ -17,9 +17,10 @@ import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.utils import cached_file
 
+RGB = tuple[float, float, float]
 # CLIP's training statistics; a checkpoint's preprocessor_config.json overrides them.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN: RGB = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: RGB = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 TINY_RANDOM = "tiny-random"
@@ -46,8 +47,8 @@ class LoadedClip:
     tokenizer: CLIPTokenizer
     model_id: str
     model_hash: str
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    mean: RGB = OPENAI_CLIP_MEAN
+    std: RGB = OPENAI_CLIP_STD
 
 
 def load_clip(model: str) -> LoadedClip:
@@ -118,14 +119,22 @@ def _from_pretrained(model: str, local_files_only: bool) -> LoadedClip:
     return LoadedClip(clip.eval(), tokenizer, model, model_hash, mean, std)
 
 
-def _normalization(model: str, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization(model: str, local_files_only: bool) -> tuple[RGB, RGB]:
     config_file = cached_file(
         model, "preprocessor_config.json", local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False
     )
     if config_file is None:
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     config = json.loads(Path(config_file).read_text())
-    return tuple(config.get("image_mean", OPENAI_CLIP_MEAN)), tuple(config.get("image_std", OPENAI_CLIP_STD))
+    return (_rgb(config.get("image_mean", OPENAI_CLIP_MEAN), f"{config_file}: image_mean"),
+            _rgb(config.get("image_std", OPENAI_CLIP_STD), f"{config_file}: image_std"))
+
+
+def _rgb(values: object, where: str) -> RGB:
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise ModelLoadError(f"{where}: expected 3 numbers (R, G, B), got {values!r}")
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def _weights_hash(model: torch.nn.Module) -> str:

@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from safeclip.runtime.decision import Policy, Verdict
 from safeclip.runtime.engine import DEFAULT_MAX_BATCH, Engine
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessor
 
-ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+ImageInput = str | os.PathLike | bytes | np.ndarray
 
 
 class Gate:
@@ -60,11 +59,12 @@ class Gate:
 
     def check(self, images: Sequence[ImageInput]) -> list[Verdict]:
         """Verdicts for every image, or ImageError (naming the image) if any cannot be screened."""
-        results = self.screen(images)
-        for result in results:
+        verdicts = []
+        for result in self.screen(images):
             if isinstance(result, ImageError):
                 raise result
-        return results  # type: ignore[return-value]
+            verdicts.append(result)
+        return verdicts
 
     def screen(
         self, images: Sequence[ImageInput], timings: dict[str, float] | None = None
@@ -98,7 +98,10 @@ class Gate:
             timings["infer"] += time.perf_counter() - started
             for i, verdict in zip(rows, self.policy.verdicts(probs, digests)):
                 results[i] = verdict
-        return results  # type: ignore[return-value]
+        screened = [r for r in results if r is not None]
+        if len(screened) != len(images):  # every image gets a verdict or its error; a gap is a bug here
+            raise RuntimeError(f"{len(images) - len(screened)} of {len(images)} images got no result")
+        return screened
 
 
 def _read(image: ImageInput, index: int) -> tuple[bytes | np.ndarray, str, str]:
