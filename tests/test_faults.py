@@ -1,4 +1,4 @@
-"""Issue 9: faults, each with its documented behaviour (SECURITY.md, "Failure behaviour").
+"""Faults, each with its documented behaviour (SECURITY.md, "Failure behaviour").
 
 Already covered elsewhere, not repeated here (tests/test_server_gate.py and tests/test_server_cli.py):
 upstream refusing connections (502: test_upstream_down_is_502), slow to first byte (504:

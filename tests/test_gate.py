@@ -1,4 +1,4 @@
-"""Issue 3: the embedding API through the real preprocessing, against the HF + torch path."""
+"""The embedding API through the real preprocessing, against the HF + torch path."""
 
 from __future__ import annotations
 

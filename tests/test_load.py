@@ -1,4 +1,4 @@
-"""Issue 9: load. 1,000 concurrent requests through `safeclip serve` (a real process) to a recording
+"""Load. 1,000 concurrent requests through `safeclip serve` (a real process) to a recording
 upstream on 127.0.0.1, and the bounded queue that turns a burst the engine cannot absorb into 503s.
 
 Each request carries its id in its text and in an x-test-id header; the upstream echoes both, so a
@@ -36,6 +36,9 @@ from server_helpers import (
     user_message,
     wait_for,
 )
+
+# 2,000 requests through a real gate process: slow, run by `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
 
 REQUESTS = 1000
 UNIQUE = 200  # request i sends image i % UNIQUE: first sightings, then cache hits and shared in-flight verdicts

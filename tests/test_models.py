@@ -60,6 +60,7 @@ def test_probe_gives_up_on_a_silent_endpoint(monkeypatch):
     assert time.monotonic() - began < 2
 
 
+@pytest.mark.slow
 def test_unreachable_hub_fails_fast_with_fixes(tmp_path, closed_port):
     """In a fresh process, so the hub client reads the loopback endpoint at import, whatever load_clip does."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("hf_hub_offline", "transformers_offline",

@@ -1,4 +1,4 @@
-"""Issue 5: `safeclip quantize` produces a verified INT8 artifact, or leaves the engine untouched."""
+"""`safeclip quantize` produces a verified INT8 artifact, or leaves the engine untouched."""
 
 from __future__ import annotations
 

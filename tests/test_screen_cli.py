@@ -1,4 +1,4 @@
-"""Issue 3: `safeclip screen` output schema and exit codes."""
+"""`safeclip screen` output schema and exit codes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8: `safeclip serve` as a command: flags over the config file, exit statuses, a real process."""
+"""`safeclip serve` as a command: flags over the config file, exit statuses, a real process."""
 
 from __future__ import annotations
 

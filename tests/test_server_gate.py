@@ -1,4 +1,4 @@
-"""Issue 8: the gate end to end, with the real `openai` SDK as the client and a recording upstream.
+"""The gate end to end, with the real `openai` SDK as the client and a recording upstream.
 
 Everything listens on 127.0.0.1. Verdicts are forced with thresholds: 0.0 flags every image, 1.0 none.
 """

@@ -1,4 +1,4 @@
-"""Issue 8: image URLs are fetched SSRF-safe.
+"""Image URLs are fetched SSRF-safe.
 
 Two kinds of test, neither of which can send a packet to a private, link-local or public address:
 - here, in this process, refusals are proven to happen before any connection (a spy on aiohttp's
