@@ -65,7 +65,8 @@ def load_clip(model: str) -> LoadedClip:
         raise ModelLoadError(_offline_message(model, "HF_HUB_OFFLINE is set and it is not in the local cache"))
     unreachable = hub_unreachable()
     if unreachable:
-        raise ModelLoadError(_offline_message(model, f"it is not in the local cache and the hub is unreachable ({unreachable})"))
+        why = f"it is not in the local cache and the hub is unreachable ({unreachable})"
+        raise ModelLoadError(_offline_message(model, why))
     try:
         return _from_pretrained(model, local_files_only=False)
     except OSError as e:
@@ -73,7 +74,8 @@ def load_clip(model: str) -> LoadedClip:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in switches)
 
 
 def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
@@ -121,7 +123,8 @@ def _from_pretrained(model: str, local_files_only: bool) -> LoadedClip:
 
 def _normalization(model: str, local_files_only: bool) -> tuple[RGB, RGB]:
     config_file = cached_file(
-        model, "preprocessor_config.json", local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False
+        model, "preprocessor_config.json", local_files_only=local_files_only,
+        _raise_exceptions_for_missing_entries=False,
     )
     if config_file is None:
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

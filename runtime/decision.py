@@ -77,7 +77,7 @@ class Policy:
 
     def flagged(self, probs: np.ndarray) -> np.ndarray:
         """bool [N]: whether each image is flagged (some enabled category over its threshold)."""
-        return self.over(probs).any(axis=1)
+        return np.asarray(self.over(probs).any(axis=1), dtype=bool)
 
     def verdicts(self, probs: np.ndarray, sha256s: list[str]) -> list[Verdict]:
         """One Verdict per row of probs [N, categories], each carrying its image's sha256."""
@@ -88,15 +88,15 @@ class Policy:
         names = list(self.thresholds)
         top = np.argmax(probs[:, index], axis=1)
         verdicts = []
-        for row, digest, row_over, best in zip(probs.tolist(), sha256s, over, top):
+        for row, digest, row_over, best in zip(probs.tolist(), sha256s, over, top, strict=True):
             verdicts.append(
                 Verdict(
                     flagged=bool(row_over.any()),
                     category=names[best],
                     probability=row[index[best]],
-                    probabilities=dict(zip(self.categories, row)),
+                    probabilities=dict(zip(self.categories, row, strict=True)),
                     sha256=digest,
-                    flagged_categories=tuple(n for n, o in zip(names, row_over) if o),
+                    flagged_categories=tuple(n for n, o in zip(names, row_over, strict=True) if o),
                 )
             )
         return verdicts

@@ -96,7 +96,7 @@ class Gate:
             with self._lock:
                 probs = self.engine.infer(np.stack(pixels))["probs"]
             timings["infer"] += time.perf_counter() - started
-            for i, verdict in zip(rows, self.policy.verdicts(probs, digests)):
+            for i, verdict in zip(rows, self.policy.verdicts(probs, digests), strict=True):
                 results[i] = verdict
         screened = [r for r in results if r is not None]
         if len(screened) != len(images):  # every image gets a verdict or its error; a gap is a bug here

@@ -32,7 +32,7 @@ def screen_paths(gate: Gate, paths: list[str], as_json: bool, progress: Progress
 
     def flush() -> int:
         worst = EXIT_CLEAN
-        for path, result in zip(batch, gate.screen(batch)):
+        for path, result in zip(batch, gate.screen(batch), strict=True):
             if isinstance(result, ImageError):
                 record = {"path": str(path), "error": result.reason, "error_type": type(result).__name__}
                 line = f"{path}\tERROR\t{result.reason}"

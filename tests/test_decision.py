@@ -32,7 +32,7 @@ def test_paper_rule():
     assert verdicts[1].category == "gun" and verdicts[1].probability == pytest.approx(0.7)
     assert verdicts[1].flagged_categories == ("gun",)
     assert verdicts[2].category == "gun" and not verdicts[2].flagged
-    assert verdicts[0].probabilities == pytest.approx(dict(zip(CATS, P[0].tolist())))
+    assert verdicts[0].probabilities == pytest.approx(dict(zip(CATS, P[0].tolist(), strict=True)))
     assert [v.sha256 for v in verdicts] == ["a", "b", "c", "d"]
 
 
@@ -50,8 +50,8 @@ def test_thresholds_zero_and_one_flag_all_and_none():
 def test_threshold_zero_flags_a_probability_that_underflowed_to_zero():
     underflowed = np.array([[1.0, 0.0, 0.0, 0.0]], np.float32)
     assert Policy.from_manifest(manifest(), threshold=0.0).flagged(underflowed).tolist() == [True]
-    assert Policy.from_manifest(manifest(), thresholds={"gun": 0.0}).verdicts(underflowed, ["a"])[0].flagged_categories \
-        == ("gun",)
+    [verdict] = Policy.from_manifest(manifest(), thresholds={"gun": 0.0}).verdicts(underflowed, ["a"])
+    assert verdict.flagged_categories == ("gun",)
 
 
 def test_per_category_override_and_disable():

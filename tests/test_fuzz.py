@@ -207,7 +207,8 @@ good_messages = st.fixed_dictionaries(
 )
 good_chat_bodies = st.fixed_dictionaries({"model": st.just("m"), "messages": st.lists(good_messages, max_size=4)})
 good_moderation_bodies = st.fixed_dictionaries({"input": st.one_of(
-    st.text(max_size=10), st.lists(st.text(max_size=5), min_size=1, max_size=3), st.lists(good_parts, min_size=1, max_size=4))})
+    st.text(max_size=10), st.lists(st.text(max_size=5), min_size=1, max_size=3),
+    st.lists(good_parts, min_size=1, max_size=4))})
 
 
 def is_image_part(part) -> bool:
