@@ -300,6 +300,7 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
         return
     assert isinstance(data, bytes) and len(data) <= limit
     assert url[5:].partition(",")[0].lower().endswith(";base64")
+    assert data == base64.b64decode(url.partition(",")[2], validate=True)  # exactly the payload, strictly decoded
     assert data_url(data).startswith("data:")  # what is forwarded for it can always be written
 
 
