@@ -53,6 +53,22 @@ def tiny_clip():
     return tiny_random_clip()
 
 
+@pytest.fixture(scope="module")
+def flag_all(tiny_engine):
+    """A Gate on the tiny engine that flags every image (threshold 0)."""
+    from safeclip.runtime.gate import Gate
+
+    return Gate.from_engine(tiny_engine, threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def flag_none(tiny_engine):
+    """A Gate on the tiny engine that flags no image (threshold 1)."""
+    from safeclip.runtime.gate import Gate
+
+    return Gate.from_engine(tiny_engine, threshold=1.0)
+
+
 # The gate tests' servers: one background loop and one recording upstream per test module.
 
 

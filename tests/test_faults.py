@@ -38,11 +38,6 @@ from server_helpers import (
 IMAGE = png(seed=31)
 
 
-@pytest.fixture(scope="module")
-def flag_none(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=1.0)
-
-
 @pytest.fixture
 def gate_url(servers, upstream_server, flag_none, tiny_engine):
     return servers.start_gate(gate_config(tiny_engine, upstream_server[1]), flag_none)

@@ -372,10 +372,9 @@ def recursion_limit(extra: int) -> Iterator[None]:
 # --- the running gate ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gate_url(servers, upstream_server, tiny_engine):
+def gate_url(servers, upstream_server, flag_all, tiny_engine):
     """A gate that flags every image and injects the safety prompt, so a body with a decodable image is
     edited and re-encoded: the path with the most to go wrong."""
-    flag_all = Gate.from_engine(tiny_engine, threshold=0.0)
     return servers.start_gate(gate_config(tiny_engine, upstream_server[1], action="inject"), flag_all)
 
 

@@ -41,16 +41,6 @@ def image_host(servers):
     return host, servers.start(host.app())
 
 
-@pytest.fixture(scope="module")
-def flag_all(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=0.0)
-
-
-@pytest.fixture(scope="module")
-def flag_none(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=1.0)
-
-
 @pytest.fixture
 def start(servers, upstream_server, tiny_engine):
     """start(gate, **config) -> the base URL of a gate in front of the recording upstream."""
