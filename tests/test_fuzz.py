@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from images import encode, pil_bytes, png_chunk, png_header, smooth_images
-from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.messages import (
