@@ -1,8 +1,9 @@
 # safeclip: `make help` lists the targets.
 .DEFAULT_GOAL := help
-.PHONY: help install test engine triton-repo bench bench-quick gpu-check clean-engines
+.PHONY: help install test test-fast lint engine triton-repo bench bench-quick gpu-check clean-engines
 
-VENV       ?= .venv
+# An activated virtual environment is used as it is; otherwise `make install` creates .venv.
+VENV       ?= $(or $(VIRTUAL_ENV),.venv)
 PY         := $(VENV)/bin/python
 TRITON_VENV ?= .venv-triton
 LITELLM_VENV ?= .venv-litellm
@@ -28,7 +29,7 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter and the test tools (+ .venv-triton, .venv-litellm)
+install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the test tools into VENV (default: the active venv, else .venv), plus .venv-triton and .venv-litellm
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
@@ -47,7 +48,23 @@ install: $(PY) ## create .venv with the runtime (CPU onnxruntime), the exporter 
 	$(LITELLM_VENV)/bin/pip install --quiet '$(LITELLM_PIN)'
 
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
-	$(PY) -m pytest -q
+	SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' $(PY) -m pytest -q
+
+test-fast: ## the tests not marked slow, fuzzing with 50 examples a test (about 2 minutes on 2 cores)
+	SAFECLIP_FUZZ_EXAMPLES=$${SAFECLIP_FUZZ_EXAMPLES:-50} SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' \
+		$(PY) -m pytest -q -m 'not slow'
+
+MYPY_TREE := build/mypy
+lint: ## ruff (lint rules) and mypy (types), as configured in pyproject.toml; both run, either fails it
+	@# mypy reads the folders laid out as the installed package: it cannot follow the editable-install finder.
+	@rm -rf $(MYPY_TREE) && mkdir -p $(MYPY_TREE)/safeclip
+	@ln -s '$(CURDIR)/safeclip/__init__.py' '$(CURDIR)/safeclip/py.typed' $(MYPY_TREE)/safeclip/
+	@for d in export runtime calibration; do ln -s "$(CURDIR)/$$d" $(MYPY_TREE)/safeclip/$$d; done
+	@ln -s '$(CURDIR)/bench' $(MYPY_TREE)/bench
+	@status=0; \
+	$(PY) -m ruff check . || status=1; \
+	(cd $(MYPY_TREE) && '$(abspath $(PY))' -m mypy --config-file '$(CURDIR)/pyproject.toml' -p safeclip -p bench) || status=1; \
+	exit $$status
 
 engine: ## build engines/NAME from MODEL: ONNX FP32+FP16, manifest, and a TensorRT plan where TensorRT and a GPU exist
 ifndef NAME

@@ -23,7 +23,7 @@ from bench.settings import Settings
 class Benchmark:
     name: str
     title: str
-    goal: str  # what the issue asks for, in words; the report says whether the measurement meets it
+    goal: str  # what is asked of the measurement, in words; the report says whether it meets it
     run: Callable[[Context, Result], None]
     # Keys this benchmark must produce for these settings (a measurement, a ratio or an explicit not-run).
     expected: Callable[[Settings], Sequence[str]]

@@ -31,10 +31,10 @@ from safeclip.calibration.report import base_report, markdown, unreadable_note, 
 from safeclip.calibration.thresholds import ThresholdChoice, benign_budget, choose_thresholds
 from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.cli_options import PRECISION_CHOICES, backend_choice
 from safeclip.runtime.decision import Policy
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.screen import backend_choice
 
 DEFAULT_TARGET_FPR = 0.03
 REPORT_FOLDER = "calibration"
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"largest share of benign images flagged (default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--backend", type=backend_choice, default="auto",
                         help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server URL (default: auto)")
-    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+    parser.add_argument("--precision", choices=PRECISION_CHOICES,
                         help="calibrate the artifact you will deploy (default: best for the backend)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
     args = parser.parse_args(argv)

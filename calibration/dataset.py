@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from safeclip.runtime.screen import iter_inputs
+from safeclip.runtime.cli_options import iter_inputs
 
 
 class DatasetError(ValueError):

@@ -23,8 +23,8 @@ from safeclip.calibration.metrics import Evaluation, evaluate_policy
 from safeclip.calibration.plots import render_plots
 from safeclip.calibration.report import PAPER, base_report, markdown, unreadable_note, write_report
 from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.cli_options import add_engine_arguments, gate_from_args
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.screen import add_engine_arguments, gate_from_args
 
 
 @dataclass(frozen=True)

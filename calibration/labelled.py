@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from safeclip.runtime.cli_options import IMAGE_SUFFIXES, iter_inputs
 from safeclip.runtime.contract import Manifest
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import ImageError
 from safeclip.runtime.progress import Progress
-from safeclip.runtime.screen import IMAGE_SUFFIXES, iter_inputs
 
 # Below this a rate moves by 5% per image, and AUROC/TPR say little; applies to the benign set, the
 # toxic set, and each toxic category folder, counting only the images that could be screened.

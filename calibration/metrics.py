@@ -90,8 +90,8 @@ class Evaluation:
 
 
 def evaluate_policy(scores: Scores, policy: Policy) -> Evaluation:
-    benign = policy.decide(scores.benign, [""] * len(scores.benign))
-    toxic = policy.decide(scores.toxic, [""] * len(scores.toxic))
+    benign = policy.verdicts(scores.benign, [""] * len(scores.benign))
+    toxic = policy.verdicts(scores.toxic, [""] * len(scores.toxic))
     labels = scores.toxic_labels
     per_category = {}
     for name in (c for c in scores.categories if c != scores.neutral):

@@ -42,11 +42,11 @@ from safeclip.calibration.labelled import InputError
 from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
 from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from safeclip.runtime.cli_options import iter_inputs
 from safeclip.runtime.decision import Policy
 from safeclip.runtime.engine import Engine
 from safeclip.runtime.preprocess import ImageError, Preprocessor
 from safeclip.runtime.progress import Progress
-from safeclip.runtime.screen import iter_inputs
 
 INT8_FILE = "model.int8.onnx"
 METHODS = ("dynamic", "static")
@@ -217,15 +217,15 @@ def agreement_table(fp32_probs: np.ndarray, int8_probs: np.ndarray, manifest: co
     straddle the percentile, so it splits the images as the percentile says and no image sits on it."""
     def measure(at: str, policy: Policy, threshold: float | None) -> Agreement:
         blank = [""] * len(fp32_probs)
-        a = np.array([v.flagged for v in policy.decide(fp32_probs, blank)])
-        b = np.array([v.flagged for v in policy.decide(int8_probs, blank)])
+        a = np.array([v.flagged for v in policy.verdicts(fp32_probs, blank)])
+        b = np.array([v.flagged for v in policy.verdicts(int8_probs, blank)])
         return Agreement(at, threshold, float(np.mean(a == b)), int(a.sum()), len(a))
 
     if len(fp32_probs) < 2 or fp32_probs.shape != int8_probs.shape:
         raise ValueError(f"need two or more images with matching outputs, got {fp32_probs.shape} and {int8_probs.shape}")
     policy = Policy.from_manifest(manifest)
     rows = [measure("manifest", policy, None)]
-    scores = np.sort([v.probability for v in policy.decide(fp32_probs, [""] * len(fp32_probs))])
+    scores = np.sort([v.probability for v in policy.verdicts(fp32_probs, [""] * len(fp32_probs))])
     for q in AGREEMENT_PERCENTILES if percentiles is None else percentiles:
         k = min(max(int(np.ceil(q / 100 * len(scores))), 1), len(scores) - 1)
         threshold = float((scores[k - 1] + scores[k]) / 2)

@@ -41,10 +41,10 @@ from typing import Any, TextIO
 from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample
 from safeclip.calibration.scan_report import blurred_thumbnail, render
 from safeclip.runtime.backends.base import BackendError
+from safeclip.runtime.cli_options import EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED, add_engine_arguments, gate_from_args
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import ImageError
 from safeclip.runtime.progress import Progress
-from safeclip.runtime.screen import EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED, add_engine_arguments, gate_from_args
 
 DEFAULT_REFUSAL = "I'm sorry, but I can't help with this image: it appears to contain {category} content."
 VERDICTS, SUMMARY, REPORT, CONFIG = "verdicts.jsonl", "summary.json", "report.html", "scan.json"

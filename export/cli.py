@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
             out=args.out,
             descriptors=args.descriptors,
             precisions=precisions,
-            cls=args.cls,
+            cls_source=args.cls,
             patch_features=args.patch_features,
             resize_mode=args.resize,
         )

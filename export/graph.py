@@ -26,6 +26,12 @@ class FusedSafeClip(nn.Module):
     unless patch features (also layer -2) are asked for, in which case it is still not run.
     """
 
+    # Buffers (register_buffer below), declared for the type checker: nn.Module's __getattr__ is untyped.
+    pixel_mean: torch.Tensor
+    pixel_inv_std: torch.Tensor
+    text: torch.Tensor
+    phrase_to_category: torch.Tensor
+
     def __init__(
         self,
         clip: CLIPModel,
@@ -33,16 +39,16 @@ class FusedSafeClip(nn.Module):
         descriptors: DescriptorSet,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
-        cls: str,
+        cls_source: str,
         patch_features: bool,
     ):
         super().__init__()
         vision = clip.vision_model
-        depth = len(vision.encoder.layers) if cls == "final" else len(vision.encoder.layers) - 1
+        depth = len(vision.encoder.layers) if cls_source == "final" else len(vision.encoder.layers) - 1
         self.embeddings = vision.embeddings
         self.pre_layrnorm = vision.pre_layrnorm
         self.layers = nn.ModuleList(vision.encoder.layers[:depth])
-        self.post_layernorm = vision.post_layernorm if cls == "final" else None
+        self.post_layernorm = vision.post_layernorm if cls_source == "final" else None
         self.visual_projection = clip.visual_projection
         self.patch_layer = len(vision.encoder.layers) - 2 if patch_features else None
         # Folding /255 into mean and std keeps the in-graph normalization at one Sub and one Mul.
@@ -60,10 +66,10 @@ class FusedSafeClip(nn.Module):
             hidden = layer(hidden, None)
             if i == self.patch_layer:
                 patches = hidden[:, 1:]
-        cls = hidden[:, 0]
+        cls_token = hidden[:, 0]
         if self.post_layernorm is not None:
-            cls = self.post_layernorm(cls)
-        embeds = self.visual_projection(cls)
+            cls_token = self.post_layernorm(cls_token)
+        embeds = self.visual_projection(cls_token)
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         phrase_probs = torch.softmax(embeds @ self.text.T, dim=-1)
         probs = phrase_probs @ self.phrase_to_category

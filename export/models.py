@@ -6,28 +6,35 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.utils import cached_file
 
+RGB = tuple[float, float, float]
 # CLIP's training statistics; a checkpoint's preprocessor_config.json overrides them.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN: RGB = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: RGB = (0.26862954, 0.26130258, 0.27577711)
 
 DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
 TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 1234
+# How long the hub gets to accept a TCP connection before the download is not even tried: without the probe,
+# an offline machine spends tens of seconds in the hub client's retries before failing.
+HUB_PROBE_SECONDS = 3.0
 
 _TINY_WARNING = """\
-**********************************************************************
-* WARNING: --model tiny-random has RANDOM weights. It detects nothing. *
-* It exists for smoke tests and CI. Use a real CLIP checkpoint for    *
-* screening (default: openai/clip-vit-large-patch14-336).             *
-**********************************************************************"""
+**************************************************************************
+* WARNING: --model tiny-random has RANDOM weights: its verdicts are      *
+* meaningless. It exists for smoke tests and CI. Use a real CLIP         *
+* checkpoint for screening (default: openai/clip-vit-large-patch14-336). *
+**************************************************************************"""
 
 
 class ModelLoadError(RuntimeError):
@@ -40,8 +47,8 @@ class LoadedClip:
     tokenizer: CLIPTokenizer
     model_id: str
     model_hash: str
-    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    mean: RGB = OPENAI_CLIP_MEAN
+    std: RGB = OPENAI_CLIP_STD
 
 
 def load_clip(model: str) -> LoadedClip:
@@ -56,6 +63,10 @@ def load_clip(model: str) -> LoadedClip:
         pass
     if _hub_offline():
         raise ModelLoadError(_offline_message(model, "HF_HUB_OFFLINE is set and it is not in the local cache"))
+    unreachable = hub_unreachable()
+    if unreachable:
+        why = f"it is not in the local cache and the hub is unreachable ({unreachable})"
+        raise ModelLoadError(_offline_message(model, why))
     try:
         return _from_pretrained(model, local_files_only=False)
     except OSError as e:
@@ -63,7 +74,32 @@ def load_clip(model: str) -> LoadedClip:
 
 
 def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in switches)
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the hub (HF_ENDPOINT, or the HTTPS proxy when one is set) cannot be reached, or None when a TCP
+    connection to it opens within `timeout` seconds. Name resolution counts against the timeout too."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    errors: list[OSError] = []
+    done = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            errors.append(e)
+        done.set()
+
+    # A thread, because getaddrinfo has no timeout of its own and a dead resolver can hang for long.
+    threading.Thread(target=connect, daemon=True).start()
+    if not done.wait(timeout):
+        return f"{host}:{port} did not answer within {timeout:g} s"
+    return f"{host}:{port}: {errors[0].strerror or errors[0]}" if errors else None
 
 
 def _offline_message(model: str, why: str) -> str:
@@ -85,14 +121,23 @@ def _from_pretrained(model: str, local_files_only: bool) -> LoadedClip:
     return LoadedClip(clip.eval(), tokenizer, model, model_hash, mean, std)
 
 
-def _normalization(model: str, local_files_only: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization(model: str, local_files_only: bool) -> tuple[RGB, RGB]:
     config_file = cached_file(
-        model, "preprocessor_config.json", local_files_only=local_files_only, _raise_exceptions_for_missing_entries=False
+        model, "preprocessor_config.json", local_files_only=local_files_only,
+        _raise_exceptions_for_missing_entries=False,
     )
     if config_file is None:
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     config = json.loads(Path(config_file).read_text())
-    return tuple(config.get("image_mean", OPENAI_CLIP_MEAN)), tuple(config.get("image_std", OPENAI_CLIP_STD))
+    return (_rgb(config.get("image_mean", OPENAI_CLIP_MEAN), f"{config_file}: image_mean"),
+            _rgb(config.get("image_std", OPENAI_CLIP_STD), f"{config_file}: image_std"))
+
+
+def _rgb(values: object, where: str) -> RGB:
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        raise ModelLoadError(f"{where}: expected 3 numbers (R, G, B), got {values!r}")
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def _weights_hash(model: torch.nn.Module) -> str:

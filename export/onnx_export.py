@@ -19,6 +19,7 @@ from safeclip.export.graph import FusedSafeClip, descriptor_matrix
 from safeclip.export.models import LoadedClip, load_clip
 from safeclip.runtime import contract
 from safeclip.runtime.contract import ImageSpec, Manifest
+from safeclip.runtime.decision import Policy
 
 OPSET = 18
 VERIFY_IMAGES = 8
@@ -48,20 +49,21 @@ def export_engine(
     out: str | Path,
     descriptors: str | Path | None = None,
     precisions: tuple[str, ...] = ("fp32", "fp16"),
-    cls: str = "final",
+    cls_source: str = "final",
     patch_features: bool = False,
     resize_mode: str = "pad",
 ) -> ExportReport:
-    _check_options(precisions, cls, resize_mode)
-    return export_clip(load_clip(model), load_descriptors(descriptors), out, precisions, cls, patch_features, resize_mode)
+    _check_options(precisions, cls_source, resize_mode)
+    return export_clip(load_clip(model), load_descriptors(descriptors), out, precisions, cls_source, patch_features,
+                       resize_mode)
 
 
-def _check_options(precisions: tuple[str, ...], cls: str, resize_mode: str) -> None:
+def _check_options(precisions: tuple[str, ...], cls_source: str, resize_mode: str) -> None:
     unknown = [p for p in precisions if p not in ONNX_FILES]
     if unknown or not precisions:
         raise ValueError(f"precisions must be a non-empty subset of {tuple(ONNX_FILES)}, got {precisions}")
-    if cls not in contract.CLS_SOURCES:
-        raise ValueError(f"cls must be one of {contract.CLS_SOURCES}, got {cls!r}")
+    if cls_source not in contract.CLS_SOURCES:
+        raise ValueError(f"cls_source must be one of {contract.CLS_SOURCES}, got {cls_source!r}")
     if resize_mode not in contract.RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {contract.RESIZE_MODES}, got {resize_mode!r}")
 
@@ -71,7 +73,7 @@ def export_clip(
     desc: DescriptorSet,
     out: str | Path,
     precisions: tuple[str, ...] = ("fp32", "fp16"),
-    cls: str = "final",
+    cls_source: str = "final",
     patch_features: bool = False,
     resize_mode: str = "pad",
     verify: bool = True,
@@ -79,11 +81,11 @@ def export_clip(
 ) -> ExportReport:
     """An engine folder from a loaded CLIP. `verify=False` skips the torch parity check (minutes at ViT-L
     size; the benchmarks, which time random weights, skip it); `extra` is merged into the manifest's."""
-    _check_options(precisions, cls, resize_mode)
+    _check_options(precisions, cls_source, resize_mode)
     engine_dir = Path(out)
     engine_dir.mkdir(parents=True, exist_ok=True)
 
-    fused = build_fused(clip, desc, cls, patch_features)
+    fused = build_fused(clip, desc, cls_source, patch_features)
     size = clip.model.config.vision_config.image_size
     outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + ([contract.OUTPUT_PATCH_FEATURES] if patch_features else [])
 
@@ -104,7 +106,7 @@ def export_clip(
     manifest = Manifest(
         model_id=clip.model_id,
         model_hash=clip.model_hash,
-        cls=cls,
+        cls=cls_source,
         image=ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode=resize_mode),
         categories=desc.categories,
         logit_scale=float(clip.model.logit_scale.detach().exp()),
@@ -132,14 +134,19 @@ def _verify(fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[
     images = verification_images(VERIFY_IMAGES, size)
     with torch.no_grad():
         reference = fused(torch.from_numpy(images))[0].numpy()
-    neutral = next(i for i, c in enumerate(desc.categories) if c.neutral)
+    # The runtime's rule at the default thresholds: what the manifest written below will decide.
+    policy = Policy(
+        categories=tuple(c.name for c in desc.categories),
+        neutral=next(c.name for c in desc.categories if c.neutral),
+        thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
+    )
     for precision, path in written.items():
         # From the path, as every backend loads it: the external data file resolves next to the graph.
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
             [contract.OUTPUT_PROBS], {contract.INPUT_IMAGE: images}
         )[0]
         diff = float(np.abs(got - reference).max())
-        agree = bool(np.array_equal(_flags(got, neutral), _flags(reference, neutral)))
+        agree = bool(np.array_equal(policy.flagged(got), policy.flagged(reference)))
         report.max_abs_diff[precision] = diff
         report.decisions_agree[precision] = agree
         print(f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
@@ -151,9 +158,9 @@ def _verify(fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[
             )
 
 
-def build_fused(clip: LoadedClip, desc: DescriptorSet, cls: str, patch_features: bool) -> FusedSafeClip:
+def build_fused(clip: LoadedClip, desc: DescriptorSet, cls_source: str, patch_features: bool) -> FusedSafeClip:
     text = descriptor_matrix(clip.model, clip.tokenizer, desc)
-    return FusedSafeClip(clip.model, text, desc, clip.mean, clip.std, cls, patch_features).eval()
+    return FusedSafeClip(clip.model, text, desc, clip.mean, clip.std, cls_source, patch_features).eval()
 
 
 def export_onnx(module: torch.nn.Module, size: int, outputs: list[str], path: Path) -> None:
@@ -321,8 +328,3 @@ def verification_images(count: int, size: int, seed: int = 0) -> np.ndarray:
             img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
         images[i] = np.clip(img, 0, 255).astype(np.uint8)
     return images
-
-
-def _flags(probs: np.ndarray, neutral: int) -> np.ndarray:
-    others = np.delete(probs, neutral, axis=1)
-    return (others > contract.DEFAULT_THRESHOLD).any(axis=1)

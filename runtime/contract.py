@@ -77,7 +77,8 @@ class ImageSpec:
     @property
     def pad_color(self) -> tuple[int, int, int]:
         # LLaVA-1.5's expand2square fills with tuple(int(x * 255) for x in image_mean).
-        return tuple(int(m * 255) for m in self.mean)  # type: ignore[return-value]
+        r, g, b = (int(m * 255) for m in self.mean)
+        return r, g, b
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class Manifest:
                 cls=str(d["cls"]),
                 image=ImageSpec(
                     size=int(image["size"]),
+                    # 3 values each: validate() refuses any other length, with the manifest's name.
                     mean=tuple(float(x) for x in image["mean"]),  # type: ignore[arg-type]
                     std=tuple(float(x) for x in image["std"]),  # type: ignore[arg-type]
                     resize_mode=str(image["resize_mode"]),

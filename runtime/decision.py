@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -65,27 +65,38 @@ class Policy:
             raise ValueError("every category is disabled; nothing would ever be flagged")
         return cls(categories=names, neutral=manifest.neutral, thresholds=enabled)
 
-    def decide(self, probs: np.ndarray, sha256s: list[str]) -> list[Verdict]:
+    def over(self, probs: np.ndarray) -> np.ndarray:
+        """The rule itself: bool [N, len(thresholds)], whether each image's probability for each enabled
+        category (in `thresholds` order) is above its threshold. The one place the comparison is made."""
         if probs.ndim != 2 or probs.shape[1] != len(self.categories):
             raise ValueError(f"expected probs [N, {len(self.categories)}], got {probs.shape}")
+        index = [self.categories.index(n) for n in self.thresholds]
+        limits = np.array(list(self.thresholds.values()), dtype=np.float32)
+        # A threshold of 0 flags everything, even a probability that underflowed to exactly 0.
+        return (probs[:, index] > limits) | (limits == 0.0)
+
+    def flagged(self, probs: np.ndarray) -> np.ndarray:
+        """bool [N]: whether each image is flagged (some enabled category over its threshold)."""
+        return np.asarray(self.over(probs).any(axis=1), dtype=bool)
+
+    def verdicts(self, probs: np.ndarray, sha256s: list[str]) -> list[Verdict]:
+        """One Verdict per row of probs [N, categories], each carrying its image's sha256."""
+        over = self.over(probs)
         if len(sha256s) != probs.shape[0]:
             raise ValueError(f"{probs.shape[0]} rows of probs but {len(sha256s)} sha256 values")
         index = [self.categories.index(n) for n in self.thresholds]
-        limits = np.array(list(self.thresholds.values()), dtype=np.float32)
         names = list(self.thresholds)
-        # A threshold of 0 flags everything, even a probability that underflowed to exactly 0.
-        over = (probs[:, index] > limits) | (limits == 0.0)
         top = np.argmax(probs[:, index], axis=1)
         verdicts = []
-        for row, digest, row_over, best in zip(probs.tolist(), sha256s, over, top):
+        for row, digest, row_over, best in zip(probs.tolist(), sha256s, over, top, strict=True):
             verdicts.append(
                 Verdict(
                     flagged=bool(row_over.any()),
                     category=names[best],
                     probability=row[index[best]],
-                    probabilities=dict(zip(self.categories, row)),
+                    probabilities=dict(zip(self.categories, row, strict=True)),
                     sha256=digest,
-                    flagged_categories=tuple(n for n, o in zip(names, row_over) if o),
+                    flagged_categories=tuple(n for n, o in zip(names, row_over, strict=True) if o),
                 )
             )
         return verdicts

@@ -63,16 +63,17 @@ class Gate:
         for start in range(0, len(pixels), self.engine.max_batch):
             with self._lock:
                 probs = self.engine.infer(np.stack(pixels[start:start + self.engine.max_batch]))["probs"]
-            verdicts += self.policy.decide(probs, list(digests[start:start + self.engine.max_batch]))
+            verdicts += self.policy.verdicts(probs, list(digests[start:start + self.engine.max_batch]))
         return verdicts
 
     def check(self, images: Sequence[ImageInput]) -> list[Verdict]:
         """Verdicts for every image, or ImageError (naming the image) if any cannot be screened."""
-        results = self.screen(images)
-        for result in results:
+        verdicts = []
+        for result in self.screen(images):
             if isinstance(result, ImageError):
                 raise result
-        return results  # type: ignore[return-value]
+            verdicts.append(result)
+        return verdicts
 
     def screen(
         self, images: Sequence[ImageInput], timings: dict[str, float] | None = None
@@ -105,9 +106,12 @@ class Gate:
             with self._lock:
                 probs = self.engine.infer(np.stack(pixels))["probs"]
             timings["infer"] += time.perf_counter() - started
-            for i, verdict in zip(rows, self.policy.decide(probs, digests)):
+            for i, verdict in zip(rows, self.policy.verdicts(probs, digests), strict=True):
                 results[i] = verdict
-        return results  # type: ignore[return-value]
+        screened = [r for r in results if r is not None]
+        if len(screened) != len(images):  # every image gets a verdict or its error; a gap is a bug here
+            raise RuntimeError(f"{len(images) - len(screened)} of {len(images)} images got no result")
+        return screened
 
 
 def _digest(data: bytes | np.ndarray) -> str:

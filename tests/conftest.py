@@ -50,7 +50,7 @@ def tiny_engine_penultimate(tmp_path_factory) -> Path:
     from safeclip.export.onnx_export import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny-penultimate"
-    export_engine("tiny-random", out, precisions=("fp32",), cls="penultimate", patch_features=True)
+    export_engine("tiny-random", out, precisions=("fp32",), cls_source="penultimate", patch_features=True)
     return out
 
 
@@ -59,6 +59,22 @@ def tiny_clip():
     from safeclip.export.models import tiny_random_clip
 
     return tiny_random_clip()
+
+
+@pytest.fixture(scope="module")
+def flag_all(tiny_engine):
+    """A Gate on the tiny engine that flags every image (threshold 0)."""
+    from safeclip.runtime.gate import Gate
+
+    return Gate.from_engine(tiny_engine, threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def flag_none(tiny_engine):
+    """A Gate on the tiny engine that flags no image (threshold 1)."""
+    from safeclip.runtime.gate import Gate
+
+    return Gate.from_engine(tiny_engine, threshold=1.0)
 
 
 # The gate tests' servers: one background loop and one recording upstream per test module.

@@ -125,7 +125,7 @@ def require_plan_prerequisites(env: dict) -> None:
 
 def compare(ref: np.ndarray, got: np.ndarray, policy) -> dict:
     digests = [""] * len(ref)
-    agree = float(np.mean([a.flagged == b.flagged for a, b in zip(policy.decide(ref, digests), policy.decide(got, digests))]))
+    agree = float(np.mean([a.flagged == b.flagged for a, b in zip(policy.verdicts(ref, digests), policy.verdicts(got, digests))]))
     diff = float(np.abs(got - ref).max())
     return {"max_abs_diff_prob_vs_ort_fp32": diff, "decision_agreement": agree,
             "agrees": diff <= MAX_ABS_DIFF and agree >= MIN_AGREEMENT}

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from images import encode, smooth_images
+from images import encode, pil_bytes, png_chunk, png_header, smooth_images
 from safeclip.runtime.preprocess import (
     DEFAULT_MAX_PIXELS,
     CorruptImage,
@@ -73,25 +73,10 @@ def _photo(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
     return smooth_images(1, height, width, seed=seed)[0]
 
 
-def _pil(image: Image.Image, fmt: str, **params) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **params)
-    return out.getvalue()
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG signature and an IHDR (8-bit RGB) with a valid CRC: nothing short of decoding tells it is fake."""
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-
-
 def _png_bomb(width: int, height: int) -> bytes:
     # A real IDAT: a few rows of zeros, so the file is well-formed up to where the rows run out.
     rows = zlib.compress(b"\x00" * (1 + 3 * min(width, 4096)) * 4, 9)
-    return png_header(width, height) + _png_chunk(b"IDAT", rows) + _png_chunk(b"IEND", b"")
+    return png_header(width, height) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
 def _jpeg_sof(data: bytes, width: int, height: int, which: int = 0) -> bytes:
@@ -171,7 +156,7 @@ def _gif_js_polyglot() -> bytes:
     """A GIF whose first bytes read as JavaScript: `GIF89a/*` opens a comment (the logical screen's
     width is 0x2a2f = 10799), the trailer closes it and assigns, so `<script src=x.gif>` would run it."""
     image = Image.new("P", (0x2A2F, 2), 0)
-    data = _pil(image, "GIF")
+    data = pil_bytes(image, "GIF")
     assert data[6:8] == b"/*", data[:10]
     return data.replace(b"*/", b"* ") + b"*/=1;alert(document.domain);//"
 
@@ -183,7 +168,7 @@ def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
     jpeg = encode(photo, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])
     png = encode(photo, ".png")
     webp = encode(photo, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 80])
-    gif = _pil(Image.fromarray(photo).quantize(32), "GIF")
+    gif = pil_bytes(Image.fromarray(photo).quantize(32), "GIF")
     bmp = encode(photo, ".bmp")
     tiff = encode(photo, ".tiff")
     rng = np.random.default_rng(9)
@@ -241,33 +226,33 @@ def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
         # an ancillary chunk (200 MB of zeros) that nothing needs to inflate.
         "at-pixel-limit.png": (lambda: encode(np.full((AT_LIMIT_SIDE, AT_LIMIT_SIDE, 3), 90, np.uint8), ".png",
                                               [cv2.IMWRITE_PNG_COMPRESSION, 9]), VERDICT),
-        "ztxt-bomb.png": (lambda: png[:33] + _png_chunk(b"zTXt", b"bomb\x00\x00" + zlib.compress(bytes(200 << 20), 9))
+        "ztxt-bomb.png": (lambda: png[:33] + png_chunk(b"zTXt", b"bomb\x00\x00" + zlib.compress(bytes(200 << 20), 9))
                           + png[33:], EITHER),
         # Extreme shapes: the resize weights grow with the longest side.
         "1x4000.png": (lambda: encode(_photo(1, 4000, seed=1), ".png"), VERDICT),
         "4000x1.png": (lambda: encode(_photo(4000, 1, seed=2), ".png"), VERDICT),
         "1x4000.jpg": (lambda: encode(_photo(1, 4000, seed=3), ".jpg"), VERDICT),
         "1x100000.png": (lambda: encode(np.full((1, 100_000, 3), 200, np.uint8), ".png"), VERDICT),
-        "1x1.gif": (lambda: _pil(Image.new("P", (1, 1)), "GIF"), VERDICT),
+        "1x1.gif": (lambda: pil_bytes(Image.new("P", (1, 1)), "GIF"), VERDICT),
         # Layouts a decoder must turn into 8-bit RGB.
         "rgb16.png": (lambda: encode(photo.astype(np.uint16) * 257, ".png"), VERDICT),
         "gray16.png": (lambda: cv2.imencode(".png", photo[..., 0].astype(np.uint16) * 257)[1].tobytes(), VERDICT),
         "gray.jpg": (lambda: cv2.imencode(".jpg", photo[..., 0])[1].tobytes(), VERDICT),
-        "gray-alpha.png": (lambda: _pil(Image.fromarray(photo).convert("LA"), "PNG"), VERDICT),
-        "1bit.png": (lambda: _pil(Image.fromarray(photo).convert("1"), "PNG"), VERDICT),
-        "cmyk.jpg": (lambda: _pil(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=90), VERDICT),
-        "progressive.jpg": (lambda: _pil(Image.fromarray(photo), "JPEG", progressive=True), VERDICT),
-        "palette.png": (lambda: _pil(Image.fromarray(photo).quantize(16), "PNG"), VERDICT),
-        "palette-transparent.png": (lambda: _pil(Image.fromarray(photo).quantize(16), "PNG", transparency=0), VERDICT),
-        "alpha.png": (lambda: _pil(Image.fromarray(photo).convert("RGBA"), "PNG"), VERDICT),
-        "alpha-lossless.webp": (lambda: _pil(Image.fromarray(photo).convert("RGBA"), "WEBP", lossless=True), VERDICT),
-        "animated.gif": (lambda: _pil(Image.fromarray(photo).quantize(16), "GIF", save_all=True, duration=50,
+        "gray-alpha.png": (lambda: pil_bytes(Image.fromarray(photo).convert("LA"), "PNG"), VERDICT),
+        "1bit.png": (lambda: pil_bytes(Image.fromarray(photo).convert("1"), "PNG"), VERDICT),
+        "cmyk.jpg": (lambda: pil_bytes(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=90), VERDICT),
+        "progressive.jpg": (lambda: pil_bytes(Image.fromarray(photo), "JPEG", progressive=True), VERDICT),
+        "palette.png": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "PNG"), VERDICT),
+        "palette-transparent.png": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "PNG", transparency=0), VERDICT),
+        "alpha.png": (lambda: pil_bytes(Image.fromarray(photo).convert("RGBA"), "PNG"), VERDICT),
+        "alpha-lossless.webp": (lambda: pil_bytes(Image.fromarray(photo).convert("RGBA"), "WEBP", lossless=True), VERDICT),
+        "animated.gif": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "GIF", save_all=True, duration=50,
                                       append_images=[Image.fromarray(255 - photo).quantize(16)] * 20), VERDICT),
-        "animated.png": (lambda: _pil(Image.fromarray(photo), "PNG", save_all=True, duration=50,
+        "animated.png": (lambda: pil_bytes(Image.fromarray(photo), "PNG", save_all=True, duration=50,
                                       append_images=[Image.fromarray(255 - photo)] * 5), VERDICT),
-        "animated.webp": (lambda: _pil(Image.fromarray(photo), "WEBP", save_all=True, duration=50,
+        "animated.webp": (lambda: pil_bytes(Image.fromarray(photo), "WEBP", save_all=True, duration=50,
                                        append_images=[Image.fromarray(255 - photo)] * 5), EITHER),
-        "multipage.tiff": (lambda: _pil(Image.fromarray(photo), "TIFF", save_all=True,
+        "multipage.tiff": (lambda: pil_bytes(Image.fromarray(photo), "TIFF", save_all=True,
                                         append_images=[Image.fromarray(255 - photo)]), VERDICT),
         "float32.tiff": (lambda: cv2.imencode(".tiff", photo.astype(np.float32) / 255)[1].tobytes(), UNSUPPORTED),
         # All eight EXIF orientations (5 to 8 swap width and height).

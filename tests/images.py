@@ -1,9 +1,20 @@
-"""Photo-like test images made on the fly (nothing binary is committed)."""
+"""Test images made on the fly (nothing binary is committed), and the file-level helpers the tests share.
+
+Pillow is imported inside the helpers that need it: the reference paths use it, the runtime never does.
+"""
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+from typing import TYPE_CHECKING, Any
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 def smooth_images(count: int, height: int, width: int | None = None, seed: int = 0) -> np.ndarray:
@@ -27,3 +38,32 @@ def encode(image_rgb: np.ndarray, ext: str = ".png", params: list[int] | None = 
     if not ok:
         raise RuntimeError(f"could not encode test image as {ext}")
     return buf.tobytes()
+
+
+def pil_bytes(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    """A Pillow image saved as `fmt` (JPEG, PNG, GIF, WEBP, ...) with Pillow's save `params`."""
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG signature and an IHDR (8-bit RGB) with a valid CRC: nothing short of decoding tells it is fake."""
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5's llava/mm_utils.py, as the model was trained with it: the image centred on a square canvas."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result

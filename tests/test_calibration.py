@@ -1,4 +1,4 @@
-"""Issue 5: `safeclip calibrate` and `safeclip eval` on the tiny random engine with synthetic image sets."""
+"""`safeclip calibrate` and `safeclip eval` on the tiny random engine with synthetic image sets."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from safeclip.calibration import calibrate as calibrate_cli
 from safeclip.calibration import evaluate as evaluate_cli
 from safeclip.calibration.calibrate import calibrate
 from safeclip.calibration.thresholds import candidates, fires
+from safeclip.runtime.cli_options import iter_inputs
 from safeclip.runtime.contract import read_manifest, write_manifest
 from safeclip.runtime.engine import Engine
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.screen import iter_inputs
 
 SIZE = 64
 BLUE, GREEN = (0, 0, 1), (0, 1, 0)
@@ -83,6 +83,7 @@ def test_sets_separate_on_the_tiny_engine(tiny_engine, sets):
         assert 0.8 < auroc < 1.0, (name, auroc)
 
 
+@pytest.mark.slow
 def test_per_category_thresholds_meet_the_target_on_a_reloaded_engine(engine, sets, tmp_path):
     target = 0.1
     before = read_manifest(engine)
@@ -113,6 +114,7 @@ def test_per_category_thresholds_meet_the_target_on_a_reloaded_engine(engine, se
     assert any(v.flagged for vs in toxic.values() for v in vs)
 
 
+@pytest.mark.slow
 def test_flat_folder_gets_the_lowest_shared_threshold_within_the_target(engine, sets, tmp_path):
     target = 0.1
     report = calibrate(engine, sets["benign"], sets["flat"], target, out=tmp_path / "report", backend="cpu")
@@ -126,6 +128,7 @@ def test_flat_folder_gets_the_lowest_shared_threshold_within_the_target(engine, 
     assert (scores >= next_up).mean() > target
 
 
+@pytest.mark.slow
 def test_report_json_plots_and_previous_thresholds(engine, sets, tmp_path):
     previous = dict(read_manifest(engine).thresholds)
     benign = Path(shutil.copytree(sets["benign"], tmp_path / "benign"))
@@ -166,6 +169,7 @@ def test_report_json_plots_and_previous_thresholds(engine, sets, tmp_path):
     assert Engine.load(engine, backend="cpu").manifest.extra["calibration"]["target_fpr"] == 0.1
 
 
+@pytest.mark.slow
 def test_eval_changes_nothing_and_prints_the_paper_table(engine, sets, tmp_path):
     before = {p.name: p.read_bytes() for p in engine.iterdir()}
     out = tmp_path / "eval"

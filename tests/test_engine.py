@@ -1,4 +1,4 @@
-"""Issue 3: loading engines (manifest, sha256, schema) and batching."""
+"""Loading engines (manifest, sha256, schema) and batching."""
 
 from __future__ import annotations
 

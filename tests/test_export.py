@@ -1,4 +1,4 @@
-"""Issue 2: the fused export against a torch reference written on transformers' modules."""
+"""The fused export against a torch reference written on transformers' modules."""
 
 from __future__ import annotations
 
@@ -123,6 +123,7 @@ def test_manifest_fields_and_hashes(tiny_engine):
     assert manifest.created.endswith("+00:00")
 
 
+@pytest.mark.slow
 def test_tiny_random_is_deterministic(tiny_engine, tmp_path):
     from safeclip.export.onnx_export import export_engine
 
@@ -136,6 +137,7 @@ def test_tiny_random_is_deterministic(tiny_engine, tmp_path):
         assert np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_export_fails_when_parity_is_out_of_bounds(tmp_path, monkeypatch):
     from safeclip.export import onnx_export
 
@@ -151,9 +153,10 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="precisions"):
         export_engine("tiny-random", tmp_path, precisions=("int4",))
     with pytest.raises(ValueError, match="cls"):
-        export_engine("tiny-random", tmp_path, cls="middle")
+        export_engine("tiny-random", tmp_path, cls_source="middle")
 
 
+@pytest.mark.slow
 def test_offline_hub_model_fails_fast_with_fixes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run(
@@ -167,6 +170,7 @@ def test_offline_hub_model_fails_fast_with_fixes(tmp_path):
     assert not (tmp_path / "e" / contract.MANIFEST_FILE).exists()
 
 
+@pytest.mark.slow
 def test_cli_export_writes_engine_and_prints_parity(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "safeclip.runtime.cli", "export", "--model", "tiny-random",

@@ -1,4 +1,4 @@
-"""Issue 9: faults, each with its documented behaviour (SECURITY.md, "Failure behaviour").
+"""Faults, each with its documented behaviour (SECURITY.md, "Failure behaviour").
 
 Already covered elsewhere, not repeated here (tests/test_server_gate.py and tests/test_server_cli.py):
 upstream refusing connections (502: test_upstream_down_is_502), slow to first byte (504:
@@ -19,6 +19,7 @@ import time
 import openai
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from server_helpers import (
@@ -35,16 +36,6 @@ from server_helpers import (
 )
 
 IMAGE = png(seed=31)
-
-
-def metric(text: str, line_start: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
-    return values[0] if values else 0.0
-
-
-@pytest.fixture(scope="module")
-def flag_none(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=1.0)
 
 
 @pytest.fixture

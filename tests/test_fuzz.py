@@ -1,4 +1,4 @@
-"""Issue 9: fuzzing (hypothesis) of the image decode path and of the gate's request parsing.
+"""Fuzzing (hypothesis) of the image decode path and of the gate's request parsing.
 
 The properties: decoding gives an ImageError subclass or the engine's uint8 [S, S, 3] array; parsing a
 request gives the gate's own GateError (4xx) or the image parts, every one of them; the running gate
@@ -11,11 +11,14 @@ for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_f
 from __future__ import annotations
 
 import base64
-import io
+import contextlib
+import copy
 import json
 import os
 import struct
+import sys
 import zlib
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -24,16 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hostile_corpus import png_header
-from images import encode, smooth_images
-from safeclip.runtime.gate import Gate
+from images import encode, pil_bytes, png_chunk, png_header, smooth_images
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.dialects.base import data_url, decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
 from safeclip.runtime.server.jsonbody import canonical, parse, parse_object, stray_images
-from server_helpers import RecordingUpstream, Servers, address_space_headroom, gate_config, http, png
+from server_helpers import address_space_headroom, gate_config, http, png
 
 EXAMPLES = int(os.environ.get("SAFECLIP_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,12 +43,7 @@ SIZE = 56
 # fuzzed, the header check that enforces it is.
 DECODERS = (Preprocessor(SIZE, "pad", max_pixels=1 << 20), Preprocessor(SIZE, "crop", max_pixels=1 << 20))
 HEADROOM_BYTES = 2 << 30
-
-
-def _pil(image: Image.Image, fmt: str, **params) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **params)
-    return out.getvalue()
+PINNED = "data:image/png;base64,AAAA"
 
 
 def _seeds() -> dict[str, bytes]:
@@ -56,17 +52,17 @@ def _seeds() -> dict[str, bytes]:
     pil = Image.fromarray(photo)
     return {
         "jpeg": encode(photo, ".jpg"),
-        "jpeg-progressive": _pil(pil, "JPEG", progressive=True),
-        "jpeg-cmyk": _pil(pil.convert("CMYK"), "JPEG"),
+        "jpeg-progressive": pil_bytes(pil, "JPEG", progressive=True),
+        "jpeg-cmyk": pil_bytes(pil.convert("CMYK"), "JPEG"),
         "png": encode(photo, ".png"),
         "png-16": encode(photo.astype(np.uint16) * 257, ".png"),
-        "png-palette": _pil(pil.quantize(8), "PNG", transparency=0),
-        "png-alpha": _pil(pil.convert("RGBA"), "PNG"),
-        "gif": _pil(pil.quantize(8), "GIF"),
-        "gif-animated": _pil(pil.quantize(8), "GIF", save_all=True, append_images=[pil.quantize(4)]),
-        "webp-lossy": _pil(pil, "WEBP", quality=50),
+        "png-palette": pil_bytes(pil.quantize(8), "PNG", transparency=0),
+        "png-alpha": pil_bytes(pil.convert("RGBA"), "PNG"),
+        "gif": pil_bytes(pil.quantize(8), "GIF"),
+        "gif-animated": pil_bytes(pil.quantize(8), "GIF", save_all=True, append_images=[pil.quantize(4)]),
+        "webp-lossy": pil_bytes(pil, "WEBP", quality=50),
         "webp-lossless": encode(photo, ".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
-        "webp-alpha": _pil(pil.convert("RGBA"), "WEBP"),
+        "webp-alpha": pil_bytes(pil.convert("RGBA"), "WEBP"),
         "bmp": encode(photo, ".bmp"),
         "tiff": encode(photo, ".tiff"),
     }
@@ -134,8 +130,7 @@ def test_png_declared_sizes_with_valid_checksums(width, height, rows):
     """Any IHDR size (CRC valid, so only the size can be wrong), with whatever rows follow."""
     ihdr = png_header(width, height)
     idat = zlib.compress(rows)
-    chunk = struct.pack(">I", len(idat)) + b"IDAT" + idat + struct.pack(">I", zlib.crc32(b"IDAT" + idat))
-    decodes_or_refuses(ihdr + chunk + b"\x00\x00\x00\x00IEND\xaeB`\x82", DECODERS[0])
+    decodes_or_refuses(ihdr + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b""), DECODERS[0])
 
 
 def test_every_seed_decodes():
@@ -189,6 +184,25 @@ bodies = st.one_of(
 )
 
 
+# Well-formed requests as well: random ones are mostly refused, and the success path needs its examples too.
+good_parts = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "refusal"]), "text": st.text(max_size=8)}),
+    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
+        st.sampled_from(["data:image/png;base64,AAAA", "http://127.0.0.1/x.png"]),
+        st.fixed_dictionaries({"url": st.sampled_from(["data:image/png;base64,AAAA", "https://h/i.png"])},
+                              optional={"detail": st.sampled_from(["low", "high", "auto"])}))}),
+)
+good_messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "developer", "user", "assistant"]),
+     "content": st.one_of(st.text(max_size=10), st.none(), st.lists(good_parts, max_size=3))},
+    optional={"name": st.text(max_size=4)},
+)
+good_chat_bodies = st.fixed_dictionaries({"model": st.just("m"), "messages": st.lists(good_messages, max_size=4)})
+good_moderation_bodies = st.fixed_dictionaries({"input": st.one_of(
+    st.text(max_size=10), st.lists(st.text(max_size=5), min_size=1, max_size=3),
+    st.lists(good_parts, min_size=1, max_size=4))})
+
+
 def is_image_part(part) -> bool:
     return isinstance(part, dict) and (part.get("type") == "image_url" or "image_url" in part)
 
@@ -199,7 +213,7 @@ def check_client_error(e: GateError) -> None:
 
 
 @FUZZ
-@given(body=bodies)
+@given(body=bodies | good_chat_bodies)
 def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
     try:
         found = OpenAIChat().images(body, "/v1/chat/completions")
@@ -216,24 +230,56 @@ def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
             else:
                 assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
     assert [p.where for p in found] == [w for w, _ in expected]
+    pinned = data_url(b"\x89PNG", "image/png")
     for p, (_, part) in zip(found, expected):
-        assert isinstance(p.value, str) and p.value
+        given = part["image_url"]
+        assert p.value == (given.get("url") if isinstance(given, dict) else given) and p.value
         p.rewrite(b"\x89PNG", "image/png")  # the gate puts the screened pixels in each image's place
-        assert part["image_url"] in (data_url(b"\x89PNG", "image/png"), {**part["image_url"], "url": data_url(b"\x89PNG", "image/png")})
+        if isinstance(given, dict):  # keeping the part's other keys ("detail")
+            assert part["image_url"] == {**given, "url": pinned}
+        else:
+            assert part["image_url"] == pinned
+    before = copy.deepcopy(body["messages"])
     OpenAIChat().inject(body, "/v1/chat/completions", "notice")  # and edits the body this way
-    assert canonical(body)  # and sends it on re-encoded
+    check_injected(before, body["messages"], "notice")
+    assert parse(canonical(body)) == body  # and sends it on re-encoded, unchanged by the round trip
+
+
+def check_injected(before: list, after: list, prompt: str) -> None:
+    """The prompt comes first, as a new system message or merged into a leading system/developer one;
+    every other message is untouched."""
+    if len(after) == len(before) + 1:
+        assert after[0] == {"role": "system", "content": prompt} and after[1:] == before
+        return
+    assert len(after) == len(before) and after[1:] == before[1:]
+    merged, original = after[0], before[0]
+    assert merged["role"] == original["role"] and merged["role"] in ("system", "developer")
+    assert {k: v for k, v in merged.items() if k != "content"} == {k: v for k, v in original.items() if k != "content"}
+    if isinstance(original["content"], str):
+        assert merged["content"] == f"{prompt}\n\n{original['content']}"
+    else:
+        assert merged["content"] == [{"type": "text", "text": prompt}, *original["content"]]
 
 
 @FUZZ
-@given(body=bodies)
+@given(body=bodies | good_moderation_bodies)
 def test_moderation_inputs_gives_groups_or_a_gate_error(body):
+    value = body.get("input")
     try:
         groups = OpenAIModerations().groups(body)
     except GateError as e:
         check_client_error(e)
+        assert not isinstance(value, str) and (e.param == "input" or e.param.startswith("input["))
         return
-    assert groups and all(isinstance(g, list) for g in groups)
-    assert all(p.value and p.where.startswith("input[") for g in groups for p in g)
+    # One result per input: a string, each string of a list, or the one list of parts (whose images are found).
+    if isinstance(value, str):
+        assert groups == [[]]
+    elif all(isinstance(v, str) for v in value):
+        assert groups == [[] for _ in value] and value
+    else:
+        [group] = groups
+        expected = [f"input[{j}]" for j, part in enumerate(value) if is_image_part(part)]
+        assert [p.where for p in group] == expected
 
 
 @FUZZ
@@ -247,11 +293,25 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
         return
     assert isinstance(data, bytes) and len(data) <= limit
     assert url[5:].partition(",")[0].lower().endswith(";base64")
+    assert data == base64.b64decode(url.partition(",")[2], validate=True)  # exactly the payload, strictly decoded
     assert decode_data_url(data_url(data, "image/png"), "here", limit) == data  # what is forwarded round-trips
+
+
+# Values with keys and strings near the image hints (image, video, file keys; data: strings), so the stray-image
+# check and the parser see both kinds.
+hinted_values = st.recursive(
+    st.none() | st.integers() | st.text(max_size=8) |
+    st.sampled_from(["data:image/png;base64,AA", "DATA:,x", " data:", "dat", "image", "https://x/i.png"]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.text(max_size=6) | st.sampled_from(["image_url", "Image", "videos", "FILE_id", "img", "url", "data"]),
+        children, max_size=4),
+    max_leaves=12,
+)
 
 
 @FUZZ
 @given(raw=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
+                     hinted_values.map(lambda v: json.dumps(v).encode()),
                      st.integers(1, 50_000).map(lambda n: b"[" * n + b"]" * n),
                      st.integers(1, 50_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n)))
 def test_json_bodies_parse_or_refuse(raw):
@@ -259,26 +319,29 @@ def test_json_bodies_parse_or_refuse(raw):
         value = parse(raw)
     except GateError as e:
         check_client_error(e)
+        assert e.code == "invalid_json"
+        with pytest.raises((ValueError, RecursionError)):  # refused only what Python's parser refuses too
+            json.loads(raw)
         return
+    assert json.dumps(value) == json.dumps(json.loads(raw))  # the value any JSON parser reads, when accepted
     assert parse(canonical(value)) == value  # what goes upstream parses back to what the gate read
     assert isinstance(stray_images(value, ()), list)
-    try:
-        assert isinstance(parse_object(raw), dict)
-    except GateError as e:
-        check_client_error(e)
+    if isinstance(value, dict):
+        assert parse_object(raw) == value
+    else:
+        with pytest.raises(GateError) as refused:
+            parse_object(raw)
+        check_client_error(refused.value)
+        assert refused.value.code == "invalid_json"
 
 
 # --- the running gate ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gate_url(tiny_engine):
+def gate_url(servers, upstream_server, flag_all, tiny_engine):
     """A gate that flags every image and injects the safety prompt, so a body with a decodable image is
     edited and re-encoded: the path with the most to go wrong."""
-    upstream = RecordingUpstream()
-    with Servers() as servers:
-        up = servers.start(upstream.app())
-        flag_all = Gate.from_engine(tiny_engine, threshold=0.0)
-        yield servers.start_gate(gate_config(tiny_engine, up, action="inject"), flag_all)
+    return servers.start_gate(gate_config(tiny_engine, upstream_server[1], action="inject"), flag_all)
 
 
 IMAGE_URL = f"data:image/png;base64,{base64.b64encode(png(seed=3, size=16)).decode()}"

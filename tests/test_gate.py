@@ -1,4 +1,4 @@
-"""Issue 3: the embedding API through the real preprocessing, against the HF + torch path."""
+"""The embedding API through the real preprocessing, against the HF + torch path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from images import encode, smooth_images
+from images import encode, expand2square, smooth_images
 from reference import reference_from_pixels
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import CorruptImage, ImageError
@@ -36,11 +36,7 @@ def hf_pixel_values(image: np.ndarray, size: int, mean, std, mode: str) -> torch
 
     pil = Image.fromarray(image)
     if mode == "pad":
-        w, h = pil.size
-        side = max(w, h)
-        canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
-        canvas.paste(pil, ((side - w) // 2, (side - h) // 2))
-        pil = canvas
+        pil = expand2square(pil, tuple(int(m * 255) for m in mean))
     processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean, image_std=std
     )

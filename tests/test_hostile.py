@@ -1,4 +1,4 @@
-"""Issue 9: the hostile corpus (tests/hostile_corpus.py) through all three surfaces.
+"""The hostile corpus (tests/hostile_corpus.py) through all three surfaces.
 
 - runtime: Gate.screen in this process, each item under a time limit and an address-space cap;
 - CLI: `safeclip screen --json` over the corpus folder, as a process with a timeout and a measured peak RSS;
@@ -36,6 +36,9 @@ from server_helpers import (
     user_message,
     within,
 )
+
+# The corpus is large by design (bombs, 8000 x 8000 images): slow, run by `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
 
 # Seconds one item may take in the runtime: the largest (8000 x 8000 PNG at the pixel limit) takes
 # about 2 s on a 2-core CI machine; a hang or a decoder gone quadratic takes far longer.

@@ -1,4 +1,4 @@
-"""`safeclip quantize` produces a verified INT8 artifact, or leaves the engine untouched (issues 5, 16)."""
+"""`safeclip quantize` produces a verified INT8 artifact, or leaves the engine untouched."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 5: `safeclip scan` over LLaVA-style JSON/JSONL and image folders; outputs, resume, bad input."""
+"""`safeclip scan` over LLaVA-style JSON/JSONL and image folders; outputs, resume, bad input."""
 
 from __future__ import annotations
 

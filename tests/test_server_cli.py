@@ -1,4 +1,4 @@
-"""Issue 8: `safeclip serve` as a command: flags over the config file, exit statuses, a real process."""
+"""`safeclip serve` as a command: flags over the config file, exit statuses, a real process."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from safeclip.runtime.server.cli import build_parser, main, overrides
 from safeclip.runtime.server.config import load_config
-from server_helpers import RecordingUpstream, Servers, data_url, http, png, post_json, user_message
+from server_helpers import data_url, gate_process, http, png, post_json, user_message
 
 
 def test_flags_override_the_file_and_the_key_comes_from_the_environment(tmp_path):
@@ -65,57 +65,21 @@ def test_bad_category_action_is_a_usage_error(capsys):
     assert e.value.code == 2 and "CATEGORY=ACTION" in capsys.readouterr().err
 
 
-def run_gate(argv: list[str]) -> tuple[subprocess.Popen, "queue.Queue[str]"]:
-    process = subprocess.Popen([sys.executable, "-m", "safeclip.runtime.cli", "serve", *argv],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()  # type: ignore[union-attr]
-    return process, lines
-
-
-def wait_line(lines: "queue.Queue[str]", pattern: str, timeout: float = 60) -> re.Match:
-    seen = []
-    while True:
-        try:
-            line = lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"no line matching {pattern!r} within {timeout} s; got:\n{''.join(seen)}") from None
-        seen.append(line)
-        if match := re.search(pattern, line):
-            return match
-
-
-def test_serve_process_runs_until_sigterm(tiny_engine, tmp_path):
-    upstream = RecordingUpstream()
-    with Servers() as servers:
-        upstream_url = servers.start(upstream.app())
-        config = tmp_path / "gate.toml"
-        config.write_text(f'engine = "{tiny_engine}"\nupstream = "{upstream_url}"\nthreshold = 0.0\n')
-        process, lines = run_gate(["--config", str(config), "--port", "0", "--backend", "cpu"])
-        try:
-            base = wait_line(lines, r"listening on (http://\S+)").group(1)
-            wait_line(lines, r"ready \(policy [0-9a-f]{12}\)")
-            assert http("GET", f"{base}/readyz").status == 200
-            reply = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(png(1)))]})
-            assert reply.json()["choices"][0]["finish_reason"] == "content_filter"  # threshold 0 from the file
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=20) == 0
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+def test_serve_process_runs_until_sigterm(tiny_engine, tmp_path, upstream_server, upstream):
+    config = tmp_path / "gate.toml"
+    config.write_text(f'engine = "{tiny_engine}"\nupstream = "{upstream_server[1]}"\nthreshold = 0.0\n')
+    with gate_process("--config", str(config), "--backend", "cpu") as gate:
+        assert http("GET", f"{gate.base}/readyz").status == 200
+        reply = post_json(f"{gate.base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(png(1)))]})
+        assert reply.json()["choices"][0]["finish_reason"] == "content_filter"  # threshold 0 from the file
+    assert gate.returncode == 0  # stopped by SIGTERM
     assert upstream.received == []
 
 
 def test_serve_exits_1_when_the_engine_cannot_load(tmp_path):
-    process, lines = run_gate(["--engine", str(tmp_path / "missing"), "--upstream", "http://127.0.0.1:9", "--port", "0"])
-    try:
-        assert process.wait(timeout=60) == 1
-        wait_line(lines, r"no manifest", timeout=5)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+    with gate_process("--engine", str(tmp_path / "missing"), "--upstream", "http://127.0.0.1:9", ready=False) as gate:
+        assert gate.process.wait(timeout=60) == 1
+        gate.wait_line(r"no manifest", timeout=5)
 
 
 def test_port_in_use_is_one_clear_line_and_exit_2(tmp_path):

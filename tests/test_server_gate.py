@@ -1,4 +1,4 @@
-"""Issue 8: the gate end to end, with the real `openai` SDK as the client and a recording upstream.
+"""The gate end to end, with the real `openai` SDK as the client and a recording upstream.
 
 Everything listens on 127.0.0.1. Verdicts are forced with thresholds: 0.0 flags every image, 1.0 none.
 """
@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
@@ -43,16 +44,6 @@ def image_host(servers):
     return host, servers.start(host.app())
 
 
-@pytest.fixture(scope="module")
-def flag_all(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=0.0)
-
-
-@pytest.fixture(scope="module")
-def flag_none(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=1.0)
-
-
 @pytest.fixture
 def start(servers, upstream_server, tiny_engine):
     """start(gate, **config) -> the base URL of a gate in front of the recording upstream."""
@@ -68,13 +59,6 @@ def client(base: str, **kwargs) -> openai.OpenAI:
 
 def flaggable(gate: Gate) -> list[str]:
     return [c for c in gate.manifest.category_names if c != gate.manifest.neutral]
-
-
-def metric(text: str, line_start: str) -> float:
-    """The value of the one metrics line that starts with `line_start` (0 when absent)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
-    assert len(values) <= 1, values
-    return values[0] if values else 0.0
 
 
 # --- forwarding ------------------------------------------------------------------------------------
@@ -500,7 +484,6 @@ def test_gate_api_key(start, flag_none, upstream):
     assert first.headers["Authorization"] == "Bearer upstream-key" and "x-safeclip-api-key" not in {
         k.lower() for k in first.headers}
     assert "Authorization" not in second.headers  # the gate's key, so not forwarded (tests/test_gate_upstream.py)
-
 
 
 def test_stream_that_stalls_midway_breaks_the_connection(start, flag_none, upstream):

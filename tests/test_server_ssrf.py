@@ -1,4 +1,4 @@
-"""Issue 8: image URLs are fetched SSRF-safe.
+"""Image URLs are fetched SSRF-safe.
 
 Two kinds of test, neither of which can send a packet to a private, link-local or public address:
 - here, in this process, refusals are proven to happen before any connection (a spy on aiohttp's
@@ -19,7 +19,7 @@ import pytest
 
 from safeclip.runtime.server.config import FetchConfig
 from safeclip.runtime.server.fetch import Fetcher, FetchError, ForbiddenURL
-from server_helpers import ImageHost, Servers, png
+from server_helpers import ImageHost, png
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"),)
 
@@ -102,10 +102,9 @@ def test_allow_list_opens_a_range_and_only_that(spy):
 
 
 @pytest.fixture(scope="module")
-def image_host():
+def image_host(servers):
     host = ImageHost(png(seed=3, size=64))
-    with Servers() as servers:
-        yield host, servers.start(host.app())
+    return host, servers.start(host.app())
 
 
 def test_connection_is_pinned_to_the_checked_address(spy, image_host):

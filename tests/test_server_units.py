@@ -1,4 +1,4 @@
-"""Issue 8, the gate's parts without a server: config, request parsing, responses, metrics, cache, batcher."""
+"""The gate's parts without a server: config, request parsing, responses, metrics, cache, batcher."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 9: SSRF, table-driven, through the whole gate inside a network namespace made for the test.
+"""SSRF, table-driven, through the whole gate inside a network namespace made for the test.
 
 The namespace has only a loopback device, with 10.0.0.1, 10.0.0.2 and 169.254.169.254 added to it, image
 hosts really listening on those and on 127.0.0.1 and ::1 (all on port 8080), and its own /etc/hosts

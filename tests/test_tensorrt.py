@@ -1,4 +1,4 @@
-"""Issue 4: the TensorRT path. GPU tests are marked and skipped here; the rest runs everywhere."""
+"""The TensorRT path. GPU tests are marked and skipped here; the rest runs everywhere."""
 
 from __future__ import annotations
 

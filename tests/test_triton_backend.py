@@ -1,4 +1,4 @@
-"""Issue 7: the Triton backend against a real Triton Inference Server on the CPU.
+"""The Triton backend against a real Triton Inference Server on the CPU.
 
 The server is PyTriton's bundled tritonserver 2.51 (python backend only) running the engine's FP32 ONNX
 in an onnxruntime session (tests/triton_server.py, in .venv-triton because PyTriton pins numpy<2).
@@ -39,7 +39,8 @@ from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.engine import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
-TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+# `make test` passes the Triton venv it installed (TRITON_VENV); by default, .venv-triton in the checkout.
+TRITON_PYTHON = Path(os.environ.get("SAFECLIP_TRITON_PYTHON") or ROOT / ".venv-triton" / "bin" / "python")
 SERVER_MAX_BATCH = 4
 START_TIMEOUT_S = 60
 # Same onnxruntime build, same graph, CPU on both sides; batches may be grouped differently by Triton's

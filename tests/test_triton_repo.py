@@ -1,4 +1,4 @@
-"""Issue 7: `safeclip export-triton` writes a Triton model repository that Triton's own schema accepts.
+"""`safeclip export-triton` writes a Triton model repository that Triton's own schema accepts.
 
 No server here: the configs are parsed with tritonclient's ModelConfig protobuf (the schema tritonserver
 itself reads config.pbtxt with) and their content is checked field by field. Serving is in

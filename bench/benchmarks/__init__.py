@@ -1,4 +1,4 @@
-"""The seven benchmarks of issue 6, in report order. Each module: expected(settings), needs(settings), run(ctx, result)."""
+"""The seven benchmarks, in report order. Each module: expected(settings), needs(settings), run(ctx, result)."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def run(ctx, result: Result) -> None:
         digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(batch)]
 
         def decide(probs=probs, digests=digests):
-            return policy.decide(probs, digests)
+            return policy.verdicts(probs, digests)
 
         calls = calls_for(decide, target_s=0.02)
         loop = per_call(decide, calls)

@@ -20,10 +20,8 @@ from typing import Any
 
 from aiohttp import web
 
-from safeclip.runtime.contract import PRECISIONS
-from safeclip.runtime.engine import BACKEND_CHOICES
+from safeclip.runtime.cli_options import add_engine_arguments
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.screen import parse_thresholds
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, load_config
 
@@ -43,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safeclip serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML config file (flags override it)")
-    p.add_argument("--engine", help="engine folder (with manifest.json)")
+    add_engine_arguments(p, config_file=True)
     p.add_argument("--upstream", help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 or "
                                       "https://api.example.com/openai (without /v1); none: guardrail-only, the gate "
                                       "serves /v1/moderations and the LiteLLM guardrail and forwards nothing")
@@ -51,13 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
     p.add_argument("--action", choices=ACTIONS, help="what to do with a flagged request (default refuse)")
     p.add_argument("--actions", type=parse_actions, metavar="CAT=ACTION,...", help="per-category actions")
-    p.add_argument("--threshold", type=float, help="one threshold for every category (default: the manifest's)")
-    p.add_argument("--thresholds", type=parse_thresholds, metavar="CAT=T,...",
-                   help="per-category thresholds, applied after --threshold")
-    p.add_argument("--disable", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], metavar="CAT,...",
-                   help="categories never to flag")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, help="onnxruntime provider (default auto)")
-    p.add_argument("--precision", choices=PRECISIONS, help="engine artifact (default: best for the backend)")
     p.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=None,
                    help="forward undecodable images unscreened (counted in /metrics) instead of refusing them")
     p.add_argument("--api-key", help="require this key from clients (default: $SAFECLIP_API_KEY, if set); it is "
@@ -72,13 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--max-images", type=int, help="images per request")
     p.add_argument("--max-image-bytes", type=int)
-    p.add_argument("--max-pixels", type=int, help="pixels per image, from its header (default 64,000,000)")
     p.add_argument("--max-request-pixels", type=int, help="pixels of one request's images together (default 128,000,000)")
     p.add_argument("--decode-workers", type=int, help="threads that decode and resize images (default: cores, 2 to 8)")
     p.add_argument("--forward-original", action=argparse.BooleanOptionalAction, default=None,
                    help="forward images as sent instead of as the screened pixels (weaker; trusted clients only)")
     p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
-    p.add_argument("--batch-size", type=int, help="images per engine call")
     p.add_argument("--max-queued", type=int,
                    help="images waiting for the engine before requests are answered 503 with Retry-After (default 256)")
     p.add_argument("--cache-size", type=int, help="verdicts kept by image sha256 (default 4096; 0 disables)")
@@ -96,7 +85,8 @@ _FLAG_KEYS = {
     "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
     "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
     "max_pixels": ("limits", "max_pixels"), "max_request_pixels": ("limits", "max_request_pixels"),
-    "decode_workers": ("batch", "decode_workers"), "forward_original": ("proxy", "forward_original"), "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
+    "decode_workers": ("batch", "decode_workers"), "forward_original": ("proxy", "forward_original"),
+    "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
     "max_queued": ("batch", "max_queued"),
     "cache_size": ("cache_size",), "upstream_timeout": ("timeouts", "upstream_read"),
 }

@@ -18,12 +18,13 @@ from typing import Any
 
 from yarl import URL
 
-from safeclip.runtime.contract import PRECISIONS
-from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
+from safeclip.runtime.engine import DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 
+# What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
 # Secrets: never read from the config file, never in the policy fingerprint. (key, flag, environment variable)
 SECRETS = (("api_key", "--api-key", "SAFECLIP_API_KEY"),
@@ -150,6 +151,13 @@ def _action(value: Any, where: str) -> str:
     return _choice(ACTIONS)(value, where)
 
 
+def _backend(value: Any, where: str) -> str:
+    try:
+        return parse_backend(_str(value, where))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _threshold(value: Any, where: str) -> float:
     number = _float(0.0, strict=False)(value, where)
     if number > 1.0:
@@ -157,10 +165,20 @@ def _threshold(value: Any, where: str) -> float:
     return number
 
 
+# How `build` reads each field. A field is either a value, checked and converted by its parser
+# (`_parsed(parse, default)`), or a nested table that is a dataclass of its own (`_table(cls)`), built
+# from the table by `build` with that dataclass's own field parsers.
+PARSE, TABLE = "parse", "table"
+
+
 def _parsed(parse: Callable[[Any, str], Any], default: Any = None, factory: Callable[[], Any] | None = None) -> Any:
     if factory is not None:
-        return field(default_factory=factory, metadata={"parse": parse})
-    return field(default=default, metadata={"parse": parse})
+        return field(default_factory=factory, metadata={PARSE: parse})
+    return field(default=default, metadata={PARSE: parse})
+
+
+def _table(cls: type) -> Any:
+    return field(default_factory=cls, metadata={TABLE: cls})
 
 
 @dataclass(frozen=True)
@@ -249,14 +267,14 @@ class GateConfig:
     threshold: float | None = _parsed(_optional(_threshold), None)
     thresholds: dict[str, float] = _parsed(_mapping(_threshold), factory=dict)
     disabled: tuple[str, ...] = _parsed(_str_tuple, ())
-    backend: str = _parsed(_choice(BACKEND_CHOICES), "auto")
-    precision: str | None = _parsed(_optional(_choice(PRECISIONS)), None)
+    backend: str = _parsed(_backend, "auto")
+    precision: str | None = _parsed(_optional(_choice(PRECISION_CHOICES)), None)
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
-    api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
+    api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
     # Sent upstream as `Authorization: Bearer` instead of whatever the client sent; never read from the file
     # either (the flag or SAFECLIP_UPSTREAM_API_KEY).
-    upstream_api_key: str | None = field(default=None, repr=False, metadata={"parse": _optional(_str)})
+    upstream_api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
     audit_log: str | None = _parsed(_optional(_str), None)
     verdict_field: bool = _parsed(_bool, False)
     cache_size: int = _parsed(_int(0), 4096)
@@ -264,12 +282,12 @@ class GateConfig:
     cache_bytes: int = _parsed(_int(0), 256 << 20)
     # Entries added to (or replacing) DEFAULT_MODERATION_MAP: our category -> OpenAI categories ([] for none).
     moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
-    limits: Limits = _parsed(None, factory=Limits)
-    proxy: ProxyConfig = _parsed(None, factory=ProxyConfig)
-    fetch: FetchConfig = _parsed(None, factory=FetchConfig)
-    batch: BatchConfig = _parsed(None, factory=BatchConfig)
-    timeouts: Timeouts = _parsed(None, factory=Timeouts)
-    templates: Templates = _parsed(None, factory=Templates)
+    limits: Limits = _table(Limits)
+    proxy: ProxyConfig = _table(ProxyConfig)
+    fetch: FetchConfig = _table(FetchConfig)
+    batch: BatchConfig = _table(BatchConfig)
+    timeouts: Timeouts = _table(Timeouts)
+    templates: Templates = _table(Templates)
 
     def action_for(self, category: str) -> str:
         return self.actions.get(category, self.action)
@@ -301,12 +319,12 @@ def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     for name, value in data.items():
         f = known[name]
         label = f"{where}.{name}" if where else name
-        if f.metadata["parse"] is None:  # a nested dataclass, given as a table
+        if TABLE in f.metadata:
             if not isinstance(value, Mapping):
                 raise ValueError(f"{label}: expected a table, got {value!r}")
-            kwargs[name] = build(f.default_factory, value, label)  # type: ignore[arg-type, misc]
+            kwargs[name] = build(f.metadata[TABLE], value, label)
         else:
-            kwargs[name] = f.metadata["parse"](value, label)
+            kwargs[name] = f.metadata[PARSE](value, label)
     return cls(**kwargs)
 
 

@@ -1,4 +1,4 @@
-"""OpenAI's moderation taxonomy, and how our default categories map onto it."""
+"""OpenAI's moderation taxonomy, and how our default categories map onto it (for `/v1/moderations`)."""
 
 from __future__ import annotations
 

@@ -11,14 +11,12 @@ from typing import IO, Any
 from urllib.parse import quote
 
 from safeclip.runtime.decision import Verdict
-
-# Strictest first: when images flag categories with different actions, the strictest one applies.
-ACTION_ORDER = ("refuse", "inject", "monitor")
+from safeclip.runtime.server.config import ACTIONS
 
 
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "pass" (nothing flagged) or one of ACTION_ORDER
+    action: str  # "pass" (nothing flagged) or one of ACTIONS
     flagged: bool
     category: str | None  # the deciding category; without a flag, the most probable one; None without images
     probability: float
@@ -33,7 +31,8 @@ def decide(verdicts: Sequence[Verdict], action_for: Callable[[str], str]) -> Dec
     if not pairs:
         top = max(verdicts, key=lambda v: v.probability, default=None)
         return Decision("pass", False, top.category if top else None, top.probability if top else 0.0)
-    action = next(a for a in ACTION_ORDER if any(action_for(c) == a for c, _ in pairs))
+    # ACTIONS is strictest first: when images flag categories with different actions, the strictest applies.
+    action = next(a for a in ACTIONS if any(action_for(c) == a for c, _ in pairs))
     category, probability = max(((c, p) for c, p in pairs if action_for(c) == action), key=lambda cp: cp[1])
     return Decision(action, True, category, probability, tuple(sorted({c for c, _ in pairs})))
 

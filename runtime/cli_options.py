@@ -1,0 +1,113 @@
+"""What the commands share: the engine options, their parsers, the exit statuses and the walk over image folders.
+
+Every command that loads an engine (`screen`, `serve`, `eval`, `scan`) takes its engine flags from
+`add_engine_arguments`, and the gate's config file validates the same values with the same parsers
+(`parse_backend`, `PRECISION_CHOICES`), so an option added or changed here reaches all of them at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+
+from safeclip.runtime.contract import PRECISIONS
+from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.gate import Gate
+from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
+
+# Walked in folders. HEIC/HEIF, AVIF and SVG are not decoded, but they are images: listing them reports
+# each as unsupported (exit 2) instead of skipping it, so a folder holding one never reads as clean.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif",
+                  ".heic", ".heif", ".avif", ".svg"}
+# 2 wins over 1: an image that was not screened must never read as clean.
+EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED = 0, 1, 2
+# The ONNX artifacts --precision picks from; the native TensorRT plan is chosen with --backend trt.
+PRECISION_CHOICES = tuple(p for p in PRECISIONS if p != "trt")
+
+
+def parse_thresholds(text: str) -> dict[str, float]:
+    """'gun=0.5,insulting gesture=0.7' -> {'gun': 0.5, 'insulting gesture': 0.7}"""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.rpartition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected CATEGORY=THRESHOLD, got {item!r}")
+    return out
+
+
+def parse_categories(text: str) -> tuple[str, ...]:
+    """'alcohol, cigarette' -> ('alcohol', 'cigarette')"""
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def parse_backend(text: str) -> str:
+    """An onnxruntime provider, `trt`, or a Triton server URL; ValueError naming the choices otherwise."""
+    from safeclip.runtime.backends.triton import is_triton_url
+
+    if text in BACKEND_CHOICES or is_triton_url(text):
+        return text
+    raise ValueError(f"expected one of {', '.join(BACKEND_CHOICES)} or a triton:// URL, got {text!r}")
+
+
+def backend_choice(text: str) -> str:
+    """parse_backend for argparse, which shows an ArgumentTypeError's message (and hides a ValueError's)."""
+    try:
+        return parse_backend(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, config_file: bool = False) -> None:
+    """The flags every command that loads an engine shares. With `config_file`, the command also reads
+    them from a file: no flag is required and none has a default, so a flag left out keeps the file's value."""
+    def default(value: object) -> object:
+        return None if config_file else value
+
+    parser.add_argument("--engine", required=not config_file, help="engine folder (with manifest.json)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--threshold", type=float, help="one threshold for every category (default: the manifest's)")
+    group.add_argument("--thresholds", type=parse_thresholds, default=default({}), metavar="CAT=T,...",
+                       help="per-category thresholds, e.g. 'gun=0.5,knife=0.7'")
+    parser.add_argument("--disable", type=parse_categories, default=default(()), metavar="CAT,...",
+                        help="categories never to flag")
+    parser.add_argument("--backend", type=backend_choice, default=default("auto"),
+                        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000 "
+                             "(default: auto)")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES,
+                        help="ONNX artifact (default: best for the backend)")
+    parser.add_argument("--batch-size", type=int, default=default(DEFAULT_MAX_BATCH),
+                        help=f"images per engine call (default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--max-pixels", type=int, default=default(DEFAULT_MAX_PIXELS),
+                        help=f"refuse larger images, against decompression bombs (default {DEFAULT_MAX_PIXELS})")
+
+
+def gate_from_args(args: argparse.Namespace) -> Gate:
+    """The Gate the flags of add_engine_arguments describe."""
+    return Gate.from_engine(
+        args.engine,
+        thresholds=args.thresholds,
+        threshold=args.threshold,
+        disabled=args.disable,
+        backend=args.backend,
+        precision=args.precision,
+        max_pixels=args.max_pixels,
+        max_batch=args.batch_size,
+    )
+
+
+def iter_inputs(paths: list[str]) -> Iterator[Path]:
+    """Named files as given (whatever their suffix); folders walked for image files, sorted, hidden skipped."""
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                hidden = any(part.startswith(".") for part in child.relative_to(path).parts)
+                if child.is_file() and not hidden and child.suffix.lower() in IMAGE_SUFFIXES:
+                    yield child
+        else:
+            yield path
