@@ -432,7 +432,8 @@ def netns_main() -> None:
                 "forwarded": [p["image_url"]["url"] for r in upstream.received[seen:]
                               for p in r.json()["messages"][0]["content"] if p["type"] == "image_url"],
             })
-    print(json.dumps({"results": results, "image": data_url(image)}))
+    # What the upstream must get for an allowed image URL: the pixels the gate screened, as a PNG.
+    print(json.dumps({"results": results, "image": screened_url(image)}))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

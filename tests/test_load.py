@@ -26,6 +26,7 @@ import pytest
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from server_helpers import (
+    screened_url,
     CountingScreen,
     GateProcess,
     data_url,
@@ -134,12 +135,13 @@ def test_1000_concurrent_requests_none_lost_none_crossed(tiny_engine, upstream_s
         assert answer.headers["x-safeclip-category"] == verdict.category, answer.index
         assert abs(float(answer.headers["x-safeclip-probability"]) - verdict.probability) < 2e-4, answer.index
     assert len({a.headers["x-safeclip-request-id"] for a in answers}) == REQUESTS
-    # The upstream got each request once, with its own image.
+    # The upstream got each request once, with its own image (as the pixels the gate screened).
+    screened = [screened_url(image) for image in images[:UNIQUE]]
     got = {}
     for received in upstream.received:
         content = received.json()["messages"][0]["content"]
         got[content[0]["text"]] = content[1]["image_url"]["url"]
-    assert len(upstream.received) == REQUESTS and got == {f"request {i}": urls[i] for i in range(REQUESTS)}
+    assert len(upstream.received) == REQUESTS and got == {f"request {i}": screened[i % UNIQUE] for i in range(REQUESTS)}
     assert gate.returncode == 0  # stopped cleanly by SIGTERM
     latencies = sorted(a.seconds for a in answers)
     one_by_one = REQUESTS * serial_seconds

@@ -31,7 +31,7 @@ def test_an_unknown_name_says_what_there_is():
 def test_imports_and_screens_with_torch_and_aiohttp_blocked(tiny_engine):
     script = textwrap.dedent(f"""
         import sys
-        for blocked in ("torch", "transformers", "aiohttp", "PIL"):
+        for blocked in ("torch", "transformers", "aiohttp", "cv2"):
             sys.modules[blocked] = None  # any import of them raises ImportError
         import safeclip
         assert "numpy" not in sys.modules, "import safeclip alone should import nothing heavy"

@@ -142,7 +142,7 @@ def test_ssrf_table(report, row):
     assert outcome["hits"] == row.hits, outcome
     if row.code is SERVED:
         assert (outcome["status"], outcome["code"]) == (200, None), outcome
-        assert outcome["forwarded"] == [image]  # pinned: the upstream got the bytes, never the URL
+        assert outcome["forwarded"] == [image]  # pinned: the upstream got the screened pixels, never the URL
     else:
         assert (outcome["status"], outcome["code"]) == (400, row.code), outcome
         assert outcome["forwarded"] == []

@@ -1,5 +1,5 @@
-"""Screening a request's images: cached ones at once, ones already in flight shared, the rest decoded in
-the fair pool and batched into engine calls.
+"""Screening a request's images: cached ones at once, decodes already in flight shared, the rest decoded in
+the fair pool, then a request's images sent to the engine together (micro-batched with other requests').
 
 Each image is decoded once, by Pillow: the pixels the engine screens are the pixels the upstream gets,
 re-encoded as a lossless single-frame opaque PNG (see SECURITY.md, "What the upstream sees").
@@ -12,7 +12,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,6 +35,12 @@ class ImageJob:
     key: str | None
     load: Callable[[], Awaitable[bytes]]
     source: str
+
+
+class _Decoded(NamedTuple):
+    engine_input: np.ndarray | None
+    png: bytes | None
+    error: ImageError | None
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class Screener:
         self.preprocessor = preprocessor
         self.max_request_pixels = max_request_pixels
         self.observe = observe or (lambda what, value: None)
-        self._inflight: dict[tuple[str, bool], asyncio.Task[Screened]] = {}
+        self._inflight: dict[tuple[str, bool], asyncio.Task[_Decoded]] = {}
 
     def _hit(self, key: str | None, forward: bool) -> Entry | None:
         entry = self.cache.get(key) if key is not None else None
@@ -96,14 +102,33 @@ class Screener:
             self.observe("cache", True)
         for digest in unique:
             self.observe("cache", False)
-        tasks = {i: self._start(digest, data, jobs[i].source, owner, forward) for i, (digest, data) in pending.items()}
+        sources = {digest: jobs[i].source for i, (digest, _) in reversed(pending.items())}
+        decoding = {digest: self._decode(digest, data, sources[digest], owner, forward) for digest, data in unique.items()}
         # shield: a client that goes away must not cancel work other requests are waiting for.
-        results = await asyncio.gather(*(asyncio.shield(t) for t in tasks.values()))
-        for (i, (digest, data)), result in zip(pending.items(), results):
-            found[i] = Screened(result.result, result.forward, False, digest, data)
+        decoded = dict(zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values()))))
+        results: dict[str, tuple[Verdict | ImageError, bytes | None]] = {}
+        todo = []
+        for digest, (engine_input, png, error) in decoded.items():
+            entry = self._hit(digest, forward)  # another request may have screened it meanwhile
+            if error is not None:
+                results[digest] = (error, None)
+            elif entry is not None:
+                results[digest] = (entry.verdict, entry.forward)
+            else:
+                todo.append((digest, engine_input, png))
+        # A request's images go to the engine together: one call when they fit, and the queue bound sees
+        # the whole request (an empty queue takes any request whole).
+        futures = self.batcher.submit([(engine_input, digest) for digest, engine_input, _ in todo])
+        verdicts = await asyncio.gather(*(asyncio.shield(f) for f in futures))
+        for (digest, _, png), verdict in zip(todo, verdicts):
+            results[digest] = (verdict, png)
+            self.cache.put(digest, Entry(verdict, png))
+        for i, (digest, data) in pending.items():
+            result, png = results[digest]
+            found[i] = Screened(result, png, False, digest, data)
             key = jobs[i].key
-            if key is not None and isinstance(result.result, Verdict):
-                self.cache.put(key, Entry(result.result, result.forward))
+            if key is not None and isinstance(result, Verdict):
+                self.cache.put(key, Entry(result, png))
         return [found[i] for i in range(len(jobs))]
 
     def _check_budget(self, images: list[bytes]) -> None:
@@ -117,15 +142,17 @@ class Screener:
             raise GateError(413, f"the request's images declare {total:,} pixels; the limit per request is "
                                  f"{self.max_request_pixels:,}", "too_many_pixels")
 
-    def _start(self, digest: str, data: bytes, source: str, owner: object, forward: bool) -> asyncio.Task[Screened]:
+    def _decode(self, digest: str, data: bytes, source: str, owner: object, forward: bool) -> asyncio.Task[_Decoded]:
+        """The image decoded, resized for the engine and (for forwarding routes) re-encoded, in the pool; one
+        task per image however many requests carry it at once."""
         task = self._inflight.get((digest, forward))
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._compute(digest, data, source, owner, forward))
+            task = asyncio.get_running_loop().create_task(self._decode_now(data, source, owner, forward))
             self._inflight[(digest, forward)] = task
-            task.add_done_callback(lambda t: self._settle((digest, forward), t))
+            task.add_done_callback(lambda _: self._inflight.pop((digest, forward), None))
         return task
 
-    async def _compute(self, digest: str, data: bytes, source: str, owner: object, forward: bool) -> Screened:
+    async def _decode_now(self, data: bytes, source: str, owner: object, forward: bool) -> _Decoded:
         header = image_size_from_header(data)
         pixels = header[1] * header[2] if header else 0
         fit = self.preprocessor.fit
@@ -138,16 +165,6 @@ class Screener:
         try:
             engine_input, png, seconds = await self.pool.run(owner, work, pixels)
         except ImageError as e:
-            return Screened(e, None, False, digest)
+            return _Decoded(None, None, e)
         self.observe("decode", seconds)
-        (future,) = self.batcher.submit([(engine_input, digest)])
-        verdict = await future
-        return Screened(verdict, png, False, digest)
-
-    def _settle(self, key: tuple[str, bool], task: asyncio.Task[Screened]) -> None:
-        self._inflight.pop(key, None)
-        if task.cancelled() or task.exception() is not None:
-            return
-        result = task.result()
-        if isinstance(result.result, Verdict):
-            self.cache.put(key[0], Entry(result.result, result.forward))
+        return _Decoded(engine_input, png, None)

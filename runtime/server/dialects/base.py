@@ -86,7 +86,8 @@ def expect(value: Any, kind: type | tuple[type, ...], where: JsonPath, what: str
 
 def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
     """The bytes of a base64 data: URL, decoded strictly (what the upstream decodes must be what was screened)."""
-    header, sep, payload = url.strip()[5:].partition(",")
+    # Leading whitespace is where a slot's kind was read past it; everything after the comma must be base64.
+    header, sep, payload = url.lstrip()[5:].partition(",")
     if not sep or not header.lower().endswith(";base64"):
         raise bad(where, "expected a data:<type>;base64,<data> URL", "invalid_image_url")
     return decode_base64(payload, where, max_bytes, "invalid_image_url")
