@@ -46,8 +46,17 @@ class Stats:
         if values.size == 0 or not np.all(np.isfinite(values)):
             raise ValueError(f"need at least one finite sample, got {list(samples)[:5]}")
         p10, q1, median, q3, p90, p99 = np.percentile(values, [10, 25, 50, 75, 90, 99])
-        return cls(float(median), float(p10), float(p90), float(p99), float(q1), float(q3), float(values.min()),
-                   float(values.max()), int(values.size))
+        return cls(
+            float(median),
+            float(p10),
+            float(p90),
+            float(p99),
+            float(q1),
+            float(q3),
+            float(values.min()),
+            float(values.max()),
+            int(values.size),
+        )
 
 
 @dataclass(frozen=True)
@@ -257,7 +266,7 @@ def interleaved(
     samples: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             if settle_s:
                 time.sleep(settle_s)
@@ -284,5 +293,3 @@ def calls_for(fn: Callable[[], Any], target_s: float, cap: int = 1_000_000) -> i
             return n
         n *= 4
     return cap
-
-

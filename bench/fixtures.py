@@ -63,8 +63,14 @@ def random_clip(a: Arch, attn: str = "eager") -> LoadedClip:
         if attn != "eager":
             clip.model.set_attn_implementation(attn)
         return clip
-    vision = dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, image_size=a.image_size, patch_size=a.patch_size)
+    vision = dict(
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        image_size=a.image_size,
+        patch_size=a.patch_size,
+    )
     return models.random_clip(vision, a.projection_dim, SEED, f"random:{a.name}", attn_implementation=attn)
 
 
@@ -88,8 +94,14 @@ def build_engine(a: Arch, clip: LoadedClip, out: Path, fp16: bool, tower: bool) 
     from safeclip.export.onnx_export import build_fused, export_clip, export_onnx
 
     desc = descriptors()
-    export_clip(clip, desc, out, precisions=("fp32", "fp16") if fp16 else ("fp32",), verify=False,
-                extra={"bench": "random weights: for timing only, detects nothing"})
+    export_clip(
+        clip,
+        desc,
+        out,
+        precisions=("fp32", "fp16") if fp16 else ("fp32",),
+        verify=False,
+        extra={"bench": "random weights: for timing only, detects nothing"},
+    )
     tower_path = None
     if tower:
         tower_path = out.parent / f"{out.name}.tower.onnx"
@@ -153,7 +165,11 @@ def jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
 
 def engine_inputs(count: int, size: int, seed: int = 0) -> np.ndarray:
     """uint8 [N, S, S, 3] already at engine size."""
-    return np.stack([photo_like(size, size, seed + i) for i in range(count)]) if count else np.zeros((0, size, size, 3), np.uint8)
+    return (
+        np.stack([photo_like(size, size, seed + i) for i in range(count)])
+        if count
+        else np.zeros((0, size, size, 3), np.uint8)
+    )
 
 
 def log(message: str) -> None:

@@ -14,14 +14,16 @@ import json
 from aiohttp import web
 
 MARKER = "bench-upstream"
-COMPLETION = json.dumps({
-    "id": f"chatcmpl-{MARKER}",
-    "object": "chat.completion",
-    "created": 0,
-    "model": MARKER,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-}).encode()
+COMPLETION = json.dumps(
+    {
+        "id": f"chatcmpl-{MARKER}",
+        "object": "chat.completion",
+        "created": 0,
+        "model": MARKER,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+).encode()
 
 
 async def _chat(request: web.Request) -> web.Response:

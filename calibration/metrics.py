@@ -126,4 +126,3 @@ def _confusion(scores: Scores, benign: list, toxic: list) -> dict[str, dict[str,
         predicted = max(fired, key=verdict.probabilities.__getitem__) if fired else NOT_FLAGGED
         table[label][predicted] += 1
     return table
-

@@ -78,9 +78,7 @@ def parse_descriptors(data: dict, source: str) -> DescriptorSet:
             if not isinstance(phrase, str) or not phrase.strip():
                 raise DescriptorError(f"{where}: phrase {phrase!r} must be a non-empty string")
             if phrase in seen_phrase:
-                raise DescriptorError(
-                    f"{where}: duplicate phrase {phrase!r} (already in {seen_phrase[phrase]!r})"
-                )
+                raise DescriptorError(f"{where}: duplicate phrase {phrase!r} (already in {seen_phrase[phrase]!r})")
             seen_phrase[phrase] = name
         categories.append(Category(name=name, phrases=tuple(phrases), neutral=neutral))
 

@@ -49,7 +49,9 @@ def test_runtime_matches_hf_processor_and_torch(tiny_engine, tiny_clip, mode):
     spec = gate.manifest.image
     images = sample_images()
     pixels = torch.cat([hf_pixel_values(img, spec.size, spec.mean, spec.std, mode) for img in images.values()])
-    ref_probs, ref_embeds, _ = reference_from_pixels(tiny_clip.model, tiny_clip.tokenizer, gate.manifest.categories, pixels)
+    ref_probs, ref_embeds, _ = reference_from_pixels(
+        tiny_clip.model, tiny_clip.tokenizer, gate.manifest.categories, pixels
+    )
 
     ours = np.stack([gate.preprocessor(encode(img), source=name) for name, img in images.items()])
     out = gate.engine.infer(ours)

@@ -141,7 +141,9 @@ def test_gate_fails_on_flips_near_the_median_that_the_manifest_threshold_cannot_
     fp32 = np.linspace(0.05, 0.45, 40, dtype=np.float32)
     int8 = fp32.copy()
     int8[19], int8[20] = fp32[20], fp32[19]  # the two images either side of the median trade places
-    rows = {a.at: a for a in agreement_table(scores_to_probs(fp32, manifest), scores_to_probs(int8, manifest), manifest)}
+    rows = {
+        a.at: a for a in agreement_table(scores_to_probs(fp32, manifest), scores_to_probs(int8, manifest), manifest)
+    }
     assert rows["manifest"].share == 1.0 and rows["p80"].share == 1.0
     assert rows["p50"].share == pytest.approx(38 / 40)
     assert not quantize_module.accepted(tuple(rows.values()))
@@ -181,10 +183,13 @@ def test_disagreement_deletes_the_int8_file_and_keeps_the_manifest(engine, image
     assert {p.name: p.read_bytes() for p in engine.iterdir()} == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--holdout-fraction", "1.5"], "holdout fraction must be in (0, 1)"),
-    (["--method", "static", "--holdout-fraction", "0.99"], "leaves no calibration images"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--holdout-fraction", "1.5"], "holdout fraction must be in (0, 1)"),
+        (["--method", "static", "--holdout-fraction", "0.99"], "leaves no calibration images"),
+    ],
+)
 def test_bad_arguments_leave_the_engine_alone(engine, images, capsys, args, message):
     before = {p.name: p.read_bytes() for p in engine.iterdir()}
     assert quantize_module.main(["--engine", str(engine), "--images", str(images), *args]) == 2

@@ -41,7 +41,11 @@ def expected(s):
         for cache in ("cold", "warm"):
             keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
     for cache in ("warm", "cold"):
-        keys += [f"concurrent.{cache}.direct_rps", f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.throughput_vs_direct"]
+        keys += [
+            f"concurrent.{cache}.direct_rps",
+            f"concurrent.{cache}.gate_rps",
+            f"concurrent.{cache}.throughput_vs_direct",
+        ]
     keys += ["fairness.idle_ms", "fairness.loaded_ms", "fairness.loaded_vs_idle"]
     return keys
 
@@ -59,8 +63,10 @@ def available() -> None:
 
 def request_body(images: list[bytes]) -> bytes:
     content = [{"type": "text", "text": "Describe the image."}]
-    content += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
-                for b in images]
+    content += [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
+        for b in images
+    ]
     return json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": 8}).encode()
 
 
@@ -87,9 +93,13 @@ def run(ctx, result: Result) -> None:
         return [jpeg(photo_like(px, px, next(seed))) for _ in range(n)]
 
     result.params.update(
-        arch=a.label, image=f"{px}x{px} JPEG (data URL)", engine_backend="cpu", engine_precision="fp32",
+        arch=a.label,
+        image=f"{px}x{px} JPEG (data URL)",
+        engine_backend="cpu",
+        engine_precision="fp32",
         server="safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise",
-        upstream="bench.upstream: aiohttp, answers at once", clients=s.gate_clients,
+        upstream="bench.upstream: aiohttp, answers at once",
+        clients=s.gate_clients,
     )
     result.notes.append(
         "Cold: every request carries images the gate has not seen, so it decodes, resizes and runs the engine; "
@@ -104,24 +114,56 @@ def run(ctx, result: Result) -> None:
             what = f"{n} image{'s' if n > 1 else ''}/request, cache {cache}"
             result.add(f"{n}img.{cache}.direct_ms", f"upstream directly, {what}", "ms", direct, tail=True)
             result.add(f"{n}img.{cache}.gate_ms", f"through the gate, {what}", "ms", gate, tail=True)
-            result.add(f"{n}img.{cache}.added_ms", f"{a.label}: latency added, {what}", "ms",
-                       [g - d for g, d in zip(gate, direct)], goal=("<", GOAL_MS), tail=True)
+            result.add(
+                f"{n}img.{cache}.added_ms",
+                f"{a.label}: latency added, {what}",
+                "ms",
+                [g - d for g, d in zip(gate, direct)],
+                goal=("<", GOAL_MS),
+                tail=True,
+            )
     for cache in ("warm", "cold"):
         direct, gate, total = measured[("concurrent", cache)]
         what = f"{s.gate_clients} concurrent clients, 1 image/request, cache {cache}"
-        result.add(f"concurrent.{cache}.direct_rps", f"upstream directly, {what}", "requests/s", direct,
-                   higher_is_better=True, detail=f"{total} requests in {len(direct)} rounds")
-        result.add(f"concurrent.{cache}.gate_rps", f"through the gate, {what}", "requests/s", gate,
-                   higher_is_better=True, detail=f"{total} requests in {len(gate)} rounds")
-        result.ratio(f"concurrent.{cache}.throughput_vs_direct", f"{a.label}: gate throughput / direct, {what}",
-                     f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.direct_rps")
+        result.add(
+            f"concurrent.{cache}.direct_rps",
+            f"upstream directly, {what}",
+            "requests/s",
+            direct,
+            higher_is_better=True,
+            detail=f"{total} requests in {len(direct)} rounds",
+        )
+        result.add(
+            f"concurrent.{cache}.gate_rps",
+            f"through the gate, {what}",
+            "requests/s",
+            gate,
+            higher_is_better=True,
+            detail=f"{total} requests in {len(gate)} rounds",
+        )
+        result.ratio(
+            f"concurrent.{cache}.throughput_vs_direct",
+            f"{a.label}: gate throughput / direct, {what}",
+            f"concurrent.{cache}.gate_rps",
+            f"concurrent.{cache}.direct_rps",
+        )
     idle, loaded, large_s = measured["fairness"]
     what = f"a 1-image request ({px} px JPEG, new image)"
     result.add("fairness.idle_ms", f"{what}, gate otherwise idle", "ms", idle, tail=True)
-    result.add("fairness.loaded_ms", f"{what}, while a {LARGE_IMAGES} x {LARGE_SIDE}x{LARGE_SIDE} PNG request is in "
-               "flight", "ms", loaded, tail=True, detail=f"the large request took {large_s:.1f} s")
-    result.ratio("fairness.loaded_vs_idle", f"{a.label}: small-request latency under a large request / idle",
-                 "fairness.loaded_ms", "fairness.idle_ms")
+    result.add(
+        "fairness.loaded_ms",
+        f"{what}, while a {LARGE_IMAGES} x {LARGE_SIDE}x{LARGE_SIDE} PNG request is in flight",
+        "ms",
+        loaded,
+        tail=True,
+        detail=f"the large request took {large_s:.1f} s",
+    )
+    result.ratio(
+        "fairness.loaded_vs_idle",
+        f"{a.label}: small-request latency under a large request / idle",
+        "fairness.loaded_ms",
+        "fairness.idle_ms",
+    )
 
 
 async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
@@ -130,10 +172,12 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
     out: dict = {}
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=s.gate_clients)) as session:
+
         async def post(base: str, body: bytes) -> float:
             start = time.perf_counter()
-            async with session.post(base + "/v1/chat/completions", data=body,
-                                    headers={"Content-Type": "application/json"}) as response:
+            async with session.post(
+                base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
                 text = await response.read()
             elapsed = time.perf_counter() - start
             if response.status != 200 or b"bench-upstream" not in text:
@@ -186,7 +230,7 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
             for r in range(rounds):
                 bodies = [shared] * per_round if cache == "warm" else [request_body(fresh(1)) for _ in range(per_round)]
                 order = [(upstream_url, direct), (gate_url, gate)]
-                for base, sink in (order if r % 2 == 0 else order[::-1]):
+                for base, sink in order if r % 2 == 0 else order[::-1]:
                     sink.append(await flood(base, bodies))
             out[("concurrent", cache)] = (direct, gate, per_round * rounds)
             log(f"gate: {s.gate_clients} concurrent clients, cache {cache}: {per_round * rounds} requests each way")
@@ -222,16 +266,46 @@ def services(engine: Path, workdir: Path):
     logs = {name: open(workdir / f"{name}.log", "w+b") for name in ("upstream", "gate")}
     procs: dict[str, subprocess.Popen] = {}
     try:
-        procs["upstream"] = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
-                                             cwd=REPO, env=env, stdout=logs["upstream"], stderr=subprocess.STDOUT)
+        procs["upstream"] = subprocess.Popen(
+            [sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
+            cwd=REPO,
+            env=env,
+            stdout=logs["upstream"],
+            stderr=subprocess.STDOUT,
+        )
         upstream_url = f"http://127.0.0.1:{up_port}"
         procs["gate"] = subprocess.Popen(
-            [sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine", str(engine), "--upstream", upstream_url,
-             "--host", "127.0.0.1", "--port", str(gate_port), "--backend", "cpu", "--precision", "fp32",
-             "--threshold", "1.0", "--log-level", "WARNING",
-             # room for the fairness load (16 x 64 MP) in one request
-             "--max-request-pixels", str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE), "--max-body-bytes", str(64 << 20)],
-            cwd=REPO, env=env, stdout=logs["gate"], stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "safeclip.runtime.cli",
+                "serve",
+                "--engine",
+                str(engine),
+                "--upstream",
+                upstream_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(gate_port),
+                "--backend",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--threshold",
+                "1.0",
+                "--log-level",
+                "WARNING",
+                # room for the fairness load (16 x 64 MP) in one request
+                "--max-request-pixels",
+                str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
+                "--max-body-bytes",
+                str(64 << 20),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=logs["gate"],
+            stderr=subprocess.STDOUT,
         )
         gate_url = f"http://127.0.0.1:{gate_port}"
         _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)

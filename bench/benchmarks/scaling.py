@@ -26,11 +26,20 @@ def run(ctx, result: Result) -> None:
     fns = {b: (lambda b=b: engine.infer(x[:b])) for b in s.scaling_batches}
     t = interleaved(fns, budget_s=s.scaling_budget_s, lo=s.scaling_min, hi=s.scaling_max, warmup=1)
     for b in s.scaling_batches:
-        result.add(f"batch{b}.images_per_s", f"{a.label} engine, batch {b}", "images/s",
-                   [b / v for v in t[b]], higher_is_better=True)
+        result.add(
+            f"batch{b}.images_per_s",
+            f"{a.label} engine, batch {b}",
+            "images/s",
+            [b / v for v in t[b]],
+            higher_is_better=True,
+        )
     first, last = min(s.scaling_batches), max(s.scaling_batches)
-    result.ratio("largest_vs_batch1", f"{a.label} throughput, batch {last} vs batch {first}",
-                 f"batch{last}.images_per_s", f"batch{first}.images_per_s")
+    result.ratio(
+        "largest_vs_batch1",
+        f"{a.label} throughput, batch {last} vs batch {first}",
+        f"batch{last}.images_per_s",
+        f"batch{first}.images_per_s",
+    )
     if s.plot:
         path = ctx.out / f"{ctx.stem}-scaling.png"
         plot(result, s.scaling_batches, a.label, engine.backend.device, path)

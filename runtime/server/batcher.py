@@ -31,9 +31,14 @@ DEFAULT_MAX_QUEUED = 256
 
 class Overloaded(GateError):
     def __init__(self, queued: int, limit: int, retry_after: int):
-        super().__init__(503, f"the gate is overloaded: {queued} images are waiting for the engine (at most {limit} "
-                              f"are queued); retry in {retry_after} s", "overloaded", type="server_error",
-                         retry_after=retry_after)
+        super().__init__(
+            503,
+            f"the gate is overloaded: {queued} images are waiting for the engine (at most {limit} "
+            f"are queued); retry in {retry_after} s",
+            "overloaded",
+            type="server_error",
+            retry_after=retry_after,
+        )
 
 
 @dataclass
@@ -43,11 +48,18 @@ class _Group:
 
 
 class MicroBatcher:
-    def __init__(self, screen: ScreenFn, max_delay: float, max_size: int, on_batch: OnBatch | None = None,
-                 max_queued: int = DEFAULT_MAX_QUEUED):
+    def __init__(
+        self,
+        screen: ScreenFn,
+        max_delay: float,
+        max_size: int,
+        on_batch: OnBatch | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ):
         if max_delay < 0 or max_size < 1 or max_queued < 1:
-            raise ValueError(f"need max_delay >= 0, max_size >= 1 and max_queued >= 1, got {max_delay}, {max_size}, "
-                             f"{max_queued}")
+            raise ValueError(
+                f"need max_delay >= 0, max_size >= 1 and max_queued >= 1, got {max_delay}, {max_size}, {max_queued}"
+            )
         self.screen = screen
         self.max_delay = max_delay
         self.max_size = max_size

@@ -54,8 +54,15 @@ async def sha256(data: bytes | str) -> str:
 
 
 class Screener:
-    def __init__(self, batcher: MicroBatcher, cache: VerdictCache, pool: DecodePool, preprocessor: Preprocessor,
-                 max_request_pixels: int, observe: Callable[[str, Any], None] | None = None):
+    def __init__(
+        self,
+        batcher: MicroBatcher,
+        cache: VerdictCache,
+        pool: DecodePool,
+        preprocessor: Preprocessor,
+        max_request_pixels: int,
+        observe: Callable[[str, Any], None] | None = None,
+    ):
         self.batcher = batcher
         self.cache = cache
         self.pool = pool
@@ -114,8 +121,11 @@ class Screener:
             if header is not None and header[1] * header[2] <= self.preprocessor.max_pixels:
                 total += header[1] * header[2]
         if total > self.max_request_pixels:
-            raise GateError(413, f"the request's images declare {total:,} pixels; the limit per request is "
-                                 f"{self.max_request_pixels:,}", "too_many_pixels")
+            raise GateError(
+                413,
+                f"the request's images declare {total:,} pixels; the limit per request is {self.max_request_pixels:,}",
+                "too_many_pixels",
+            )
 
     def _start(self, digest: str, data: bytes, source: str, owner: object, forward: bool) -> asyncio.Task[Screened]:
         task = self._inflight.get((digest, forward))

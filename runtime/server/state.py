@@ -47,15 +47,21 @@ class GateState:
     def require_ready(self) -> Ready:
         if self.ready is None:
             if self.load_error is not None:
-                raise GateError(503, f"the engine failed to load: {self.load_error}", "engine_failed", type="server_error")
+                raise GateError(
+                    503, f"the engine failed to load: {self.load_error}", "engine_failed", type="server_error"
+                )
             raise GateError(503, "the engine is still loading; retry shortly", "not_ready", type="server_error")
         return self.ready
 
     def require_upstream(self) -> Upstream:
         if self.upstream is None:
-            raise GateError(404, "this gate runs without an upstream (guardrail-only): it screens images at "
-                                 "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing; start "
-                                 "it with --upstream URL to proxy requests", "no_upstream")
+            raise GateError(
+                404,
+                "this gate runs without an upstream (guardrail-only): it screens images at "
+                "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing; start "
+                "it with --upstream URL to proxy requests",
+                "no_upstream",
+            )
         return self.upstream
 
 
