@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-
 if TYPE_CHECKING:
     from safeclip.export.descriptors import DescriptorSet
     from safeclip.export.models import LoadedClip

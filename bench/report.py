@@ -128,7 +128,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def _summary(doc: dict[str, Any]) -> list[str]:
     rows = ["| Benchmark | Result | Goal | Met |", "|---|---|---|---|"]
-    for name, b in doc["benchmarks"].items():
+    for b in doc["benchmarks"].values():
         title = b["title"]
         if b["status"] != "ok":
             what = f"not run: {b['reason']}" if b["status"] == "not_run" else f"MISSING (error: {b['reason']})"
@@ -150,7 +150,8 @@ def _summary(doc: dict[str, Any]) -> list[str]:
                 shown = True
         for r in b["ratios"].values():
             rows.append(
-                f"| {title} | {r['label']}: **{fmt(r['value'], r['unit'])}** | {_goal(r['goal'], r['unit'])} | {_met(r['goal_met'])} |"
+                f"| {title} | {r['label']}: **{fmt(r['value'], r['unit'])}** "
+                f"| {_goal(r['goal'], r['unit'])} | {_met(r['goal_met'])} |"
             )
             shown = True
         for key, why in b["not_run"].items():

@@ -113,7 +113,7 @@ def screen_files(
     step = gate.engine.max_batch
     for start in range(0, len(labelled), step):
         chunk = labelled[start : start + step]
-        for (label, path), result in zip(chunk, gate.screen([p for _, p in chunk])):
+        for (label, path), result in zip(chunk, gate.screen([p for _, p in chunk]), strict=True):
             if isinstance(result, ImageError):
                 failed[label].append((str(path), result.reason))
             else:

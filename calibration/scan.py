@@ -166,7 +166,7 @@ def _check_lined_up(sample: Sample | None, verdict: dict[str, Any], path: Path) 
 
 def _screen_batch(gate: Gate, batch: list[Sample], verdicts: TextIO, bar: Progress) -> None:
     with_image = [s for s in batch if s.path is not None]
-    results = dict(zip((s.index for s in with_image), gate.screen([s.path for s in with_image])))
+    results = dict(zip((s.index for s in with_image), gate.screen([s.path for s in with_image]), strict=True))
     for sample in batch:
         record: dict[str, Any] = {"index": sample.index, "id": sample.id, "image": sample.image}
         result = results.get(sample.index)
@@ -203,7 +203,7 @@ def _write_outputs(
     gallery: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     with CorrectedWriter(data, out) as writer:
-        for sample, verdict in zip(data.samples(), _verdicts(out / VERDICTS)):
+        for sample, verdict in zip(data.samples(), _verdicts(out / VERDICTS), strict=True):
             _check_lined_up(sample, verdict, out / VERDICTS)
             counts["samples"] += 1
             if verdict.get("no_image"):

@@ -214,8 +214,10 @@ def tensorrt_plan_config(
 ) -> str:
     built = manifest.extra["tensorrt"]
     return (
-        f"# Written by `safeclip export-triton` from {manifest.model_id}: the TensorRT plan of `safeclip build-engine`.\n"
-        f"# Built with TensorRT {built['version']} for {built['gpu']} (compute capability {built['compute_capability']}):\n"
+        f"# Written by `safeclip export-triton` from {manifest.model_id}: "
+        "the TensorRT plan of `safeclip build-engine`.\n"
+        f"# Built with TensorRT {built['version']} for {built['gpu']} "
+        f"(compute capability {built['compute_capability']}):\n"
         "# serve it only from a Triton whose TensorRT has that version, on that GPU model.\n"
         + _common(name, "tensorrt_plan", "tensorrt", batching, inputs, outputs, sha256)
     )

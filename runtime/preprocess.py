@@ -34,7 +34,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import numpy as np
 from PIL import (
@@ -80,7 +80,7 @@ __all__ = [
 # phone panoramas, while capping what one decode may allocate (256 MB as Pillow stores 8-bit RGB).
 DEFAULT_MAX_PIXELS = 64_000_000
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
 WHITE = (255, 255, 255)
 
@@ -374,8 +374,8 @@ class Preprocessor:
             offset = ((side - width) // 2, (side - height) // 2)
             at = tuple(-(-o // factor) for o in offset)
             box = (
-                *(a - o / factor for a, o in zip(at, offset)),
-                *(a + (side - o) / factor for a, o in zip(at, offset)),
+                *(a - o / factor for a, o in zip(at, offset, strict=True)),
+                *(a + (side - o) / factor for a, o in zip(at, offset, strict=True)),
             )
             canvas = Image.new("RGB", (math.ceil(box[2]), math.ceil(box[3])), tuple(self.pad_color))
             canvas.paste(shown.image, at)

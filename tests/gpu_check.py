@@ -128,9 +128,8 @@ def require_plan_prerequisites(env: dict) -> None:
 
 def compare(ref: np.ndarray, got: np.ndarray, policy) -> dict:
     digests = [""] * len(ref)
-    agree = float(
-        np.mean([a.flagged == b.flagged for a, b in zip(policy.verdicts(ref, digests), policy.verdicts(got, digests))])
-    )
+    pairs = zip(policy.verdicts(ref, digests), policy.verdicts(got, digests), strict=True)
+    agree = float(np.mean([a.flagged == b.flagged for a, b in pairs]))
     diff = float(np.abs(got - ref).max())
     return {
         "max_abs_diff_prob_vs_ort_fp32": diff,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
@@ -30,7 +31,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
@@ -79,7 +80,7 @@ def strict_parse(body: bytes) -> Any:
 
 def dumps_pairs(value: Any, ensure_ascii: bool = True) -> str:
     """JSON text for a tree that may hold Obj (duplicate keys written as they are); dicts are written too."""
-    if isinstance(value, Obj) or isinstance(value, dict):
+    if isinstance(value, (Obj, dict)):
         items = value if isinstance(value, Obj) else list(value.items())
         return (
             "{"
@@ -166,7 +167,7 @@ class ImageSlot:
 
 @dataclass(frozen=True)
 class ListOf:
-    item: "Type"
+    item: Type
 
 
 @dataclass(frozen=True)
@@ -180,13 +181,13 @@ class Ref:
 class Either:
     """A field whose shape depends on the JSON value's kind (a string, a list, an object)."""
 
-    string: "Type | None" = None
-    array: "Type | None" = None
-    object: "Type | None" = None
+    string: Type | None = None
+    array: Type | None = None
+    object: Type | None = None
 
 
 STR = "str"  # a field that holds no image
-Type = Union[str, ImageSlot, ListOf, Ref, Either]
+Type = str | ImageSlot | ListOf | Ref | Either
 
 URL = ImageSlot("url")
 B64 = ImageSlot("base64")
@@ -404,10 +405,8 @@ def lenient_b64(text: str) -> list[bytes]:
             out.append(decode(padded))
         except (binascii.Error, ValueError):
             continue
-    try:
+    with contextlib.suppress(binascii.Error, ValueError):
         out.append(base64.b64decode(compact, validate=False))  # drops characters outside the alphabet
-    except (binascii.Error, ValueError):
-        pass
     return out
 
 

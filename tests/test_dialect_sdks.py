@@ -22,10 +22,10 @@ import numpy as np
 import ollama
 import openai
 import pytest
-from PIL import Image
-
 from dialect_upstream import UPSTREAM_TEXT, DialectUpstream
 from json_semantics import LAST, dialect_of, find_images
+from PIL import Image
+
 from safeclip.runtime.gate import Gate
 from server_helpers import data_url, gate_config, http, png
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pytest
+from json_semantics import SEMANTICS, Seen, dialect_of, find_images, images_anywhere
 from PIL import Image, ImageOps, ImageSequence
 
-from json_semantics import SEMANTICS, Seen, dialect_of, find_images, images_anywhere
 from safeclip.runtime.gate import Gate
 from server_helpers import gate_config, post_json
 

@@ -15,11 +15,11 @@ import socket
 from urllib.parse import urlsplit
 
 import pytest
-
 from json_semantics import dumps_pairs
+from test_differential_parser import DIALECT_BODIES, Case, check, with_stream_false
+
 from safeclip.runtime.gate import Gate
 from server_helpers import Reply, gate_config, png
-from test_differential_parser import DIALECT_BODIES, Case, check, with_stream_false
 
 ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/api/chat", "/api/generate")
 

@@ -30,7 +30,6 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from json_semantics import (
     FIRST,
     GO,
@@ -44,6 +43,7 @@ from json_semantics import (
     go_fold,
     strict_parse,
 )
+
 from safeclip.runtime.gate import Gate
 from server_helpers import ImageHost, Reply, data_url, gate_config, http, png
 

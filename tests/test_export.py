@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from reference import reference_probs
 from images import smooth_images
+from reference import reference_probs
 from safeclip.runtime import contract
 
 # Stated bounds: max |d prob| against the reference (the export's own verification uses the same).
@@ -145,7 +145,7 @@ def test_tiny_random_is_deterministic(tiny_engine, tmp_path):
     images = smooth_images(4, 56, seed=11)
     a = run_onnx(tiny_engine / "model.fp32.onnx", images)
     b = run_onnx(tmp_path / "again" / "model.fp32.onnx", images)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
 
 

@@ -11,14 +11,11 @@ for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_f
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import os
 import struct
-import sys
 import zlib
-from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -29,10 +26,10 @@ from PIL import Image
 
 from images import encode, pil_bytes, png_chunk, png_header, smooth_images
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
-from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.dialects.base import data_url, decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
+from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import canonical, parse, parse_object, stray_images
 from server_helpers import address_space_headroom, gate_config, http, png
 
@@ -291,7 +288,7 @@ def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
                 assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
     assert [p.where for p in found] == [w for w, _ in expected]
     pinned = data_url(b"\x89PNG", "image/png")
-    for p, (_, part) in zip(found, expected):
+    for p, (_, part) in zip(found, expected, strict=True):
         given = part["image_url"]
         assert p.value == (given.get("url") if isinstance(given, dict) else given) and p.value
         p.rewrite(b"\x89PNG", "image/png")  # the gate puts the screened pixels in each image's place

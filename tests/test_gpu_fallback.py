@@ -284,10 +284,10 @@ def test_auto_falls_back_to_onnx_when_the_plan_is_from_another_gpu(engine_copy, 
 
 
 def test_screen_reports_a_cuda_error_in_one_line(engine_copy, fake_gpu, tmp_path, capsys):
+    import cv2
+
     from images import smooth_images
     from safeclip.runtime import screen
-
-    import cv2
 
     for i, img in enumerate(smooth_images(3, 64, seed=2)):
         cv2.imwrite(str(tmp_path / f"{i}.png"), img)

@@ -25,7 +25,6 @@ from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DecompressionBomb, ImageError, Preprocessor
 from server_helpers import (
-    screened_url,
     address_space_headroom,
     gate_config,
     http,
@@ -33,6 +32,7 @@ from server_helpers import (
     resident,
     run_measured,
     safeclip,
+    screened_url,
     user_message,
     within,
 )
@@ -109,7 +109,7 @@ def test_runtime_batch_keeps_every_result_in_its_place(gate, corpus, screened):
     names = list(expected)
     with address_space_headroom(HEADROOM_BYTES):
         batch = within(ITEM_SECONDS * 3, lambda: gate.screen([folder / n for n in names]))
-    for name, result in zip(names, batch):
+    for name, result in zip(names, batch, strict=True):
         alone = screened[name]
         assert type(result) is type(alone), name
         if isinstance(result, Verdict):

@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT
+from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.errors import GateError
 from server_helpers import TESTS, ImageHost, data_url, gate_config, http, png, post_json, screened_url
 
@@ -326,16 +326,12 @@ def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, tmp_path_f
     if not LITELLM.exists():
         pytest.skip(f"LiteLLM's proxy is not installed ({LITELLM} is missing; `make install` makes .venv-litellm)")
     upstream = upstream_server[1]
-    start = lambda gate, **c: servers.start_gate(
-        gate_config(
-            tiny_engine,
-            "",
-            api_key=GATE_KEY,  # noqa: E731
-            fetch={"allow": ["127.0.0.1/32"]},
-            **c,
-        ),
-        gate,
-    )
+
+    def start(gate, **c):
+        return servers.start_gate(
+            gate_config(tiny_engine, "", api_key=GATE_KEY, fetch={"allow": ["127.0.0.1/32"]}, **c), gate
+        )
+
     gates = {"refuse": start(flag_all), "pass": start(flag_none), "inject": start(flag_all, action="inject")}
     folder = tmp_path_factory.mktemp("litellm")
     (folder / "config.yaml").write_text(litellm_config(upstream, gates))

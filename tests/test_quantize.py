@@ -79,7 +79,7 @@ def test_dynamic_int8_is_listed_verified_and_keeps_the_head_fp32(engine, images,
     int8_verdicts = Gate.from_engine(engine, backend="cpu", precision="int8").check(files)
     fp32_verdicts = Gate.from_engine(engine, backend="cpu", precision="fp32").check(files)
     assert [v.flagged for v in int8_verdicts] == [v.flagged for v in fp32_verdicts]
-    assert max(abs(a.probability - b.probability) for a, b in zip(int8_verdicts, fp32_verdicts)) < 0.05
+    assert max(abs(a.probability - b.probability) for a, b in zip(int8_verdicts, fp32_verdicts, strict=True)) < 0.05
 
     # Every tower weight matmul runs as MatMulInteger; the head's weights (the projection, which the
     # quantizer renames to <gemm>_MatMul, and the descriptor matrix) stay FP32 initializers.
@@ -131,7 +131,7 @@ def test_spread_thresholds_split_the_images_between_two_scores(tiny_engine):
     rows = agreement_table(probs, probs, manifest)
     assert [(a.at, a.share) for a in rows] == [("manifest", 1.0), ("p50", 1.0), ("p80", 1.0), ("p95", 1.0)]
     assert [a.fp32_flagged for a in rows] == [0, 20, 8, 2]
-    for a, k in zip(rows[1:], (20, 32, 38)):
+    for a, k in zip(rows[1:], (20, 32, 38), strict=True):
         assert a.threshold == pytest.approx((scores[k - 1] + scores[k]) / 2)
     assert quantize_module.accepted(rows)
 

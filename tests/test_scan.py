@@ -71,7 +71,7 @@ def test_jsonl_all_flagged_gets_refusals_naming_the_category(tiny_engine, datase
 
     corrected = lines(out / "corrected.jsonl")
     assert len(corrected) == len(originals)
-    for before, after, verdict in zip(originals, corrected, verdicts):
+    for before, after, verdict in zip(originals, corrected, verdicts, strict=True):
         if "image" not in before:
             assert after == before  # text-only: nothing to screen, kept as is
             continue

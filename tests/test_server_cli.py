@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 

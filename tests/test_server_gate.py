@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from images import encode, smooth_images
 from prometheus import metric
 from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMPT
-from images import encode, smooth_images
 from safeclip.runtime.server.jsonbody import canonical
 from server_helpers import (
     CountingScreen,
@@ -29,8 +29,8 @@ from server_helpers import (
     gate_config,
     http,
     png,
-    screened_url,
     post_json,
+    screened_url,
     user_message,
     wait_for,
 )

@@ -166,7 +166,7 @@ def report(tiny_engine):
     """Every row through the gates in one namespace; {label: outcome} and the image's data: URL."""
     with network_namespace() as namespace:
         out = run_in_namespace(namespace, tiny_engine, [{"url": row.url, "gate": row.gate} for row in ROWS])
-    return dict(zip((row.label for row in ROWS), out["results"])), out["image"]
+    return dict(zip((row.label for row in ROWS), out["results"], strict=True)), out["image"]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.label for row in ROWS])

@@ -344,6 +344,6 @@ def test_gate_and_engine_load_take_a_triton_url(triton, tiny_engine, tmp_path):
         remote = Gate.from_engine(only_manifest, backend=triton.grpc, threshold=0.5)
     assert remote.engine.max_batch == SERVER_MAX_BATCH and remote.engine.precision == "triton"
     local_verdicts = Gate.from_engine(tiny_engine, backend="cpu", threshold=0.5).check(images)
-    for a, b in zip(remote.check(images), local_verdicts):
+    for a, b in zip(remote.check(images), local_verdicts, strict=True):
         assert a.flagged == b.flagged and a.category == b.category
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= ATOL

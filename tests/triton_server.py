@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         # The tests read these lines to see the dynamic batcher merge requests from several clients.
         print(f"executed batch {len(images)}", flush=True)
         outputs = session.run(output_names, {input_name: images})
-        return dict(zip(output_names, outputs))
+        return dict(zip(output_names, outputs, strict=True))
 
     grpc_port, http_port = free_port(), free_port()
     config = TritonConfig(

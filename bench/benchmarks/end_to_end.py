@@ -126,7 +126,7 @@ def run(ctx, result: Result) -> None:
         def run_batched(chunk=chunk):
             return user.screen(chunk)
 
-        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched)))
+        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched), strict=True))
         order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
         for name in order:
             settle()

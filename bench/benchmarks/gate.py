@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from bench.core import NotRun, Result
@@ -97,7 +97,9 @@ def run(ctx, result: Result) -> None:
         image=f"{px}x{px} JPEG (data URL)",
         engine_backend="cpu",
         engine_precision="fp32",
-        server="safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise",
+        server=(
+            "safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise"
+        ),
         upstream="bench.upstream: aiohttp, answers at once",
         clients=s.gate_clients,
     )
@@ -118,7 +120,7 @@ def run(ctx, result: Result) -> None:
                 f"{n}img.{cache}.added_ms",
                 f"{a.label}: latency added, {what}",
                 "ms",
-                [g - d for g, d in zip(gate, direct)],
+                [g - d for g, d in zip(gate, direct, strict=True)],
                 goal=("<", GOAL_MS),
                 tail=True,
             )
@@ -263,66 +265,66 @@ def services(engine: Path, workdir: Path):
     """Start the upstream and `safeclip serve` in front of it; yield their URLs; stop both."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     up_port, gate_port = _free_port(), _free_port()
-    logs = {name: open(workdir / f"{name}.log", "w+b") for name in ("upstream", "gate")}
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        procs["upstream"] = subprocess.Popen(
-            [sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
-            cwd=REPO,
-            env=env,
-            stdout=logs["upstream"],
-            stderr=subprocess.STDOUT,
-        )
-        upstream_url = f"http://127.0.0.1:{up_port}"
-        procs["gate"] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "safeclip.runtime.cli",
-                "serve",
-                "--engine",
-                str(engine),
-                "--upstream",
-                upstream_url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(gate_port),
-                "--backend",
-                "cpu",
-                "--precision",
-                "fp32",
-                "--threshold",
-                "1.0",
-                "--log-level",
-                "WARNING",
-                # room for the fairness load (16 x 64 MP) in one request
-                "--max-request-pixels",
-                str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
-                "--max-body-bytes",
-                str(64 << 20),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=logs["gate"],
-            stderr=subprocess.STDOUT,
-        )
-        gate_url = f"http://127.0.0.1:{gate_port}"
-        _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
-        yield upstream_url, gate_url
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in procs.items():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log(f"gate: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
-                proc.kill()
-                proc.wait()
-        for f in logs.values():
-            f.close()
+    # The logs stay open until both processes have stopped (the finally below), then close.
+    with ExitStack() as stack:
+        logs = {name: stack.enter_context(open(workdir / f"{name}.log", "w+b")) for name in ("upstream", "gate")}
+        procs: dict[str, subprocess.Popen] = {}
+        try:
+            procs["upstream"] = subprocess.Popen(
+                [sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
+                cwd=REPO,
+                env=env,
+                stdout=logs["upstream"],
+                stderr=subprocess.STDOUT,
+            )
+            upstream_url = f"http://127.0.0.1:{up_port}"
+            procs["gate"] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "safeclip.runtime.cli",
+                    "serve",
+                    "--engine",
+                    str(engine),
+                    "--upstream",
+                    upstream_url,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gate_port),
+                    "--backend",
+                    "cpu",
+                    "--precision",
+                    "fp32",
+                    "--threshold",
+                    "1.0",
+                    "--log-level",
+                    "WARNING",
+                    # room for the fairness load (16 x 64 MP) in one request
+                    "--max-request-pixels",
+                    str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
+                    "--max-body-bytes",
+                    str(64 << 20),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=logs["gate"],
+                stderr=subprocess.STDOUT,
+            )
+            gate_url = f"http://127.0.0.1:{gate_port}"
+            _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
+            yield upstream_url, gate_url
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in procs.items():
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    log(f"gate: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
+                    proc.kill()
+                    proc.wait()
 
 
 def _wait_ready(urls: dict[str, str], procs: dict[str, subprocess.Popen], logs) -> None:

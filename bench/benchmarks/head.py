@@ -39,7 +39,7 @@ def run(ctx, result: Result) -> None:
         tower = OnnxRuntimeBackend(built.tower, "cpu")
         x = engine_inputs(1, a.image_size, seed=7)
         t = interleaved(
-            {"tower": lambda: tower.infer(x), "fused": lambda: fused.infer(x)},
+            {"tower": lambda b=tower, x=x: b.infer(x), "fused": lambda b=fused, x=x: b.infer(x)},
             budget_s=s.head_budget_s,
             lo=s.head_min_pairs,
             hi=s.head_max_pairs,
@@ -51,7 +51,7 @@ def run(ctx, result: Result) -> None:
             f"{name}.head_overhead_pct",
             f"{a.label} head cost (fused / tower − 1, paired)",
             "%",
-            [(f / w - 1.0) * 100.0 for f, w in zip(t["fused"], t["tower"])],
+            [(f / w - 1.0) * 100.0 for f, w in zip(t["fused"], t["tower"], strict=True)],
             goal=("<=", GOAL_PCT),
         )
         # The fastest run of each is the least disturbed by other work on a busy machine.

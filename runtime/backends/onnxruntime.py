@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from importlib import metadata
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +103,9 @@ def preload_gpu_libraries(provider: str) -> None:
     if preload is not None:
         preload()
     if provider == "tensorrt":
-        try:
+        # Without the tensorrt_libs wheel, a system TensorRT (JetPack, a container) is on the loader's path instead.
+        with contextlib.suppress(ImportError):
             importlib.import_module("tensorrt_libs")
-        except ImportError:
-            pass  # a system TensorRT (JetPack, a container) is on the loader's path instead
 
 
 def _gpu_start_errors(ort) -> tuple[type[BaseException], ...]:
@@ -183,7 +183,7 @@ class OnnxRuntimeBackend:
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         outputs = self.session.run(names, {self.session.get_inputs()[0].name: images})
-        return dict(zip(names, outputs))
+        return dict(zip(names, outputs, strict=True))
 
 
 def open_auto(path_for: Callable[[str], Path], cache_dir: Path | None = None) -> tuple[OnnxRuntimeBackend, str]:

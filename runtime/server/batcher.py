@@ -153,6 +153,6 @@ class MicroBatcher:
         self._call_seconds = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(len(images), self._call_seconds)
-        for f, result in zip(futures, results):
+        for f, result in zip(futures, results, strict=True):
             if not f.done():
                 f.set_result(result)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from yarl import URL
 
 from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend

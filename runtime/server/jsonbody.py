@@ -19,8 +19,8 @@ What goes upstream is `canonical(body)`, never the client's bytes.
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
+import functools
 import json
 import math
 import re
@@ -193,7 +193,7 @@ def _matches(path: JsonPath, pattern: PathPattern) -> bool:
     """Whether `path` is at or below the free-form root `pattern`."""
     if len(path) < len(pattern):
         return False
-    return all(p == "*" or p == str(k) for p, k in zip(pattern, path))
+    return all(p == "*" or p == str(k) for p, k in zip(pattern, path[: len(pattern)], strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------

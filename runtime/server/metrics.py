@@ -15,7 +15,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -59,7 +59,7 @@ class Histogram:
         for key, (counts, total) in sorted(self.series.items()):
             running = 0
             bounds = [_number(b) for b in self.buckets] + ["+Inf"]
-            for bound, count in zip(bounds, counts):
+            for bound, count in zip(bounds, counts, strict=True):
                 running += count
                 le = _labels(self.labels, key, 'le="' + bound + '"')
                 lines.append(f"{self.name}_bucket{le} {running}")

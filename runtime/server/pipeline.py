@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.preprocess import DecompressionBomb, ImageError, image_size_from_header
+from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
 from safeclip.runtime.server import jsonbody
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
@@ -72,7 +72,7 @@ async def screen(state: GateState, ready: Ready, exchange: Exchange, forward: bo
     ]
     screened = await ready.screener.screen(jobs, exchange.record.request_id, forward)
     failures: list[GateError] = []
-    for slot, item in zip(slots, screened):
+    for slot, item in zip(slots, screened, strict=True):
         _account(state, exchange.record, slot, item, failures, forward and state.config.fail_open)
     if failures:  # raised after every image is accounted for, so the audit line lists them all
         raise failures[0]
@@ -132,7 +132,7 @@ def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> N
     with `forward_original`, the bytes as they came (a URL still becomes its fetched bytes: the upstream
     must not fetch it again and get something else)."""
     original = state.config.proxy.forward_original
-    for slot, item in zip(exchange.slots, screened):
+    for slot, item in zip(exchange.slots, screened, strict=True):
         if item.forward is not None and not original:
             slot.rewrite(item.forward, "image/png")
         elif slot.kind == "url" and item.original is not None:
@@ -283,7 +283,7 @@ async def guardrail(request: web.Request) -> web.StreamResponse:
             headers=record.headers(),
         )
     replaced: dict[str, str] = {}
-    for ref, item in zip(refs, screened):
+    for ref, item in zip(refs, screened, strict=True):
         if item.forward is not None and not config.proxy.forward_original:
             replaced[ref.value] = data_url(item.forward, "image/png")
         elif ref.kind == "url" and item.original is not None:  # pinned: never a URL to fetch again

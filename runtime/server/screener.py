@@ -89,7 +89,7 @@ class Screener:
         loaded = await asyncio.gather(*(jobs[i].load() for i in todo))
         digests = [await sha256(data) for data in loaded]
         pending: dict[int, tuple[str, bytes]] = {}
-        for i, data, digest in zip(todo, loaded, digests):
+        for i, data, digest in zip(todo, loaded, digests, strict=True):
             entry = self._hit(digest, forward)
             if entry is not None:  # the same image sent as other text (or fetched again)
                 found[i] = Screened(entry.verdict, entry.forward, True, digest, data)
@@ -99,14 +99,14 @@ class Screener:
                 pending[i] = (digest, data)
         unique = {digest: data for digest, data in pending.values()}  # the same image twice is screened once
         self._check_budget(list(unique.values()))
-        for digest in dict.fromkeys(s.sha256 for s in found.values()):
+        for _ in dict.fromkeys(s.sha256 for s in found.values()):  # once per distinct image
             self.observe("cache", True)
-        for digest in unique:
+        for _ in unique:
             self.observe("cache", False)
         tasks = {i: self._start(digest, data, jobs[i].source, owner, forward) for i, (digest, data) in pending.items()}
         # shield: a client that goes away must not cancel work other requests are waiting for.
         results = await asyncio.gather(*(asyncio.shield(t) for t in tasks.values()))
-        for (i, (digest, data)), result in zip(pending.items(), results):
+        for (i, (digest, data)), result in zip(pending.items(), results, strict=True):
             found[i] = Screened(result.result, result.forward, False, digest, data)
             key = jobs[i].key
             if key is not None and isinstance(result.result, Verdict):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.config import GateConfig
 from safeclip.runtime.server.decoding import DecodePool
@@ -17,6 +16,7 @@ from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
+from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.screener import Screener
 
 
