@@ -142,7 +142,7 @@ def photo_like(height: int, width: int, seed: int) -> np.ndarray:
     photograph (pure noise would make decoding unrealistically slow, flat colour unrealistically fast)."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (max(2, height // 48), max(2, width // 48), 3)).astype(np.float32)
-    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    img: np.ndarray = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     for _ in range(6):
         center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         axes = (int(rng.integers(4, max(5, width // 4))), int(rng.integers(4, max(5, height // 4))))

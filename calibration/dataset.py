@@ -126,6 +126,8 @@ class CorrectedWriter:
         if self.kind == "folder":
             self._file.write(f"{sample.image}\n")
             return
+        if sample.record is None:
+            raise ValueError(f"sample {sample.index} (id {sample.id!r}) has no record to write to a {self.kind} file")
         record = sample.record if refusal is None else with_refusal(sample.record, refusal)
         line = json.dumps(record, ensure_ascii=False)
         if self.kind == "jsonl":

@@ -106,7 +106,8 @@ def screen_files(
     """Screen every file; unreadable ones are kept with their reason, and the counts are checked."""
     names = gate.manifest.category_names
     # None labels the benign set, so a category that happens to be called "benign" cannot collide with it.
-    sets: dict[str | None, tuple[Path, ...]] = {None: files.benign, **files.toxic}
+    sets: dict[str | None, tuple[Path, ...]] = {None: files.benign}
+    sets.update(files.toxic.items())
     rows: dict[str | None, list[list[float]]] = {label: [] for label in sets}
     failed: dict[str | None, list[tuple[str, str]]] = {label: [] for label in sets}
     labelled = [(label, p) for label, ps in sets.items() for p in ps]

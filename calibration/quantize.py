@@ -282,7 +282,7 @@ def per_image_nodes(model: onnx.ModelProto) -> list[str]:
         v.name: len(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
         for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)
     }
-    head = [n for n in inferred.graph.node if all(ranks.get(o) is None or ranks[o] <= 2 for o in n.output)]
+    head = [n for n in inferred.graph.node if all((r := ranks.get(o)) is None or r <= 2 for o in n.output)]
     if not any(contract.OUTPUT_PROBS in n.output for n in head):
         raise QuantizeError(
             f"no per-image node produces {contract.OUTPUT_PROBS!r}; cannot tell the head from the tower"

@@ -165,14 +165,13 @@ def _check_lined_up(sample: Sample | None, verdict: dict[str, Any], path: Path) 
 
 
 def _screen_batch(gate: Gate, batch: list[Sample], verdicts: TextIO, bar: Progress) -> None:
-    with_image = [s for s in batch if s.path is not None]
-    results = dict(zip((s.index for s in with_image), gate.screen([s.path for s in with_image]), strict=True))
+    paths = {s.index: s.path for s in batch if s.path is not None}
+    results = dict(zip(paths, gate.screen(list(paths.values())), strict=True))
     for sample in batch:
         record: dict[str, Any] = {"index": sample.index, "id": sample.id, "image": sample.image}
-        result = results.get(sample.index)
         if sample.path is None:
             record["no_image"] = True
-        elif isinstance(result, ImageError):
+        elif isinstance(result := results[sample.index], ImageError):
             record.update(error=result.reason, error_type=type(result).__name__)
         else:
             record.update(result.to_dict())
@@ -222,7 +221,7 @@ def _write_outputs(
                 counts["flagged"] += 1
                 category = strongest(verdict)
                 by_category[category] += 1
-                if len(gallery) < gallery_limit:
+                if len(gallery) < gallery_limit and sample.path is not None:  # a flagged sample has an image
                     gallery.append(
                         {
                             "id": sample.id,

@@ -87,7 +87,7 @@ def export_clip(
     engine_dir.mkdir(parents=True, exist_ok=True)
 
     fused = build_fused(clip, desc, cls_source, patch_features)
-    size = clip.model.config.vision_config.image_size
+    size = _image_size(clip)
     outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + (
         [contract.OUTPUT_PATCH_FEATURES] if patch_features else []
     )
@@ -110,7 +110,7 @@ def export_clip(
         model_id=clip.model_id,
         model_hash=clip.model_hash,
         cls=cls_source,
-        image=ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode=resize_mode),
+        image=ImageSpec(size=size, mean=clip.mean, std=clip.std, resize_mode=resize_mode),
         categories=desc.categories,
         logit_scale=float(clip.model.logit_scale.detach().exp()),
         thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
@@ -165,6 +165,16 @@ def _verify(
                 f"{path}: ONNX Runtime differs from torch by {diff:.3e} (bound {TOLERANCE[precision]:.0e}), "
                 f"decisions {'agree' if agree else 'differ'}; the engine is not usable"
             )
+
+
+def _image_size(clip: LoadedClip) -> int:
+    """The side of the square image the vision tower takes. transformers types vision_config and its
+    image_size loosely (a dict or None before CLIPConfig converts it; a pair for other vision models)."""
+    vision = clip.model.config.vision_config
+    size = vision.image_size if isinstance(vision, transformers.CLIPVisionConfig) else None
+    if not isinstance(size, int):
+        raise ValueError(f"{clip.model_id}: vision_config.image_size is {size!r}, not the side of a square image")
+    return size
 
 
 def build_fused(clip: LoadedClip, desc: DescriptorSet, cls_source: str, patch_features: bool) -> FusedSafeClip:

@@ -34,7 +34,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 from PIL import (
@@ -206,7 +206,8 @@ def _rgb(image: Image.Image, fmt: str, source: str) -> Image.Image:
 
 
 def _over_white(rgba: Image.Image) -> Image.Image:
-    if rgba.getextrema()[3][0] == 255:  # opaque after all
+    extrema = cast(tuple[tuple[int, int], ...], rgba.getextrema())  # RGBA: one (min, max) per band
+    if extrema[3][0] == 255:  # opaque after all
         return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
 
@@ -263,7 +264,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
     rows[0, 1:] = pixels[0]  # the row above the first is zeros
     np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])  # uint8 wraps around, as PNG's filters do
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = deflate.compress(rows) + deflate.flush()
+    idat = deflate.compress(rows.data) + deflate.flush()  # .data: numpy's stubs declare no buffer before 3.12
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
@@ -371,14 +372,11 @@ class Preprocessor:
             # expand2square puts the image at ((side - w) // 2, (side - h) // 2) on a side x side canvas.
             # A reduced image goes on a canvas of reduced pixels at a whole-pixel offset, and `box` is
             # where the full-resolution canvas lies on it, so the geometry stays the full-resolution one.
-            offset = ((side - width) // 2, (side - height) // 2)
-            at = tuple(-(-o // factor) for o in offset)
-            box = (
-                *(a - o / factor for a, o in zip(at, offset, strict=True)),
-                *(a + (side - o) / factor for a, o in zip(at, offset, strict=True)),
-            )
+            ox, oy = (side - width) // 2, (side - height) // 2
+            ax, ay = -(-ox // factor), -(-oy // factor)
+            box = (ax - ox / factor, ay - oy / factor, ax + (side - ox) / factor, ay + (side - oy) / factor)
             canvas = Image.new("RGB", (math.ceil(box[2]), math.ceil(box[3])), tuple(self.pad_color))
-            canvas.paste(shown.image, at)
+            canvas.paste(shown.image, (ax, ay))
             return np.array(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None))
         # transformers: the shortest side becomes size, the other int(size * long / short); the centre crop
         # starts at (resized - size) // 2.
@@ -387,7 +385,7 @@ class Preprocessor:
             if width <= height
             else (int(self.size * width / height), self.size)
         )
-        start = [(r - self.size) // 2 for r in resized]
+        start = ((resized[0] - self.size) // 2, (resized[1] - self.size) // 2)
         if factor == 1 and max(resized) <= _EXACT_CROP_RATIO * self.size:
             out = shown.image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
             return np.array(out.crop((*start, start[0] + self.size, start[1] + self.size)))

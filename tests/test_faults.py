@@ -123,7 +123,7 @@ def test_engine_failing_at_run_time_fails_the_request_closed(servers, upstream_s
             raise failures.pop()
         return inner(pixels, digests)
 
-    gate.classify = classify  # type: ignore[method-assign]
+    gate.classify = classify  # type: ignore[method-assign]  # the fault is injected into this instance only
     base = servers.start_gate(gate_config(tiny_engine, upstream_server[1]), gate)
     failed = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(IMAGE))]})
     assert failed.status == 500 and failed.json()["error"]["type"] == "server_error"

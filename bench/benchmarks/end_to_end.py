@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 
@@ -105,7 +106,7 @@ def run(ctx, result: Result) -> None:
     user.screen(warm[:1])
     user.screen(warm)
 
-    per_round = {c: [] for c in CONTENDERS}
+    per_round: dict[str, list[float]] = {c: [] for c in CONTENDERS}
     b1_images: list[float] = []
     chunks = [images[i : i + s.e2e_batch] for i in range(0, len(images), s.e2e_batch)]
     for r, chunk in enumerate(chunks):
@@ -121,7 +122,7 @@ def run(ctx, result: Result) -> None:
 
         def run_b1(chunk=chunk):
             for one in chunk:
-                b1_images.append(time_once(lambda one=one: user.screen([one])))
+                b1_images.append(time_once(functools.partial(user.screen, [one])))
 
         def run_batched(chunk=chunk):
             return user.screen(chunk)

@@ -22,6 +22,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from bench.core import NotRun, Result
 from bench.fixtures import arch, jpeg, log, photo_like
@@ -62,7 +63,7 @@ def available() -> None:
 
 
 def request_body(images: list[bytes]) -> bytes:
-    content = [{"type": "text", "text": "Describe the image."}]
+    content: list[dict[str, Any]] = [{"type": "text", "text": "Describe the image."}]
     content += [
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
         for b in images
@@ -225,7 +226,8 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
         for cache in ("warm", "cold"):
             rounds = 3 if cache == "warm" else s.gate_cold_rounds
             per_round = max(s.gate_clients, s.gate_concurrent_requests // 3) if cache == "warm" else s.gate_clients
-            direct, gate = [], []
+            direct: list[float] = []
+            gate: list[float] = []
             shared = request_body(fresh(1))
             if cache == "warm":
                 await post(gate_url, shared)
@@ -241,7 +243,7 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
         idle = [(await timed_gate(request_body(fresh(1)))) for _ in range(FAIRNESS_SAMPLES)]
         large = asyncio.ensure_future(timed_gate(request_body(large_pngs()), expect_status=200))
         await asyncio.sleep(0.5)  # let its decoding start
-        loaded = []
+        loaded: list[float] = []
         while not large.done() and len(loaded) < FAIRNESS_SAMPLES:
             elapsed = await timed_gate(request_body(fresh(1)))
             if not large.done():  # only requests that ran start to end beside the large one count

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from bench.core import Result, interleaved
 from bench.fixtures import arch, engine_inputs
 
@@ -39,7 +41,7 @@ def run(ctx, result: Result) -> None:
         tower = OnnxRuntimeBackend(built.tower, "cpu")
         x = engine_inputs(1, a.image_size, seed=7)
         t = interleaved(
-            {"tower": lambda b=tower, x=x: b.infer(x), "fused": lambda b=fused, x=x: b.infer(x)},
+            {"tower": functools.partial(tower.infer, x), "fused": functools.partial(fused.infer, x)},
             budget_s=s.head_budget_s,
             lo=s.head_min_pairs,
             hi=s.head_max_pairs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from bench.core import Result, interleaved
@@ -61,7 +63,7 @@ def _run_arch(ctx, result: Result, name: str) -> None:
         p: Engine.load(built.path, backend="cpu", precision=p, max_batch=max(s.precision_batch, 32)) for p in PRECISIONS
     }
     t = interleaved(
-        {p: (lambda e=e: e.infer(x)) for p, e in engines.items()},
+        {p: functools.partial(e.infer, x) for p, e in engines.items()},
         budget_s=s.precision_budget_s * len(engines),
         lo=s.precision_min,
         hi=s.precision_max,

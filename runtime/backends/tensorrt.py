@@ -159,7 +159,8 @@ class _Buffers:
     def release(self) -> None:
         """Free every buffer and the stream, attempting all of them; the first CUDA error is raised after."""
         errors: list[CudaError] = []
-        for buffer in [*self.host.values(), *self.device.values()]:
+        buffers: list[PinnedBuffer | DeviceBuffer] = [*self.host.values(), *self.device.values()]
+        for buffer in buffers:
             try:
                 buffer.free()
             except CudaError as e:

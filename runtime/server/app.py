@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server import pipeline
 from safeclip.runtime.server.batcher import MicroBatcher
@@ -33,7 +34,7 @@ from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import GATE_KEY_HEADER, StreamBroken, Upstream
 from safeclip.runtime.server.record import AuditLog, Record
-from safeclip.runtime.server.screener import Screener
+from safeclip.runtime.server.screener import EngineItem, Screener
 from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
 
 log = logging.getLogger("safeclip.server")
@@ -114,7 +115,7 @@ async def _load(state: GateState) -> None:
         return
     metrics = state.metrics
 
-    def classify(items: list[tuple[Any, str]]):
+    def classify(items: list[EngineItem]) -> list[Verdict]:
         start = time.perf_counter()
         verdicts = gate.classify([pixels for pixels, _ in items], [digest for _, digest in items])
         metrics.stage.observe(time.perf_counter() - start, "infer")

@@ -17,13 +17,15 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import ImageError
 from safeclip.runtime.server.errors import GateError
 
 Result = Verdict | ImageError
-ScreenFn = Callable[[list[bytes]], Sequence[Result]]
+Item = TypeVar("Item")  # what one image is to the engine call (the gate passes fitted pixels and their digest)
+ScreenFn = Callable[[list[Item]], Sequence[Result]]
 OnBatch = Callable[[int, float], None]
 # Eight full engine calls at the default batch size: under a second of queueing on a GPU, several on a CPU.
 DEFAULT_MAX_QUEUED = 256
@@ -42,15 +44,15 @@ class Overloaded(GateError):
 
 
 @dataclass
-class _Group:
-    images: list[bytes]
+class _Group(Generic[Item]):
+    images: list[Item]
     futures: list[asyncio.Future[Result]]
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[Item]):
     def __init__(
         self,
-        screen: ScreenFn,
+        screen: ScreenFn[Item],
         max_delay: float,
         max_size: int,
         on_batch: OnBatch | None = None,
@@ -65,7 +67,7 @@ class MicroBatcher:
         self.max_size = max_size
         self.max_queued = max_queued
         self.on_batch = on_batch
-        self._pending: list[_Group] = []
+        self._pending: list[_Group[Item]] = []
         self._queued = 0
         self._call_seconds = 0.0  # how long the last engine call took, to say when to retry
         self._arrived = asyncio.Event()
@@ -89,7 +91,7 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, images: list[bytes]) -> list[asyncio.Future[Result]]:
+    def submit(self, images: list[Item]) -> list[asyncio.Future[Result]]:
         """One future per image, resolved by the batching task whether or not the caller still waits.
 
         Overloaded if the images would take the queue past `max_queued`; an empty queue takes any request
@@ -108,8 +110,9 @@ class MicroBatcher:
             self._arrived.set()
         return group.futures
 
-    def _take(self) -> list[_Group]:
-        batch, count = [], 0
+    def _take(self) -> list[_Group[Item]]:
+        batch: list[_Group[Item]] = []
+        count = 0
         while self._pending and (not batch or count + len(self._pending[0].images) <= self.max_size):
             group = self._pending.pop(0)
             batch.append(group)
@@ -137,7 +140,7 @@ class MicroBatcher:
                 self._arrived.clear()
             await self._call(loop, batch)
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Group]) -> None:
+    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Group[Item]]) -> None:
         images = [image for group in batch for image in group.images]
         futures = [f for group in batch for f in group.futures]
         start = time.perf_counter()

@@ -69,7 +69,7 @@ def literal_ip(host: str) -> IPAddress | None:
 async def resolve_host(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (one lookup; no cache of ours)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # sockaddr[0]: the address (a str for IP)
 
 
 class PinnedResolver(AbstractResolver):

@@ -27,7 +27,11 @@ from safeclip.runtime.server.dialects.base import (
     decode_base64,
     decode_data_url,
 )
-from safeclip.runtime.server.dialects.openai_moderations import moderation_response, moderation_result
+from safeclip.runtime.server.dialects.openai_moderations import (
+    OpenAIModerations,
+    moderation_response,
+    moderation_result,
+)
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.proxy import read_body, write
 from safeclip.runtime.server.record import Record, decide, image_entry
@@ -189,7 +193,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.StreamResponse:
-    groups = exchange.route.dialect.groups(exchange.body)  # type: ignore[attr-defined]
+    dialect = exchange.route.dialect
+    if not isinstance(dialect, OpenAIModerations):  # a route table mistake: only that dialect groups images
+        raise TypeError(f"{exchange.route.path} moderates but its dialect is {type(dialect).__name__}")
+    groups = dialect.groups(exchange.body)
     await screen(state, ready, exchange, forward=False)  # nothing is forwarded: an undecodable image is an error
     record = exchange.record
     record.decision = decide(record.verdicts, state.config.action_for)
@@ -198,7 +205,8 @@ async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.S
         verdicts = record.verdicts[start : start + len(group)]
         start += len(group)
         results.append(moderation_result(verdicts, ready.categories, ready.moderation_map))
-    model = exchange.body.get("model") if isinstance(exchange.body.get("model"), str) else "safeclip"
+    requested = exchange.body.get("model")
+    model = requested if isinstance(requested, str) else "safeclip"
     return web.json_response(moderation_response(model, results), headers=record.headers())
 
 

@@ -26,6 +26,8 @@ from safeclip.runtime.server.errors import GateError
 # Hashing a large image takes milliseconds; above this size it runs in a thread (hashlib releases the GIL).
 _HASH_IN_THREAD = 1 << 20
 
+EngineItem = tuple[np.ndarray, str]  # one image for the batched engine call: its fitted pixels and sha256
+
 
 @dataclass(frozen=True)
 class ImageJob:
@@ -56,7 +58,7 @@ async def sha256(data: bytes | str) -> str:
 class Screener:
     def __init__(
         self,
-        batcher: MicroBatcher,
+        batcher: MicroBatcher[EngineItem],
         cache: VerdictCache,
         pool: DecodePool,
         preprocessor: Preprocessor,
@@ -93,8 +95,9 @@ class Screener:
             entry = self._hit(digest, forward)
             if entry is not None:  # the same image sent as other text (or fetched again)
                 found[i] = Screened(entry.verdict, entry.forward, True, digest, data)
-                if jobs[i].key is not None:
-                    self.cache.put(jobs[i].key, entry)
+                key = jobs[i].key
+                if key is not None:
+                    self.cache.put(key, entry)
             else:
                 pending[i] = (digest, data)
         unique = {digest: data for digest, data in pending.values()}  # the same image twice is screened once

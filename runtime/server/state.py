@@ -17,7 +17,7 @@ from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
 from safeclip.runtime.server.record import AuditLog, Record
-from safeclip.runtime.server.screener import Screener
+from safeclip.runtime.server.screener import EngineItem, Screener
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Ready:
     """Everything screening needs, set once when the engine has loaded and warmed up."""
 
     screener: Screener
-    batcher: MicroBatcher
+    batcher: MicroBatcher[EngineItem]
     pool: DecodePool
     policy_version: str
     categories: tuple[str, ...]  # the engine's non-neutral categories

@@ -206,7 +206,7 @@ class AnthropicMessages(Dialect):
 
 def _events(message: dict[str, Any], text: str) -> list[bytes]:
     started = {**message, "content": [], "stop_reason": None}
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "message_start", "message": started},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},

@@ -95,7 +95,7 @@ def _choices(body: Mapping[str, Any]) -> int:
 
 def image_url_slot(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     """The slot of an image_url part ({"url": ...} or the bare string); rewriting keeps "detail"."""
-    image_url = part.get("image_url")
+    image_url: Any = part.get("image_url")  # a JSON value: {"url": ...} or the bare string
     holder = isinstance(image_url, dict)
     url = image_url.get("url") if holder else image_url
     where = path + ("image_url", "url") if holder else path + ("image_url",)
