@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -46,8 +46,17 @@ class Stats:
         if values.size == 0 or not np.all(np.isfinite(values)):
             raise ValueError(f"need at least one finite sample, got {list(samples)[:5]}")
         p10, q1, median, q3, p90, p99 = np.percentile(values, [10, 25, 50, 75, 90, 99])
-        return cls(float(median), float(p10), float(p90), float(p99), float(q1), float(q3), float(values.min()),
-                   float(values.max()), int(values.size))
+        return cls(
+            float(median),
+            float(p10),
+            float(p90),
+            float(p99),
+            float(q1),
+            float(q3),
+            float(values.min()),
+            float(values.max()),
+            int(values.size),
+        )
 
 
 @dataclass(frozen=True)
@@ -238,15 +247,18 @@ def plan_repeats(seconds_per_sample: float, budget_s: float, lo: int, hi: int) -
     return max(lo, min(hi, fit))
 
 
+K = TypeVar("K", bound=Hashable)  # a contender's name: a label, or a batch size
+
+
 def interleaved(
-    fns: dict[str, Callable[[], Any]],
+    fns: Mapping[K, Callable[[], Any]],
     *,
     budget_s: float,
     lo: int,
     hi: int,
     warmup: int = 1,
     settle_s: float = 0.0,
-) -> dict[str, list[float]]:
+) -> dict[K, list[float]]:
     """Time each function once per round, rounds rotating the order, so drift on a noisy machine
     lands on every contender alike. Returns seconds per call, one list per function, equal lengths."""
     names = list(fns)
@@ -254,10 +266,10 @@ def interleaved(
     for _ in range(max(1, warmup)):
         probe = sum(time_once(fns[n]) for n in names)  # the last warmup round estimates a round's cost
     rounds = plan_repeats(probe, budget_s, lo, hi)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[K, list[float]] = {n: [] for n in names}
     gc.collect()
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             if settle_s:
                 time.sleep(settle_s)
@@ -284,5 +296,3 @@ def calls_for(fn: Callable[[], Any], target_s: float, cap: int = 1_000_000) -> i
             return n
         n *= 4
     return cap
-
-

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
-
 if TYPE_CHECKING:
     from safeclip.export.descriptors import DescriptorSet
     from safeclip.export.models import LoadedClip
@@ -63,8 +62,14 @@ def random_clip(a: Arch, attn: str = "eager") -> LoadedClip:
         if attn != "eager":
             clip.model.set_attn_implementation(attn)
         return clip
-    vision = dict(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                  num_attention_heads=a.heads, image_size=a.image_size, patch_size=a.patch_size)
+    vision = dict(
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        image_size=a.image_size,
+        patch_size=a.patch_size,
+    )
     return models.random_clip(vision, a.projection_dim, SEED, f"random:{a.name}", attn_implementation=attn)
 
 
@@ -88,8 +93,14 @@ def build_engine(a: Arch, clip: LoadedClip, out: Path, fp16: bool, tower: bool) 
     from safeclip.export.onnx_export import build_fused, export_clip, export_onnx
 
     desc = descriptors()
-    export_clip(clip, desc, out, precisions=("fp32", "fp16") if fp16 else ("fp32",), verify=False,
-                extra={"bench": "random weights: for timing only, detects nothing"})
+    export_clip(
+        clip,
+        desc,
+        out,
+        precisions=("fp32", "fp16") if fp16 else ("fp32",),
+        verify=False,
+        extra={"bench": "random weights: for timing only, detects nothing"},
+    )
     tower_path = None
     if tower:
         tower_path = out.parent / f"{out.name}.tower.onnx"
@@ -131,7 +142,7 @@ def photo_like(height: int, width: int, seed: int) -> np.ndarray:
     photograph (pure noise would make decoding unrealistically slow, flat colour unrealistically fast)."""
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, (max(2, height // 48), max(2, width // 48), 3)).astype(np.float32)
-    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+    img: np.ndarray = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     for _ in range(6):
         center = (int(rng.integers(0, width)), int(rng.integers(0, height)))
         axes = (int(rng.integers(4, max(5, width // 4))), int(rng.integers(4, max(5, height // 4))))
@@ -153,7 +164,11 @@ def jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
 
 def engine_inputs(count: int, size: int, seed: int = 0) -> np.ndarray:
     """uint8 [N, S, S, 3] already at engine size."""
-    return np.stack([photo_like(size, size, seed + i) for i in range(count)]) if count else np.zeros((0, size, size, 3), np.uint8)
+    return (
+        np.stack([photo_like(size, size, seed + i) for i in range(count)])
+        if count
+        else np.zeros((0, size, size, 3), np.uint8)
+    )
 
 
 def log(message: str) -> None:

@@ -18,8 +18,19 @@ THREAD_ENV = (
     "ORT_NUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
-PACKAGES = ("numpy", "onnxruntime", "onnx", "torch", "transformers", "opencv-python-headless", "opencv-python",
-            "pillow", "aiohttp", "matplotlib", "safeclip")
+PACKAGES = (
+    "numpy",
+    "onnxruntime",
+    "onnx",
+    "torch",
+    "transformers",
+    "opencv-python-headless",
+    "opencv-python",
+    "pillow",
+    "aiohttp",
+    "matplotlib",
+    "safeclip",
+)
 
 
 def machine_info() -> dict[str, Any]:
@@ -97,9 +108,16 @@ def _threads() -> dict[str, Any]:
 def _git() -> dict[str, Any] | None:
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, check=True,
-                               capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return {"commit": commit, "dirty": bool(dirty)}

@@ -128,7 +128,7 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def _summary(doc: dict[str, Any]) -> list[str]:
     rows = ["| Benchmark | Result | Goal | Met |", "|---|---|---|---|"]
-    for name, b in doc["benchmarks"].items():
+    for b in doc["benchmarks"].values():
         title = b["title"]
         if b["status"] != "ok":
             what = f"not run: {b['reason']}" if b["status"] == "not_run" else f"MISSING (error: {b['reason']})"
@@ -138,15 +138,21 @@ def _summary(doc: dict[str, Any]) -> list[str]:
         for metric in b["metrics"].values():
             if metric["goal"] is not None:
                 u = metric["unit"]
-                spread = (f"p99 {fmt(metric['p99'], u)}, n={metric['n']}" if metric["tail"]
-                          else f"{fmt(metric['p10'], u)}–{fmt(metric['p90'], u)}")
+                spread = (
+                    f"p99 {fmt(metric['p99'], u)}, n={metric['n']}"
+                    if metric["tail"]
+                    else f"{fmt(metric['p10'], u)}–{fmt(metric['p90'], u)}"
+                )
                 rows.append(
                     f"| {title} | {metric['label']}: **{fmt(metric['median'], u)}** ({spread}) | "
                     f"{_goal(metric['goal'], u)} | {_met(metric['goal_met'])} |"
                 )
                 shown = True
         for r in b["ratios"].values():
-            rows.append(f"| {title} | {r['label']}: **{fmt(r['value'], r['unit'])}** | {_goal(r['goal'], r['unit'])} | {_met(r['goal_met'])} |")
+            rows.append(
+                f"| {title} | {r['label']}: **{fmt(r['value'], r['unit'])}** "
+                f"| {_goal(r['goal'], r['unit'])} | {_met(r['goal_met'])} |"
+            )
             shown = True
         for key, why in b["not_run"].items():
             rows.append(f"| {title} | {key}: not run: {_cell(why)} | – | – |")

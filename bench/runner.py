@@ -174,7 +174,9 @@ def _run_one(b: Benchmark, ctx: Context) -> Result:
     return result
 
 
-def check(benchmarks: Sequence[Benchmark], results: Sequence[Result], settings: Settings) -> tuple[list[str], dict[str, str]]:
+def check(
+    benchmarks: Sequence[Benchmark], results: Sequence[Result], settings: Settings
+) -> tuple[list[str], dict[str, str]]:
     """(missing results as 'benchmark.key: why', {benchmark[.key]: reason} of what was deliberately not run)."""
     failures: list[str] = []
     not_run: dict[str, str] = {}

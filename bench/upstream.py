@@ -14,14 +14,16 @@ import json
 from aiohttp import web
 
 MARKER = "bench-upstream"
-COMPLETION = json.dumps({
-    "id": f"chatcmpl-{MARKER}",
-    "object": "chat.completion",
-    "created": 0,
-    "model": MARKER,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-}).encode()
+COMPLETION = json.dumps(
+    {
+        "id": f"chatcmpl-{MARKER}",
+        "object": "chat.completion",
+        "created": 0,
+        "model": MARKER,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+).encode()
 
 
 async def _chat(request: web.Request) -> web.Response:
@@ -29,10 +31,14 @@ async def _chat(request: web.Request) -> web.Response:
     return web.Response(body=COMPLETION, content_type="application/json")
 
 
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 def build_app() -> web.Application:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_get("/healthz", lambda request: web.json_response({"status": "ok"}))
+    app.router.add_get("/healthz", _healthz)
     return app
 
 

@@ -100,13 +100,18 @@ def calibrate(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     contract.write_manifest(engine_dir, replace(updated, extra={**manifest.extra, "calibration": record}))
-    return CalibrationReport(engine_dir, out, target_fpr, dict(manifest.thresholds), choice, evaluation,
-                             scores.unreadable, tuple(files))
+    return CalibrationReport(
+        engine_dir, out, target_fpr, dict(manifest.thresholds), choice, evaluation, scores.unreadable, tuple(files)
+    )
 
 
 def summary(report: CalibrationReport) -> str:
-    lines = [f"target FPR {report.target_fpr:.1%}: thresholds written to {report.engine_dir / contract.MANIFEST_FILE}",
-             "", "| category | previous | new |", "|---|---|---|"]
+    lines = [
+        f"target FPR {report.target_fpr:.1%}: thresholds written to {report.engine_dir / contract.MANIFEST_FILE}",
+        "",
+        "| category | previous | new |",
+        "|---|---|---|",
+    ]
     for name, new in report.choice.thresholds.items():
         old = report.previous.get(name)
         note = " (kept: no toxic folder)" if name in report.choice.kept else ""
@@ -120,21 +125,42 @@ def summary(report: CalibrationReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip calibrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--engine", required=True, help="engine folder (with manifest.json)")
     add_set_arguments(parser)
-    parser.add_argument("--target-fpr", type=float, default=DEFAULT_TARGET_FPR,
-                        help=f"largest share of benign images flagged (default {DEFAULT_TARGET_FPR})")
-    parser.add_argument("--backend", type=backend_choice, default="auto",
-                        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server URL (default: auto)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES,
-                        help="calibrate the artifact you will deploy (default: best for the backend)")
+    parser.add_argument(
+        "--target-fpr",
+        type=float,
+        default=DEFAULT_TARGET_FPR,
+        help=f"largest share of benign images flagged (default {DEFAULT_TARGET_FPR})",
+    )
+    parser.add_argument(
+        "--backend",
+        type=backend_choice,
+        default="auto",
+        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server URL (default: auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        help="calibrate the artifact you will deploy (default: best for the backend)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
     args = parser.parse_args(argv)
     try:
-        report = calibrate(args.engine, args.benign, args.toxic, args.target_fpr, args.out, args.backend,
-                           args.precision, args.batch_size, args.progress)
+        report = calibrate(
+            args.engine,
+            args.benign,
+            args.toxic,
+            args.target_fpr,
+            args.out,
+            args.backend,
+            args.precision,
+            args.batch_size,
+            args.progress,
+        )
     except (ValueError, BackendError, ImportError) as e:  # ValueError covers InputError and ManifestError
         if isinstance(e, ImportError) and e.name != "matplotlib":
             raise

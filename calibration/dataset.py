@@ -64,8 +64,9 @@ class Dataset:
         for index, (where, record) in enumerate(records):
             _check_record(record, where)
             image = record.get("image")
-            yield Sample(index, str(record.get("id", index)), image,
-                         None if image is None else self.image_root / image, record)
+            yield Sample(
+                index, str(record.get("id", index)), image, None if image is None else self.image_root / image, record
+            )
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
@@ -95,10 +96,10 @@ def _check_record(record: Any, where: str) -> None:
         raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
     image = record.get("image")
     if image is not None and not (isinstance(image, str) and image):
-        raise DatasetError(f"{where}: \"image\" must be a non-empty string (one image per record), got {image!r}")
+        raise DatasetError(f'{where}: "image" must be a non-empty string (one image per record), got {image!r}')
     turns = record.get("conversations", [])
     if not isinstance(turns, list) or not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
-        raise DatasetError(f"{where}: \"conversations\" must be a list of {{\"from\", \"value\"}} objects")
+        raise DatasetError(f'{where}: "conversations" must be a list of {{"from", "value"}} objects')
 
 
 def with_refusal(record: dict[str, Any], refusal: str) -> dict[str, Any]:
@@ -125,6 +126,8 @@ class CorrectedWriter:
         if self.kind == "folder":
             self._file.write(f"{sample.image}\n")
             return
+        if sample.record is None:
+            raise ValueError(f"sample {sample.index} (id {sample.id!r}) has no record to write to a {self.kind} file")
         record = sample.record if refusal is None else with_refusal(sample.record, refusal)
         line = json.dumps(record, ensure_ascii=False)
         if self.kind == "jsonl":

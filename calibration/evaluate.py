@@ -36,8 +36,9 @@ class EvaluationReport:
     files: tuple[Path, ...]
 
 
-def evaluate(gate: Gate, benign_dir: str | Path, toxic_dir: str | Path, out: str | Path,
-             progress: bool | None = None) -> EvaluationReport:
+def evaluate(
+    gate: Gate, benign_dir: str | Path, toxic_dir: str | Path, out: str | Path, progress: bool | None = None
+) -> EvaluationReport:
     scores = screen_folders(gate, benign_dir, toxic_dir, progress)
     evaluation = evaluate_policy(scores, gate.policy)
     plots = render_plots(scores, evaluation, gate.manifest.model_id)
@@ -52,8 +53,9 @@ def evaluate(gate: Gate, benign_dir: str | Path, toxic_dir: str | Path, out: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_engine_arguments(parser)
     add_set_arguments(parser)
     args = parser.parse_args(argv)

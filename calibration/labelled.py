@@ -100,18 +100,21 @@ def _images(folder: Path, label: str) -> tuple[Path, ...]:
     return files
 
 
-def screen_files(gate: Gate, files: LabelledFiles, progress: Progress | None = None, min_benign: int = MIN_IMAGES) -> Scores:
+def screen_files(
+    gate: Gate, files: LabelledFiles, progress: Progress | None = None, min_benign: int = MIN_IMAGES
+) -> Scores:
     """Screen every file; unreadable ones are kept with their reason, and the counts are checked."""
     names = gate.manifest.category_names
     # None labels the benign set, so a category that happens to be called "benign" cannot collide with it.
-    sets: dict[str | None, tuple[Path, ...]] = {None: files.benign, **files.toxic}
+    sets: dict[str | None, tuple[Path, ...]] = {None: files.benign}
+    sets.update(files.toxic.items())
     rows: dict[str | None, list[list[float]]] = {label: [] for label in sets}
     failed: dict[str | None, list[tuple[str, str]]] = {label: [] for label in sets}
     labelled = [(label, p) for label, ps in sets.items() for p in ps]
     step = gate.engine.max_batch
     for start in range(0, len(labelled), step):
         chunk = labelled[start : start + step]
-        for (label, path), result in zip(chunk, gate.screen([p for _, p in chunk])):
+        for (label, path), result in zip(chunk, gate.screen([p for _, p in chunk]), strict=True):
             if isinstance(result, ImageError):
                 failed[label].append((str(path), result.reason))
             else:
@@ -137,12 +140,19 @@ def _check_count(label: str | None, total: int, screened: int, failed: list[tupl
         examples = "; ".join(f"{Path(p).name}: {reason}" for p, reason in failed[:3])
         raise InputError(f"none of the {total} {name} images could be screened ({examples}); both classes are needed")
     if screened < minimum:
-        raise InputError(f"{name}: {screened} images could be screened ({total - screened} unreadable), "
-                         f"at least {minimum} are needed")
+        raise InputError(
+            f"{name}: {screened} images could be screened ({total - screened} unreadable), "
+            f"at least {minimum} are needed"
+        )
 
 
-def screen_folders(gate: Gate, benign_dir: str | Path, toxic_dir: str | Path, progress: bool | None = None,
-                   min_benign: int = MIN_IMAGES) -> Scores:
+def screen_folders(
+    gate: Gate,
+    benign_dir: str | Path,
+    toxic_dir: str | Path,
+    progress: bool | None = None,
+    min_benign: int = MIN_IMAGES,
+) -> Scores:
     """find_images + screen_files with a progress bar (shown when stderr is a terminal unless forced)."""
     files = find_images(benign_dir, toxic_dir, gate.manifest)
     bar = Progress(len(files.benign) + sum(map(len, files.toxic.values())), label="images", enabled=progress)
@@ -155,8 +165,15 @@ def screen_folders(gate: Gate, benign_dir: str | Path, toxic_dir: str | Path, pr
 def add_set_arguments(parser: argparse.ArgumentParser) -> None:
     """--benign, --toxic, --out and --progress, shared by calibrate and eval."""
     parser.add_argument("--benign", required=True, help="folder of benign images (searched recursively)")
-    parser.add_argument("--toxic", required=True,
-                        help="folder of toxic images: flat, or one subfolder per category (toxic/gun/, toxic/knife/, ...)")
+    parser.add_argument(
+        "--toxic",
+        required=True,
+        help="folder of toxic images: flat, or one subfolder per category (toxic/gun/, toxic/knife/, ...)",
+    )
     parser.add_argument("--out", help="report folder")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )

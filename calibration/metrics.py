@@ -121,9 +121,8 @@ def evaluate_policy(scores: Scores, policy: Policy) -> Evaluation:
 def _confusion(scores: Scores, benign: list, toxic: list) -> dict[str, dict[str, int]]:
     columns = [NOT_FLAGGED] + [c for c in scores.categories if c != scores.neutral]
     table = {label: dict.fromkeys(columns, 0) for label in ("benign", *scores.labels)}
-    for label, verdict in [("benign", v) for v in benign] + list(zip(scores.toxic_labels, toxic)):
+    for label, verdict in [("benign", v) for v in benign] + list(zip(scores.toxic_labels, toxic, strict=True)):
         fired = verdict.flagged_categories
         predicted = max(fired, key=verdict.probabilities.__getitem__) if fired else NOT_FLAGGED
         table[label][predicted] += 1
     return table
-

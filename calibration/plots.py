@@ -21,7 +21,10 @@ def render_plots(scores: Scores, evaluation: Evaluation, title: str) -> dict[str
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError("the plots need matplotlib: pip install 'safeclip[calibrate]'", name="matplotlib") from e
-    return {ROC_FILE: _roc(Figure, scores, evaluation, title), HISTOGRAM_FILE: _histograms(Figure, scores, evaluation, title)}
+    return {
+        ROC_FILE: _roc(Figure, scores, evaluation, title),
+        HISTOGRAM_FILE: _histograms(Figure, scores, evaluation, title),
+    }
 
 
 def _roc(Figure, scores: Scores, evaluation: Evaluation, title: str) -> bytes:
@@ -34,10 +37,21 @@ def _roc(Figure, scores: Scores, evaluation: Evaluation, title: str) -> bytes:
             own = roc_curve(scores.positives(name), scores.benign[:, scores.column(name)])
             ax.plot(*own, lw=1, alpha=0.8, label=f"{name} (AUROC {evaluation.per_category[name].auroc:.3f})")
     ax.plot([0, 1], [0, 1], ls=":", color="grey")
-    ax.plot([evaluation.false_positive_rate], [evaluation.defense_success_rate], "o", color="red", ms=9,
-            label=f"operating point (FPR {evaluation.false_positive_rate:.1%}, TPR {evaluation.defense_success_rate:.1%})")
-    ax.set(xlabel="false-positive rate (benign flagged)", ylabel="true-positive rate (toxic flagged)",
-           xlim=(0, 1), ylim=(0, 1.01), title=f"{title}: ROC")
+    ax.plot(
+        [evaluation.false_positive_rate],
+        [evaluation.defense_success_rate],
+        "o",
+        color="red",
+        ms=9,
+        label=f"operating point (FPR {evaluation.false_positive_rate:.1%}, TPR {evaluation.defense_success_rate:.1%})",
+    )
+    ax.set(
+        xlabel="false-positive rate (benign flagged)",
+        ylabel="true-positive rate (toxic flagged)",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+        title=f"{title}: ROC",
+    )
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 

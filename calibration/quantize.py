@@ -139,13 +139,15 @@ def quantize(
 
     partial = engine_dir / (INT8_FILE + ".partial")
     try:
-        head_nodes, quantized_nodes = write_int8(engine_dir / fp32.path, partial, method, calibration,
-                                                 manifest.input, batch_size)
+        head_nodes, quantized_nodes = write_int8(
+            engine_dir / fp32.path, partial, method, calibration, manifest.input, batch_size
+        )
         reference = Engine.load(engine_dir, backend="cpu", precision="fp32", max_batch=batch_size)
         int8 = OnnxRuntimeBackend(partial, "cpu")
         fp32_probs = reference.infer(holdout)[contract.OUTPUT_PROBS]
-        int8_probs = np.concatenate([int8.infer(holdout[i : i + batch_size])[contract.OUTPUT_PROBS]
-                                     for i in range(0, len(holdout), batch_size)])
+        int8_probs = np.concatenate(
+            [int8.infer(holdout[i : i + batch_size])[contract.OUTPUT_PROBS] for i in range(0, len(holdout), batch_size)]
+        )
         agreements = agreement_table(fp32_probs, int8_probs, manifest)
         batch = np.ascontiguousarray(holdout[:batch_size])
         fp32_ms, int8_ms = _median_ms([reference.backend, int8], batch)
@@ -153,22 +155,38 @@ def quantize(
         partial.unlink(missing_ok=True)
         raise
     report = QuantizeReport(
-        engine_dir=engine_dir, method=method, accepted=accepted(agreements),
-        calibration_images=0 if calibration is None else len(calibration), holdout_images=len(holdout),
-        unreadable=unreadable, quantized_nodes=quantized_nodes, head_nodes=head_nodes,
-        max_abs_diff=float(np.abs(fp32_probs - int8_probs).max()), agreements=agreements, fp32_ms=fp32_ms,
-        int8_ms=int8_ms, timing_batch=len(batch), fp32_bytes=fp32.bytes + (fp32.data.bytes if fp32.data else 0),
+        engine_dir=engine_dir,
+        method=method,
+        accepted=accepted(agreements),
+        calibration_images=0 if calibration is None else len(calibration),
+        holdout_images=len(holdout),
+        unreadable=unreadable,
+        quantized_nodes=quantized_nodes,
+        head_nodes=head_nodes,
+        max_abs_diff=float(np.abs(fp32_probs - int8_probs).max()),
+        agreements=agreements,
+        fp32_ms=fp32_ms,
+        int8_ms=int8_ms,
+        timing_batch=len(batch),
+        fp32_bytes=fp32.bytes + (fp32.data.bytes if fp32.data else 0),
         int8_bytes=partial.stat().st_size,
     )
     if not report.accepted:
         partial.unlink()
         return report
     partial.replace(engine_dir / INT8_FILE)
-    register_int8(engine_dir, {
-        "method": method, "calibration_images": report.calibration_images, "holdout_images": report.holdout_images,
-        "max_abs_diff": report.max_abs_diff, "speedup": report.speedup, "agreement": report.agreement,
-        "agreements": {a.at: {"threshold": a.threshold, "share": a.share} for a in agreements},
-    })
+    register_int8(
+        engine_dir,
+        {
+            "method": method,
+            "calibration_images": report.calibration_images,
+            "holdout_images": report.holdout_images,
+            "max_abs_diff": report.max_abs_diff,
+            "speedup": report.speedup,
+            "agreement": report.agreement,
+            "agreements": {a.at: {"threshold": a.threshold, "share": a.share} for a in agreements},
+        },
+    )
     return report
 
 
@@ -181,8 +199,14 @@ def register_int8(engine_dir: Path, record: dict) -> contract.Manifest:
     return updated
 
 
-def write_int8(fp32_file: Path, out: Path, method: str = DEFAULT_METHOD, calibration: np.ndarray | None = None,
-               input_name: str = contract.INPUT_IMAGE, batch_size: int = DEFAULT_BATCH) -> tuple[int, int]:
+def write_int8(
+    fp32_file: Path,
+    out: Path,
+    method: str = DEFAULT_METHOD,
+    calibration: np.ndarray | None = None,
+    input_name: str = contract.INPUT_IMAGE,
+    batch_size: int = DEFAULT_BATCH,
+) -> tuple[int, int]:
     """The INT8 model of `fp32_file` at `out`, self-contained (ViT-L's INT8 weights are ~0.3 GB);
     returns (head nodes kept FP32, weight matmuls quantized). Static needs `calibration` images."""
     if method == "dynamic":
@@ -199,8 +223,14 @@ def write_int8(fp32_file: Path, out: Path, method: str = DEFAULT_METHOD, calibra
             # Symbolic shape inference trips over the exporter's graph; ONNX's own inference is enough here.
             # External data throughout: the optimizer's intermediate copy would otherwise still refer to
             # the FP32 weights by a name that does not exist next to it.
-            quant_pre_process(str(fp32_file), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
-                              all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
+            quant_pre_process(
+                str(fp32_file),
+                str(prepared),
+                skip_symbolic_shape=True,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                external_data_location=prepared.name + ".data",
+            )
             model = onnx.load(str(prepared), load_external_data=False)
             head, attention = per_image_nodes(model), activation_matmuls(model)
             del model
@@ -210,11 +240,16 @@ def write_int8(fp32_file: Path, out: Path, method: str = DEFAULT_METHOD, calibra
     return len(head), count_quantized(out, method)
 
 
-def agreement_table(fp32_probs: np.ndarray, int8_probs: np.ndarray, manifest: contract.Manifest,
-                    percentiles: tuple[int, ...] | None = None) -> tuple[Agreement, ...]:
+def agreement_table(
+    fp32_probs: np.ndarray,
+    int8_probs: np.ndarray,
+    manifest: contract.Manifest,
+    percentiles: tuple[int, ...] | None = None,
+) -> tuple[Agreement, ...]:
     """FP32 vs INT8 decisions under the manifest's policy and under one threshold for every category at
     each percentile of the FP32 score. Each such threshold sits halfway between the two FP32 scores that
     straddle the percentile, so it splits the images as the percentile says and no image sits on it."""
+
     def measure(at: str, policy: Policy, threshold: float | None) -> Agreement:
         blank = [""] * len(fp32_probs)
         a = np.array([v.flagged for v in policy.verdicts(fp32_probs, blank)])
@@ -222,7 +257,9 @@ def agreement_table(fp32_probs: np.ndarray, int8_probs: np.ndarray, manifest: co
         return Agreement(at, threshold, float(np.mean(a == b)), int(a.sum()), len(a))
 
     if len(fp32_probs) < 2 or fp32_probs.shape != int8_probs.shape:
-        raise ValueError(f"need two or more images with matching outputs, got {fp32_probs.shape} and {int8_probs.shape}")
+        raise ValueError(
+            f"need two or more images with matching outputs, got {fp32_probs.shape} and {int8_probs.shape}"
+        )
     policy = Policy.from_manifest(manifest)
     rows = [measure("manifest", policy, None)]
     scores = np.sort([v.probability for v in policy.verdicts(fp32_probs, [""] * len(fp32_probs))])
@@ -241,11 +278,15 @@ def per_image_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes whose outputs are per image (rank <= 2), not per token: the head after the CLS token. Nodes
     whose output rank is unknown count as head too, so doubt keeps a node in FP32."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
-             for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    head = [n for n in inferred.graph.node if all(ranks.get(o) is None or ranks[o] <= 2 for o in n.output)]
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim) if v.type.tensor_type.HasField("shape") else None
+        for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)
+    }
+    head = [n for n in inferred.graph.node if all((r := ranks.get(o)) is None or r <= 2 for o in n.output)]
     if not any(contract.OUTPUT_PROBS in n.output for n in head):
-        raise QuantizeError(f"no per-image node produces {contract.OUTPUT_PROBS!r}; cannot tell the head from the tower")
+        raise QuantizeError(
+            f"no per-image node produces {contract.OUTPUT_PROBS!r}; cannot tell the head from the tower"
+        )
     return [n.name for n in head]
 
 
@@ -265,8 +306,9 @@ class _Batches(CalibrationDataReader):
         return next(self._batches, None)
 
 
-def _quantize_static(prepared: Path, out: Path, images: np.ndarray, input_name: str, batch_size: int,
-                     keep_fp32: list[str]) -> None:
+def _quantize_static(
+    prepared: Path, out: Path, images: np.ndarray, input_name: str, batch_size: int, keep_fp32: list[str]
+) -> None:
     quantize_static(
         str(prepared),
         str(out),
@@ -321,8 +363,10 @@ def _load_images(preprocessor: Preprocessor, folder: Path, progress: bool | None
         bar.update()
     bar.close()
     if len(images) < MIN_IMAGES:
-        raise InputError(f"--images {folder}: {len(images)} readable images ({len(unreadable)} unreadable), "
-                         f"at least {MIN_IMAGES} are needed")
+        raise InputError(
+            f"--images {folder}: {len(images)} readable images ({len(unreadable)} unreadable), "
+            f"at least {MIN_IMAGES} are needed"
+        )
     return np.stack(images), tuple(unreadable)
 
 
@@ -343,8 +387,11 @@ def _median_ms(backends: list, batch: np.ndarray) -> tuple[float, ...]:
 
 def table(report: QuantizeReport) -> str:
     r = report
-    verdict = "accepted: model.int8.onnx added to the manifest" if r.accepted else \
-        f"REJECTED: agreement under {MIN_AGREEMENT:.0%}; INT8 file deleted, manifest unchanged"
+    verdict = (
+        "accepted: model.int8.onnx added to the manifest"
+        if r.accepted
+        else f"REJECTED: agreement under {MIN_AGREEMENT:.0%}; INT8 file deleted, manifest unchanged"
+    )
     lines = [
         "| | FP32 | INT8 |",
         "|---|---|---|",
@@ -362,25 +409,43 @@ def table(report: QuantizeReport) -> str:
         verdict,
     ]
     if r.unreadable:
-        lines.append(f"warning: {len(r.unreadable)} images could not be read and were not used: "
-                     + "; ".join(f"{p}: {reason}" for p, reason in r.unreadable))
+        lines.append(
+            f"warning: {len(r.unreadable)} images could not be read and were not used: "
+            + "; ".join(f"{p}: {reason}" for p, reason in r.unreadable)
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip quantize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--engine", required=True, help="engine folder with an FP32 artifact")
-    parser.add_argument("--images", required=True,
-                        help="folder of typical images: all measure agreement (dynamic); calibration and held-out (static)")
-    parser.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                        help="dynamic: tower MatMuls, no calibration, fits ViT-L in a few GB; static: QDQ with "
-                             "calibration, ~21 GB for ViT-L (default: %(default)s)")
-    parser.add_argument("--holdout-fraction", type=float, default=0.25,
-                        help="static: share of the images kept out of calibration to measure agreement (default 0.25)")
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="folder of typical images: all measure agreement (dynamic); calibration and held-out (static)",
+    )
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help="dynamic: tower MatMuls, no calibration, fits ViT-L in a few GB; static: QDQ with "
+        "calibration, ~21 GB for ViT-L (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.25,
+        help="static: share of the images kept out of calibration to measure agreement (default 0.25)",
+    )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per calibration/timing batch")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr while loading images (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr while loading images (default: when stderr is a terminal)",
+    )
     args = parser.parse_args(argv)
     try:
         report = quantize(args.engine, args.images, args.method, args.holdout_fraction, args.batch_size, args.progress)

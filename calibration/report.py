@@ -20,25 +20,38 @@ def base_report(scores: Scores, evaluation: Evaluation, engine: str, precision: 
         "toxic_folders": "per category" if scores.per_category else "flat",
         **evaluation.to_dict(),
         # Never silently dropped: every image that could not be screened, and why.
-        "unreadable": {"count": len(scores.unreadable),
-                       "images": [{"path": p, "reason": r} for p, r in scores.unreadable]},
+        "unreadable": {
+            "count": len(scores.unreadable),
+            "images": [{"path": p, "reason": r} for p, r in scores.unreadable],
+        },
     }
 
 
 def markdown(evaluation: Evaluation, with_paper: bool) -> str:
     e = evaluation
-    head = ["| metric | this engine |" + (" SafeCLIP paper (LLaVA-1.5) |" if with_paper else ""),
-            "|---|---|" + ("---|" if with_paper else "")]
+    head = [
+        "| metric | this engine |" + (" SafeCLIP paper (LLaVA-1.5) |" if with_paper else ""),
+        "|---|---|" + ("---|" if with_paper else ""),
+    ]
     rows = [
-        ("defense success rate (toxic flagged)", f"{e.defense_success_rate:.1%} ({e.toxic_flagged}/{e.toxic})",
-         f"{PAPER['defense_success_rate']:.1%}"),
-        ("false-positive rate (benign flagged)", f"{e.false_positive_rate:.1%} ({e.benign_flagged}/{e.benign})",
-         f"{PAPER['false_positive_rate']:.1%}"),
+        (
+            "defense success rate (toxic flagged)",
+            f"{e.defense_success_rate:.1%} ({e.toxic_flagged}/{e.toxic})",
+            f"{PAPER['defense_success_rate']:.1%}",
+        ),
+        (
+            "false-positive rate (benign flagged)",
+            f"{e.false_positive_rate:.1%} ({e.benign_flagged}/{e.benign})",
+            f"{PAPER['false_positive_rate']:.1%}",
+        ),
         ("AUROC (policy score)", f"{e.auroc:.3f}", "not reported"),
     ]
     lines = head + [f"| {m} | {ours} |" + (f" {paper} |" if with_paper else "") for m, ours, paper in rows]
-    lines += ["", "| category | threshold | AUROC | own toxic flagged | benign flagged | toxic flagged |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| category | threshold | AUROC | own toxic flagged | benign flagged | toxic flagged |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in e.per_category.items():
         threshold = "disabled" if r.threshold is None else f"{r.threshold:.4f}"
         auroc = "-" if r.auroc is None else f"{r.auroc:.3f}"

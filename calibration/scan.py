@@ -125,8 +125,10 @@ def _resume(out: Path, config: dict[str, Any], data: Dataset) -> int:
         raise DatasetError(f"{out} has {VERDICTS} but no readable {CONFIG} ({e}); use a fresh --out") from e
     changed = sorted(k for k in config if previous.get(k) != config[k])
     if changed:
-        raise DatasetError(f"{path} was made with other settings ({', '.join(changed)} differ); resume with the same "
-                           "engine, thresholds and dataset, or use a fresh --out")
+        raise DatasetError(
+            f"{path} was made with other settings ({', '.join(changed)} differ); resume with the same "
+            "engine, thresholds and dataset, or use a fresh --out"
+        )
     _drop_partial_line(path)
     done = 0
     for sample, verdict in itertools.zip_longest(data.samples(), _verdicts(path)):
@@ -156,19 +158,20 @@ def _verdicts(path: Path) -> Iterator[dict[str, Any]]:
 def _check_lined_up(sample: Sample | None, verdict: dict[str, Any], path: Path) -> None:
     if sample is None or verdict.get("index") != sample.index or verdict.get("id") != sample.id:
         where = "past the end of the dataset" if sample is None else f"sample {sample.index} (id {sample.id!r})"
-        raise DatasetError(f"{path}: verdict {verdict.get('index')} (id {verdict.get('id')!r}) does not match "
-                           f"{where}; the dataset changed since the scan started; use a fresh --out")
+        raise DatasetError(
+            f"{path}: verdict {verdict.get('index')} (id {verdict.get('id')!r}) does not match "
+            f"{where}; the dataset changed since the scan started; use a fresh --out"
+        )
 
 
 def _screen_batch(gate: Gate, batch: list[Sample], verdicts: TextIO, bar: Progress) -> None:
-    with_image = [s for s in batch if s.path is not None]
-    results = dict(zip((s.index for s in with_image), gate.screen([s.path for s in with_image])))
+    paths = {s.index: s.path for s in batch if s.path is not None}
+    results = dict(zip(paths, gate.screen(list(paths.values())), strict=True))
     for sample in batch:
         record: dict[str, Any] = {"index": sample.index, "id": sample.id, "image": sample.image}
-        result = results.get(sample.index)
         if sample.path is None:
             record["no_image"] = True
-        elif isinstance(result, ImageError):
+        elif isinstance(result := results[sample.index], ImageError):
             record.update(error=result.reason, error_type=type(result).__name__)
         else:
             record.update(result.to_dict())
@@ -184,14 +187,22 @@ def strongest(verdict: dict[str, Any]) -> str:
     return max(verdict["flagged_categories"], key=verdict["probabilities"].__getitem__)
 
 
-def _write_outputs(gate: Gate, data: Dataset, out: Path, config: dict[str, Any], drop: bool, refusal: str,
-                   resumed: int, gallery_limit: int) -> ScanSummary:
+def _write_outputs(
+    gate: Gate,
+    data: Dataset,
+    out: Path,
+    config: dict[str, Any],
+    drop: bool,
+    refusal: str,
+    resumed: int,
+    gallery_limit: int,
+) -> ScanSummary:
     counts = Counter({k: 0 for k in ("samples", "screened", "clean", "flagged", "errors", "no_image")})
     by_category: Counter[str] = Counter()
     gallery: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     with CorrectedWriter(data, out) as writer:
-        for sample, verdict in zip(data.samples(), _verdicts(out / VERDICTS)):
+        for sample, verdict in zip(data.samples(), _verdicts(out / VERDICTS), strict=True):
             _check_lined_up(sample, verdict, out / VERDICTS)
             counts["samples"] += 1
             if verdict.get("no_image"):
@@ -210,10 +221,15 @@ def _write_outputs(gate: Gate, data: Dataset, out: Path, config: dict[str, Any],
                 counts["flagged"] += 1
                 category = strongest(verdict)
                 by_category[category] += 1
-                if len(gallery) < gallery_limit:
-                    gallery.append({"id": sample.id, "category": category,
-                                    "probability": verdict["probabilities"][category],
-                                    "thumbnail": blurred_thumbnail(gate.preprocessor, sample.path)})
+                if len(gallery) < gallery_limit and sample.path is not None:  # a flagged sample has an image
+                    gallery.append(
+                        {
+                            "id": sample.id,
+                            "category": category,
+                            "probability": verdict["probabilities"][category],
+                            "thumbnail": blurred_thumbnail(gate.preprocessor, sample.path),
+                        }
+                    )
                 if not drop and sample.record is not None:
                     writer.write(sample, refusal.format(category=category))
     if counts["samples"] != data.size:  # the scan itself wrote every verdict, so only a changed dataset gets here
@@ -238,30 +254,52 @@ def _write_outputs(gate: Gate, data: Dataset, out: Path, config: dict[str, Any],
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip scan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip scan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_engine_arguments(parser)
-    parser.add_argument("dataset", metavar="DATASET",
-                        help="folder of images, or LLaVA-style .jsonl (streamed) / .json (loaded whole)")
+    parser.add_argument(
+        "dataset", metavar="DATASET", help="folder of images, or LLaVA-style .jsonl (streamed) / .json (loaded whole)"
+    )
     parser.add_argument("--out", help="output folder (default ./scan-DATASET_NAME); rerun with it to resume")
-    parser.add_argument("--image-root", help="folder the records' image paths are relative to (default: the dataset's folder)")
+    parser.add_argument(
+        "--image-root", help="folder the records' image paths are relative to (default: the dataset's folder)"
+    )
     parser.add_argument("--drop", action="store_true", help="drop flagged samples instead of rewriting their answers")
-    parser.add_argument("--refusal", default=DEFAULT_REFUSAL, metavar="TEXT",
-                        help="assistant answer for flagged samples; {category} is replaced (default: %(default)r)")
+    parser.add_argument(
+        "--refusal",
+        default=DEFAULT_REFUSAL,
+        metavar="TEXT",
+        help="assistant answer for flagged samples; {category} is replaced (default: %(default)r)",
+    )
     parser.add_argument("--gallery-limit", type=int, default=GALLERY_LIMIT, help="blurred thumbnails in report.html")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar with samples/s on stderr (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar with samples/s on stderr (default: when stderr is a terminal)",
+    )
     args = parser.parse_args(argv)
     out = args.out or f"scan-{Path(args.dataset).stem}"
     try:
-        summary = scan(gate_from_args(args), args.dataset, out, args.image_root, args.drop, args.refusal,
-                       args.progress, args.gallery_limit)
+        summary = scan(
+            gate_from_args(args),
+            args.dataset,
+            out,
+            args.image_root,
+            args.drop,
+            args.refusal,
+            args.progress,
+            args.gallery_limit,
+        )
     except (ValueError, BackendError) as e:  # ValueError covers DatasetError and ManifestError
         print(f"safeclip scan: error: {e}", file=sys.stderr)
         return EXIT_UNSCREENED
     c = summary.counts
-    print(f"{c['samples']:,} samples ({c['already_done']:,} already done): {c['clean']:,} clean, "
-          f"{c['flagged']:,} flagged, {c['errors']:,} could not be screened, {c['no_image']:,} without an image")
+    print(
+        f"{c['samples']:,} samples ({c['already_done']:,} already done): {c['clean']:,} clean, "
+        f"{c['flagged']:,} flagged, {c['errors']:,} could not be screened, {c['no_image']:,} without an image"
+    )
     for name, n in summary.flagged_by_category.items():
         print(f"  {name}: {n:,}")
     print(f"written: {', '.join(str(f) for f in summary.files)}")

@@ -37,7 +37,9 @@ def blurred_thumbnail(preprocessor: Preprocessor, path: Path) -> str | None:
         return None
     height, width = rgb.shape[:2]
     scale = THUMB_SIDE / max(height, width)
-    small = Image.fromarray(rgb).resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
+    small = Image.fromarray(rgb).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX
+    )
     blurred = small.filter(ImageFilter.GaussianBlur(THUMB_BLUR_SIGMA))  # Pillow's radius is the sigma
     jpeg = io.BytesIO()
     blurred.save(jpeg, "JPEG", quality=THUMB_QUALITY)
@@ -49,31 +51,34 @@ def render(summary: dict, gallery: list[dict], errors: list[dict]) -> str:
     counts = summary["counts"]
     rows = "".join(f"<tr><th>{e(k.replace('_', ' '))}</th><td>{v:,}</td></tr>" for k, v in counts.items())
     screened = max(counts["screened"], 1)
-    by_category = "".join(
-        f"<tr><td>{e(name)}</td><td>{n:,}</td><td>{n / screened:.2%}</td></tr>"
-        for name, n in sorted(summary["flagged_by_category"].items(), key=lambda kv: -kv[1])
-    ) or "<tr><td colspan=3>none flagged</td></tr>"
+    by_category = (
+        "".join(
+            f"<tr><td>{e(name)}</td><td>{n:,}</td><td>{n / screened:.2%}</td></tr>"
+            for name, n in sorted(summary["flagged_by_category"].items(), key=lambda kv: -kv[1])
+        )
+        or "<tr><td colspan=3>none flagged</td></tr>"
+    )
     figures = "".join(
-        f'<figure>{_img(g["thumbnail"])}<figcaption>{e(g["id"])}<br>{e(g["category"])} '
-        f'{g["probability"]:.3f}</figcaption></figure>'
+        f"<figure>{_img(g['thumbnail'])}<figcaption>{e(g['id'])}<br>{e(g['category'])} "
+        f"{g['probability']:.3f}</figcaption></figure>"
         for g in gallery
     )
     shown = f"showing {len(gallery):,} of {counts['flagged']:,} flagged samples (blurred on purpose)"
     error_items = "".join(f"<li>{e(x['id'])}: {e(str(x['image']))}: {e(x['error'])}</li>" for x in errors)
     thresholds = ", ".join(f"{e(k)} {v:g}" for k, v in summary["thresholds"].items())
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>safeclip scan: {e(summary['dataset'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>safeclip scan: {e(summary["dataset"])}</title>
 <style>{STYLE}</style></head><body>
 <h1>safeclip scan</h1>
-<p>dataset <code>{e(summary['dataset'])}</code>, engine <code>{e(summary['engine'])}</code>
-({e(summary['model_id'])}), thresholds: {thresholds}</p>
+<p>dataset <code>{e(summary["dataset"])}</code>, engine <code>{e(summary["engine"])}</code>
+({e(summary["model_id"])}), thresholds: {thresholds}</p>
 <table>{rows}</table>
 <h2>Flagged by category</h2>
 <table><tr><th>category</th><th>samples</th><th>share of screened</th></tr>{by_category}</table>
 <h2>Flagged images</h2><p>{shown}</p>
 <div class="grid">{figures}</div>
 <h2>Could not be screened</h2>
-<p>{counts['errors']:,} samples (dropped from the corrected dataset; all listed in verdicts.jsonl)</p>
+<p>{counts["errors"]:,} samples (dropped from the corrected dataset; all listed in verdicts.jsonl)</p>
 <ul>{error_items}</ul>
 </body></html>
 """

@@ -94,8 +94,10 @@ def _greedy(scores: Scores, calibrated: list[str], kept: dict[str, float], budge
     for name, t in kept.items():
         toxic_hit |= fires(scores.toxic[:, scores.column(name)], t)
     chosen = {n: NEVER for n in calibrated}
-    cuts = {n: candidates(np.concatenate([scores.benign[:, scores.column(n)], scores.toxic[:, scores.column(n)]]))
-            for n in calibrated}
+    cuts = {
+        n: candidates(np.concatenate([scores.benign[:, scores.column(n)], scores.toxic[:, scores.column(n)]]))
+        for n in calibrated
+    }
     while True:
         room = budget - int(benign_hit.sum())
         best: tuple[float, float, str, float] | None = None

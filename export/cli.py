@@ -12,18 +12,33 @@ from safeclip.runtime import contract
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"HF model id or local checkpoint folder, or {TINY_RANDOM!r} (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"HF model id or local checkpoint folder, or {TINY_RANDOM!r} (default: %(default)s)",
+    )
     parser.add_argument("--descriptors", default=None, help="descriptor TOML (default: the shipped paper categories)")
     parser.add_argument("--out", required=True, help="engine folder to write, e.g. engines/NAME")
-    parser.add_argument("--precision", default="fp32,fp16",
-                        help=f"comma-separated subset of {','.join(ONNX_FILES)} (default: %(default)s)")
-    parser.add_argument("--cls", choices=contract.CLS_SOURCES, default="final",
-                        help="final: last layer + post-LN (CLIP's embedding); penultimate: layer -2 CLS, as the authors")
-    parser.add_argument("--resize", choices=contract.RESIZE_MODES, default="pad",
-                        help="resize mode the runtime will use (pad: LLaVA-1.5 pad-to-square)")
-    parser.add_argument("--patch-features", action="store_true",
-                        help="also output layer -2 patch tokens for a co-located LVLM")
+    parser.add_argument(
+        "--precision",
+        default="fp32,fp16",
+        help=f"comma-separated subset of {','.join(ONNX_FILES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cls",
+        choices=contract.CLS_SOURCES,
+        default="final",
+        help="final: last layer + post-LN (CLIP's embedding); penultimate: layer -2 CLS, as the authors",
+    )
+    parser.add_argument(
+        "--resize",
+        choices=contract.RESIZE_MODES,
+        default="pad",
+        help="resize mode the runtime will use (pad: LLaVA-1.5 pad-to-square)",
+    )
+    parser.add_argument(
+        "--patch-features", action="store_true", help="also output layer -2 patch tokens for a co-located LVLM"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+
+import tomllib
 
 from safeclip.runtime.contract import Category
 
@@ -78,9 +79,7 @@ def parse_descriptors(data: dict, source: str) -> DescriptorSet:
             if not isinstance(phrase, str) or not phrase.strip():
                 raise DescriptorError(f"{where}: phrase {phrase!r} must be a non-empty string")
             if phrase in seen_phrase:
-                raise DescriptorError(
-                    f"{where}: duplicate phrase {phrase!r} (already in {seen_phrase[phrase]!r})"
-                )
+                raise DescriptorError(f"{where}: duplicate phrase {phrase!r} (already in {seen_phrase[phrase]!r})")
             seen_phrase[phrase] = name
         categories.append(Category(name=name, phrases=tuple(phrases), neutral=neutral))
 

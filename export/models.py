@@ -123,14 +123,18 @@ def _from_pretrained(model: str, local_files_only: bool) -> LoadedClip:
 
 def _normalization(model: str, local_files_only: bool) -> tuple[RGB, RGB]:
     config_file = cached_file(
-        model, "preprocessor_config.json", local_files_only=local_files_only,
+        model,
+        "preprocessor_config.json",
+        local_files_only=local_files_only,
         _raise_exceptions_for_missing_entries=False,
     )
     if config_file is None:
         return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
     config = json.loads(Path(config_file).read_text())
-    return (_rgb(config.get("image_mean", OPENAI_CLIP_MEAN), f"{config_file}: image_mean"),
-            _rgb(config.get("image_std", OPENAI_CLIP_STD), f"{config_file}: image_std"))
+    return (
+        _rgb(config.get("image_mean", OPENAI_CLIP_MEAN), f"{config_file}: image_mean"),
+        _rgb(config.get("image_std", OPENAI_CLIP_STD), f"{config_file}: image_std"),
+    )
 
 
 def _rgb(values: object, where: str) -> RGB:
@@ -150,8 +154,9 @@ def _weights_hash(model: torch.nn.Module) -> str:
 
 def tiny_random_clip() -> LoadedClip:
     """A 4-layer CLIP with 56 px images and 14 px patches (ViT-L/14's patch size), seeded."""
-    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  image_size=56, patch_size=14)
+    vision = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=56, patch_size=14
+    )
     return random_clip(vision, projection_dim=32, seed=TINY_RANDOM_SEED, model_id=TINY_RANDOM)
 
 

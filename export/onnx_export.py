@@ -54,8 +54,9 @@ def export_engine(
     resize_mode: str = "pad",
 ) -> ExportReport:
     _check_options(precisions, cls_source, resize_mode)
-    return export_clip(load_clip(model), load_descriptors(descriptors), out, precisions, cls_source, patch_features,
-                       resize_mode)
+    return export_clip(
+        load_clip(model), load_descriptors(descriptors), out, precisions, cls_source, patch_features, resize_mode
+    )
 
 
 def _check_options(precisions: tuple[str, ...], cls_source: str, resize_mode: str) -> None:
@@ -86,8 +87,10 @@ def export_clip(
     engine_dir.mkdir(parents=True, exist_ok=True)
 
     fused = build_fused(clip, desc, cls_source, patch_features)
-    size = clip.model.config.vision_config.image_size
-    outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + ([contract.OUTPUT_PATCH_FEATURES] if patch_features else [])
+    size = _image_size(clip)
+    outputs = [contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS] + (
+        [contract.OUTPUT_PATCH_FEATURES] if patch_features else []
+    )
 
     fp32_path = engine_dir / ONNX_FILES["fp32"]
     export_onnx(fused, size, outputs, fp32_path)
@@ -107,7 +110,7 @@ def export_clip(
         model_id=clip.model_id,
         model_hash=clip.model_hash,
         cls=cls_source,
-        image=ImageSpec(size=size, mean=tuple(clip.mean), std=tuple(clip.std), resize_mode=resize_mode),
+        image=ImageSpec(size=size, mean=clip.mean, std=clip.std, resize_mode=resize_mode),
         categories=desc.categories,
         logit_scale=float(clip.model.logit_scale.detach().exp()),
         thresholds={c.name: contract.DEFAULT_THRESHOLD for c in desc.categories if not c.neutral},
@@ -122,15 +125,19 @@ def export_clip(
             "python": platform.python_version(),
         },
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra={"descriptors": desc.source,
-               **({"verification": {"images": VERIFY_IMAGES, "max_abs_diff": report.max_abs_diff}} if verify else {}),
-               **(extra or {})},
+        extra={
+            "descriptors": desc.source,
+            **({"verification": {"images": VERIFY_IMAGES, "max_abs_diff": report.max_abs_diff}} if verify else {}),
+            **(extra or {}),
+        },
     )
     contract.write_manifest(engine_dir, manifest)
     return report
 
 
-def _verify(fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[str, Path], report: ExportReport) -> None:
+def _verify(
+    fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[str, Path], report: ExportReport
+) -> None:
     images = verification_images(VERIFY_IMAGES, size)
     with torch.no_grad():
         reference = fused(torch.from_numpy(images))[0].numpy()
@@ -149,13 +156,25 @@ def _verify(fused: FusedSafeClip, desc: DescriptorSet, size: int, written: dict[
         agree = bool(np.array_equal(policy.flagged(got), policy.flagged(reference)))
         report.max_abs_diff[precision] = diff
         report.decisions_agree[precision] = agree
-        print(f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
-              f"decisions at {contract.DEFAULT_THRESHOLD} {'agree' if agree else 'DIFFER'} on {len(images)} images")
+        print(
+            f"verify {precision}: max |d prob| = {diff:.2e} (bound {TOLERANCE[precision]:.0e}), "
+            f"decisions at {contract.DEFAULT_THRESHOLD} {'agree' if agree else 'DIFFER'} on {len(images)} images"
+        )
         if diff > TOLERANCE[precision] or not agree:
             raise ExportError(
                 f"{path}: ONNX Runtime differs from torch by {diff:.3e} (bound {TOLERANCE[precision]:.0e}), "
                 f"decisions {'agree' if agree else 'differ'}; the engine is not usable"
             )
+
+
+def _image_size(clip: LoadedClip) -> int:
+    """The side of the square image the vision tower takes. transformers types vision_config and its
+    image_size loosely (a dict or None before CLIPConfig converts it; a pair for other vision models)."""
+    vision = clip.model.config.vision_config
+    size = vision.image_size if isinstance(vision, transformers.CLIPVisionConfig) else None
+    if not isinstance(size, int):
+        raise ValueError(f"{clip.model_id}: vision_config.image_size is {size!r}, not the side of a square image")
+    return size
 
 
 def build_fused(clip: LoadedClip, desc: DescriptorSet, cls_source: str, patch_features: bool) -> FusedSafeClip:
@@ -246,8 +265,13 @@ def _check_onnx(path: Path) -> None:
     a graph reading any other file would load weights the manifest does not cover."""
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path), load_external_data=False).graph
-    locations = {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-                 for e in t.external_data if e.key == "location"}
+    locations = {
+        e.value
+        for t in graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
     allowed = {contract.external_data_path(path).name}
     if not locations <= allowed:
         raise ExportError(f"{path}: external data in {sorted(locations - allowed)}; expected only {sorted(allowed)}")
@@ -264,8 +288,11 @@ def _drop_fp16_round_trips(model: onnx.ModelProto, kept_fp32: set[str]) -> None:
     an Identity of the original fp32 value."""
     graph = model.graph
     fp32_values = {
-        o for n in graph.node
-        if n.name in kept_fp32 or n.op_type in FP16_KEEP_FP32_OPS or (n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT)
+        o
+        for n in graph.node
+        if n.name in kept_fp32
+        or n.op_type in FP16_KEEP_FP32_OPS
+        or (n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT)
         for o in n.output
     }
     to_fp16 = {n.output[0]: n for n in graph.node if n.op_type == "Cast" and _cast_to(n) == onnx.TensorProto.FLOAT16}

@@ -127,8 +127,10 @@ def attach_timing_cache(config, cache_path: Path) -> bool:
         saved = config.create_timing_cache(cache_path.read_bytes())
         if saved is not None and config.set_timing_cache(saved, ignore_mismatch=False):
             return True
-        print(f"safeclip build-engine: {cache_path} was made on another GPU or TensorRT; starting a new timing cache",
-              file=sys.stderr)
+        print(
+            f"safeclip build-engine: {cache_path} was made on another GPU or TensorRT; starting a new timing cache",
+            file=sys.stderr,
+        )
     fresh = config.create_timing_cache(b"")
     if fresh is None or not config.set_timing_cache(fresh, ignore_mismatch=False):
         raise BuildError("TensorRT refused an empty timing cache")
@@ -152,27 +154,35 @@ def _weakly_typed_fp16(trt, network, config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip build-engine", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip build-engine", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--engine", required=True, help="engine folder made by `safeclip export`")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--opt-batch", type=int, default=4)
     parser.add_argument("--workspace", type=float, default=4.0, help="builder workspace in GiB")
-    parser.add_argument("--if-available", action="store_true",
-                        help="exit 0 with a note when TensorRT or a GPU is missing (for `make engine`)")
+    parser.add_argument(
+        "--if-available",
+        action="store_true",
+        help="exit 0 with a note when TensorRT or a GPU is missing (for `make engine`)",
+    )
     args = parser.parse_args(argv)
     try:
         profile = Profile(1, args.opt_batch, args.max_batch)
         manifest = build_plan(args.engine, profile, args.workspace)
     except TensorRTUnavailable as e:
-        print(f"safeclip build-engine: {e}; no TensorRT plan built (the ONNX engines work as they are)", file=sys.stderr)
+        print(
+            f"safeclip build-engine: {e}; no TensorRT plan built (the ONNX engines work as they are)", file=sys.stderr
+        )
         return 0 if args.if_available else 3
     except (BuildError, contract.ManifestError, ValueError) as e:
         print(f"safeclip build-engine: error: {e}", file=sys.stderr)
         return 2
     info = manifest.extra["tensorrt"]
-    print(f"wrote {Path(args.engine) / PLAN_FILE} for {info['gpu']} (sm {info['compute_capability']}), "
-          f"TensorRT {info['version']}, batch {profile.min_batch}..{profile.max_batch}")
+    print(
+        f"wrote {Path(args.engine) / PLAN_FILE} for {info['gpu']} (sm {info['compute_capability']}), "
+        f"TensorRT {info['version']}, batch {profile.min_batch}..{profile.max_batch}"
+    )
     return 0
 
 

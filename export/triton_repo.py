@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safeclip.runtime import contract
+
 # The sha256 of the artifact a model serves: TritonBackend compares it with the gate's manifest, so a
 # server holding another engine with the same tensor shapes (other descriptors, other order) is refused.
 from safeclip.runtime.contract import TRITON_SHA256_PARAMETER as SHA256_PARAMETER
@@ -131,7 +132,9 @@ def check_signature(manifest: Manifest, inputs: list[TensorDecl], outputs: list[
         raise ManifestError(f"{source}: outputs {not_fp32} are not float32")
     probs = next(o for o in outputs if o.name == contract.OUTPUT_PROBS)
     if probs.dims != (len(manifest.categories),):
-        raise ManifestError(f"{source}: probs dims {probs.dims} but the manifest has {len(manifest.categories)} categories")
+        raise ManifestError(
+            f"{source}: probs dims {probs.dims} but the manifest has {len(manifest.categories)} categories"
+        )
 
 
 def _tensors(field: str, decls: list[TensorDecl]) -> str:
@@ -141,8 +144,15 @@ def _tensors(field: str, decls: list[TensorDecl]) -> str:
     return f"{field} [\n{rows}\n]\n"
 
 
-def _common(name: str, platform: str, backend: str, batching: Batching,
-            inputs: list[TensorDecl], outputs: list[TensorDecl], sha256: str) -> str:
+def _common(
+    name: str,
+    platform: str,
+    backend: str,
+    batching: Batching,
+    inputs: list[TensorDecl],
+    outputs: list[TensorDecl],
+    sha256: str,
+) -> str:
     preferred = f"  preferred_batch_size: [ {', '.join(map(str, batching.preferred))} ]\n" if batching.preferred else ""
     return (
         f'name: "{name}"\n'
@@ -152,15 +162,23 @@ def _common(name: str, platform: str, backend: str, batching: Batching,
         f"max_batch_size: {batching.max_batch}\n"
         + _tensors("input", inputs)
         + _tensors("output", outputs)
-        + "dynamic_batching {\n" + preferred
+        + "dynamic_batching {\n"
+        + preferred
         + f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}\n"
         # No instance_group: Triton then places one instance on each visible GPU.
         + f'parameters {{ key: "{SHA256_PARAMETER}" value {{ string_value: "{sha256}" }} }}\n'
     )
 
 
-def onnxruntime_config(name: str, manifest: Manifest, batching: Batching, inputs: list[TensorDecl],
-                       outputs: list[TensorDecl], sha256: str, trt_cache_dir: str) -> str:
+def onnxruntime_config(
+    name: str,
+    manifest: Manifest,
+    batching: Batching,
+    inputs: list[TensorDecl],
+    outputs: list[TensorDecl],
+    sha256: str,
+    trt_cache_dir: str,
+) -> str:
     image = manifest.input
     shape = "x".join(str(d) for d in inputs[0].dims)
     opt = max(batching.preferred, default=batching.max_batch)
@@ -185,16 +203,21 @@ def onnxruntime_config(name: str, manifest: Manifest, batching: Batching, inputs
         f"# Written by `safeclip export-triton` from {manifest.model_id} ({MODEL_FILE} = the engine's FP32 ONNX).\n"
         + _common(name, "onnxruntime_onnx", "onnxruntime", batching, inputs, outputs, sha256)
         + "optimization {\n  execution_accelerators {\n    gpu_execution_accelerator [ {\n"
-        + '      name: "tensorrt"\n' + params + "\n    } ]\n  }\n}\n"
+        + '      name: "tensorrt"\n'
+        + params
+        + "\n    } ]\n  }\n}\n"
     )
 
 
-def tensorrt_plan_config(name: str, manifest: Manifest, batching: Batching, inputs: list[TensorDecl],
-                         outputs: list[TensorDecl], sha256: str) -> str:
+def tensorrt_plan_config(
+    name: str, manifest: Manifest, batching: Batching, inputs: list[TensorDecl], outputs: list[TensorDecl], sha256: str
+) -> str:
     built = manifest.extra["tensorrt"]
     return (
-        f"# Written by `safeclip export-triton` from {manifest.model_id}: the TensorRT plan of `safeclip build-engine`.\n"
-        f"# Built with TensorRT {built['version']} for {built['gpu']} (compute capability {built['compute_capability']}):\n"
+        f"# Written by `safeclip export-triton` from {manifest.model_id}: "
+        "the TensorRT plan of `safeclip build-engine`.\n"
+        f"# Built with TensorRT {built['version']} for {built['gpu']} "
+        f"(compute capability {built['compute_capability']}):\n"
         "# serve it only from a Triton whose TensorRT has that version, on that GPU model.\n"
         + _common(name, "tensorrt_plan", "tensorrt", batching, inputs, outputs, sha256)
     )
@@ -244,27 +267,45 @@ def write_model_repository(
     check_signature(manifest, inputs, outputs, onnx_path)
     cache = trt_cache_path(trt_cache_dir, name)
     # (folder, config text, file to copy in as version 1, its name there)
-    models = [(out / name, onnxruntime_config(name, manifest, batching, inputs, outputs, onnx_artifact.sha256, cache),
-               onnx_path, MODEL_FILE)]
+    models = [
+        (
+            out / name,
+            onnxruntime_config(name, manifest, batching, inputs, outputs, onnx_artifact.sha256, cache),
+            onnx_path,
+            MODEL_FILE,
+        )
+    ]
 
     if any(a.precision == "trt" for a in manifest.artifacts):
         plan_artifact = manifest.artifact("trt")
         plan_path = contract.verify_artifact(engine_dir, plan_artifact)
         built = manifest.extra.get("tensorrt")
         if not built:
-            raise ManifestError(f"{engine_dir}: a TensorRT plan without a build record; rebuild it with `safeclip build-engine`")
+            raise ManifestError(
+                f"{engine_dir}: a TensorRT plan without a build record; rebuild it with `safeclip build-engine`"
+            )
         # The plan's tensors are those of the ONNX it was parsed from.
         sources = [a for a in manifest.artifacts if a.path == built.get("source")]
         if not sources:
-            raise ManifestError(f"{engine_dir}: the plan's source ONNX {built.get('source')!r} is not among the artifacts")
+            raise ManifestError(
+                f"{engine_dir}: the plan's source ONNX {built.get('source')!r} is not among the artifacts"
+            )
         source = contract.verify_artifact(engine_dir, sources[0])
         plan_inputs, plan_outputs = onnx_signature(source)
         check_signature(manifest, plan_inputs, plan_outputs, source)
         plan_name = name + PLAN_SUFFIX
         # Triton refuses a max_batch_size beyond the plan's optimization profile.
         plan_batching = batching.capped(int(built["profile"]["max"]))
-        models.append((out / plan_name, tensorrt_plan_config(plan_name, manifest, plan_batching, plan_inputs,
-                                                             plan_outputs, plan_artifact.sha256), plan_path, PLAN_FILE))
+        models.append(
+            (
+                out / plan_name,
+                tensorrt_plan_config(
+                    plan_name, manifest, plan_batching, plan_inputs, plan_outputs, plan_artifact.sha256
+                ),
+                plan_path,
+                PLAN_FILE,
+            )
+        )
 
     # Validate everything before touching OUT, so a failure leaves no half-written repository.
     for folder, text, _, _ in models:
@@ -294,19 +335,33 @@ def _batch_list(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="safeclip export-triton", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="safeclip export-triton", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--engine", required=True, help="engine folder made by `safeclip export`")
     parser.add_argument("--out", required=True, help="model repository folder (other models in it are left alone)")
-    parser.add_argument("--name", default="safeclip", help="model name (default: %(default)s; the plan model gets _trt)")
+    parser.add_argument(
+        "--name", default="safeclip", help="model name (default: %(default)s; the plan model gets _trt)"
+    )
     parser.add_argument("--max-batch", type=int, default=16, help="max_batch_size (default: %(default)s)")
-    parser.add_argument("--preferred-batch", type=_batch_list, default=(4, 8),
-                        help="dynamic batcher's preferred sizes, comma-separated (default: 4,8)")
-    parser.add_argument("--max-queue-delay-us", type=int, default=500,
-                        help="how long a request may wait to be batched, in microseconds (default: %(default)s)")
-    parser.add_argument("--trt-cache-dir", default=DEFAULT_TRT_CACHE,
-                        help="an existing folder ON THE TRITON SERVER; TensorRT engine caches go to "
-                             f"DIR/NAME{TRT_CACHE_SUFFIX} (default: %(default)s)")
+    parser.add_argument(
+        "--preferred-batch",
+        type=_batch_list,
+        default=(4, 8),
+        help="dynamic batcher's preferred sizes, comma-separated (default: 4,8)",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=500,
+        help="how long a request may wait to be batched, in microseconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trt-cache-dir",
+        default=DEFAULT_TRT_CACHE,
+        help="an existing folder ON THE TRITON SERVER; TensorRT engine caches go to "
+        f"DIR/NAME{TRT_CACHE_SUFFIX} (default: %(default)s)",
+    )
     parser.add_argument("--force", action="store_true", help="replace existing model folders of the same name")
     args = parser.parse_args(argv)
     try:

@@ -18,8 +18,21 @@ from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 # Walked in folders. HEIC/HEIF, AVIF and SVG are not decoded, but they are images: listing them reports
 # each as unsupported (exit 2) instead of skipping it, so a folder holding one never reads as clean.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jfif",
-                  ".heic", ".heif", ".avif", ".svg"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+    ".jfif",
+    ".heic",
+    ".heif",
+    ".avif",
+    ".svg",
+}
 # 2 wins over 1: an image that was not screened must never read as clean.
 EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED = 0, 1, 2
 # The ONNX artifacts --precision picks from; the native TensorRT plan is chosen with --backend trt.
@@ -65,25 +78,42 @@ def backend_choice(text: str) -> str:
 def add_engine_arguments(parser: argparse.ArgumentParser, config_file: bool = False) -> None:
     """The flags every command that loads an engine shares. With `config_file`, the command also reads
     them from a file: no flag is required and none has a default, so a flag left out keeps the file's value."""
+
     def default(value: object) -> object:
         return None if config_file else value
 
     parser.add_argument("--engine", required=not config_file, help="engine folder (with manifest.json)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--threshold", type=float, help="one threshold for every category (default: the manifest's)")
-    group.add_argument("--thresholds", type=parse_thresholds, default=default({}), metavar="CAT=T,...",
-                       help="per-category thresholds, e.g. 'gun=0.5,knife=0.7'")
-    parser.add_argument("--disable", type=parse_categories, default=default(()), metavar="CAT,...",
-                        help="categories never to flag")
-    parser.add_argument("--backend", type=backend_choice, default=default("auto"),
-                        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000 "
-                             "(default: auto)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES,
-                        help="ONNX artifact (default: best for the backend)")
-    parser.add_argument("--batch-size", type=int, default=default(DEFAULT_MAX_BATCH),
-                        help=f"images per engine call (default {DEFAULT_MAX_BATCH})")
-    parser.add_argument("--max-pixels", type=int, default=default(DEFAULT_MAX_PIXELS),
-                        help=f"refuse larger images, against decompression bombs (default {DEFAULT_MAX_PIXELS})")
+    group.add_argument(
+        "--thresholds",
+        type=parse_thresholds,
+        default=default({}),
+        metavar="CAT=T,...",
+        help="per-category thresholds, e.g. 'gun=0.5,knife=0.7'",
+    )
+    parser.add_argument(
+        "--disable", type=parse_categories, default=default(()), metavar="CAT,...", help="categories never to flag"
+    )
+    parser.add_argument(
+        "--backend",
+        type=backend_choice,
+        default=default("auto"),
+        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000 (default: auto)",
+    )
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, help="ONNX artifact (default: best for the backend)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=default(DEFAULT_MAX_BATCH),
+        help=f"images per engine call (default {DEFAULT_MAX_BATCH})",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=default(DEFAULT_MAX_PIXELS),
+        help=f"refuse larger images, against decompression bombs (default {DEFAULT_MAX_PIXELS})",
+    )
 
 
 def gate_from_args(args: argparse.Namespace) -> Gate:

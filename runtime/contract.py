@@ -149,8 +149,13 @@ class Manifest:
                 logit_scale=float(d["logit_scale"]),
                 thresholds={str(k): float(v) for k, v in d["thresholds"].items()},
                 artifacts=tuple(
-                    Artifact(str(a["path"]), str(a["precision"]), str(a["sha256"]), int(a["bytes"]),
-                             _data_file(a.get("data")))
+                    Artifact(
+                        str(a["path"]),
+                        str(a["precision"]),
+                        str(a["sha256"]),
+                        int(a["bytes"]),
+                        _data_file(a.get("data")),
+                    )
                     for a in d["artifacts"]
                 ),
                 outputs=tuple(str(o) for o in d["outputs"]),

@@ -68,7 +68,7 @@ class PinnedBuffer:
         self.nbytes = nbytes
         self.ptr = check(cudart().cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})")
         raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=np.uint8).view(dtype)
+        self.array = np.frombuffer(memoryview(raw), dtype=np.uint8).view(dtype)
 
     def free(self) -> None:
         if self.ptr:

@@ -74,14 +74,20 @@ class Engine:
     def _check_signature(self) -> None:
         spec = self.backend.input_spec()
         size = self.image_size
-        if spec.name != self.manifest.input or spec.dtype != "tensor(uint8)" or tuple(spec.shape[1:]) != (size, size, 3):
+        if (
+            spec.name != self.manifest.input
+            or spec.dtype != "tensor(uint8)"
+            or tuple(spec.shape[1:]) != (size, size, 3)
+        ):
             raise ManifestError(
                 f"{self.path}: model input {spec.name} {spec.dtype} {spec.shape} does not match the manifest's "
                 f"{self.manifest.input} uint8 [N, {size}, {size}, 3]"
             )
         names = tuple(o.name for o in self.backend.output_spec())
         if names != self.manifest.outputs:
-            raise ManifestError(f"{self.path}: model outputs {names} differ from the manifest's {self.manifest.outputs}")
+            raise ManifestError(
+                f"{self.path}: model outputs {names} differ from the manifest's {self.manifest.outputs}"
+            )
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 [N, S, S, 3] -> outputs by name; batches beyond max_batch are split, N == 0 is allowed."""
@@ -90,8 +96,10 @@ class Engine:
             raise ValueError(f"expected (N, {size}, {size}, 3) uint8, got {images.shape} {images.dtype}")
         if len(images) == 0:
             return self._empty_outputs()
-        parts = [self.backend.infer(np.ascontiguousarray(images[i : i + self.max_batch]))
-                 for i in range(0, len(images), self.max_batch)]
+        parts = [
+            self.backend.infer(np.ascontiguousarray(images[i : i + self.max_batch]))
+            for i in range(0, len(images), self.max_batch)
+        ]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
     def _empty_outputs(self) -> dict[str, np.ndarray]:
@@ -119,8 +127,11 @@ def _auto(path: Path, manifest: Manifest, precision: str | None) -> tuple[Backen
             return _tensorrt(path, manifest)
         except (BackendError, ManifestError) as e:
             # A plan from another GPU or TensorRT, or a CUDA error: the ONNX artifacts still work.
-            warnings.warn(f"--backend auto: not using the TensorRT plan ({e}); falling back to the ONNX engines",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"--backend auto: not using the TensorRT plan ({e}); falling back to the ONNX engines",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def artifact_for(provider: str) -> Path:
         return path / manifest.artifact(precision or _default_precision(provider, manifest)).path
@@ -137,7 +148,9 @@ def _tensorrt(path: Path, manifest: Manifest) -> tuple[Backend, str]:
     try:
         return TensorRTBackend(path / manifest.artifact("trt").path, manifest), "trt"
     except ImportError as e:
-        raise BackendError(f"the TensorRT plan needs tensorrt and cuda-python ({e}); pip install 'safeclip[gpu]'") from e
+        raise BackendError(
+            f"the TensorRT plan needs tensorrt and cuda-python ({e}); pip install 'safeclip[gpu]'"
+        ) from e
 
 
 def _triton(url: str, manifest: Manifest) -> tuple[Backend, str]:

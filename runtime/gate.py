@@ -1,8 +1,8 @@
 """The embedding API: images in, verdicts out.
 
-    gate = Gate.from_engine("engines/llava15", threshold=0.6)
-    for verdict in gate.check(["a.jpg", jpeg_bytes, rgb_array]):
-        ...
+gate = Gate.from_engine("engines/llava15", threshold=0.6)
+for verdict in gate.check(["a.jpg", jpeg_bytes, rgb_array]):
+    ...
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class Gate:
         verdicts: list[Verdict] = []
         for start in range(0, len(pixels), self.engine.max_batch):
             with self._lock:
-                probs = self.engine.infer(np.stack(pixels[start:start + self.engine.max_batch]))["probs"]
-            verdicts += self.policy.verdicts(probs, list(digests[start:start + self.engine.max_batch]))
+                probs = self.engine.infer(np.stack(pixels[start : start + self.engine.max_batch]))["probs"]
+            verdicts += self.policy.verdicts(probs, list(digests[start : start + self.engine.max_batch]))
         return verdicts
 
     def check(self, images: Sequence[ImageInput]) -> list[Verdict]:

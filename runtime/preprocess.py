@@ -34,7 +34,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple, cast
 
 import numpy as np
 from PIL import (
@@ -80,7 +80,7 @@ __all__ = [
 # phone panoramas, while capping what one decode may allocate (256 MB as Pillow stores 8-bit RGB).
 DEFAULT_MAX_PIXELS = 64_000_000
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | np.ndarray
 
 WHITE = (255, 255, 255)
 
@@ -121,7 +121,9 @@ _EXACT_CROP_RATIO = 64
 # Inputs
 
 
-def read_input(image: ImageInput, source: str | None = None, index: int | None = None) -> tuple[bytes | np.ndarray, str]:
+def read_input(
+    image: ImageInput, source: str | None = None, index: int | None = None
+) -> tuple[bytes | np.ndarray, str]:
     """(encoded bytes or the array as given, the name errors use): a path is read, a bytes-like becomes
     bytes. The name is `source`, else the path, else "<bytes>" / "<array>" (prefixed "image[index] " when an
     index is given). Anything else, or an unreadable path, is an ImageError."""
@@ -204,7 +206,8 @@ def _rgb(image: Image.Image, fmt: str, source: str) -> Image.Image:
 
 
 def _over_white(rgba: Image.Image) -> Image.Image:
-    if rgba.getextrema()[3][0] == 255:  # opaque after all
+    extrema = cast(tuple[tuple[int, int], ...], rgba.getextrema())  # RGBA: one (min, max) per band
+    if extrema[3][0] == 255:  # opaque after all
         return rgba.convert("RGB")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
 
@@ -261,7 +264,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
     rows[0, 1:] = pixels[0]  # the row above the first is zeros
     np.subtract(pixels[1:], pixels[:-1], out=rows[1:, 1:])  # uint8 wraps around, as PNG's filters do
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    idat = deflate.compress(rows) + deflate.flush()
+    idat = deflate.compress(rows.data) + deflate.flush()  # .data: numpy's stubs declare no buffer before 3.12
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
@@ -283,7 +286,10 @@ def _layout_problem(image: np.ndarray, rgb_only: bool = False) -> str | None:
         ok = image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
         accepted = "(H, W, 3) uint8 RGB"
     else:
-        ok = (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) and image.dtype in (np.uint8, np.uint16)
+        ok = (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))) and image.dtype in (
+            np.uint8,
+            np.uint16,
+        )
         accepted = "(H, W, 3) uint8 RGB (or (H, W) gray, (H, W, 4) RGBA, uint16)"
     if not ok:
         return f"expected {accepted}, got {image.shape} {image.dtype}"
@@ -330,9 +336,7 @@ class Preprocessor:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels!r}")
 
     @classmethod
-    def from_spec(
-        cls, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = None
-    ) -> Preprocessor:
+    def from_spec(cls, spec: ImageSpec, max_pixels: int = DEFAULT_MAX_PIXELS, mode: str | None = None) -> Preprocessor:
         """The engine's input size, resize mode and pad colour (its mean, as LLaVA rounds it)."""
         return cls(spec.size, mode or spec.resize_mode, spec.pad_color, max_pixels)
 
@@ -368,18 +372,20 @@ class Preprocessor:
             # expand2square puts the image at ((side - w) // 2, (side - h) // 2) on a side x side canvas.
             # A reduced image goes on a canvas of reduced pixels at a whole-pixel offset, and `box` is
             # where the full-resolution canvas lies on it, so the geometry stays the full-resolution one.
-            offset = ((side - width) // 2, (side - height) // 2)
-            at = tuple(-(-o // factor) for o in offset)
-            box = (*(a - o / factor for a, o in zip(at, offset)),
-                   *(a + (side - o) / factor for a, o in zip(at, offset)))
+            ox, oy = (side - width) // 2, (side - height) // 2
+            ax, ay = -(-ox // factor), -(-oy // factor)
+            box = (ax - ox / factor, ay - oy / factor, ax + (side - ox) / factor, ay + (side - oy) / factor)
             canvas = Image.new("RGB", (math.ceil(box[2]), math.ceil(box[3])), tuple(self.pad_color))
-            canvas.paste(shown.image, at)
+            canvas.paste(shown.image, (ax, ay))
             return np.array(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None))
         # transformers: the shortest side becomes size, the other int(size * long / short); the centre crop
         # starts at (resized - size) // 2.
-        resized = (self.size, int(self.size * height / width)) if width <= height else (
-            int(self.size * width / height), self.size)
-        start = [(r - self.size) // 2 for r in resized]
+        resized = (
+            (self.size, int(self.size * height / width))
+            if width <= height
+            else (int(self.size * width / height), self.size)
+        )
+        start = ((resized[0] - self.size) // 2, (resized[1] - self.size) // 2)
         if factor == 1 and max(resized) <= _EXACT_CROP_RATIO * self.size:
             out = shown.image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=None)
             return np.array(out.crop((*start, start[0] + self.size, start[1] + self.size)))
@@ -387,8 +393,12 @@ class Preprocessor:
         # resized image (a 1 x 4000 strip's is 1,344,000 pixels long at 336), but not the same last level:
         # Pillow holds the box in float32.
         scale = (width / resized[0] / factor, height / resized[1] / factor)
-        box = (start[0] * scale[0], start[1] * scale[1],
-               (start[0] + self.size) * scale[0], (start[1] + self.size) * scale[1])
+        box = (
+            start[0] * scale[0],
+            start[1] * scale[1],
+            (start[0] + self.size) * scale[0],
+            (start[1] + self.size) * scale[1],
+        )
         out = shown.image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
         return np.array(out)  # writable, like any array a caller makes
 

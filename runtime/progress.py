@@ -8,7 +8,9 @@ from typing import TextIO
 
 
 class Progress:
-    def __init__(self, total: int | None, label: str = "images", enabled: bool | None = None, stream: TextIO | None = None):
+    def __init__(
+        self, total: int | None, label: str = "images", enabled: bool | None = None, stream: TextIO | None = None
+    ):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.label, self.done = total, label, 0

@@ -43,23 +43,48 @@ class DialectUpstream(RecordingUpstream):
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await self._record(request))
         model = str(body.get("model", ""))
-        item = {"type": "message", "id": "msg_up", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": UPSTREAM_TEXT, "annotations": []}]}
+        item = {
+            "type": "message",
+            "id": "msg_up",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": UPSTREAM_TEXT, "annotations": []}],
+        }
 
         def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-            return {"id": "resp_up", "object": "response", "created_at": 1, "status": status, "model": model,
-                    "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-                    "error": None, "incomplete_details": None, "instructions": None, "metadata": {},
-                    "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2,
-                              "input_tokens_details": {"cached_tokens": 0},
-                              "output_tokens_details": {"reasoning_tokens": 0}}}
+            return {
+                "id": "resp_up",
+                "object": "response",
+                "created_at": 1,
+                "status": status,
+                "model": model,
+                "output": output,
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "error": None,
+                "incomplete_details": None,
+                "instructions": None,
+                "metadata": {},
+                "usage": {
+                    "input_tokens": 1,
+                    "output_tokens": 1,
+                    "total_tokens": 2,
+                    "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                },
+            }
+
         if not body.get("stream"):
             return web.json_response(response("completed", [item]), headers={"x-upstream": "yes"})
         where = {"item_id": "msg_up", "output_index": 0, "content_index": 0}
         empty_part = {"type": "output_text", "text": "", "annotations": []}
         events = [
             ("response.created", {"response": response("in_progress", [])}),
-            ("response.output_item.added", {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}}),
+            (
+                "response.output_item.added",
+                {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+            ),
             ("response.content_part.added", {**where, "part": empty_part}),
             ("response.output_text.delta", {**where, "delta": UPSTREAM_TEXT, "logprobs": []}),
             ("response.output_text.done", {**where, "text": UPSTREAM_TEXT, "logprobs": []}),
@@ -67,8 +92,11 @@ class DialectUpstream(RecordingUpstream):
             ("response.output_item.done", {"output_index": 0, "item": item}),
             ("response.completed", {"response": response("completed", [item])}),
         ]
-        return await self._events(request, [_sse(name, {"type": name, "sequence_number": i, **data})
-                                            for i, (name, data) in enumerate(events)], "text/event-stream")
+        return await self._events(
+            request,
+            [_sse(name, {"type": name, "sequence_number": i, **data}) for i, (name, data) in enumerate(events)],
+            "text/event-stream",
+        )
 
     # Anthropic Messages -----------------------------------------------------------------------------
     async def _messages(self, request: web.Request) -> web.StreamResponse:
@@ -76,20 +104,47 @@ class DialectUpstream(RecordingUpstream):
         model = str(body.get("model", ""))
         usage = {"input_tokens": 1, "output_tokens": 1}
         if not body.get("stream"):
-            return web.json_response({"id": "msg_up", "type": "message", "role": "assistant", "model": model,
-                                      "content": [{"type": "text", "text": UPSTREAM_TEXT}], "stop_reason": "end_turn",
-                                      "stop_sequence": None, "usage": usage}, headers={"x-upstream": "yes"})
+            return web.json_response(
+                {
+                    "id": "msg_up",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": model,
+                    "content": [{"type": "text", "text": UPSTREAM_TEXT}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": usage,
+                },
+                headers={"x-upstream": "yes"},
+            )
         events = [
-            ("message_start", {"message": {"id": "msg_up", "type": "message", "role": "assistant", "model": model,
-                                           "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}}),
+            (
+                "message_start",
+                {
+                    "message": {
+                        "id": "msg_up",
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": usage,
+                    }
+                },
+            ),
             ("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
             ("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": UPSTREAM_TEXT}}),
             ("content_block_stop", {"index": 0}),
-            ("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}}),
+            (
+                "message_delta",
+                {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 1}},
+            ),
             ("message_stop", {}),
         ]
-        return await self._events(request, [_sse(name, {"type": name, **data}) for name, data in events],
-                                  "text/event-stream")
+        return await self._events(
+            request, [_sse(name, {"type": name, **data}) for name, data in events], "text/event-stream"
+        )
 
     async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
@@ -110,6 +165,7 @@ class DialectUpstream(RecordingUpstream):
             if done:
                 out.update(done_reason="stop", total_duration=1, eval_count=1)
             return out
+
         if body.get("stream") is False:
             return web.json_response(line(UPSTREAM_TEXT, True), headers={"x-upstream": "yes"})
         lines = [line(UPSTREAM_TEXT, False), line("", True)]

@@ -69,8 +69,11 @@ class Report:
             if isinstance(result, dict) and result.get("agrees") is False:
                 status = "failed"
                 self.failed = True
-            where[part] = {"status": status, "seconds": round(time.perf_counter() - started, 2),
-                           **(result if isinstance(result, dict) else {"value": result})}
+            where[part] = {
+                "status": status,
+                "seconds": round(time.perf_counter() - started, 2),
+                **(result if isinstance(result, dict) else {"value": result}),
+            }
         self.save()
         return result
 
@@ -125,10 +128,14 @@ def require_plan_prerequisites(env: dict) -> None:
 
 def compare(ref: np.ndarray, got: np.ndarray, policy) -> dict:
     digests = [""] * len(ref)
-    agree = float(np.mean([a.flagged == b.flagged for a, b in zip(policy.verdicts(ref, digests), policy.verdicts(got, digests))]))
+    pairs = zip(policy.verdicts(ref, digests), policy.verdicts(got, digests), strict=True)
+    agree = float(np.mean([a.flagged == b.flagged for a, b in pairs]))
     diff = float(np.abs(got - ref).max())
-    return {"max_abs_diff_prob_vs_ort_fp32": diff, "decision_agreement": agree,
-            "agrees": diff <= MAX_ABS_DIFF and agree >= MIN_AGREEMENT}
+    return {
+        "max_abs_diff_prob_vs_ort_fp32": diff,
+        "decision_agreement": agree,
+        "agrees": diff <= MAX_ABS_DIFF and agree >= MIN_AGREEMENT,
+    }
 
 
 def check_model(report: Report, env: dict, model: str, work: Path, max_batch: int, repeats: int) -> None:
@@ -185,6 +192,7 @@ def check_model(report: Report, env: dict, model: str, work: Path, max_batch: in
     report.run(entry, "tensorrt_plan", plan_parity)
 
     for provider in ("cuda", "tensorrt"):
+
         def provider_parity(provider=provider):
             if env["gpu"] is None:
                 raise Skip(env["no_gpu_reason"])
@@ -226,8 +234,12 @@ def check_model(report: Report, env: dict, model: str, work: Path, max_batch: in
 
 
 def parts_with(report: Report, status: str) -> list[str]:
-    return [f"{c['model']}:{part}" for c in report.data["checks"] for part, r in c.items()
-            if isinstance(r, dict) and r.get("status") == status]
+    return [
+        f"{c['model']}:{part}"
+        for c in report.data["checks"]
+        for part, r in c.items()
+        if isinstance(r, dict) and r.get("status") == status
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,10 +259,21 @@ def main(argv: list[str] | None = None) -> int:
     if env["gpu"] is None:
         # Nothing here can run on a GPU: record every part as skipped without exporting anything.
         for model in ["tiny-random", *args.model]:
-            report.data["checks"].append({"model": model, **{
-                part: {"status": "skipped", "reason": env["no_gpu_reason"]}
-                for part in ("build_plan", "tensorrt_plan", "onnxruntime_cuda", "onnxruntime_tensorrt", "torch_fp16")
-            }})
+            report.data["checks"].append(
+                {
+                    "model": model,
+                    **{
+                        part: {"status": "skipped", "reason": env["no_gpu_reason"]}
+                        for part in (
+                            "build_plan",
+                            "tensorrt_plan",
+                            "onnxruntime_cuda",
+                            "onnxruntime_tensorrt",
+                            "torch_fp16",
+                        )
+                    },
+                }
+            )
         report.save()
         print(f"gpu-check: skipped, {env['no_gpu_reason']}; what was skipped is in {report.path}")
         return 3 if args.require_gpu else 0
@@ -259,8 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         check_model(report, env, model, Path(args.work), args.max_batch, args.repeats)
     skipped, failed, errors = parts_with(report, "skipped"), parts_with(report, "failed"), parts_with(report, "error")
     print(json.dumps(report.data, indent=2, default=str))
-    print(f"gpu-check: {len(failed)} disagreeing, {len(errors)} errors, {len(skipped)} skipped "
-          f"({', '.join(skipped) or 'none'}); results in {report.path}", file=sys.stderr)
+    print(
+        f"gpu-check: {len(failed)} disagreeing, {len(errors)} errors, {len(skipped)} skipped "
+        f"({', '.join(skipped) or 'none'}); results in {report.path}",
+        file=sys.stderr,
+    )
     if errors:
         return 2
     return 1 if failed else 0

@@ -69,6 +69,7 @@ BOMB = Expect(DecompressionBomb)
 
 # --- building blocks ---------------------------------------------------------------------------------
 
+
 def _photo(height: int = 48, width: int = 64, seed: int = 0) -> np.ndarray:
     return smooth_images(1, height, width, seed=seed)[0]
 
@@ -107,15 +108,23 @@ def _gif_frame(left: int, top: int, width: int, height: int) -> bytes:
 
 def _webp_vp8x(width: int, height: int, inner: bytes = b"") -> bytes:
     """An extended WebP declaring a width x height canvas around `inner` chunks."""
-    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00" * 4 + (width - 1).to_bytes(3, "little") \
+    vp8x = (
+        b"VP8X"
+        + struct.pack("<I", 10)
+        + b"\x00" * 4
+        + (width - 1).to_bytes(3, "little")
         + (height - 1).to_bytes(3, "little")
+    )
     body = b"WEBP" + vp8x + inner
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 def _bmp_header(width: int, height: int) -> bytes:
-    return b"BM" + struct.pack("<IHHI", 54, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0,
-                                                                     2835, 2835, 0, 0)
+    return (
+        b"BM"
+        + struct.pack("<IHHI", 54, 0, 0, 54)
+        + struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    )
 
 
 def _tiff(entries: list[tuple[int, int, int]], little: bool = True) -> bytes:
@@ -163,6 +172,7 @@ def _gif_js_polyglot() -> bytes:
 
 # --- the corpus --------------------------------------------------------------------------------------
 
+
 def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
     photo = _photo()
     jpeg = encode(photo, ".jpg", [cv2.IMWRITE_JPEG_QUALITY, 90])
@@ -198,10 +208,12 @@ def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
         "truncated-half.bmp": (lambda: bmp[: len(bmp) // 2], EITHER),
         "truncated-half.tiff": (lambda: tiff[: len(tiff) // 2], EITHER),
         # Bit flips past the signature (a few, then many): damaged, maybe still decodable.
-        **{f"bitflip-{n}-{i}.{ext}": ((lambda d=data, n=n, i=i: _flip_bits(d, n, 8, seed=100 * n + i)), EITHER)
-           for ext, data in (("jpg", jpeg), ("png", png), ("webp", webp), ("gif", gif), ("bmp", bmp),
-                             ("tiff", tiff))
-           for n in (4, 64) for i in range(2)},
+        **{
+            f"bitflip-{n}-{i}.{ext}": ((lambda d=data, n=n, i=i: _flip_bits(d, n, 8, seed=100 * n + i)), EITHER)
+            for ext, data in (("jpg", jpeg), ("png", png), ("webp", webp), ("gif", gif), ("bmp", bmp), ("tiff", tiff))
+            for n in (4, 64)
+            for i in range(2)
+        },
         # Decompression bombs: each header declares far more than the pixel limit, and (where it has
         # one) with a valid checksum, so only the declared size can refuse it.
         "bomb.png": (lambda: _png_bomb(100_000, 100_000), BOMB),
@@ -216,18 +228,37 @@ def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
         "bomb-second-sof.jpg": (lambda: _second_sof(jpeg, 65_000, 65_000), ANY_ERROR),
         "bomb-second-frame.jpg": (lambda: jpeg[:-2] + _jpeg_sof(jpeg, 65_000, 65_000)[2:], EITHER),
         "bomb-frame-outside-small-gif-screen.gif": (
-            lambda: _gif_screen(16, 16) + _gif_frame(0, 0, 60_000, 60_000) + b";", ANY_ERROR),
-        "bomb-huge-tiff-tiles.tiff": (lambda: _tiff([(256, 4, 64), (257, 4, 64), (258, 3, 8), (277, 3, 3),
-                                                      (322, 4, 1 << 20), (323, 4, 1 << 20), (324, 4, 8),
-                                                      (325, 4, 1 << 20)]), ANY_ERROR),
-        "bomb-vp8x-small-canvas-big-frame.webp": (
-            lambda: _webp_vp8x(16, 16, webp[12:]), ANY_ERROR),
+            lambda: _gif_screen(16, 16) + _gif_frame(0, 0, 60_000, 60_000) + b";",
+            ANY_ERROR,
+        ),
+        "bomb-huge-tiff-tiles.tiff": (
+            lambda: _tiff(
+                [
+                    (256, 4, 64),
+                    (257, 4, 64),
+                    (258, 3, 8),
+                    (277, 3, 3),
+                    (322, 4, 1 << 20),
+                    (323, 4, 1 << 20),
+                    (324, 4, 8),
+                    (325, 4, 1 << 20),
+                ]
+            ),
+            ANY_ERROR,
+        ),
+        "bomb-vp8x-small-canvas-big-frame.webp": (lambda: _webp_vp8x(16, 16, webp[12:]), ANY_ERROR),
         # Small files that decode big, within the limit: the largest allowed image and a zlib bomb in
         # an ancillary chunk (200 MB of zeros) that nothing needs to inflate.
-        "at-pixel-limit.png": (lambda: encode(np.full((AT_LIMIT_SIDE, AT_LIMIT_SIDE, 3), 90, np.uint8), ".png",
-                                              [cv2.IMWRITE_PNG_COMPRESSION, 9]), VERDICT),
-        "ztxt-bomb.png": (lambda: png[:33] + png_chunk(b"zTXt", b"bomb\x00\x00" + zlib.compress(bytes(200 << 20), 9))
-                          + png[33:], EITHER),
+        "at-pixel-limit.png": (
+            lambda: encode(
+                np.full((AT_LIMIT_SIDE, AT_LIMIT_SIDE, 3), 90, np.uint8), ".png", [cv2.IMWRITE_PNG_COMPRESSION, 9]
+            ),
+            VERDICT,
+        ),
+        "ztxt-bomb.png": (
+            lambda: png[:33] + png_chunk(b"zTXt", b"bomb\x00\x00" + zlib.compress(bytes(200 << 20), 9)) + png[33:],
+            EITHER,
+        ),
         # Extreme shapes: the resize weights grow with the longest side.
         "1x4000.png": (lambda: encode(_photo(1, 4000, seed=1), ".png"), VERDICT),
         "4000x1.png": (lambda: encode(_photo(4000, 1, seed=2), ".png"), VERDICT),
@@ -243,35 +274,80 @@ def _items() -> dict[str, tuple[Callable[[], bytes], Expect]]:
         "cmyk.jpg": (lambda: pil_bytes(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=90), VERDICT),
         "progressive.jpg": (lambda: pil_bytes(Image.fromarray(photo), "JPEG", progressive=True), VERDICT),
         "palette.png": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "PNG"), VERDICT),
-        "palette-transparent.png": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "PNG", transparency=0), VERDICT),
+        "palette-transparent.png": (
+            lambda: pil_bytes(Image.fromarray(photo).quantize(16), "PNG", transparency=0),
+            VERDICT,
+        ),
         "alpha.png": (lambda: pil_bytes(Image.fromarray(photo).convert("RGBA"), "PNG"), VERDICT),
-        "alpha-lossless.webp": (lambda: pil_bytes(Image.fromarray(photo).convert("RGBA"), "WEBP", lossless=True), VERDICT),
-        "animated.gif": (lambda: pil_bytes(Image.fromarray(photo).quantize(16), "GIF", save_all=True, duration=50,
-                                      append_images=[Image.fromarray(255 - photo).quantize(16)] * 20), VERDICT),
-        "animated.png": (lambda: pil_bytes(Image.fromarray(photo), "PNG", save_all=True, duration=50,
-                                      append_images=[Image.fromarray(255 - photo)] * 5), VERDICT),
-        "animated.webp": (lambda: pil_bytes(Image.fromarray(photo), "WEBP", save_all=True, duration=50,
-                                       append_images=[Image.fromarray(255 - photo)] * 5), EITHER),
-        "multipage.tiff": (lambda: pil_bytes(Image.fromarray(photo), "TIFF", save_all=True,
-                                        append_images=[Image.fromarray(255 - photo)]), VERDICT),
+        "alpha-lossless.webp": (
+            lambda: pil_bytes(Image.fromarray(photo).convert("RGBA"), "WEBP", lossless=True),
+            VERDICT,
+        ),
+        "animated.gif": (
+            lambda: pil_bytes(
+                Image.fromarray(photo).quantize(16),
+                "GIF",
+                save_all=True,
+                duration=50,
+                append_images=[Image.fromarray(255 - photo).quantize(16)] * 20,
+            ),
+            VERDICT,
+        ),
+        "animated.png": (
+            lambda: pil_bytes(
+                Image.fromarray(photo),
+                "PNG",
+                save_all=True,
+                duration=50,
+                append_images=[Image.fromarray(255 - photo)] * 5,
+            ),
+            VERDICT,
+        ),
+        "animated.webp": (
+            lambda: pil_bytes(
+                Image.fromarray(photo),
+                "WEBP",
+                save_all=True,
+                duration=50,
+                append_images=[Image.fromarray(255 - photo)] * 5,
+            ),
+            EITHER,
+        ),
+        "multipage.tiff": (
+            lambda: pil_bytes(
+                Image.fromarray(photo), "TIFF", save_all=True, append_images=[Image.fromarray(255 - photo)]
+            ),
+            VERDICT,
+        ),
         "float32.tiff": (lambda: cv2.imencode(".tiff", photo.astype(np.float32) / 255)[1].tobytes(), UNSUPPORTED),
         # All eight EXIF orientations (5 to 8 swap width and height).
         **{f"exif-orientation-{k}.jpg": ((lambda k=k: _exif_jpeg(jpeg, k)), VERDICT) for k in range(1, 9)},
         # Polyglots: a valid image that is also something else.
         "png-with-html.png": (lambda: png + b"<html><script>alert(document.cookie)</script></html>", VERDICT),
         "png-with-zip.png": (lambda: png + _zip({"evil.html": b"<script>alert(1)</script>"}), VERDICT),
-        "jpeg-with-php-comment.jpg": (lambda: jpeg[:2] + b"\xff\xfe" + struct.pack(">H", 32)
-                                      + b"<?php system($_GET['c']); ?>\x00\x00" + jpeg[2:], VERDICT),
+        "jpeg-with-php-comment.jpg": (
+            lambda: jpeg[:2] + b"\xff\xfe" + struct.pack(">H", 32) + b"<?php system($_GET['c']); ?>\x00\x00" + jpeg[2:],
+            VERDICT,
+        ),
         "gif-js-polyglot.gif": (_gif_js_polyglot, VERDICT),
-        "html-named.png": (lambda: b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
-                           UNSUPPORTED),
+        "html-named.png": (
+            lambda: b"<!DOCTYPE html><html><body><img src=x onerror=alert(1)></body></html>",
+            UNSUPPORTED,
+        ),
         # Formats the runtime does not decode: refused by name, never parsed.
         "image.svg": (lambda: svg, UNSUPPORTED),
         "svg-named.png": (lambda: svg, UNSUPPORTED),
-        "billion-laughs.svg": (lambda: b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
-                               + b"".join(b'<!ENTITY %c "&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;">'
-                                          % ((98 + i,) + (97 + i,) * 10) for i in range(8))
-                               + b']><svg xmlns="http://www.w3.org/2000/svg"><text>&i;</text></svg>', UNSUPPORTED),
+        "billion-laughs.svg": (
+            lambda: (
+                b'<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaaaa">'
+                + b"".join(
+                    b'<!ENTITY %c "&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;&%c;">' % ((98 + i,) + (97 + i,) * 10)
+                    for i in range(8)
+                )
+                + b']><svg xmlns="http://www.w3.org/2000/svg"><text>&i;</text></svg>'
+            ),
+            UNSUPPORTED,
+        ),
         "image.heic": (lambda: b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), UNSUPPORTED),
         "image.avif": (lambda: b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), UNSUPPORTED),
         "video-named.gif": (lambda: b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2" + bytes(64), UNSUPPORTED),
@@ -318,8 +394,10 @@ def gate_data_urls() -> dict[str, tuple[str, GateExpect]]:
     return {
         "text/plain base64": ("data:text/plain;base64," + base64.b64encode(b"hello, world").decode(), invalid_image),
         "text/html not base64": ("data:text/html,<script>alert(1)</script>", invalid_url),
-        "svg base64": ("data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>")
-                       .decode(), invalid_image),
+        "svg base64": (
+            "data:image/svg+xml;base64," + base64.b64encode(b"<svg xmlns='http://www.w3.org/2000/svg'/>").decode(),
+            invalid_image,
+        ),
         "pdf base64": ("data:application/pdf;base64," + base64.b64encode(b"%PDF-1.7\n%%EOF\n").decode(), invalid_image),
         "empty data url": ("data:,", invalid_url),
         "empty base64 payload": ("data:image/png;base64,", invalid_image),
@@ -327,8 +405,10 @@ def gate_data_urls() -> dict[str, tuple[str, GateExpect]]:
         "base64 with bad characters": ("data:image/png;base64,@@@@" + b64, invalid_url),
         "base64 with bad padding": ("data:image/png;base64," + b64[:-1], invalid_url),
         "base64 with a newline": ("data:image/png;base64," + b64[:20] + "\n" + b64[20:], invalid_url),
-        "base64 url-safe alphabet": ("data:image/png;base64," + base64.urlsafe_b64encode(bytes(range(250, 256)) + png)
-                                     .decode(), invalid_url),
+        "base64 url-safe alphabet": (
+            "data:image/png;base64," + base64.urlsafe_b64encode(bytes(range(250, 256)) + png).decode(),
+            invalid_url,
+        ),
         "percent-encoded base64": ("data:image/png;base64,%2B" + b64, invalid_url),
         "non-ascii in base64": ("data:image/png;base64,\u00e9" + b64, invalid_url),
         "png labelled text/plain": ("data:text/plain;base64," + b64, GateExpect(200, None)),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import json
 import re
@@ -30,7 +31,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
@@ -79,10 +80,13 @@ def strict_parse(body: bytes) -> Any:
 
 def dumps_pairs(value: Any, ensure_ascii: bool = True) -> str:
     """JSON text for a tree that may hold Obj (duplicate keys written as they are); dicts are written too."""
-    if isinstance(value, Obj) or isinstance(value, dict):
+    if isinstance(value, (Obj, dict)):
         items = value if isinstance(value, Obj) else list(value.items())
-        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=ensure_ascii)}:{dumps_pairs(v, ensure_ascii)}"
-                              for k, v in items) + "}"
+        return (
+            "{"
+            + ",".join(f"{json.dumps(k, ensure_ascii=ensure_ascii)}:{dumps_pairs(v, ensure_ascii)}" for k, v in items)
+            + "}"
+        )
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(dumps_pairs(v, ensure_ascii) for v in value) + "]"
     return json.dumps(value, ensure_ascii=ensure_ascii)
@@ -103,8 +107,13 @@ def plain(value: Any) -> Any:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Simple case foldings (CaseFolding.txt status S) for the runes whose full folding (what str.casefold gives)
 # is several runes; every other rune's simple folding is its casefold() when that is one rune, or itself.
-_SIMPLE_ONLY = {0x1E9E: 0xDF, 0x1FBC: 0x1FB3, 0x1FCC: 0x1FC3, 0x1FFC: 0x1FF3,
-                **{upper: upper - 8 for start in (0x1F88, 0x1F98, 0x1FA8) for upper in range(start, start + 8)}}
+_SIMPLE_ONLY = {
+    0x1E9E: 0xDF,
+    0x1FBC: 0x1FB3,
+    0x1FCC: 0x1FC3,
+    0x1FFC: 0x1FF3,
+    **{upper: upper - 8 for start in (0x1F88, 0x1F98, 0x1FA8) for upper in range(start, start + 8)},
+}
 
 
 @lru_cache(maxsize=1)
@@ -158,7 +167,7 @@ class ImageSlot:
 
 @dataclass(frozen=True)
 class ListOf:
-    item: "Type"
+    item: Type
 
 
 @dataclass(frozen=True)
@@ -172,13 +181,13 @@ class Ref:
 class Either:
     """A field whose shape depends on the JSON value's kind (a string, a list, an object)."""
 
-    string: "Type | None" = None
-    array: "Type | None" = None
-    object: "Type | None" = None
+    string: Type | None = None
+    array: Type | None = None
+    object: Type | None = None
 
 
 STR = "str"  # a field that holds no image
-Type = Union[str, ImageSlot, ListOf, Ref, Either]
+Type = str | ImageSlot | ListOf | Ref | Either
 
 URL = ImageSlot("url")
 B64 = ImageSlot("base64")
@@ -188,29 +197,54 @@ STRUCTS: dict[str, dict[str, Type]] = {
     # Responses-style input_image parts and video_url; OpenAI's file parts carry file_data as a data URL.
     "chat.request": {"messages": ListOf(Ref("chat.message"))},
     "chat.message": {"role": STR, "content": Either(STR, ListOf(Ref("chat.part")))},
-    "chat.part": {"type": STR, "text": STR,
-                  "image_url": Either(URL, None, Ref("chat.url")),
-                  "video_url": Either(URL, None, Ref("chat.url")),
-                  "file": Ref("chat.file")},
+    "chat.part": {
+        "type": STR,
+        "text": STR,
+        "image_url": Either(URL, None, Ref("chat.url")),
+        "video_url": Either(URL, None, Ref("chat.url")),
+        "file": Ref("chat.file"),
+    },
     "chat.url": {"url": URL, "detail": STR},
     "chat.file": {"file_data": URL, "file_id": STR, "filename": STR},
     # OpenAI Responses: input is a string or a list of items (messages, with or without "type"; tool outputs
     # whose output can be a list of parts too).
     "responses.request": {"input": Either(STR, ListOf(Ref("responses.item"))), "instructions": STR},
-    "responses.item": {"type": STR, "role": STR,
-                       "content": Either(STR, ListOf(Ref("responses.part"))),
-                       "output": Either(STR, ListOf(Ref("responses.part")))},
-    "responses.part": {"type": STR, "text": STR, "image_url": URL, "file_id": STR, "file_data": URL,
-                       "file_url": URL, "detail": STR},
+    "responses.item": {
+        "type": STR,
+        "role": STR,
+        "content": Either(STR, ListOf(Ref("responses.part"))),
+        "output": Either(STR, ListOf(Ref("responses.part"))),
+    },
+    "responses.part": {
+        "type": STR,
+        "text": STR,
+        "image_url": URL,
+        "file_id": STR,
+        "file_data": URL,
+        "file_url": URL,
+        "detail": STR,
+    },
     # Anthropic Messages: blocks in messages and system; tool_result and search_result blocks hold blocks;
     # document blocks have a source that may hold blocks (type "content").
-    "anthropic.request": {"messages": ListOf(Ref("anthropic.message")),
-                          "system": Either(STR, ListOf(Ref("anthropic.block")))},
+    "anthropic.request": {
+        "messages": ListOf(Ref("anthropic.message")),
+        "system": Either(STR, ListOf(Ref("anthropic.block"))),
+    },
     "anthropic.message": {"role": STR, "content": Either(STR, ListOf(Ref("anthropic.block")))},
-    "anthropic.block": {"type": STR, "text": STR, "source": Ref("anthropic.source"),
-                        "content": Either(STR, ListOf(Ref("anthropic.block")))},
-    "anthropic.source": {"type": STR, "media_type": STR, "data": B64, "url": URL, "file_id": STR,
-                         "content": Either(STR, ListOf(Ref("anthropic.block")))},
+    "anthropic.block": {
+        "type": STR,
+        "text": STR,
+        "source": Ref("anthropic.source"),
+        "content": Either(STR, ListOf(Ref("anthropic.block"))),
+    },
+    "anthropic.source": {
+        "type": STR,
+        "media_type": STR,
+        "data": B64,
+        "url": URL,
+        "file_id": STR,
+        "content": Either(STR, ListOf(Ref("anthropic.block"))),
+    },
     # Ollama native API (Go structs: api.ChatRequest, api.Message, api.GenerateRequest).
     "ollama_chat.request": {"model": STR, "messages": ListOf(Ref("ollama.message"))},
     "ollama.message": {"role": STR, "content": STR, "images": ListOf(B64)},
@@ -218,8 +252,14 @@ STRUCTS: dict[str, dict[str, Type]] = {
 }
 
 DIALECTS = ("chat", "responses", "anthropic", "ollama_chat", "ollama_generate")
-ROUTES = {"/v1/chat/completions": "chat", "/v1/responses": "responses", "/v1/messages": "anthropic",
-          "/v1/messages/count_tokens": "anthropic", "/api/chat": "ollama_chat", "/api/generate": "ollama_generate"}
+ROUTES = {
+    "/v1/chat/completions": "chat",
+    "/v1/responses": "responses",
+    "/v1/messages": "anthropic",
+    "/v1/messages/count_tokens": "anthropic",
+    "/api/chat": "ollama_chat",
+    "/api/generate": "ollama_generate",
+}
 
 
 def dialect_of(path: str) -> str | None:
@@ -260,9 +300,15 @@ def materialize(value: Any, typ: Type, semantics: str, existing: Any = _MISSING)
     if isinstance(typ, Either):
         # Fields of several shapes are `any` or custom unmarshalers in the servers that have them: a later
         # key replaces the value whole, even under GO.
-        branch = (typ.string if isinstance(value, str)
-                  else typ.object if isinstance(value, Obj)
-                  else typ.array if isinstance(value, list) else None)
+        branch = (
+            typ.string
+            if isinstance(value, str)
+            else typ.object
+            if isinstance(value, Obj)
+            else typ.array
+            if isinstance(value, list)
+            else None
+        )
         return None if branch is None else materialize(value, branch, semantics)
     if isinstance(typ, Ref):
         if not isinstance(value, Obj):
@@ -279,8 +325,10 @@ def materialize(value: Any, typ: Type, semantics: str, existing: Any = _MISSING)
             return keep if semantics == GO else None
         before = keep if semantics == GO and isinstance(keep, list) else []
         # Go decodes element i into the slice's existing element i, then truncates to the new length.
-        return [materialize(item, typ.item, semantics, before[i] if i < len(before) else _MISSING)
-                for i, item in enumerate(value)]
+        return [
+            materialize(item, typ.item, semantics, before[i] if i < len(before) else _MISSING)
+            for i, item in enumerate(value)
+        ]
     if isinstance(value, str):
         return go_text(value) if semantics == GO else value
     return keep if semantics == GO and value is not None else None
@@ -357,10 +405,8 @@ def lenient_b64(text: str) -> list[bytes]:
             out.append(decode(padded))
         except (binascii.Error, ValueError):
             continue
-    try:
+    with contextlib.suppress(binascii.Error, ValueError):
         out.append(base64.b64decode(compact, validate=False))  # drops characters outside the alphabet
-    except (binascii.Error, ValueError):
-        pass
     return out
 
 
@@ -419,7 +465,10 @@ def every_view(body: bytes) -> dict[str, list[Seen]]:
     speak several), plus "anywhere": the images no body forwarded at threshold 0 may hold. Empty lists are
     left out, so a clean body gives {}."""
     tree = parse_pairs(body)
-    views = {f"{dialect}/{semantics}": find_images(tree, dialect, semantics)
-             for dialect in DIALECTS for semantics in SEMANTICS}
+    views = {
+        f"{dialect}/{semantics}": find_images(tree, dialect, semantics)
+        for dialect in DIALECTS
+        for semantics in SEMANTICS
+    }
     views["anywhere"] = images_anywhere(tree)
     return {name: seen for name, seen in views.items() if seen}

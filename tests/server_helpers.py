@@ -21,11 +21,11 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.error import HTTPError
 
 import pytest
@@ -58,8 +58,10 @@ def screened_url(data: bytes) -> str:
 
 
 def user_message(*urls: str, text: str = "what is in this picture?") -> dict[str, Any]:
-    return {"role": "user", "content": [{"type": "text", "text": text},
-                                        *({"type": "image_url", "image_url": {"url": u}} for u in urls)]}
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": text}, *({"type": "image_url", "image_url": {"url": u}} for u in urls)],
+    }
 
 
 class Servers:
@@ -84,6 +86,7 @@ class Servers:
             for task in leftovers:
                 task.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
+
         try:
             self.call(cleanup())
         finally:
@@ -102,6 +105,7 @@ class Servers:
             await web.TCPSite(runner, host, port).start()
             bound_host, bound_port = runner.addresses[0][:2]
             return f"http://[{bound_host}]:{bound_port}" if ":" in bound_host else f"http://{bound_host}:{bound_port}"
+
         return self.call(go())
 
     def start_gate(self, config: GateConfig, gate: Gate, host: str = "127.0.0.1") -> str:
@@ -115,6 +119,7 @@ class Servers:
                 await task
             if app[STATE].load_error is not None:
                 raise RuntimeError(f"gate failed to load: {app[STATE].load_error}")
+
         self.call(loaded())
         return url
 
@@ -122,8 +127,15 @@ class Servers:
 def gate_config(engine: Path | str, upstream: str, **overrides: Any) -> GateConfig:
     """A GateConfig as the CLI would build it; nested tables as dicts (limits={"max_images": 2}). An empty
     `upstream` makes a guardrail-only gate."""
-    return load_config(None, {"engine": str(engine), **({"upstream": upstream} if upstream else {}),
-                              "batch": {"delay_ms": 0.0}, **overrides})
+    return load_config(
+        None,
+        {
+            "engine": str(engine),
+            **({"upstream": upstream} if upstream else {}),
+            "batch": {"delay_ms": 0.0},
+            **overrides,
+        },
+    )
 
 
 @dataclass
@@ -165,8 +177,10 @@ class RecordingUpstream:
 
     async def _other(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
-        return web.json_response({"object": "list", "data": [{"id": "upstream-model", "object": "model"}]},
-                                 headers={"x-upstream": "yes", "x-safeclip-action": "spoofed by the upstream"})
+        return web.json_response(
+            {"object": "list", "data": [{"id": "upstream-model", "object": "model"}]},
+            headers={"x-upstream": "yes", "x-safeclip-action": "spoofed by the upstream"},
+        )
 
     async def _hold(self, request: web.Request) -> bool:
         """Wait for `release` (10 s at most); False, at once, if the gate closes the connection meanwhile."""
@@ -185,9 +199,11 @@ class RecordingUpstream:
     @staticmethod
     def _reset(request: web.Request) -> None:
         """Close the connection with a TCP reset (SO_LINGER 0), as a crashing server's kernel would."""
-        sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        transport = request.transport
+        assert transport is not None, "a handler runs while its connection is open"
+        sock = transport.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        request.transport.close()  # type: ignore[union-attr]
+        transport.close()
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = json.loads(await self._record(request))
@@ -203,25 +219,46 @@ class RecordingUpstream:
             await asyncio.sleep(float(model.split(":")[1]))
         if model.startswith("fail:"):
             status = int(model.split(":")[1])
-            return web.json_response({"error": {"message": "upstream says no", "type": "rate_limit_error",
-                                                "param": None, "code": "upstream_code"}}, status=status)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "upstream says no",
+                        "type": "rate_limit_error",
+                        "param": None,
+                        "code": "upstream_code",
+                    }
+                },
+                status=status,
+            )
         text = f"seen {len(self.received)}"
         if body.get("stream"):
             return await self._stream(request, model, text)
-        return web.json_response({
-            "id": "chatcmpl-up", "object": "chat.completion", "created": 1, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }, headers={"x-upstream": "yes"})
+        return web.json_response(
+            {
+                "id": "chatcmpl-up",
+                "object": "chat.completion",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+            headers={"x-upstream": "yes"},
+        )
 
     @staticmethod
     def _echo(request: web.Request, body: dict[str, Any]) -> web.Response:
         parts = [p for m in body["messages"] if isinstance(m.get("content"), list) for p in m["content"]]
         text = next(p["text"] for p in parts if p.get("type") == "text")
-        return web.json_response({
-            "id": "chatcmpl-echo", "object": "chat.completion", "created": 1, "model": "echo",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        }, headers={"x-test-id": request.headers.get("x-test-id", "")})
+        return web.json_response(
+            {
+                "id": "chatcmpl-echo",
+                "object": "chat.completion",
+                "created": 1,
+                "model": "echo",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            },
+            headers={"x-test-id": request.headers.get("x-test-id", "")},
+        )
 
     async def _stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-upstream": "yes"})
@@ -229,8 +266,13 @@ class RecordingUpstream:
         pieces = ["one ", "two ", text]
         try:
             for i, piece in enumerate(pieces):
-                chunk = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
-                         "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                chunk = {
+                    "id": "chatcmpl-up",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                }
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 if i == 0 and model == "hold":
                     await self._hold(request)
@@ -239,8 +281,13 @@ class RecordingUpstream:
                     await asyncio.sleep(0.05)
                     self._reset(request)
                     return response
-            done = {"id": "chatcmpl-up", "object": "chat.completion.chunk", "created": 1, "model": model,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            done = {
+                "id": "chatcmpl-up",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+            }
             await response.write(f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n".encode())
             await response.write_eof()
         except ConnectionResetError:  # the gate hung up on a held stream, as one test makes it
@@ -272,7 +319,7 @@ class ImageHost:
             response = web.StreamResponse(headers={"Content-Type": "image/png"})
             await response.prepare(request)
             for i in range(0, len(self.image), 1000):
-                await response.write(self.image[i:i + 1000])
+                await response.write(self.image[i : i + 1000])
             await response.write_eof()
             return response
 
@@ -294,7 +341,8 @@ class CountingScreen:
     def __init__(self, gate: Gate):
         self.inner = gate.classify
         self.calls: list[int] = []
-        gate.classify = self  # type: ignore[method-assign]
+        # Replacing the bound method on this instance is the point: the server calls gate.classify.
+        gate.classify = self  # type: ignore[method-assign,assignment]
 
     def __call__(self, pixels: list, digests: list[str]) -> list:
         self.calls.append(len(pixels))
@@ -350,8 +398,9 @@ def network_namespace() -> Iterator[str]:
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True, timeout=10)
         for address in NETNS_ADDRESSES:
-            subprocess.run(["ip", "netns", "exec", name, "ip", "addr", "add", address, "dev", "lo"], check=True,
-                           timeout=10)
+            subprocess.run(
+                ["ip", "netns", "exec", name, "ip", "addr", "add", address, "dev", "lo"], check=True, timeout=10
+            )
         yield name
     finally:
         subprocess.run(["ip", "netns", "delete", name], check=True, timeout=10)
@@ -362,12 +411,27 @@ def run_in_namespace(name: str, engine: Path, rows: list[dict[str, str]], timeou
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         hosts = Path(tmp) / "hosts"
-        hosts.write_text("".join(f"{address} {host}\n" for host, addresses in NETNS_HOSTS.items()
-                                 for address in addresses))
+        hosts.write_text(
+            "".join(f"{address} {host}\n" for host, addresses in NETNS_HOSTS.items() for address in addresses)
+        )
         done = subprocess.run(
-            ["ip", "netns", "exec", name, sys.executable, "-c", "import server_helpers as h; h.netns_main()",
-             str(engine), str(hosts)],
-            input=json.dumps(rows), capture_output=True, text=True, timeout=timeout, env=env, check=False,
+            [
+                "ip",
+                "netns",
+                "exec",
+                name,
+                sys.executable,
+                "-c",
+                "import server_helpers as h; h.netns_main()",
+                str(engine),
+                str(hosts),
+            ],
+            input=json.dumps(rows),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
         )
     if done.returncode != 0:
         raise AssertionError(f"namespace scenario failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
@@ -384,10 +448,15 @@ class Reply:
         return json.loads(self.body)
 
 
-def http(method: str, url: str, body: bytes | Iterable[bytes] | None = None,
-         headers: dict[str, str] | None = None, timeout: float = 30) -> Reply:
+def http(
+    method: str,
+    url: str,
+    body: bytes | Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> Reply:
     """A plain HTTP exchange, with error statuses returned rather than raised (an iterable body is sent chunked)."""
-    request = urllib.request.Request(url, body, headers or {}, method=method)  # type: ignore[arg-type]
+    request = urllib.request.Request(url, body, headers or {}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return Reply(response.status, response.headers, response.read())
@@ -417,21 +486,32 @@ def netns_main() -> None:
             servers.start(host.app(), address, NETNS_IMAGE_PORT)
         up = servers.start(upstream.app())
         gate = Gate.from_engine(engine, threshold=1.0)
-        gates = {name: servers.start_gate(gate_config(engine, up, fetch=fetch), gate)
-                 for name, fetch in NETNS_GATES.items()}
+        gates = {
+            name: servers.start_gate(gate_config(engine, up, fetch=fetch), gate) for name, fetch in NETNS_GATES.items()
+        }
         for row in rows:
             hits = {address: host.hits for address, host in hosts.items()}
             seen = len(upstream.received)
-            reply = post_json(f"{gates[row['gate']]}/v1/chat/completions",
-                              {"model": "m", "messages": [user_message(row["url"])]})
-            results.append({
-                "status": reply.status,
-                "code": reply.json()["error"]["code"] if reply.status >= 400 else None,
-                "hits": {address: host.hits - hits[address] for address, host in hosts.items()
-                         if host.hits > hits[address]},
-                "forwarded": [p["image_url"]["url"] for r in upstream.received[seen:]
-                              for p in r.json()["messages"][0]["content"] if p["type"] == "image_url"],
-            })
+            reply = post_json(
+                f"{gates[row['gate']]}/v1/chat/completions", {"model": "m", "messages": [user_message(row["url"])]}
+            )
+            results.append(
+                {
+                    "status": reply.status,
+                    "code": reply.json()["error"]["code"] if reply.status >= 400 else None,
+                    "hits": {
+                        address: host.hits - hits[address]
+                        for address, host in hosts.items()
+                        if host.hits > hits[address]
+                    },
+                    "forwarded": [
+                        p["image_url"]["url"]
+                        for r in upstream.received[seen:]
+                        for p in r.json()["messages"][0]["content"]
+                        if p["type"] == "image_url"
+                    ],
+                }
+            )
     # What the upstream must get for an allowed image URL: the pixels the gate screened, as a PNG.
     print(json.dumps({"results": results, "image": screened_url(image)}))
 
@@ -450,6 +530,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 # Commands run as processes, with their peak memory. That is the child's own VmHWM (the high-water RSS of
 # the memory it got at exec), polled while it runs: its ru_maxrss from wait4 is no good here, since Linux
 # folds in the RSS of the mm it replaced at exec, which for a vfork'd child is this whole test process.
+
 
 @dataclass
 class Finished:
@@ -512,7 +593,8 @@ class GateProcess:
     _new_line: threading.Condition = field(default_factory=threading.Condition)
 
     def _read(self) -> None:
-        for line in self.process.stderr:  # type: ignore[union-attr]
+        assert self.process.stderr is not None, "started with stderr=PIPE"
+        for line in self.process.stderr:
             with self._new_line:
                 self.lines.append(line)
                 self._new_line.notify_all()
@@ -551,8 +633,9 @@ class GateProcess:
 def gate_process(*args: str, ready: bool = True) -> Iterator[GateProcess]:
     """`safeclip serve --port 0 ARGS` running until the block ends (then stopped with SIGTERM). With
     `ready`, yields once the engine is loaded, with `base` set."""
-    process = subprocess.Popen(safeclip("serve", "--port", "0", *args), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        safeclip("serve", "--port", "0", *args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     gate = GateProcess(process)
     threading.Thread(target=gate._read, daemon=True).start()
     try:
@@ -567,6 +650,7 @@ def gate_process(*args: str, ready: bool = True) -> Iterator[GateProcess]:
 # ---------------------------------------------------------------------------------------------------
 # Bounds for code run in this process: a hang fails the test instead of stalling the run, and an allocation
 # past a budget raises MemoryError instead of growing the process until the kernel kills pytest.
+
 
 def within(seconds: float, call: Callable[[], Any]) -> Any:
     """call() in a daemon thread; the test fails (and moves on) if it has not returned in time."""

@@ -136,7 +136,8 @@ def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
     # The spread thresholds split the images: some flagged, some not.
     assert "FP32 flags 2/4" in metrics["tiny.int8.agreement_p50_pct"]["detail"]
     assert ratios["tiny.int8.speedup"]["value"] == pytest.approx(
-        metrics["tiny.int8.images_per_s"]["median"] / metrics["tiny.fp32.images_per_s"]["median"])
+        metrics["tiny.int8.images_per_s"]["median"] / metrics["tiny.fp32.images_per_s"]["median"]
+    )
 
     e2e = doc["benchmarks"]["end_to_end"]
     assert e2e["metrics"]["safeclip_int8_b1.images_per_s"]["median"] > 0

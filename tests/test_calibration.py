@@ -134,8 +134,22 @@ def test_report_json_plots_and_previous_thresholds(engine, sets, tmp_path):
     benign = Path(shutil.copytree(sets["benign"], tmp_path / "benign"))
     (benign / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "report"
-    code = calibrate_cli.main(["--engine", str(engine), "--benign", str(benign), "--toxic", str(sets["toxic"]),
-                               "--target-fpr", "0.1", "--out", str(out), "--backend", "cpu"])
+    code = calibrate_cli.main(
+        [
+            "--engine",
+            str(engine),
+            "--benign",
+            str(benign),
+            "--toxic",
+            str(sets["toxic"]),
+            "--target-fpr",
+            "0.1",
+            "--out",
+            str(out),
+            "--backend",
+            "cpu",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["previous_thresholds"] == previous
@@ -173,17 +187,38 @@ def test_report_json_plots_and_previous_thresholds(engine, sets, tmp_path):
 def test_eval_changes_nothing_and_prints_the_paper_table(engine, sets, tmp_path):
     before = {p.name: p.read_bytes() for p in engine.iterdir()}
     out = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "-m", "safeclip.calibration.evaluate", "--engine", str(engine),
-                           "--benign", str(sets["benign"]), "--toxic", str(sets["flat"]), "--out", str(out),
-                           "--backend", "cpu", "--threshold", "0.9"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safeclip.calibration.evaluate",
+            "--engine",
+            str(engine),
+            "--benign",
+            str(sets["benign"]),
+            "--toxic",
+            str(sets["flat"]),
+            "--out",
+            str(out),
+            "--backend",
+            "cpu",
+            "--threshold",
+            "0.9",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert {p.name: p.read_bytes() for p in engine.iterdir()} == before
     assert "| defense success rate (toxic flagged) |" in proc.stdout
     assert "66.9%" in proc.stdout and "3.2%" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert set(report["thresholds"].values()) == {0.9}
-    flagged = sum(v.flagged for v in Gate.from_engine(engine, backend="cpu", threshold=0.9).check(
-        list(iter_inputs([str(sets["benign"])]))))
+    flagged = sum(
+        v.flagged
+        for v in Gate.from_engine(engine, backend="cpu", threshold=0.9).check(list(iter_inputs([str(sets["benign"])])))
+    )
     assert report["false_positive_rate"] == pytest.approx(flagged / 40)
     assert all((out / name).stat().st_size > 0 for name in ("report.md", "roc.png", "histograms.png"))
 
@@ -195,15 +230,18 @@ def corrupt_folder(root: Path, count: int) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case, message", [
-    ("too few", "at least 20 are needed"),
-    ("fpr below resolution", "at least 100 are needed"),
-    ("empty", "has no images"),
-    ("unreadable only", "none of the 25 toxic images could be screened"),
-    ("same folder", "overlap"),
-    ("unknown category", "are not categories of this engine"),
-    ("mixed layout", "mixes images"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("too few", "at least 20 are needed"),
+        ("fpr below resolution", "at least 100 are needed"),
+        ("empty", "has no images"),
+        ("unreadable only", "none of the 25 toxic images could be screened"),
+        ("same folder", "overlap"),
+        ("unknown category", "are not categories of this engine"),
+        ("mixed layout", "mixes images"),
+    ],
+)
 def test_bad_input_is_refused_and_nothing_written(engine, sets, tmp_path, capsys, case, message):
     benign, toxic, target = sets["benign"], sets["toxic"], "0.1"
     if case == "too few":
@@ -225,8 +263,22 @@ def test_bad_input_is_refused_and_nothing_written(engine, sets, tmp_path, capsys
         shutil.copy(next((toxic / "blood").iterdir()), toxic / "loose.png")
     manifest = (engine / "manifest.json").read_bytes()
     out = tmp_path / "report"
-    code = calibrate_cli.main(["--engine", str(engine), "--benign", str(benign), "--toxic", str(toxic),
-                               "--target-fpr", target, "--out", str(out), "--backend", "cpu"])
+    code = calibrate_cli.main(
+        [
+            "--engine",
+            str(engine),
+            "--benign",
+            str(benign),
+            "--toxic",
+            str(toxic),
+            "--target-fpr",
+            target,
+            "--out",
+            str(out),
+            "--backend",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert (engine / "manifest.json").read_bytes() == manifest
@@ -237,8 +289,20 @@ def test_missing_matplotlib_says_what_to_install_and_writes_nothing(engine, sets
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     manifest = (engine / "manifest.json").read_bytes()
     for module in (calibrate_cli, evaluate_cli):
-        code = module.main(["--engine", str(engine), "--benign", str(sets["benign"]), "--toxic", str(sets["toxic"]),
-                            "--out", str(tmp_path / "out"), "--backend", "cpu"])
+        code = module.main(
+            [
+                "--engine",
+                str(engine),
+                "--benign",
+                str(sets["benign"]),
+                "--toxic",
+                str(sets["toxic"]),
+                "--out",
+                str(tmp_path / "out"),
+                "--backend",
+                "cpu",
+            ]
+        )
         assert code == 2
         assert "pip install 'safeclip[calibrate]'" in capsys.readouterr().err
     assert (engine / "manifest.json").read_bytes() == manifest
@@ -258,8 +322,22 @@ def test_categories_without_a_folder_cannot_exceed_the_budget_alone(engine, sets
     manifest = read_manifest(engine)
     write_manifest(engine, replace(manifest, thresholds={**manifest.thresholds, "porn": 0.0}))  # flags everything
     before = (engine / "manifest.json").read_bytes()
-    code = calibrate_cli.main(["--engine", str(engine), "--benign", str(sets["benign"]), "--toxic", str(sets["toxic"]),
-                               "--target-fpr", "0.1", "--out", str(tmp_path / "out"), "--backend", "cpu"])
+    code = calibrate_cli.main(
+        [
+            "--engine",
+            str(engine),
+            "--benign",
+            str(sets["benign"]),
+            "--toxic",
+            str(sets["toxic"]),
+            "--target-fpr",
+            "0.1",
+            "--out",
+            str(tmp_path / "out"),
+            "--backend",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "categories without a toxic folder (porn" in capsys.readouterr().err
     assert (engine / "manifest.json").read_bytes() == before and not (tmp_path / "out").exists()

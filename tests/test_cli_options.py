@@ -64,12 +64,21 @@ def test_serve_flags_keep_the_files_values_unless_given(tmp_path):
     path = tmp_path / "gate.toml"
     path.write_text('precision = "fp16"\ndisabled = ["gun"]\n[batch]\nsize = 4\n[limits]\nmax_pixels = 1000\n')
     config = serve_config(path=path)
-    assert (config.precision, config.disabled, config.batch.size, config.limits.max_pixels) == \
-        ("fp16", ("gun",), 4, 1000)
-    config = serve_config("--precision", "int8", "--disable", "knife, blood", "--batch-size", "2", "--max-pixels", "9",
-                          path=path)
-    assert (config.precision, config.disabled, config.batch.size, config.limits.max_pixels) == \
-        ("int8", ("knife", "blood"), 2, 9)
+    assert (config.precision, config.disabled, config.batch.size, config.limits.max_pixels) == (
+        "fp16",
+        ("gun",),
+        4,
+        1000,
+    )
+    config = serve_config(
+        "--precision", "int8", "--disable", "knife, blood", "--batch-size", "2", "--max-pixels", "9", path=path
+    )
+    assert (config.precision, config.disabled, config.batch.size, config.limits.max_pixels) == (
+        "int8",
+        ("knife", "blood"),
+        2,
+        9,
+    )
 
 
 def test_precision_choices_are_the_onnx_artifacts():

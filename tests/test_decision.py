@@ -11,19 +11,29 @@ CATS = ("neutral", "gun", "knife", "alcohol")
 
 def manifest(thresholds=None) -> Manifest:
     return Manifest(
-        model_id="m", model_hash="h", cls="final", image=ImageSpec(56, (0.5,) * 3, (0.5,) * 3),
-        categories=tuple(Category(c, (c,), c == "neutral") for c in CATS), logit_scale=100.0,
-        thresholds=thresholds or {"gun": 0.6, "knife": 0.6, "alcohol": 0.6}, artifacts=(), outputs=("probs",),
-        versions={}, created="now",
+        model_id="m",
+        model_hash="h",
+        cls="final",
+        image=ImageSpec(56, (0.5,) * 3, (0.5,) * 3),
+        categories=tuple(Category(c, (c,), c == "neutral") for c in CATS),
+        logit_scale=100.0,
+        thresholds=thresholds or {"gun": 0.6, "knife": 0.6, "alcohol": 0.6},
+        artifacts=(),
+        outputs=("probs",),
+        versions={},
+        created="now",
     )
 
 
-P = np.array([
-    [0.9, 0.05, 0.03, 0.02],   # neutral
-    [0.1, 0.7, 0.1, 0.1],      # gun over 0.6
-    [0.3, 0.55, 0.1, 0.05],    # gun under 0.6
-    [0.0, 0.0, 0.0, 1.0],      # alcohol at 1.0
-], dtype=np.float32)
+P = np.array(
+    [
+        [0.9, 0.05, 0.03, 0.02],  # neutral
+        [0.1, 0.7, 0.1, 0.1],  # gun over 0.6
+        [0.3, 0.55, 0.1, 0.05],  # gun under 0.6
+        [0.0, 0.0, 0.0, 1.0],  # alcohol at 1.0
+    ],
+    dtype=np.float32,
+)
 
 
 def test_paper_rule():
@@ -37,8 +47,11 @@ def test_paper_rule():
 
 
 def test_flagged_is_the_verdicts_rule():
-    for policy in (Policy.from_manifest(manifest()), Policy.from_manifest(manifest(), thresholds={"gun": 0.5}),
-                   Policy.from_manifest(manifest(), threshold=0.0)):
+    for policy in (
+        Policy.from_manifest(manifest()),
+        Policy.from_manifest(manifest(), thresholds={"gun": 0.5}),
+        Policy.from_manifest(manifest(), threshold=0.0),
+    ):
         assert policy.flagged(P).tolist() == [v.flagged for v in policy.verdicts(P, list("abcd"))]
 
 
@@ -70,12 +83,15 @@ def test_equals_authors_argmax_rule_for_thresholds_over_half():
     assert np.array_equal(ours, authors)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(thresholds={"cat": 0.5}), "unknown category 'cat'"),
-    (dict(thresholds={"neutral": 0.5}), "neutral category"),
-    (dict(threshold=1.5), "must be in \\[0, 1\\]"),
-    (dict(disabled=("gun", "knife", "alcohol")), "every category is disabled"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(thresholds={"cat": 0.5}), "unknown category 'cat'"),
+        (dict(thresholds={"neutral": 0.5}), "neutral category"),
+        (dict(threshold=1.5), "must be in \\[0, 1\\]"),
+        (dict(disabled=("gun", "knife", "alcohol")), "every category is disabled"),
+    ],
+)
 def test_bad_policies(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Policy.from_manifest(manifest(), **kwargs)

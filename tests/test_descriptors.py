@@ -14,7 +14,14 @@ def write(tmp_path, text: str):
 def test_default_set_has_the_papers_categories():
     d = load_descriptors()
     assert [c.name for c in d.categories] == [
-        "neutral", "porn", "blood", "gun", "insulting gesture", "knife", "alcohol", "cigarette"
+        "neutral",
+        "porn",
+        "blood",
+        "gun",
+        "insulting gesture",
+        "knife",
+        "alcohol",
+        "cigarette",
     ]
     assert [c.name for c in d.categories if c.neutral] == ["neutral"]
     assert all(len(c.phrases) >= 5 for c in d.categories)
@@ -27,12 +34,16 @@ GOOD = '[[category]]\nname = "neutral"\nneutral = true\nphrases = ["a cat"]\n'
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('[[category]]\nname = "gun"\nphrases = ["a gun"]\n[[category]]\nname = "x"\nphrases = ["y"]\n',
-         "exactly one category must be marked `neutral = true`, found none"),
+        (
+            '[[category]]\nname = "gun"\nphrases = ["a gun"]\n[[category]]\nname = "x"\nphrases = ["y"]\n',
+            "exactly one category must be marked `neutral = true`, found none",
+        ),
         (GOOD + '[[category]]\nname = "gun"\nphrases = []\n', "category 'gun': empty category"),
         (GOOD + '[[category]]\nname = "gun"\n', "category 'gun': empty category"),
-        (GOOD + '[[category]]\nname = "gun"\nphrases = ["a cat"]\n',
-         "category 'gun': duplicate phrase 'a cat' (already in 'neutral')"),
+        (
+            GOOD + '[[category]]\nname = "gun"\nphrases = ["a cat"]\n',
+            "category 'gun': duplicate phrase 'a cat' (already in 'neutral')",
+        ),
         (GOOD + '[[category]]\nname = "gun"\nphrase = ["a gun"]\n', "category #2: unknown keys ['phrase']"),
         ('title = "x"\n' + GOOD, "unknown top-level keys ['title']"),
         (GOOD + '[[category]]\nname = "neutral"\nphrases = ["b"]\n', "category 'neutral': duplicate category name"),

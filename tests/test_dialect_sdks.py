@@ -22,10 +22,10 @@ import numpy as np
 import ollama
 import openai
 import pytest
-from PIL import Image
-
 from dialect_upstream import UPSTREAM_TEXT, DialectUpstream
 from json_semantics import LAST, dialect_of, find_images
+from PIL import Image
+
 from safeclip.runtime.gate import Gate
 from server_helpers import data_url, gate_config, http, png
 
@@ -59,8 +59,9 @@ def gates(servers, dialect_upstream, tiny_engine) -> dict[str, str]:
     return {
         "refuse": servers.start_gate(gate_config(tiny_engine, up, threshold=0.0, templates=templates), flag_all),
         "pass": servers.start_gate(gate_config(tiny_engine, up, threshold=1.0, templates=templates), flag_none),
-        "inject": servers.start_gate(gate_config(tiny_engine, up, threshold=0.0, action="inject", templates=templates),
-                                     flag_all),
+        "inject": servers.start_gate(
+            gate_config(tiny_engine, up, threshold=0.0, action="inject", templates=templates), flag_all
+        ),
     }
 
 
@@ -82,8 +83,11 @@ def forwarded_image(received, expected_path: str) -> np.ndarray:
     images = find_images(received[0].body, dialect_of(expected_path), LAST)
     assert len(images) == 1 and images[0].data is not None, [str(s) for s in images]
     with Image.open(io.BytesIO(images[0].data)) as image:
-        assert image.format == "PNG" and getattr(image, "n_frames", 1) == 1 and image.mode == "RGB", \
-            (image.format, image.mode, getattr(image, "n_frames", 1))
+        assert image.format == "PNG" and getattr(image, "n_frames", 1) == 1 and image.mode == "RGB", (
+            image.format,
+            image.mode,
+            getattr(image, "n_frames", 1),
+        )
         return np.asarray(image)
 
 
@@ -100,9 +104,14 @@ def assert_screened_image(received, path: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # OpenAI chat completions.
 
+
 def chat_messages() -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": PROMPT},
-                                         {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}],
+        }
+    ]
 
 
 def test_chat_refusal(gates, received):
@@ -138,14 +147,29 @@ def test_chat_inject(gates, received):
 # ---------------------------------------------------------------------------------------------------
 # OpenAI Responses.
 
+
 def responses_input() -> list[dict]:
-    return [{"role": "user", "content": [{"type": "input_text", "text": PROMPT},
-                                         {"type": "input_image", "image_url": data_url(IMAGE), "detail": "auto"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_text", "text": PROMPT},
+                {"type": "input_image", "image_url": data_url(IMAGE), "detail": "auto"},
+            ],
+        }
+    ]
 
 
-STREAMED_REFUSAL = ["response.created", "response.output_item.added", "response.content_part.added",
-                    "response.refusal.delta", "response.refusal.done", "response.content_part.done",
-                    "response.output_item.done", "response.completed"]
+STREAMED_REFUSAL = [
+    "response.created",
+    "response.output_item.added",
+    "response.content_part.added",
+    "response.refusal.delta",
+    "response.refusal.done",
+    "response.content_part.done",
+    "response.output_item.done",
+    "response.completed",
+]
 
 
 def test_responses_refusal(gates, received):
@@ -166,8 +190,10 @@ def test_responses_refusal(gates, received):
 def test_responses_file_id_image_is_refused(gates, received):
     """An image the gate cannot see (a file id) is a 400, never forwarded, even when nothing is flagged."""
     with pytest.raises(openai.BadRequestError):
-        openai_client(gates["pass"]).responses.create(model="m", input=[
-            {"role": "user", "content": [{"type": "input_image", "file_id": "file-123", "detail": "auto"}]}])
+        openai_client(gates["pass"]).responses.create(
+            model="m",
+            input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-123", "detail": "auto"}]}],
+        )
     assert not received
 
 
@@ -193,11 +219,20 @@ def test_responses_inject(gates, received):
 # ---------------------------------------------------------------------------------------------------
 # Anthropic Messages.
 
+
 def anthropic_messages() -> list[dict]:
-    return [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                     "data": base64.b64encode(IMAGE).decode()}},
-        {"type": "text", "text": PROMPT}]}]
+    return [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "image",
+                    "source": {"type": "base64", "media_type": "image/png", "data": base64.b64encode(IMAGE).decode()},
+                },
+                {"type": "text", "text": PROMPT},
+            ],
+        }
+    ]
 
 
 def test_anthropic_refusal(gates, received):
@@ -213,18 +248,33 @@ def test_anthropic_refusal(gates, received):
 
 
 def test_anthropic_streamed_refusal_events(gates, received):
-    events = list(anthropic_client(gates["refuse"]).messages.create(
-        model="m", max_tokens=16, messages=anthropic_messages(), stream=True))
-    assert [e.type for e in events] == ["message_start", "content_block_start", "content_block_delta",
-                                        "content_block_stop", "message_delta", "message_stop"]
+    events = list(
+        anthropic_client(gates["refuse"]).messages.create(
+            model="m", max_tokens=16, messages=anthropic_messages(), stream=True
+        )
+    )
+    assert [e.type for e in events] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
     assert events[2].delta.type == "text_delta" and events[4].delta.stop_reason == "refusal"
     assert not received
 
 
 def test_anthropic_tool_result_image_is_screened(gates, received):
-    messages = [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "look", "input": {}}]},
-                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1",
-                                              "content": anthropic_messages()[0]["content"][:1]}]}]
+    messages = [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "look", "input": {}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": anthropic_messages()[0]["content"][:1]}
+            ],
+        },
+    ]
     message = anthropic_client(gates["refuse"]).messages.create(model="m", max_tokens=16, messages=messages)
     assert message.stop_reason == "refusal" and not received
 
@@ -243,9 +293,21 @@ def test_anthropic_count_tokens(gates, received):
 
 def test_anthropic_errors_are_anthropic_shaped(gates, received):
     with pytest.raises(anthropic.BadRequestError) as bad:
-        anthropic_client(gates["pass"]).messages.create(model="m", max_tokens=16, messages=[
-            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                                      "data": "bm90IGFuIGltYWdl"}}]}])
+        anthropic_client(gates["pass"]).messages.create(
+            model="m",
+            max_tokens=16,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {"type": "base64", "media_type": "image/png", "data": "bm90IGFuIGltYWdl"},
+                        }
+                    ],
+                }
+            ],
+        )
     body = bad.value.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
     assert not received
@@ -263,8 +325,9 @@ def test_anthropic_forwarded(gates, received):
 
 
 def test_anthropic_inject(gates, received):
-    anthropic_client(gates["inject"]).messages.create(model="m", max_tokens=16, system="Be brief.",
-                                                      messages=anthropic_messages())
+    anthropic_client(gates["inject"]).messages.create(
+        model="m", max_tokens=16, system="Be brief.", messages=anthropic_messages()
+    )
     system = json.loads(received[0].body)["system"]
     text = system if isinstance(system, str) else " ".join(b["text"] for b in system if b.get("type") == "text")
     assert SAFETY_TEXT in text and "Be brief." in text
@@ -273,6 +336,7 @@ def test_anthropic_inject(gates, received):
 
 # ---------------------------------------------------------------------------------------------------
 # Ollama native.
+
 
 def ollama_message() -> dict:
     return {"role": "user", "content": PROMPT, "images": [IMAGE]}
@@ -301,8 +365,11 @@ def test_ollama_generate_refusal(gates, received):
 def test_ollama_streams_by_default(gates, received, path):
     """No "stream" key: Ollama's default is to stream, so the refusal is NDJSON with the one done line."""
     image = base64.b64encode(IMAGE).decode()
-    body = ({"model": "m", "messages": [{"role": "user", "content": PROMPT, "images": [image]}]}
-            if path == "/api/chat" else {"model": "m", "prompt": PROMPT, "images": [image]})
+    body = (
+        {"model": "m", "messages": [{"role": "user", "content": PROMPT, "images": [image]}]}
+        if path == "/api/chat"
+        else {"model": "m", "prompt": PROMPT, "images": [image]}
+    )
     reply = http("POST", gates["refuse"] + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
     assert reply.status == 200, reply.body[:300]
     lines = [json.loads(line) for line in reply.body.decode().splitlines() if line.strip()]
@@ -326,7 +393,9 @@ def test_ollama_forwarded(gates, received):
 
 
 def test_ollama_errors_are_ollama_shaped(gates, received):
-    reply = http("POST", gates["pass"] + "/api/chat", b'{"model": "m", "messages": [', {"Content-Type": "application/json"})
+    reply = http(
+        "POST", gates["pass"] + "/api/chat", b'{"model": "m", "messages": [', {"Content-Type": "application/json"}
+    )
     assert reply.status == 400 and isinstance(reply.json().get("error"), str), reply.body[:300]
     with pytest.raises(ollama.ResponseError) as bad:
         ollama_client(gates["pass"]).generate(model="m", prompt=PROMPT, images=[b"not an image"], stream=False)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pytest
+from json_semantics import SEMANTICS, Seen, dialect_of, find_images, images_anywhere
 from PIL import Image, ImageOps, ImageSequence
 
-from json_semantics import SEMANTICS, Seen, dialect_of, find_images, images_anywhere
 from safeclip.runtime.gate import Gate
 from server_helpers import gate_config, post_json
 
@@ -34,6 +34,7 @@ MAX_FRAMES = 16  # frames looked at per received image (more is itself a failure
 
 # ---------------------------------------------------------------------------------------------------
 # Finding A, B and a threshold with the engine itself.
+
 
 def stripes(width: int, horizontal: bool = False) -> np.ndarray:
     yy, xx = np.mgrid[:SIZE, :SIZE]
@@ -58,7 +59,9 @@ def candidates() -> dict[str, np.ndarray]:
     out = {f"stripes{w}": stripes(w) for w in (2, 4, 8, 16)}
     out.update({f"checker{w}": checker(w) for w in (4, 8)})
     out.update({f"noise{s}-{b}": palette_noise(s, b) for s in range(12) for b in (1, 8)})
-    out.update({f"solid{c}": np.full((SIZE, SIZE, 3), c, np.uint8) for c in ((0, 0, 0), (0, 255, 255), (128, 128, 128))})
+    out.update(
+        {f"solid{c}": np.full((SIZE, SIZE, 3), c, np.uint8) for c in ((0, 0, 0), (0, 255, 255), (128, 128, 128))}
+    )
     return out
 
 
@@ -104,6 +107,7 @@ def screening(tiny_engine) -> Screening:
 # ---------------------------------------------------------------------------------------------------
 # Crafted files. Each builder takes (A, B) and returns (bytes, media type).
 
+
 def pil(pixels: np.ndarray, mode: str = "RGB") -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(pixels)).convert(mode)
 
@@ -115,8 +119,15 @@ def save(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 def apng(first: np.ndarray, frames: list[np.ndarray], default_image: bool) -> bytes:
-    return save(pil(first), "PNG", save_all=True, append_images=[pil(f) for f in frames],
-                default_image=default_image, duration=100, loop=0)
+    return save(
+        pil(first),
+        "PNG",
+        save_all=True,
+        append_images=[pil(f) for f in frames],
+        default_image=default_image,
+        duration=100,
+        loop=0,
+    )
 
 
 def hidden_under_alpha(a: np.ndarray, alpha: int) -> Image.Image:
@@ -155,15 +166,21 @@ CRAFTS: dict[str, Craft] = {
     "apng-default-A-frames-B": lambda a, b: (apng(a, [b, b], default_image=True), "image/png"),
     "apng-default-B-frames-A": lambda a, b: (apng(b, [a, a], default_image=True), "image/png"),
     "apng-B-then-A": lambda a, b: (apng(b, [a], default_image=False), "image/png"),
-    "gif-B-then-A": lambda a, b: (save(pil(b), "GIF", save_all=True, append_images=[pil(a)], duration=100, loop=0),
-                                  "image/gif"),
-    "webp-animated-B-then-A": lambda a, b: (save(pil(b), "WEBP", save_all=True, append_images=[pil(a)], lossless=True,
-                                                 duration=100), "image/webp"),
+    "gif-B-then-A": lambda a, b: (
+        save(pil(b), "GIF", save_all=True, append_images=[pil(a)], duration=100, loop=0),
+        "image/gif",
+    ),
+    "webp-animated-B-then-A": lambda a, b: (
+        save(pil(b), "WEBP", save_all=True, append_images=[pil(a)], lossless=True, duration=100),
+        "image/webp",
+    ),
     "tiff-pages-B-A": lambda a, b: (save(pil(b), "TIFF", save_all=True, append_images=[pil(a)]), "image/tiff"),
     "png-A-under-alpha-0": lambda a, b: (save(hidden_under_alpha(a, 0), "PNG"), "image/png"),
     "png-A-under-alpha-1": lambda a, b: (save(hidden_under_alpha(a, 1), "PNG"), "image/png"),
-    "webp-A-under-alpha-0": lambda a, b: (save(hidden_under_alpha(a, 0), "WEBP", lossless=True, exact=True),
-                                          "image/webp"),
+    "webp-A-under-alpha-0": lambda a, b: (
+        save(hidden_under_alpha(a, 0), "WEBP", lossless=True, exact=True),
+        "image/webp",
+    ),
     "la-png-A-under-alpha-0": lambda a, b: (save(hidden_under_alpha(a, 0).convert("LA"), "PNG"), "image/png"),
     "palette-all-transparent": lambda a, b: (palette_all_transparent(a), "image/png"),
     "rgb-colour-key": lambda a, b: (colour_key(a), "image/png"),
@@ -181,32 +198,76 @@ NOT_HIDING = {"control-B", "la-png-A-under-alpha-0"}
 # ---------------------------------------------------------------------------------------------------
 # Requests per dialect.
 
+
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
 DIALECTS: dict[str, Callable[[bytes, str], tuple[str, dict]]] = {
-    "chat": lambda data, media: ("/v1/chat/completions", {
-        "model": "m", "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "what is this?"},
-            {"type": "image_url", "image_url": {"url": f"data:{media};base64,{b64(data)}"}}]}]}),
-    "responses": lambda data, media: ("/v1/responses", {
-        "model": "m", "input": [{"role": "user", "content": [
-            {"type": "input_text", "text": "what is this?"},
-            {"type": "input_image", "image_url": f"data:{media};base64,{b64(data)}"}]}]}),
-    "anthropic": lambda data, media: ("/v1/messages", {
-        "model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": media, "data": b64(data)}},
-            {"type": "text", "text": "what is this?"}]}]}),
-    "ollama_chat": lambda data, media: ("/api/chat", {
-        "model": "m", "stream": False, "messages": [{"role": "user", "content": "what is this?", "images": [b64(data)]}]}),
-    "ollama_generate": lambda data, media: ("/api/generate", {
-        "model": "m", "stream": False, "prompt": "what is this?", "images": [b64(data)]}),
+    "chat": lambda data, media: (
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "what is this?"},
+                        {"type": "image_url", "image_url": {"url": f"data:{media};base64,{b64(data)}"}},
+                    ],
+                }
+            ],
+        },
+    ),
+    "responses": lambda data, media: (
+        "/v1/responses",
+        {
+            "model": "m",
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "what is this?"},
+                        {"type": "input_image", "image_url": f"data:{media};base64,{b64(data)}"},
+                    ],
+                }
+            ],
+        },
+    ),
+    "anthropic": lambda data, media: (
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 16,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "base64", "media_type": media, "data": b64(data)}},
+                        {"type": "text", "text": "what is this?"},
+                    ],
+                }
+            ],
+        },
+    ),
+    "ollama_chat": lambda data, media: (
+        "/api/chat",
+        {
+            "model": "m",
+            "stream": False,
+            "messages": [{"role": "user", "content": "what is this?", "images": [b64(data)]}],
+        },
+    ),
+    "ollama_generate": lambda data, media: (
+        "/api/generate",
+        {"model": "m", "stream": False, "prompt": "what is this?", "images": [b64(data)]},
+    ),
 }
 
 
 # ---------------------------------------------------------------------------------------------------
 # What the spec says the gate screens and forwards, and the two ways a model server decodes.
+
 
 def has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
@@ -258,10 +319,17 @@ def check_forwarded(screening: Screening, seen: Seen, expected: tuple[np.ndarray
             problems.append(f"{seen.where}: {name} is flagged: an unscreened picture reached the upstream")
     with Image.open(io.BytesIO(seen.data)) as image:
         frames = getattr(image, "n_frames", 1)
-        if image.format != "PNG" or frames != 1 or image.mode != "RGB" or "transparency" in image.info \
-                or getattr(image, "default_image", False):
-            problems.append(f"{seen.where}: forwarded as {image.format} {image.mode} with {frames} frame(s) "
-                            f"{sorted(image.info)}; the spec forwards a single-frame opaque RGB PNG")
+        if (
+            image.format != "PNG"
+            or frames != 1
+            or image.mode != "RGB"
+            or "transparency" in image.info
+            or getattr(image, "default_image", False)
+        ):
+            problems.append(
+                f"{seen.where}: forwarded as {image.format} {image.mode} with {frames} frame(s) "
+                f"{sorted(image.info)}; the spec forwards a single-frame opaque RGB PNG"
+            )
         forwarded = np.asarray(image.convert("RGB"))
     if expected is not None:
         want, composited = expected
@@ -303,8 +371,9 @@ def test_no_decoder_sees_an_unscreened_picture(screening, gate_url, upstream, cr
     if craft == "control-A":
         assert not received, f"the flagged control reached the upstream ({reply.status})"
     if craft == "control-B":
-        assert reply.status == 200 and len(received) == 1, f"the clean control was not forwarded: {reply.status} " \
-                                                           f"{reply.body[:300]!r}"
+        assert reply.status == 200 and len(received) == 1, (
+            f"the clean control was not forwarded: {reply.status} {reply.body[:300]!r}"
+        )
     expected = spec_pixels(data)
     problems = []
     for r in received:

@@ -30,8 +30,20 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from json_semantics import (
+    FIRST,
+    GO,
+    LAST,
+    SEMANTICS,
+    Obj,
+    dialect_of,
+    dumps_pairs,
+    every_view,
+    find_images,
+    go_fold,
+    strict_parse,
+)
 
-from json_semantics import FIRST, GO, LAST, SEMANTICS, Obj, dialect_of, dumps_pairs, every_view, find_images, go_fold, strict_parse
 from safeclip.runtime.gate import Gate
 from server_helpers import ImageHost, Reply, data_url, gate_config, http, png
 
@@ -52,6 +64,7 @@ def o(*pairs: tuple[str, Any], **fields: Any) -> Obj:
 # Bodies: per dialect, requests that carry one image in a place that dialect (or some server speaking it)
 # reads. Each is a tree of Obj; the image is the one string equal to DATA, B64 or URL_MARK.
 
+
 def chat(*content: Any, role: str = "user", **extra: Any) -> Obj:
     return o(model="m", messages=[o(role=role, content=list(content))], **extra)
 
@@ -70,8 +83,9 @@ CHAT_BODIES = {
     "video_url-part": chat(o(type="video_url", video_url=o(url=DATA))),
     "system-message": chat(o(type="image_url", image_url=o(url=DATA)), role="system"),
     "assistant-message": chat(o(type="image_url", image_url=o(url=DATA)), role="assistant"),
-    "tool-message": o(model="m", messages=[o(role="tool", tool_call_id="c1",
-                                             content=[o(type="image_url", image_url=o(url=DATA))])]),
+    "tool-message": o(
+        model="m", messages=[o(role="tool", tool_call_id="c1", content=[o(type="image_url", image_url=o(url=DATA))])]
+    ),
     "text-is-data-url": chat(o(type="text", text=DATA)),
     "content-string-is-data-url": o(model="m", messages=[o(role="user", content=DATA)]),
     "ollama-images-in-chat": o(model="m", messages=[o(role="user", content=TEXT, images=[B64])]),
@@ -82,15 +96,21 @@ CHAT_BODIES = {
 }
 
 RESPONSES_BODIES = {
-    "input_image": o(model="m", input=[o(role="user", content=[o(type="input_text", text=TEXT),
-                                                               o(type="input_image", image_url=DATA)])]),
-    "message-item": o(model="m", input=[o(type="message", role="user",
-                                          content=[o(type="input_image", image_url=DATA, detail="auto")])]),
+    "input_image": o(
+        model="m",
+        input=[o(role="user", content=[o(type="input_text", text=TEXT), o(type="input_image", image_url=DATA)])],
+    ),
+    "message-item": o(
+        model="m",
+        input=[o(type="message", role="user", content=[o(type="input_image", image_url=DATA, detail="auto")])],
+    ),
     "http-url": o(model="m", input=[o(role="user", content=[o(type="input_image", image_url=URL_MARK)])]),
-    "function_call_output": o(model="m", input=[o(type="function_call_output", call_id="c1",
-                                                  output=[o(type="input_image", image_url=DATA)])]),
-    "input_file": o(model="m", input=[o(role="user", content=[o(type="input_file", file_data=DATA,
-                                                                filename="a.png")])]),
+    "function_call_output": o(
+        model="m", input=[o(type="function_call_output", call_id="c1", output=[o(type="input_image", image_url=DATA)])]
+    ),
+    "input_file": o(
+        model="m", input=[o(role="user", content=[o(type="input_file", file_data=DATA, filename="a.png")])]
+    ),
     "instructions": o(model="m", input=TEXT, instructions=DATA),
     "input-string": o(model="m", input=DATA),
     "input_text-is-data-url": o(model="m", input=[o(role="user", content=[o(type="input_text", text=DATA)])]),
@@ -109,9 +129,14 @@ def image_block(data: str = B64, media: str = "image/png") -> Obj:
 ANTHROPIC_BODIES = {
     "image-base64": anthropic(o(type="text", text=TEXT), image_block()),
     "image-url": anthropic(o(type="image", source=o(type="url", url=URL_MARK))),
-    "tool_result": o(model="m", max_tokens=16, messages=[
-        o(role="assistant", content=[o(type="tool_use", id="t1", name="look", input=o())]),
-        o(role="user", content=[o(type="tool_result", tool_use_id="t1", content=[image_block()])])]),
+    "tool_result": o(
+        model="m",
+        max_tokens=16,
+        messages=[
+            o(role="assistant", content=[o(type="tool_use", id="t1", name="look", input=o())]),
+            o(role="user", content=[o(type="tool_result", tool_use_id="t1", content=[image_block()])]),
+        ],
+    ),
     "document-content-source": anthropic(o(type="document", source=o(type="content", content=[image_block()]))),
     "document-base64-image": anthropic(o(type="document", source=o(type="base64", media_type="image/png", data=B64))),
     "media_type-lies": anthropic(image_block(media="image/jpeg")),
@@ -124,11 +149,12 @@ ANTHROPIC_BODIES = {
 
 OLLAMA_CHAT_BODIES = {
     "images": o(model="m", messages=[o(role="user", content=TEXT, images=[B64])]),
-    "system-images": o(model="m", messages=[o(role="system", content="s", images=[B64]),
-                                            o(role="user", content=TEXT)]),
+    "system-images": o(model="m", messages=[o(role="system", content="s", images=[B64]), o(role="user", content=TEXT)]),
     "tool-images": o(model="m", messages=[o(role="tool", content="r", images=[B64])]),
-    "base64-with-newlines": o(model="m", messages=[o(role="user", content=TEXT,
-                                                     images=["\n".join(B64[i:i + 60] for i in range(0, len(B64), 60))])]),
+    "base64-with-newlines": o(
+        model="m",
+        messages=[o(role="user", content=TEXT, images=["\n".join(B64[i : i + 60] for i in range(0, len(B64), 60))])],
+    ),
     "data-url-in-images": o(model="m", messages=[o(role="user", content=TEXT, images=[DATA])]),
     "top-level-images": o(model="m", messages=[o(role="user", content=TEXT)], images=[B64]),
     "content-is-base64": o(model="m", messages=[o(role="user", content=B64)]),
@@ -146,8 +172,10 @@ DIALECT_BODIES = {
     "/v1/chat/completions": CHAT_BODIES,
     "/v1/responses": RESPONSES_BODIES,
     "/v1/messages": ANTHROPIC_BODIES,
-    "/v1/messages/count_tokens": {"image-base64": ANTHROPIC_BODIES["image-base64"],
-                                  "tool_result": ANTHROPIC_BODIES["tool_result"]},
+    "/v1/messages/count_tokens": {
+        "image-base64": ANTHROPIC_BODIES["image-base64"],
+        "tool_result": ANTHROPIC_BODIES["tool_result"],
+    },
     "/api/chat": OLLAMA_CHAT_BODIES,
     "/api/generate": OLLAMA_GENERATE_BODIES,
 }
@@ -171,6 +199,7 @@ TEXT_BODIES = {
 
 # ---------------------------------------------------------------------------------------------------
 # Tricks on keys: every key on the path from the root to the image, renamed, shadowed and duplicated.
+
 
 def key_variants(key: str) -> dict[str, str]:
     """Spellings of `key` that a folding parser may take for it (and two it does not: İ and ı)."""
@@ -230,27 +259,30 @@ def key_tricks(tree: Obj) -> Iterator[tuple[str, Obj]]:
             keys.append(key)
             where = ".".join(keys)
             for name, variant in key_variants(key).items():
+
                 def rename(obj: Obj, i: int, variant: str = variant) -> None:
                     obj[i] = (variant, obj[i][1])
 
                 def shadow_after(obj: Obj, i: int, variant: str = variant) -> None:  # text key, then image key
                     k, v = obj[i]
-                    obj[i:i + 1] = [(k, decoy(v)), (variant, v)]
+                    obj[i : i + 1] = [(k, decoy(v)), (variant, v)]
 
                 def shadow_before(obj: Obj, i: int, variant: str = variant) -> None:  # image key, then text key
                     k, v = obj[i]
-                    obj[i:i + 1] = [(variant, v), (k, decoy(v))]
+                    obj[i : i + 1] = [(variant, v), (k, decoy(v))]
+
                 yield f"{where}->{name}", rewrite(tree, path, depth, rename)
                 yield f"{where}->{name}-after-text", rewrite(tree, path, depth, shadow_after)
                 yield f"{where}->{name}-before-text", rewrite(tree, path, depth, shadow_before)
 
             def duplicate_last(obj: Obj, i: int) -> None:
                 k, v = obj[i]
-                obj[i:i + 1] = [(k, decoy(v)), (k, v)]
+                obj[i : i + 1] = [(k, decoy(v)), (k, v)]
 
             def duplicate_first(obj: Obj, i: int) -> None:
                 k, v = obj[i]
-                obj[i:i + 1] = [(k, v), (k, decoy(v))]
+                obj[i : i + 1] = [(k, v), (k, decoy(v))]
+
             yield f"{where}-duplicated-image-last", rewrite(tree, path, depth, duplicate_last)
             yield f"{where}-duplicated-image-first", rewrite(tree, path, depth, duplicate_first)
             node = value
@@ -260,6 +292,7 @@ def key_tricks(tree: Obj) -> Iterator[tuple[str, Obj]]:
 
 # ---------------------------------------------------------------------------------------------------
 # Cases.
+
 
 @dataclass(repr=False)
 class Case:
@@ -281,7 +314,11 @@ class Case:
 
 def with_stream_false(path: str, tree: Obj) -> Obj:
     """Ollama streams by default; the differential cases ask for one JSON answer (streaming is tested apart)."""
-    return Obj([*tree, ("stream", False)]) if path.startswith("/api/") and not any(k == "stream" for k, _ in tree) else tree
+    return (
+        Obj([*tree, ("stream", False)])
+        if path.startswith("/api/") and not any(k == "stream" for k, _ in tree)
+        else tree
+    )
 
 
 def cases() -> Iterator[Case]:
@@ -313,22 +350,37 @@ def encoding_cases() -> Iterator[Case]:
             for codec in ("utf-16", "utf-16-le", "utf-16-be", "utf-32"):
                 yield Case(f"{path}:{kind}:{codec}", path, raw.encode(codec), must_reject=True)
             yield Case(f"{path}:{kind}:gzip", path, gzip.compress(utf8), {"Content-Encoding": "gzip"}, must_reject=True)
-            yield Case(f"{path}:{kind}:deflate", path, zlib.compress(utf8), {"Content-Encoding": "deflate"},
-                       must_reject=True)
-            yield Case(f"{path}:{kind}:br-label-on-plain-body", path, utf8, {"Content-Encoding": "br"}, must_reject=True)
-            yield Case(f"{path}:{kind}:gzip-label-on-plain-body", path, utf8, {"Content-Encoding": "gzip"},
-                       must_reject=True)
+            yield Case(
+                f"{path}:{kind}:deflate", path, zlib.compress(utf8), {"Content-Encoding": "deflate"}, must_reject=True
+            )
+            yield Case(
+                f"{path}:{kind}:br-label-on-plain-body", path, utf8, {"Content-Encoding": "br"}, must_reject=True
+            )
+            yield Case(
+                f"{path}:{kind}:gzip-label-on-plain-body", path, utf8, {"Content-Encoding": "gzip"}, must_reject=True
+            )
             yield Case(f"{path}:{kind}:identity", path, utf8, {"Content-Encoding": "identity"})
             yield Case(f"{path}:{kind}:text-plain", path, utf8, {"Content-Type": "text/plain"})
-            yield Case(f"{path}:{kind}:charset-utf16-label", path, utf8,
-                       {"Content-Type": "application/json; charset=utf-16"})
+            yield Case(
+                f"{path}:{kind}:charset-utf16-label", path, utf8, {"Content-Type": "application/json; charset=utf-16"}
+            )
         # Bytes that are not UTF-8 inside a string of an image-carrying body.
         raw = dumps_pairs(first_image_body(path)).encode()
-        yield Case(f"{path}:latin1-byte", path, raw.replace(b'"user"', b'"us\xe9r"', 1).replace(
-            b'"model":"m"', b'"model":"m\xff"', 1), must_reject=True)
-        yield Case(f"{path}:overlong-utf8", path, raw.replace(b'"model":"m"', b'"model":"\xc1\xad"', 1), must_reject=True)
-        yield Case(f"{path}:utf8-encoded-surrogate", path, raw.replace(b'"model":"m"', b'"model":"\xed\xa0\x80"', 1),
-                   must_reject=True)
+        yield Case(
+            f"{path}:latin1-byte",
+            path,
+            raw.replace(b'"user"', b'"us\xe9r"', 1).replace(b'"model":"m"', b'"model":"m\xff"', 1),
+            must_reject=True,
+        )
+        yield Case(
+            f"{path}:overlong-utf8", path, raw.replace(b'"model":"m"', b'"model":"\xc1\xad"', 1), must_reject=True
+        )
+        yield Case(
+            f"{path}:utf8-encoded-surrogate",
+            path,
+            raw.replace(b'"model":"m"', b'"model":"\xed\xa0\x80"', 1),
+            must_reject=True,
+        )
 
 
 def number_and_syntax_cases() -> Iterator[Case]:
@@ -336,34 +388,55 @@ def number_and_syntax_cases() -> Iterator[Case]:
         for kind, tree in (("image", first_image_body(path)), ("text", TEXT_BODIES[path])):
             raw = dumps_pairs(tree)
             head = raw[:-1]  # the object without its closing brace, to append fields
-            for name, literal in (("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"),
-                                  ("huge-int", "9" * 5000), ("huge-negative-int", "-" + "9" * 4301)):
-                yield Case(f"{path}:{kind}:{name}", path, f'{head},"temperature":{literal}}}'.encode(), must_reject=True)
+            for name, literal in (
+                ("NaN", "NaN"),
+                ("Infinity", "Infinity"),
+                ("-Infinity", "-Infinity"),
+                ("huge-int", "9" * 5000),
+                ("huge-negative-int", "-" + "9" * 4301),
+            ):
+                yield Case(
+                    f"{path}:{kind}:{name}", path, f'{head},"temperature":{literal}}}'.encode(), must_reject=True
+                )
             # Valid JSON that Python reads as inf: json.dumps would then write the invalid `Infinity`.
             yield Case(f"{path}:{kind}:1e400", path, f'{head},"temperature":1e400}}'.encode())
             yield Case(f"{path}:{kind}:big-int-4000-digits", path, f'{head},"seed":{"1" * 4000}}}'.encode())
-            for name, text in (("block-comment", raw.replace("{", "{/* c */", 1)),
-                               ("line-comment", raw.replace("{", "{// c\n", 1)),
-                               ("trailing-comma", head + ",}"),
-                               ("single-quotes", raw.replace('"model"', "'model'", 1)),
-                               ("concatenated", raw + raw),
-                               ("trailing-garbage", raw + " x"),
-                               ("unquoted-key", raw.replace('"model"', "model", 1))):
+            for name, text in (
+                ("block-comment", raw.replace("{", "{/* c */", 1)),
+                ("line-comment", raw.replace("{", "{// c\n", 1)),
+                ("trailing-comma", head + ",}"),
+                ("single-quotes", raw.replace('"model"', "'model'", 1)),
+                ("concatenated", raw + raw),
+                ("trailing-garbage", raw + " x"),
+                ("unquoted-key", raw.replace('"model"', "model", 1)),
+            ):
                 yield Case(f"{path}:{kind}:{name}", path, text.encode(), must_reject=True)
             # Keys that only a careful parser keeps apart.
             first_key = next(iter(tree))[0]
             escaped = "".join(f"\\u{ord(c):04x}" for c in first_key)
-            yield Case(f"{path}:{kind}:escaped-duplicate-key", path,
-                       raw.replace("{", f'{{"{escaped}":{json.dumps(plain_value(tree, first_key))},', 1).encode(),
-                       must_reject=True)
-            for name, key in (("lone-high-surrogate", "\\ud800"), ("lone-low-surrogate", "\\udc00"),
-                              ("nul", "\\u0000")):
+            yield Case(
+                f"{path}:{kind}:escaped-duplicate-key",
+                path,
+                raw.replace("{", f'{{"{escaped}":{json.dumps(plain_value(tree, first_key))},', 1).encode(),
+                must_reject=True,
+            )
+            for name, key in (
+                ("lone-high-surrogate", "\\ud800"),
+                ("lone-low-surrogate", "\\udc00"),
+                ("nul", "\\u0000"),
+            ):
                 bad = f'{{"{first_key}{key}":{json.dumps(plain_value(tree, first_key))},' + raw[1:]
                 yield Case(f"{path}:{kind}:{name}-in-key", path, bad.encode())
             yield Case(f"{path}:{kind}:lone-surrogate-value", path, raw.replace('"m"', '"m\\ud800"', 1).encode())
-        for name, text in (("array", "[]"), ("string", '"x"'), ("number", "1"), ("null", "null"), ("empty", ""),
-                           ("deep", "[" * 100000 + "]" * 100000),
-                           ("deep-object", '{"a":' * 50000 + "1" + "}" * 50000)):
+        for name, text in (
+            ("array", "[]"),
+            ("string", '"x"'),
+            ("number", "1"),
+            ("null", "null"),
+            ("empty", ""),
+            ("deep", "[" * 100000 + "]" * 100000),
+            ("deep-object", '{"a":' * 50000 + "1" + "}" * 50000),
+        ):
             yield Case(f"{path}:not-an-object:{name}", path, text.encode(), must_reject=True)
 
 
@@ -373,12 +446,24 @@ def plain_value(tree: Obj, key: str) -> Any:
 
 def endpoint_cases() -> Iterator[Case]:
     """Paths no adapter owns: images in any field are refused even where the path is allowed."""
-    for path, allowed in (("/api/show", True), ("/v1/models", True), ("/v1/embeddings", False),
-                          ("/v1/completions", False), ("/api/embed", False), ("/v1/images/edits", False),
-                          ("/api/pull", False), ("/v1/chat/completions/extra", False), ("/v1/files", False)):
-        for name, tree in (("field", o(model="m", input=B64)), ("data-url", o(model="m", prompt=DATA)),
-                           ("images", o(model="m", images=[B64])), ("nested", o(model="m", options=o(a=[o(b=DATA)]))),
-                           ("any-key", o(model="m", q=o(zzz=B64)))):
+    for path, allowed in (
+        ("/api/show", True),
+        ("/v1/models", True),
+        ("/v1/embeddings", False),
+        ("/v1/completions", False),
+        ("/api/embed", False),
+        ("/v1/images/edits", False),
+        ("/api/pull", False),
+        ("/v1/chat/completions/extra", False),
+        ("/v1/files", False),
+    ):
+        for name, tree in (
+            ("field", o(model="m", input=B64)),
+            ("data-url", o(model="m", prompt=DATA)),
+            ("images", o(model="m", images=[B64])),
+            ("nested", o(model="m", options=o(a=[o(b=DATA)]))),
+            ("any-key", o(model="m", q=o(zzz=B64))),
+        ):
             yield Case(f"{path}:{name}", path, tree, must_reject=True)
         yield Case(f"{path}:key-is-image", path, o((B64, "x"), model="m"))
         if not allowed:
@@ -387,20 +472,34 @@ def endpoint_cases() -> Iterator[Case]:
 
 def http_path_cases() -> Iterator[Case]:
     """Spellings of a dialect's path that some routers (or the upstream itself) treat as the route."""
-    for path, body in (("/v1/chat/completions", CHAT_BODIES["image_url.url"]),
-                       ("/v1/messages", ANTHROPIC_BODIES["image-base64"]),
-                       ("/v1/responses", RESPONSES_BODIES["input_image"]),
-                       ("/api/chat", OLLAMA_CHAT_BODIES["images"])):
-        for name, spelled in (("trailing-slash", path + "/"), ("double-slash", "/" + path),
-                              ("inner-double-slash", path.replace("/", "//", 2)), ("dot-segment", path.replace("/", "/./", 2)),
-                              ("dotdot", path + "/x/.."), ("encoded-slash", "/" + path[1:].replace("/", "%2F", 1)),
-                              ("encoded-slash-lower", "/" + path[1:].replace("/", "%2f", 1)),
-                              ("upper-case", path.upper()), ("query", path + "?beta=true"),
-                              ("semicolon", path + ";x=1"), ("encoded-letter", path.replace("a", "%61", 1)),
-                              ("fragment-like", path + "%23x")):
+    for path, body in (
+        ("/v1/chat/completions", CHAT_BODIES["image_url.url"]),
+        ("/v1/messages", ANTHROPIC_BODIES["image-base64"]),
+        ("/v1/responses", RESPONSES_BODIES["input_image"]),
+        ("/api/chat", OLLAMA_CHAT_BODIES["images"]),
+    ):
+        for name, spelled in (
+            ("trailing-slash", path + "/"),
+            ("double-slash", "/" + path),
+            ("inner-double-slash", path.replace("/", "//", 2)),
+            ("dot-segment", path.replace("/", "/./", 2)),
+            ("dotdot", path + "/x/.."),
+            ("encoded-slash", "/" + path[1:].replace("/", "%2F", 1)),
+            ("encoded-slash-lower", "/" + path[1:].replace("/", "%2f", 1)),
+            ("upper-case", path.upper()),
+            ("query", path + "?beta=true"),
+            ("semicolon", path + ";x=1"),
+            ("encoded-letter", path.replace("a", "%61", 1)),
+            ("fragment-like", path + "%23x"),
+        ):
             yield Case(f"{path}:path-{name}", spelled, with_stream_false(path, body))
-        yield Case(f"{path}:method-override-header", "/v1/models", with_stream_false(path, body),
-                   {"X-HTTP-Method-Override": "POST", "X-Original-URL": path, "X-Rewrite-URL": path}, must_reject=True)
+        yield Case(
+            f"{path}:method-override-header",
+            "/v1/models",
+            with_stream_false(path, body),
+            {"X-HTTP-Method-Override": "POST", "X-Original-URL": path, "X-Rewrite-URL": path},
+            must_reject=True,
+        )
         yield Case(f"{path}:GET-with-body", path, with_stream_false(path, body), method="GET")
         yield Case(f"{path}:PUT", path, with_stream_false(path, body), method="PUT")
 
@@ -425,8 +524,12 @@ def error_format(reply: Reply) -> str | None:
     if not isinstance(body, dict):
         return None
     error = body.get("error")
-    if body.get("type") == "error" and isinstance(error, dict) and isinstance(error.get("type"), str) \
-            and isinstance(error.get("message"), str):
+    if (
+        body.get("type") == "error"
+        and isinstance(error, dict)
+        and isinstance(error.get("type"), str)
+        and isinstance(error.get("message"), str)
+    ):
         return "anthropic"
     if isinstance(error, dict) and {"message", "type", "param", "code"} <= set(error):
         return "openai"
@@ -545,15 +648,21 @@ def test_no_parser_sees_an_unscreened_image(gate_url, upstream, image_url, case)
 
 def test_key_tricks_are_named_in_the_error(gate_url, upstream, image_url):
     """The 400 for a folded key names the key the client sent (so a client can find its mistake)."""
-    for path, variant in (("/v1/chat/completions", "Messages"), ("/v1/chat/completions", "me\u017f\u017fages"),
-                          ("/api/chat", "MESSAGES"), ("/v1/messages", "me\u017fsages"), ("/v1/responses", "Input")):
+    for path, variant in (
+        ("/v1/chat/completions", "Messages"),
+        ("/v1/chat/completions", "me\u017f\u017fages"),
+        ("/api/chat", "MESSAGES"),
+        ("/v1/messages", "me\u017fsages"),
+        ("/v1/responses", "Input"),
+    ):
         tree = DIALECT_BODIES[path][KEY_TRICK_BODIES[path][0]]
         key = "input" if path == "/v1/responses" else "messages"
         renamed = Obj([(variant if k == key else k, v) for k, v in with_stream_false(path, tree)])
         reply, received = exchange(gate_url, upstream, Case("named", path, renamed), image_url)
         assert reply.status == 400 and not received, (path, variant, reply.status, reply.body[:300])
-        assert variant in reply.body.decode("utf-8", "replace") or json.dumps(variant) in reply.body.decode(), \
+        assert variant in reply.body.decode("utf-8", "replace") or json.dumps(variant) in reply.body.decode(), (
             f"{path}: the error does not name the key {variant!r}: {reply.body[:300]!r}"
+        )
 
 
 def test_folding_mirror_agrees_with_go():
@@ -638,17 +747,23 @@ def mutated(draw) -> tuple[str, Obj, bool]:
             node = value
             continue
         changed = True
-        pairs = {"rename": [(variant, value)], "shadow-after": [(key, decoy(value)), (variant, value)],
-                 "shadow-before": [(variant, value), (key, decoy(value))],
-                 "duplicate-last": [(key, decoy(value)), (key, value)],
-                 "duplicate-first": [(key, value), (key, decoy(value))]}[op]
-        node[step:step + 1] = pairs
+        pairs = {
+            "rename": [(variant, value)],
+            "shadow-after": [(key, decoy(value)), (variant, value)],
+            "shadow-before": [(variant, value), (key, decoy(value))],
+            "duplicate-last": [(key, decoy(value)), (key, value)],
+            "duplicate-first": [(key, value), (key, decoy(value))],
+        }[op]
+        node[step : step + 1] = pairs
         node = value  # the image-carrying value, now under its new key
     return path, tree, changed
 
 
-@settings(max_examples=max(EXAMPLES, 20), deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                                  HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=max(EXAMPLES, 20),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(mutated())
 def test_generated_key_tricks(gate_url, upstream, image_url, drawn):
     path, tree, changed = drawn

@@ -108,8 +108,9 @@ def test_batches_over_the_limit_are_split(tiny_engine):
     assert np.abs(split["probs"] - whole["probs"]).max() <= 1e-6
 
 
-@pytest.mark.parametrize("bad", [np.zeros((1, 56, 56, 3), np.float32), np.zeros((1, 32, 32, 3), np.uint8),
-                                 np.zeros((56, 56, 3), np.uint8)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((1, 56, 56, 3), np.float32), np.zeros((1, 32, 32, 3), np.uint8), np.zeros((56, 56, 3), np.uint8)]
+)
 def test_wrong_input_is_refused_with_shape(tiny_engine, bad):
     with pytest.raises(ValueError, match=r"expected \(N, 56, 56, 3\) uint8, got"):
         Engine.load(tiny_engine, backend="cpu").infer(bad)

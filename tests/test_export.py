@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from reference import reference_probs
 from images import smooth_images
+from reference import reference_probs
 from safeclip.runtime import contract
 
 # Stated bounds: max |d prob| against the reference (the export's own verification uses the same).
@@ -64,8 +64,13 @@ def test_penultimate_cls_and_patch_features(tiny_engine_penultimate, tiny_clip):
     assert manifest.outputs == (contract.OUTPUT_PROBS, contract.OUTPUT_EMBEDS, contract.OUTPUT_PATCH_FEATURES)
     images = smooth_images(3, manifest.image.size, seed=7)
     ref, _, hidden = reference_probs(
-        tiny_clip.model, tiny_clip.tokenizer, manifest.categories, images,
-        manifest.image.mean, manifest.image.std, cls="penultimate",
+        tiny_clip.model,
+        tiny_clip.tokenizer,
+        manifest.categories,
+        images,
+        manifest.image.mean,
+        manifest.image.std,
+        cls="penultimate",
     )
     probs, _, patches = run_onnx(tiny_engine_penultimate / manifest.artifact("fp32").path, images)
     assert np.abs(probs - ref).max() <= TOL["fp32"]
@@ -106,7 +111,14 @@ def test_manifest_fields_and_hashes(tiny_engine):
     assert manifest.image.size == 56 and manifest.image.resize_mode == "pad"
     assert manifest.image.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert manifest.category_names == (
-        "neutral", "porn", "blood", "gun", "insulting gesture", "knife", "alcohol", "cigarette"
+        "neutral",
+        "porn",
+        "blood",
+        "gun",
+        "insulting gesture",
+        "knife",
+        "alcohol",
+        "cigarette",
     )
     assert manifest.neutral == "neutral"
     assert all(len(c.phrases) >= 5 for c in manifest.categories)
@@ -133,7 +145,7 @@ def test_tiny_random_is_deterministic(tiny_engine, tmp_path):
     images = smooth_images(4, 56, seed=11)
     a = run_onnx(tiny_engine / "model.fp32.onnx", images)
     b = run_onnx(tmp_path / "again" / "model.fp32.onnx", images)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert np.array_equal(x, y)
 
 
@@ -160,9 +172,19 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_offline_hub_model_fails_fast_with_fixes(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run(
-        [sys.executable, "-m", "safeclip.export", "--model", "openai/clip-vit-large-patch14-336",
-         "--out", str(tmp_path / "e")],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "safeclip.export",
+            "--model",
+            "openai/clip-vit-large-patch14-336",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "cannot load CLIP checkpoint 'openai/clip-vit-large-patch14-336'" in proc.stderr
@@ -173,9 +195,20 @@ def test_offline_hub_model_fails_fast_with_fixes(tmp_path):
 @pytest.mark.slow
 def test_cli_export_writes_engine_and_prints_parity(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "safeclip.runtime.cli", "export", "--model", "tiny-random",
-         "--out", str(tmp_path / "tiny")],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "safeclip.runtime.cli",
+            "export",
+            "--model",
+            "tiny-random",
+            "--out",
+            str(tmp_path / "tiny"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     assert "verify fp32: max |d prob|" in proc.stdout and "verify fp16: max |d prob|" in proc.stdout
@@ -208,7 +241,9 @@ def test_weights_are_external_data_listed_and_verified(tiny_engine, tmp_path):
         graph_file = tiny_engine / artifact.path
         data_file = tiny_engine / f"{artifact.path}.data"
         assert artifact.data is not None and artifact.data.path == data_file.name
-        assert artifact.data.sha256 == contract.sha256_file(data_file) and artifact.data.bytes == data_file.stat().st_size
+        assert (
+            artifact.data.sha256 == contract.sha256_file(data_file) and artifact.data.bytes == data_file.stat().st_size
+        )
         graph = onnx.load(str(graph_file), load_external_data=False).graph
         external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
         largest = max(graph.initializer, key=lambda t: np.prod(t.dims))

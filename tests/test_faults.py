@@ -49,6 +49,7 @@ def sdk(base: str) -> openai.OpenAI:
 
 # --- the upstream fails --------------------------------------------------------------------------------
 
+
 def test_upstream_reset_mid_stream_truncates_the_clients_stream(gate_url, upstream, caplog):
     caplog.set_level(logging.WARNING, logger="safeclip.server")
     stream = sdk(gate_url).chat.completions.create(model="reset", messages=[user_message(data_url(IMAGE))], stream=True)
@@ -73,21 +74,25 @@ def test_upstream_reset_before_answering_is_502(gate_url, upstream):
 
 # --- the client goes away: the upstream request is cancelled ----------------------------------------------
 
+
 def open_stream(base: str, model: str) -> socket.socket:
     """A streamed chat request on a raw socket, so the test decides when the client vanishes."""
     host, port = base.removeprefix("http://").rsplit(":", 1)
     body = json.dumps({"model": model, "stream": True, "messages": [user_message(data_url(IMAGE))]}).encode()
     sock = socket.create_connection((host, int(port)), timeout=10)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     return sock
 
 
 def test_client_disconnect_cancels_the_upstream_request(tiny_engine, upstream_server, upstream):
     """Against `safeclip serve` itself: a client that hangs up mid-stream, or before the upstream's first
     byte, gets its upstream connection closed at once, not left generating for nobody until it ends."""
-    with gate_process("--engine", str(tiny_engine), "--upstream", upstream_server[1], "--threshold", "1.0",
-                      "--backend", "cpu") as gate:
+    with gate_process(
+        "--engine", str(tiny_engine), "--upstream", upstream_server[1], "--threshold", "1.0", "--backend", "cpu"
+    ) as gate:
         for model in ("hold", "hold-headers"):
             upstream.disconnected.clear()
             sock = open_stream(gate.base, model)
@@ -107,6 +112,7 @@ def test_client_disconnect_cancels_the_upstream_request(tiny_engine, upstream_se
 
 # --- the engine fails ------------------------------------------------------------------------------------
 
+
 def test_engine_failing_at_run_time_fails_the_request_closed(servers, upstream_server, upstream, tiny_engine):
     gate = Gate.from_engine(tiny_engine, threshold=1.0)
     inner = gate.classify
@@ -117,7 +123,7 @@ def test_engine_failing_at_run_time_fails_the_request_closed(servers, upstream_s
             raise failures.pop()
         return inner(pixels, digests)
 
-    gate.classify = classify  # type: ignore[method-assign]
+    gate.classify = classify  # type: ignore[method-assign]  # the fault is injected into this instance only
     base = servers.start_gate(gate_config(tiny_engine, upstream_server[1]), gate)
     failed = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(IMAGE))]})
     assert failed.status == 500 and failed.json()["error"]["type"] == "server_error"

@@ -11,14 +11,11 @@ for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_f
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import json
 import os
 import struct
-import sys
 import zlib
-from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -29,10 +26,10 @@ from PIL import Image
 
 from images import encode, pil_bytes, png_chunk, png_header, smooth_images
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
-from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.dialects.base import data_url, decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
+from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import canonical, parse, parse_object, stray_images
 from server_helpers import address_space_headroom, gate_config, http, png
 
@@ -69,15 +66,28 @@ def _seeds() -> dict[str, bytes]:
 
 
 SEEDS = _seeds()
-MAGICS = (b"\xff\xd8\xff", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00",
-          b"MM\x00*", b"RIFF\x00\x01\x00\x00WEBPVP8 ", b"RIFF\x00\x01\x00\x00WEBPVP8L",
-          b"RIFF\x00\x01\x00\x00WEBPVP8X", png_header(16, 12)[:33])
+MAGICS = (
+    b"\xff\xd8\xff",
+    b"\xff\xd8\xff\xe0",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF\x00\x01\x00\x00WEBPVP8 ",
+    b"RIFF\x00\x01\x00\x00WEBPVP8L",
+    b"RIFF\x00\x01\x00\x00WEBPVP8X",
+    png_header(16, 12)[:33],
+)
 
 
 def decodes_or_refuses(data: bytes, decoder: Preprocessor) -> None:
     header = image_size_from_header(data)  # the gate's data_url() sniffs every forwarded image with it
-    assert header is None or (header[0] in ("jpeg", "png", "gif", "webp", "bmp", "tiff") and
-                              all(isinstance(n, int) and n >= 0 for n in header[1:]))
+    assert header is None or (
+        header[0] in ("jpeg", "png", "gif", "webp", "bmp", "tiff")
+        and all(isinstance(n, int) and n >= 0 for n in header[1:])
+    )
     try:
         with address_space_headroom(HEADROOM_BYTES):
             out = decoder(data, source="fuzz")
@@ -99,16 +109,18 @@ def mutated(draw) -> bytes:
         if op == "flip" and data:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "overwrite":
-            data[at:at + 4] = draw(st.binary(min_size=1, max_size=4))
+            data[at : at + 4] = draw(st.binary(min_size=1, max_size=4))
         elif op == "delete":
-            del data[at:at + draw(st.integers(1, 16))]
+            del data[at : at + draw(st.integers(1, 16))]
         elif op == "insert":
             data[at:at] = draw(st.binary(min_size=1, max_size=16))
         elif op == "cut":
             del data[at:]
         elif op == "extreme":
-            data[at:at + 4] = struct.pack(draw(st.sampled_from(["<I", ">I"])),
-                                          draw(st.sampled_from([0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF])))
+            data[at : at + 4] = struct.pack(
+                draw(st.sampled_from(["<I", ">I"])),
+                draw(st.sampled_from([0, 1, 0x7FFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF])),
+            )
     return bytes(data)
 
 
@@ -149,37 +161,66 @@ json_values = st.recursive(
 )
 urls = st.one_of(
     st.text(max_size=40),
-    st.sampled_from(["", "data:", "data:,", "DATA:image/png;BASE64,iVBORw0KGgo=", "http://127.0.0.1/x.png",
-                     "data:image/png;base64,AAAA", "data:image/png;base64,====", "file:///etc/passwd"]),
-    st.builds(lambda media, payload: f"data:{media};base64,{payload}",
-              st.sampled_from(["image/png", "text/plain", "", "image/png;charset=x"]),
-              st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n -_%", max_size=40)),
+    st.sampled_from(
+        [
+            "",
+            "data:",
+            "data:,",
+            "DATA:image/png;BASE64,iVBORw0KGgo=",
+            "http://127.0.0.1/x.png",
+            "data:image/png;base64,AAAA",
+            "data:image/png;base64,====",
+            "file:///etc/passwd",
+        ]
+    ),
+    st.builds(
+        lambda media, payload: f"data:{media};base64,{payload}",
+        st.sampled_from(["image/png", "text/plain", "", "image/png;charset=x"]),
+        st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n -_%", max_size=40),
+    ),
 )
-part_types = st.sampled_from(["text", "image_url", "refusal", "input_audio", "input_image", "image", "file",
-                              "video_url"])
+part_types = st.sampled_from(
+    ["text", "image_url", "refusal", "input_audio", "input_image", "image", "file", "video_url"]
+)
 parts = st.one_of(
-    st.fixed_dictionaries({}, optional={
-        "type": part_types | json_values,
-        "text": json_values,
-        "image_url": st.one_of(urls, json_values,
-                               st.fixed_dictionaries({}, optional={"url": urls | json_values,
-                                                                   "detail": st.text(max_size=5)})),
-    }),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "type": part_types | json_values,
+            "text": json_values,
+            "image_url": st.one_of(
+                urls,
+                json_values,
+                st.fixed_dictionaries({}, optional={"url": urls | json_values, "detail": st.text(max_size=5)}),
+            ),
+        },
+    ),
     json_values,
 )
 messages = st.one_of(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
-                          optional={"content": st.one_of(st.text(max_size=20), st.none(), st.lists(parts, max_size=4),
-                                                         json_values)}),
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool"])},
+        optional={"content": st.one_of(st.text(max_size=20), st.none(), st.lists(parts, max_size=4), json_values)},
+    ),
     json_values,
 )
 bodies = st.one_of(
-    st.fixed_dictionaries({}, optional={
-        "model": json_values, "messages": st.lists(messages, max_size=4) | json_values,
-        "input": st.one_of(st.text(max_size=10), st.lists(st.text(max_size=5), max_size=3), st.lists(parts, max_size=4),
-                           json_values),
-        "stream": json_values, "n": json_values, "stream_options": json_values,
-    }),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": json_values,
+            "messages": st.lists(messages, max_size=4) | json_values,
+            "input": st.one_of(
+                st.text(max_size=10),
+                st.lists(st.text(max_size=5), max_size=3),
+                st.lists(parts, max_size=4),
+                json_values,
+            ),
+            "stream": json_values,
+            "n": json_values,
+            "stream_options": json_values,
+        },
+    ),
     st.dictionaries(st.text(max_size=8), json_values, max_size=4),
 )
 
@@ -187,20 +228,36 @@ bodies = st.one_of(
 # Well-formed requests as well: random ones are mostly refused, and the success path needs its examples too.
 good_parts = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["text", "refusal"]), "text": st.text(max_size=8)}),
-    st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
-        st.sampled_from(["data:image/png;base64,AAAA", "http://127.0.0.1/x.png"]),
-        st.fixed_dictionaries({"url": st.sampled_from(["data:image/png;base64,AAAA", "https://h/i.png"])},
-                              optional={"detail": st.sampled_from(["low", "high", "auto"])}))}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("image_url"),
+            "image_url": st.one_of(
+                st.sampled_from(["data:image/png;base64,AAAA", "http://127.0.0.1/x.png"]),
+                st.fixed_dictionaries(
+                    {"url": st.sampled_from(["data:image/png;base64,AAAA", "https://h/i.png"])},
+                    optional={"detail": st.sampled_from(["low", "high", "auto"])},
+                ),
+            ),
+        }
+    ),
 )
 good_messages = st.fixed_dictionaries(
-    {"role": st.sampled_from(["system", "developer", "user", "assistant"]),
-     "content": st.one_of(st.text(max_size=10), st.none(), st.lists(good_parts, max_size=3))},
+    {
+        "role": st.sampled_from(["system", "developer", "user", "assistant"]),
+        "content": st.one_of(st.text(max_size=10), st.none(), st.lists(good_parts, max_size=3)),
+    },
     optional={"name": st.text(max_size=4)},
 )
 good_chat_bodies = st.fixed_dictionaries({"model": st.just("m"), "messages": st.lists(good_messages, max_size=4)})
-good_moderation_bodies = st.fixed_dictionaries({"input": st.one_of(
-    st.text(max_size=10), st.lists(st.text(max_size=5), min_size=1, max_size=3),
-    st.lists(good_parts, min_size=1, max_size=4))})
+good_moderation_bodies = st.fixed_dictionaries(
+    {
+        "input": st.one_of(
+            st.text(max_size=10),
+            st.lists(st.text(max_size=5), min_size=1, max_size=3),
+            st.lists(good_parts, min_size=1, max_size=4),
+        )
+    }
+)
 
 
 def is_image_part(part) -> bool:
@@ -231,7 +288,7 @@ def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
                 assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
     assert [p.where for p in found] == [w for w, _ in expected]
     pinned = data_url(b"\x89PNG", "image/png")
-    for p, (_, part) in zip(found, expected):
+    for p, (_, part) in zip(found, expected, strict=True):
         given = part["image_url"]
         assert p.value == (given.get("url") if isinstance(given, dict) else given) and p.value
         p.rewrite(b"\x89PNG", "image/png")  # the gate puts the screened pixels in each image's place
@@ -300,20 +357,32 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
 # Values with keys and strings near the image hints (image, video, file keys; data: strings), so the stray-image
 # check and the parser see both kinds.
 hinted_values = st.recursive(
-    st.none() | st.integers() | st.text(max_size=8) |
-    st.sampled_from(["data:image/png;base64,AA", "DATA:,x", " data:", "dat", "image", "https://x/i.png"]),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.text(max_size=6) | st.sampled_from(["image_url", "Image", "videos", "FILE_id", "img", "url", "data"]),
-        children, max_size=4),
+    st.none()
+    | st.integers()
+    | st.text(max_size=8)
+    | st.sampled_from(["data:image/png;base64,AA", "DATA:,x", " data:", "dat", "image", "https://x/i.png"]),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=6) | st.sampled_from(["image_url", "Image", "videos", "FILE_id", "img", "url", "data"]),
+            children,
+            max_size=4,
+        )
+    ),
     max_leaves=12,
 )
 
 
 @FUZZ
-@given(raw=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode()),
-                     hinted_values.map(lambda v: json.dumps(v).encode()),
-                     st.integers(1, 50_000).map(lambda n: b"[" * n + b"]" * n),
-                     st.integers(1, 50_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n)))
+@given(
+    raw=st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        hinted_values.map(lambda v: json.dumps(v).encode()),
+        st.integers(1, 50_000).map(lambda n: b"[" * n + b"]" * n),
+        st.integers(1, 50_000).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    )
+)
 def test_json_bodies_parse_or_refuse(raw):
     try:
         value = parse(raw)
@@ -337,6 +406,7 @@ def test_json_bodies_parse_or_refuse(raw):
 
 # --- the running gate ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def gate_url(servers, upstream_server, flag_all, tiny_engine):
     """A gate that flags every image and injects the safety prompt, so a body with a decodable image is
@@ -347,9 +417,21 @@ def gate_url(servers, upstream_server, flag_all, tiny_engine):
 IMAGE_URL = f"data:image/png;base64,{base64.b64encode(png(seed=3, size=16)).decode()}"
 gate_bodies = st.one_of(
     bodies.map(lambda b: json.dumps(b).encode()),
-    st.lists(st.one_of(messages, st.just({"role": "user", "content": [
-        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": IMAGE_URL}}]})),
-        max_size=3).map(lambda m: json.dumps({"model": "m", "messages": m}).encode()),
+    st.lists(
+        st.one_of(
+            messages,
+            st.just(
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "look"},
+                        {"type": "image_url", "image_url": {"url": IMAGE_URL}},
+                    ],
+                }
+            ),
+        ),
+        max_size=3,
+    ).map(lambda m: json.dumps({"model": "m", "messages": m}).encode()),
     st.binary(max_size=100),
     st.integers(1, 5000).map(lambda n: b'{"model": "m", "messages": [], "x": ' + b"[" * n + b"]" * n + b"}"),
 )
@@ -372,7 +454,14 @@ def test_deeply_nested_bodies_are_4xx_or_served(gate_url, depth, where):
     (model) or one it only re-encodes: a 4xx, or an answer; never the gate's own 500."""
     nested = b"[" * depth + b"]" * depth
     image = json.dumps({"role": "user", "content": [{"type": "image_url", "image_url": {"url": IMAGE_URL}}]}).encode()
-    raw = b'{"model": ' + (nested if where == "model" else b'"m"') + b', "messages": [' + image + b"]" + \
-        (b', "extra": ' + nested if where == "extra" else b"") + b"}"
+    raw = (
+        b'{"model": '
+        + (nested if where == "model" else b'"m"')
+        + b', "messages": ['
+        + image
+        + b"]"
+        + (b', "extra": ' + nested if where == "extra" else b"")
+        + b"}"
+    )
     reply = http("POST", gate_url + "/v1/chat/completions", raw, {"Content-Type": "application/json"}, timeout=30)
     assert reply.status < 500, reply.body[:500]

@@ -49,13 +49,15 @@ def test_runtime_matches_hf_processor_and_torch(tiny_engine, tiny_clip, mode):
     spec = gate.manifest.image
     images = sample_images()
     pixels = torch.cat([hf_pixel_values(img, spec.size, spec.mean, spec.std, mode) for img in images.values()])
-    ref_probs, ref_embeds, _ = reference_from_pixels(tiny_clip.model, tiny_clip.tokenizer, gate.manifest.categories, pixels)
+    ref_probs, ref_embeds, _ = reference_from_pixels(
+        tiny_clip.model, tiny_clip.tokenizer, gate.manifest.categories, pixels
+    )
 
     ours = np.stack([gate.preprocessor(encode(img), source=name) for name, img in images.items()])
     out = gate.engine.infer(ours)
     cosine = (out["embeds"] * ref_embeds).sum(axis=1)
     # Stated bound: the only difference from the HF path is resampling rounding (<= 2 uint8 levels).
-    assert cosine.min() >= 0.999, dict(zip(images, cosine.round(5)))
+    assert cosine.min() >= 0.999, dict(zip(images, cosine.round(5), strict=True))
     verdicts = gate.check([encode(img) for img in images.values()])
     got = np.array([[v.probabilities[c] for c in gate.manifest.category_names] for v in verdicts])
     assert np.abs(got - out["probs"]).max() <= 1e-6
@@ -67,7 +69,7 @@ def test_batch_equals_one_by_one(tiny_engine):
     images = [encode(img) for img in smooth_images(9, 90, 70, seed=1)]
     batched = gate.check(images)
     single = [gate.check([img])[0] for img in images]
-    for a, b in zip(batched, single):
+    for a, b in zip(batched, single, strict=True):
         assert a.category == b.category and a.flagged == b.flagged
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= 1e-6
 

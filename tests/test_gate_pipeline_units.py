@@ -14,18 +14,21 @@ from safeclip.runtime.server.jsonbody import canonical, check_keys, folds, looks
 from server_helpers import png
 
 
-@pytest.mark.parametrize("raw, code", [
-    (b'{"a": 1, "a": 2}', "duplicate_key"),
-    (b'{"messages": [], "Messages": []}', "duplicate_key"),
-    ('{"me\u017fsages": [], "messages": []}'.encode(), "duplicate_key"),  # ſ folds to s in Go
-    (b"\xef\xbb\xbf{}", "invalid_json"),
-    ('{"a": 1}'.encode("utf-16"), "invalid_json"),
-    (b'{"a": NaN}', "invalid_json"),
-    (b'{"a": 1e999}', "invalid_json"),
-    (b'{"a": ' + b"9" * 5000 + b"}", "invalid_json"),
-    (b'{"\\ud800": 1}', "invalid_key"),
-    (b'{"a": 1,}', "invalid_json"),
-])
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        (b'{"a": 1, "a": 2}', "duplicate_key"),
+        (b'{"messages": [], "Messages": []}', "duplicate_key"),
+        ('{"me\u017fsages": [], "messages": []}'.encode(), "duplicate_key"),  # ſ folds to s in Go
+        (b"\xef\xbb\xbf{}", "invalid_json"),
+        ('{"a": 1}'.encode("utf-16"), "invalid_json"),
+        (b'{"a": NaN}', "invalid_json"),
+        (b'{"a": 1e999}', "invalid_json"),
+        (b'{"a": ' + b"9" * 5000 + b"}", "invalid_json"),
+        (b'{"\\ud800": 1}', "invalid_key"),
+        (b'{"a": 1,}', "invalid_json"),
+    ],
+)
 def test_parse_refuses_what_other_parsers_read_otherwise(raw, code):
     with pytest.raises(GateError) as e:
         parse(raw)
@@ -38,7 +41,9 @@ def test_canonical_round_trips_and_is_ascii():
     assert out.isascii() and parse(out) == value
 
 
-@pytest.mark.parametrize("key", ["Messages", "MESSAGES", "me\u017fsages", "\u212aeep_alive", "\u0130mages", "Image_URL"])
+@pytest.mark.parametrize(
+    "key", ["Messages", "MESSAGES", "me\u017fsages", "\u212aeep_alive", "\u0130mages", "Image_URL"]
+)
 def test_keys_that_fold_to_a_known_field_are_refused_and_named(key):
     known = {"messages", "keep_alive", "images", "image_url"}
     with pytest.raises(GateError) as e:
@@ -57,8 +62,14 @@ def test_free_form_subtrees_keep_their_own_keys():
 def test_stray_images_are_found_in_every_encoding_and_skipped_in_screened_slots():
     image = png(seed=3)
     std, url = base64.b64encode(image).decode(), base64.urlsafe_b64encode(image).decode()
-    body = {"a": {"b": [std]}, "c": f"data:image/png;base64,{std}", "d": url, "e": " \n" + std[:60] + "\n" + std[60:],
-            "f": "just some words that are long enough to look like base64 maybe", "g": "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ="}
+    body = {
+        "a": {"b": [std]},
+        "c": f"data:image/png;base64,{std}",
+        "d": url,
+        "e": " \n" + std[:60] + "\n" + std[60:],
+        "f": "just some words that are long enough to look like base64 maybe",
+        "g": "aGVsbG8gd29ybGQgaGVsbG8gd29ybGQ=",
+    }
     assert stray_images(body, ()) == [("a", "b", 0), ("c",), ("d",), ("e",)]
     assert stray_images(body, {("a", "b", 0), ("c",)}) == [("d",), ("e",)]
     assert not looks_like_image("hello world, this is a sentence of text.")
@@ -75,6 +86,7 @@ def test_decode_pool_takes_requests_in_turn_and_keeps_a_worker_from_large_images
             order.append(name)
             assert gates[name].wait(5), name
             return name
+
         return work
 
     async def run():

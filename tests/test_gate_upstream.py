@@ -29,8 +29,10 @@ def flag_none(tiny_engine):
 @pytest.fixture
 def start(servers, tiny_engine):
     """start(gate, upstream, **config) -> the base URL of a gate."""
+
     def go(gate: Gate, upstream: str, **config) -> str:
         return servers.start_gate(gate_config(tiny_engine, upstream, **config), gate)
+
     return go
 
 
@@ -44,9 +46,14 @@ def test_upstream_key_replaces_the_clients_and_the_gate_key_never_leaves(start, 
     # The gate key as the client's bearer token, then in the gate's own header beside a client Authorization,
     # then also in another header the gate does not read: none of them reaches the upstream.
     openai.OpenAI(base_url=f"{base}/v1", api_key=GATE_KEY, max_retries=0).chat.completions.create(
-        model="m", messages=message)
-    openai.OpenAI(base_url=f"{base}/v1", api_key="sk-client", max_retries=0,
-                  default_headers={"x-safeclip-api-key": GATE_KEY, "x-api-key": GATE_KEY}).models.list()
+        model="m", messages=message
+    )
+    openai.OpenAI(
+        base_url=f"{base}/v1",
+        api_key="sk-client",
+        max_retries=0,
+        default_headers={"x-safeclip-api-key": GATE_KEY, "x-api-key": GATE_KEY},
+    ).models.list()
     assert len(upstream.received) == 2
     for received in upstream.received:
         assert received.headers["Authorization"] == "Bearer sk-provider"
@@ -54,12 +61,19 @@ def test_upstream_key_replaces_the_clients_and_the_gate_key_never_leaves(start, 
 
 
 def test_without_an_upstream_key_the_clients_authorization_passes_but_never_the_gate_key(
-        start, flag_none, upstream, upstream_server):
+    start, flag_none, upstream, upstream_server
+):
     base = start(flag_none, upstream_server[1], api_key=GATE_KEY)
-    post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-              {"Authorization": f"Bearer {GATE_KEY}"})
-    post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-              {"Authorization": "Bearer sk-client", "x-safeclip-api-key": GATE_KEY})
+    post_json(
+        f"{base}/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        {"Authorization": f"Bearer {GATE_KEY}"},
+    )
+    post_json(
+        f"{base}/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        {"Authorization": "Bearer sk-client", "x-safeclip-api-key": GATE_KEY},
+    )
     first, second = upstream.received
     assert "Authorization" not in first.headers and leaked(first, GATE_KEY) == []
     assert second.headers["Authorization"] == "Bearer sk-client" and leaked(second, GATE_KEY) == []
@@ -67,8 +81,9 @@ def test_without_an_upstream_key_the_clients_authorization_passes_but_never_the_
 
 def test_upstream_base_url_with_a_path(start, flag_none, upstream, upstream_server):
     base = start(flag_none, f"{upstream_server[1]}/openai/", upstream_api_key="sk-provider")
-    reply = post_json(f"{base}/v1/chat/completions?api-version=1",
-                      {"model": "m", "messages": [user_message(data_url(IMAGE))]})
+    reply = post_json(
+        f"{base}/v1/chat/completions?api-version=1", {"model": "m", "messages": [user_message(data_url(IMAGE))]}
+    )
     assert reply.status == 200
     assert http("GET", f"{base}/v1/models").status == 200
     assert [r.path for r in upstream.received] == ["/openai/v1/chat/completions?api-version=1", "/openai/v1/models"]
@@ -81,11 +96,13 @@ def test_guardrail_only_mode_serves_screening_and_refuses_forwarding(start, flag
         error = reply.json()["error"]
         assert (reply.status, error["code"]) == (404, "no_upstream"), path
         assert "guardrail-only" in error["message"] and "--upstream" in error["message"]
-    moderation = post_json(f"{base}/v1/moderations",
-                           {"input": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]})
+    moderation = post_json(
+        f"{base}/v1/moderations", {"input": [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]}
+    )
     assert moderation.status == 200 and moderation.json()["results"][0]["flagged"] is False
-    guard = post_json(f"{base}/beta/litellm_basic_guardrail_api",
-                      {"input_type": "request", "images": [data_url(IMAGE)]})
+    guard = post_json(
+        f"{base}/beta/litellm_basic_guardrail_api", {"input_type": "request", "images": [data_url(IMAGE)]}
+    )
     assert guard.json()["action"] == "GUARDRAIL_INTERVENED"  # screened, and its pixels given back as a PNG
     for path in ("/healthz", "/readyz", "/metrics"):
         assert http("GET", f"{base}{path}").status == 200, path

@@ -27,21 +27,37 @@ TRT_SOURCES = ("runtime/backends/tensorrt.py", "export/tensorrt_build.py")
 CUDA_SOURCES = ("runtime/cuda.py", "runtime/backends/tensorrt.py")
 # Objects the code calls methods on -> the TensorRT class they are.
 TRT_RECEIVERS = {
-    "_engine": "ICudaEngine", "_context": "IExecutionContext", "_runtime": "Runtime", "builder": "Builder",
-    "config": "IBuilderConfig", "network": "INetworkDefinition", "onnx_parser": "OnnxParser",
-    "opt_profile": "IOptimizationProfile", "layer": "ILayer", "timings": "ITimingCache",
+    "_engine": "ICudaEngine",
+    "_context": "IExecutionContext",
+    "_runtime": "Runtime",
+    "builder": "Builder",
+    "config": "IBuilderConfig",
+    "network": "INetworkDefinition",
+    "onnx_parser": "OnnxParser",
+    "opt_profile": "IOptimizationProfile",
+    "layer": "ILayer",
+    "timings": "ITimingCache",
 }
 CUDA_RECEIVERS = {"props": "cudaDeviceProp"}
 # Attributes used only on a path that the majors without them never take.
 TRT_GUARDED = {
     # _weakly_typed_fp16 runs only where NetworkDefinitionCreationFlag.STRONGLY_TYPED is missing (< 9).
-    "BuilderFlag.FP16", "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "ILayer.precision", "ILayer.set_output_type",
+    "BuilderFlag.FP16",
+    "BuilderFlag.OBEY_PRECISION_CONSTRAINTS",
+    "ILayer.precision",
+    "ILayer.set_output_type",
 }
 # Symbols TensorRT's binding module imports from libnvinfer, libnvinfer_plugin and libnvonnxparser.
 TRT_ENTRY_POINTS = (
-    "createInferBuilder_INTERNAL", "createInferRefitter_INTERNAL", "createInferRuntime_INTERNAL",
-    "createNvOnnxParserRefitter_INTERNAL", "createNvOnnxParser_INTERNAL", "getBuilderPluginRegistry",
-    "getNvOnnxParserVersion", "getPluginRegistry", "initLibNvInferPlugins",
+    "createInferBuilder_INTERNAL",
+    "createInferRefitter_INTERNAL",
+    "createInferRuntime_INTERNAL",
+    "createNvOnnxParserRefitter_INTERNAL",
+    "createNvOnnxParser_INTERNAL",
+    "getBuilderPluginRegistry",
+    "getNvOnnxParserVersion",
+    "getPluginRegistry",
+    "initLibNvInferPlugins",
 )
 
 
@@ -107,8 +123,13 @@ def probe(module: str, paths: set[str], pythonpath: Path | None, env_extra: dict
     env = dict(os.environ, **(env_extra or {}))
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    proc = subprocess.run([sys.executable, "-c", PROBE, module, json.dumps(sorted(paths))],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, module, json.dumps(sorted(paths))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, f"importing {module} from {pythonpath}: {proc.stderr[-2000:]}"
     return json.loads(proc.stdout)
 
@@ -124,8 +145,12 @@ def trt_stubs(tmp: Path, major: str) -> Path:
     out.mkdir()
     for lib in ("libnvinfer", "libnvinfer_plugin", "libnvonnxparser"):
         soname = f"{lib}.so.{major}"
-        subprocess.run([cc, "-shared", "-fPIC", "-o", str(out / soname), f"-Wl,-soname,{soname}", str(source)],
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [cc, "-shared", "-fPIC", "-o", str(out / soname), f"-Wl,-soname,{soname}", str(source)],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     return out
 
 
@@ -135,10 +160,22 @@ def binding_sets(prefix: str) -> list[Path]:
 
 def test_the_scan_finds_what_the_code_uses():
     """The AST scan itself: calls known to be in the code are found (else the checks below prove nothing)."""
-    assert {"ICudaEngine.get_tensor_name", "IExecutionContext.execute_async_v3", "IBuilderConfig.set_timing_cache",
-            "Logger.WARNING", "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "nptype"} <= TRT_USED
-    assert {"cudaMallocHost", "cudaMemcpyKind.cudaMemcpyHostToDevice", "cudaStreamCreate", "cudaStreamDestroy",
-            "cudaDeviceProp.name", "cudaGetErrorString"} <= CUDA_USED
+    assert {
+        "ICudaEngine.get_tensor_name",
+        "IExecutionContext.execute_async_v3",
+        "IBuilderConfig.set_timing_cache",
+        "Logger.WARNING",
+        "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
+        "nptype",
+    } <= TRT_USED
+    assert {
+        "cudaMallocHost",
+        "cudaMemcpyKind.cudaMemcpyHostToDevice",
+        "cudaStreamCreate",
+        "cudaStreamDestroy",
+        "cudaDeviceProp.name",
+        "cudaGetErrorString",
+    } <= CUDA_USED
 
 
 @pytest.mark.parametrize("folder", binding_sets("tensorrt") or [None], ids=lambda p: p.name if p else "none")

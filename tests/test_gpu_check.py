@@ -19,7 +19,9 @@ def test_gpu_check_without_a_gpu_skips_in_one_line(tmp_path):
     out = tmp_path / "gpu-check.json"
     proc = subprocess.run(
         ["make", "-s", "-C", str(ROOT), "gpu-check", f"VENV={sys.prefix}", f"GPU_CHECK_OUT={out}", "MODEL=some/model"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = (proc.stdout + proc.stderr).strip().splitlines()
@@ -35,7 +37,11 @@ def test_gpu_check_without_a_gpu_skips_in_one_line(tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
 def test_require_gpu_turns_the_skip_into_a_failure(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--require-gpu",
-                           "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "gpu_check.py"), "--require-gpu", "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert (tmp_path / "r.json").is_file()

@@ -26,8 +26,10 @@ ORT_DISTS = {"onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxrunt
 # from the wheel's ELF NEEDED entries; test_linked_majors_match_the_wheel re-reads them from the registry.
 ORT_GPU_LINKS = {"1.31": {"tensorrt": 10, "cuda": 13}}
 TRT_PROVIDER = "onnxruntime/capi/libonnxruntime_providers_tensorrt.so"
-UNREACHABLE = re.compile(r"Could not fetch|NewConnectionError|Network is unreachable|Temporary failure in name "
-                         r"resolution|Max retries exceeded|ConnectTimeout|ReadTimeout")
+UNREACHABLE = re.compile(
+    r"Could not fetch|NewConnectionError|Network is unreachable|Temporary failure in name "
+    r"resolution|Max retries exceeded|ConnectTimeout|ReadTimeout"
+)
 
 
 def gpu_requirements() -> list[str]:
@@ -40,15 +42,27 @@ def gpu_requirements() -> list[str]:
 
 def dry_run(tmp: Path, name: str, *args: str) -> list[dict]:
     report = tmp / f"{name}.json"
-    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-           "--report", str(report), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        str(report),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         if UNREACHABLE.search(proc.stderr):
             pytest.skip(f"the package registry is unreachable: {UNREACHABLE.search(proc.stderr).group(0)}")
         pytest.fail(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return [{"name": i["metadata"]["name"].lower().replace("_", "-"), "version": i["metadata"]["version"]}
-            for i in json.loads(report.read_text())["install"]]
+    return [
+        {"name": i["metadata"]["name"].lower().replace("_", "-"), "version": i["metadata"]["version"]}
+        for i in json.loads(report.read_text())["install"]
+    ]
 
 
 def stand_in_wheel(folder: Path, name: str, version: str) -> None:
@@ -56,7 +70,9 @@ def stand_in_wheel(folder: Path, name: str, version: str) -> None:
     dist = f"{name.replace('-', '_')}-{version}"
     files = {
         f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: safeclip-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: safeclip-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
     }
     with zipfile.ZipFile(folder / f"{dist}-py3-none-any.whl", "w") as whl:
         for path, text in files.items():
@@ -103,7 +119,17 @@ def test_gpu_extra_tensorrt_major_is_the_one_onnxruntime_gpu_links(resolved):
 def test_linked_majors_match_the_wheel(resolved, tmp_path):
     """ORT_GPU_LINKS against the real wheel: the TensorRT provider's DT_NEEDED sonames."""
     ort = next(p["version"] for p in resolved if p["name"] == "onnxruntime-gpu")
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(tmp_path), f"onnxruntime-gpu=={ort}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "-d",
+        str(tmp_path),
+        f"onnxruntime-gpu=={ort}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and UNREACHABLE.search(proc.stderr):
         pytest.skip("the package registry is unreachable")

@@ -37,8 +37,11 @@ def gpu_build_without_libraries(monkeypatch):
     """onnxruntime claims the CUDA and TensorRT providers, as onnxruntime-gpu does, but cannot start them."""
     import onnxruntime as ort
 
-    monkeypatch.setattr(ort, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort,
+        "get_available_providers",
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
     warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
 
 
@@ -67,8 +70,9 @@ def test_both_onnxruntime_builds_installed_is_named(engine_copy, monkeypatch):
     assert ort_backend.installed_builds() == ["onnxruntime", "onnxruntime-gpu"]
     with pytest.raises(BackendError, match=r"onnxruntime and onnxruntime-gpu are both installed.*pip uninstall"):
         Engine.load(engine_copy, backend="cuda")
-    monkeypatch.setattr(ort_backend.metadata, "version",
-                        lambda dist: (_ for _ in ()).throw(metadata.PackageNotFoundError(dist)))
+    monkeypatch.setattr(
+        ort_backend.metadata, "version", lambda dist: (_ for _ in ()).throw(metadata.PackageNotFoundError(dist))
+    )
     assert ort_backend.installed_builds() == []
 
 
@@ -196,8 +200,13 @@ def fake_tensorrt(size: int, categories: int, max_batch: int):
         def __init__(self, level):
             pass
 
-    return types.SimpleNamespace(__version__="10.16.1.11", Logger=Logger, Runtime=Runtime,
-                                 TensorIOMode=types.SimpleNamespace(INPUT="in"), nptype=lambda name: dtypes[name])
+    return types.SimpleNamespace(
+        __version__="10.16.1.11",
+        Logger=Logger,
+        Runtime=Runtime,
+        TensorIOMode=types.SimpleNamespace(INPUT="in"),
+        nptype=lambda name: dtypes[name],
+    )
 
 
 @pytest.fixture
@@ -210,8 +219,13 @@ def fake_gpu(engine_copy, monkeypatch):
     plan = engine_copy / "model.plan"
     plan.write_bytes(b"fake plan")
     manifest = manifest.with_artifact(contract.artifact_for(engine_copy, plan, "trt"))
-    record = {"version": "10.16.1.11", "gpu": "NVIDIA H200", "compute_capability": "9.0", "source": "model.fp16.onnx",
-              "profile": {"min": 1, "opt": 2, "max": 4}}
+    record = {
+        "version": "10.16.1.11",
+        "gpu": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "source": "model.fp16.onnx",
+        "profile": {"min": 1, "opt": 2, "max": 4},
+    }
     contract.write_manifest(engine_copy, dataclasses.replace(manifest, extra={**manifest.extra, "tensorrt": record}))
 
     rt = FakeCudaRuntime()
@@ -255,7 +269,9 @@ def test_auto_falls_back_to_onnx_when_the_plan_is_from_another_gpu(engine_copy, 
 
     monkeypatch.setattr(engine_module, "_plan_runnable", lambda manifest: True)
     monkeypatch.setattr(trt_backend, "current_device", lambda: Device("Orin", "8.7"))
-    with pytest.warns(RuntimeWarning, match=r"not using the TensorRT plan \(the TensorRT plan does not fit this machine"):
+    with pytest.warns(
+        RuntimeWarning, match=r"not using the TensorRT plan \(the TensorRT plan does not fit this machine"
+    ):
         engine = Engine.load(engine_copy, backend="auto")
     assert engine.backend.name == "onnxruntime" and engine.precision == "fp32"
 
@@ -268,10 +284,10 @@ def test_auto_falls_back_to_onnx_when_the_plan_is_from_another_gpu(engine_copy, 
 
 
 def test_screen_reports_a_cuda_error_in_one_line(engine_copy, fake_gpu, tmp_path, capsys):
+    import cv2
+
     from images import smooth_images
     from safeclip.runtime import screen
-
-    import cv2
 
     for i, img in enumerate(smooth_images(3, 64, seed=2)):
         cv2.imwrite(str(tmp_path / f"{i}.png"), img)
@@ -281,7 +297,8 @@ def test_screen_reports_a_cuda_error_in_one_line(engine_copy, fake_gpu, tmp_path
     assert status == screen.EXIT_UNSCREENED
     assert err.strip().splitlines() == [
         "safeclip screen: error: the tensorrt backend failed: cudaMemcpyAsync (input) failed: 700 "
-        "(an illegal memory access was encountered)"]
+        "(an illegal memory access was encountered)"
+    ]
     assert not fake_gpu.host  # screen closed the engine
 
 
@@ -333,9 +350,13 @@ def test_timing_cache_from_another_gpu_starts_fresh(tmp_path, capsys):
 def test_export_without_onnxruntime_names_both_extras():
     import subprocess
 
-    code = ("import sys; sys.modules['onnxruntime'] = None; from safeclip.runtime.cli import main; "
-            "raise SystemExit(main(['export', '--help']))")
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None; from safeclip.runtime.cli import main; "
+        "raise SystemExit(main(['export', '--help']))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == ("safeclip export: onnxruntime is not installed; install exactly one build: "
-                           "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`\n")
+    assert proc.stderr == (
+        "safeclip export: onnxruntime is not installed; install exactly one build: "
+        "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`\n"
+    )

@@ -39,8 +39,10 @@ def test_a_declared_metric_without_series_is_zero(text):
     assert metric(text, 'safeclip_upstream_errors_total{kind="connect"}') == 0
 
 
-@pytest.mark.parametrize("selector", ["safeclip_upstream_error_total", "safeclip_batch_images_total",
-                                      'safeclip_upstream_errors_total{kinds="stream"}'])
+@pytest.mark.parametrize(
+    "selector",
+    ["safeclip_upstream_error_total", "safeclip_batch_images_total", 'safeclip_upstream_errors_total{kinds="stream"}'],
+)
 def test_a_typo_fails_instead_of_reading_zero(text, selector):
     with pytest.raises(AssertionError):
         metric(text, selector)

@@ -25,7 +25,6 @@ from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DecompressionBomb, ImageError, Preprocessor
 from server_helpers import (
-    screened_url,
     address_space_headroom,
     gate_config,
     http,
@@ -33,6 +32,7 @@ from server_helpers import (
     resident,
     run_measured,
     safeclip,
+    screened_url,
     user_message,
     within,
 )
@@ -84,10 +84,14 @@ def screened(gate, corpus) -> dict[str, Verdict | ImageError]:
 
 # --- runtime -------------------------------------------------------------------------------------------
 
+
 def test_runtime_gives_a_verdict_or_the_expected_typed_error(corpus, screened):
     folder, expected = corpus
-    wrong = {name: f"expected {expect}, got {screened[name]!r}" for name, expect in expected.items()
-             if not expect.allows(screened[name])}
+    wrong = {
+        name: f"expected {expect}, got {screened[name]!r}"
+        for name, expect in expected.items()
+        if not expect.allows(screened[name])
+    }
     assert wrong == {}
     for name, result in screened.items():
         if isinstance(result, ImageError):
@@ -105,7 +109,7 @@ def test_runtime_batch_keeps_every_result_in_its_place(gate, corpus, screened):
     names = list(expected)
     with address_space_headroom(HEADROOM_BYTES):
         batch = within(ITEM_SECONDS * 3, lambda: gate.screen([folder / n for n in names]))
-    for name, result in zip(names, batch):
+    for name, result in zip(names, batch, strict=True):
         alone = screened[name]
         assert type(result) is type(alone), name
         if isinstance(result, Verdict):
@@ -148,10 +152,15 @@ def test_exif_orientations_turn_the_decoded_image(corpus):
 
 # --- CLI -------------------------------------------------------------------------------------------------
 
+
 def test_cli_reports_every_file_as_the_runtime_does_and_exits_2(tiny_engine, corpus, screened):
     folder, expected = corpus
-    done = run_measured(safeclip("screen", "--engine", str(tiny_engine), "--json", "--threshold", "1.0",
-                                 "--backend", "cpu", str(folder)), timeout=CLI_SECONDS)
+    done = run_measured(
+        safeclip(
+            "screen", "--engine", str(tiny_engine), "--json", "--threshold", "1.0", "--backend", "cpu", str(folder)
+        ),
+        timeout=CLI_SECONDS,
+    )
     assert not done.timed_out, f"safeclip screen ran past {CLI_SECONDS} s"
     assert done.returncode == 2, done.stderr[-3000:]  # some could not be screened: never 0 or 1
     assert "Traceback" not in done.stderr
@@ -171,6 +180,7 @@ def test_cli_reports_every_file_as_the_runtime_does_and_exits_2(tiny_engine, cor
 
 # --- gate ------------------------------------------------------------------------------------------------
 
+
 def chat(base: str, url: str, timeout: float = REQUEST_SECONDS):
     body = json.dumps({"model": "m", "messages": [user_message(url)]}).encode()
     return http("POST", f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"}, timeout=timeout)
@@ -186,8 +196,9 @@ def assert_openai_error(reply, status: int, code: str, name: str) -> None:
     assert error["code"] == code and error["message"] and error["type"] and "param" in error, name
 
 
-def test_gate_refuses_what_the_runtime_cannot_screen_and_forwards_the_rest(servers, upstream_server, upstream, gate,
-                                                                         tiny_engine, corpus, screened):
+def test_gate_refuses_what_the_runtime_cannot_screen_and_forwards_the_rest(
+    servers, upstream_server, upstream, gate, tiny_engine, corpus, screened
+):
     folder, expected = corpus
     base = servers.start_gate(gate_config(tiny_engine, upstream_server[1]), gate)
     began = time.monotonic()
@@ -213,8 +224,9 @@ def test_gate_refuses_what_the_runtime_cannot_screen_and_forwards_the_rest(serve
     assert elapsed < GATE_CORPUS_SECONDS
 
 
-def test_fail_open_still_refuses_bombs_and_counts_what_it_forwards(servers, upstream_server, upstream, gate,
-                                                                 tiny_engine, corpus, screened):
+def test_fail_open_still_refuses_bombs_and_counts_what_it_forwards(
+    servers, upstream_server, upstream, gate, tiny_engine, corpus, screened
+):
     """--fail-open forwards undecodable images, counted; a decompression bomb is a limit, not a decoding
     failure, and is refused all the same."""
     folder, _ = corpus
@@ -246,8 +258,9 @@ def test_gate_data_urls(servers, upstream_server, upstream, gate, tiny_engine, l
         assert upstream.received == []
 
 
-def test_gate_refuses_a_50_mb_base64_string_without_decoding_it(servers, upstream_server, upstream, gate, tiny_engine,
-                                                                monkeypatch):
+def test_gate_refuses_a_50_mb_base64_string_without_decoding_it(
+    servers, upstream_server, upstream, gate, tiny_engine, monkeypatch
+):
     decoded = []
     monkeypatch.setattr(base64, "b64decode", lambda *a, **k: decoded.append(1))  # the gate must not get that far
     url = "data:image/png;base64," + "A" * FIFTY_MB

@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT
+from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.errors import GateError
 from server_helpers import TESTS, ImageHost, data_url, gate_config, http, png, post_json, screened_url
 
@@ -36,16 +36,34 @@ def guard_body(*images: str, text: str = "what is in this picture?", messages: l
     """A guardrail request as LiteLLM sends it for a chat completion: the images twice, once in `images`
     and once in `structured_messages`."""
     if messages is None:
-        messages = [{"role": "user", "content": [{"type": "text", "text": text},
-                                                 *({"type": "image_url", "image_url": {"url": u}} for u in images)]}]
-    return {"input_type": "request", "litellm_call_id": "call-1", "litellm_trace_id": "trace-1",
-            "structured_messages": messages, "images": list(images) or None, "tools": None, "texts": [text],
-            "request_data": {"user_api_key_hash": "h"}, "request_headers": {"content-type": "application/json"},
-            "litellm_version": "1.106.12", "additional_provider_specific_params": {}, "tool_calls": None,
-            "model": "lvlm"}
+        messages = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    *({"type": "image_url", "image_url": {"url": u}} for u in images),
+                ],
+            }
+        ]
+    return {
+        "input_type": "request",
+        "litellm_call_id": "call-1",
+        "litellm_trace_id": "trace-1",
+        "structured_messages": messages,
+        "images": list(images) or None,
+        "tools": None,
+        "texts": [text],
+        "request_data": {"user_api_key_hash": "h"},
+        "request_headers": {"content-type": "application/json"},
+        "litellm_version": "1.106.12",
+        "additional_provider_specific_params": {},
+        "tool_calls": None,
+        "model": "lvlm",
+    }
 
 
 # --- the pure functions ----------------------------------------------------------------------------
+
 
 def test_parse_request_finds_every_image_with_its_location():
     b64 = base64.b64encode(IMAGE).decode()
@@ -53,8 +71,12 @@ def test_parse_request_finds_every_image_with_its_location():
     body["images"].append(b64)  # Anthropic's base64 image without a media type arrives bare
     guard = litellm.parse_request(body)
     assert [(r.where, r.kind) for r in guard.images] == [
-        ("images[0]", "data_url"), ("images[1]", "url"), ("images[2]", "base64"),
-        ("structured_messages[0].content[1]", "data_url"), ("structured_messages[0].content[2]", "url")]
+        ("images[0]", "data_url"),
+        ("images[1]", "url"),
+        ("images[2]", "base64"),
+        ("structured_messages[0].content[1]", "data_url"),
+        ("structured_messages[0].content[2]", "url"),
+    ]
     assert guard.images[2].slot().kind == "base64" and guard.images[2].slot().value == b64
     assert (guard.input_type, guard.call_id) == ("request", "call-1")
     # The Responses route sends images: null; its images are in the structured messages only.
@@ -63,15 +85,20 @@ def test_parse_request_finds_every_image_with_its_location():
     assert [r.where for r in litellm.parse_request(responses).images] == ["structured_messages[0].content[1]"]
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda b: b.update(input_type="prompt"), "'input_type' must be one of"),
-    (lambda b: b.update(images="data:x"), "'images' must be a list"),
-    (lambda b: b.update(images=[7]), "images[0]: an image must be a string"),
-    (lambda b: b.update(images=["file:///etc/passwd"]), "images[0]: not a data: URL, an http(s) URL or base64"),
-    (lambda b: b["structured_messages"][0]["content"].append({"type": "file", "file": {"file_data": "x"}}),
-     "structured_messages[0].content[1]: content part type 'file' cannot be screened"),
-    (lambda b: b.update(structured_messages={"role": "user"}), "'structured_messages' must be a list"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda b: b.update(input_type="prompt"), "'input_type' must be one of"),
+        (lambda b: b.update(images="data:x"), "'images' must be a list"),
+        (lambda b: b.update(images=[7]), "images[0]: an image must be a string"),
+        (lambda b: b.update(images=["file:///etc/passwd"]), "images[0]: not a data: URL, an http(s) URL or base64"),
+        (
+            lambda b: b["structured_messages"][0]["content"].append({"type": "file", "file": {"file_data": "x"}}),
+            "structured_messages[0].content[1]: content part type 'file' cannot be screened",
+        ),
+        (lambda b: b.update(structured_messages={"role": "user"}), "'structured_messages' must be a list"),
+    ],
+)
 def test_parse_request_refuses_what_it_cannot_screen(change, message):
     body = guard_body()
     change(body)
@@ -91,14 +118,17 @@ def test_intervened_pins_urls_everywhere_and_injects_the_prompt():
     assert answer["images"] == [data_url(IMAGE), "data:image/png;base64,PINNED"]
     system, user = answer["structured_messages"]
     assert system == {"role": "system", "content": "careful\n\nbe brief"}
-    assert user["content"][2] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,PINNED",
-                                                                     "detail": "low"}}
+    assert user["content"][2] == {
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64,PINNED", "detail": "low"},
+    }
     assert body["structured_messages"][1]["content"][2]["image_url"]["url"] == url  # the request is not edited
     assert litellm.blocked("why") == {"action": "BLOCKED", "blocked_reason": "why"}
     assert litellm.none() == {"action": "NONE"}
 
 
 # --- the gate's endpoint ---------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def flag_all(tiny_engine):
@@ -119,8 +149,10 @@ def image_host(servers):
 @pytest.fixture
 def start(servers, tiny_engine):
     """start(gate, **config) -> the base URL of a guardrail-only gate (no upstream)."""
+
     def go(gate: Gate, **config) -> str:
         return servers.start_gate(gate_config(tiny_engine, "", **config), gate)
+
     return go
 
 
@@ -151,8 +183,10 @@ def test_flagged_image_is_blocked_naming_category_and_probability(start, flag_al
         answer = reply.json()
         assert answer["action"] == "BLOCKED", answer
         assert f"flagged by the content filter as {verdict.category}" in answer["blocked_reason"]
-        assert f"[safeclip: {verdict.category}, probability {verdict.probability:.2f}, request " \
-               f"{reply.headers['x-safeclip-request-id']}]" in answer["blocked_reason"]
+        assert (
+            f"[safeclip: {verdict.category}, probability {verdict.probability:.2f}, request "
+            f"{reply.headers['x-safeclip-request-id']}]" in answer["blocked_reason"]
+        )
 
 
 def test_url_image_is_fetched_screened_and_pinned(start, flag_none, image_host):
@@ -166,7 +200,10 @@ def test_url_image_is_fetched_screened_and_pinned(start, flag_none, image_host):
     assert answer["action"] == "GUARDRAIL_INTERVENED"
     assert answer["images"] == [screened_url(IMAGE), pinned]
     assert [p.get("image_url", {}).get("url") for p in answer["structured_messages"][0]["content"]] == [
-        None, screened_url(IMAGE), pinned]
+        None,
+        screened_url(IMAGE),
+        pinned,
+    ]
     # forward_original: the URL is still pinned, to the bytes that were fetched.
     original = start(flag_none, fetch={"allow": ["127.0.0.1/32"]}, proxy={"forward_original": True})
     answer = post_json(f"{original}{GUARD}", guard_body(data_url(IMAGE), url)).json()
@@ -218,8 +255,10 @@ def test_malformed_guardrail_request_is_an_openai_format_400(start, flag_none):
     base = start(flag_none)
     reply = post_json(f"{base}{GUARD}", {"input_type": "sideways"})
     assert reply.status == 400 and reply.json()["error"]["param"] == "input_type"
-    assert http("POST", f"{base}{GUARD}", b"{", {"Content-Type": "application/json"}).json()["error"]["code"] == \
-        "invalid_json"
+    assert (
+        http("POST", f"{base}{GUARD}", b"{", {"Content-Type": "application/json"}).json()["error"]["code"]
+        == "invalid_json"
+    )
 
 
 def test_verdicts_cached_and_counted(start, flag_all):
@@ -251,7 +290,8 @@ def free_port() -> int:
 
 def litellm_config(upstream: str, gates: dict[str, str]) -> str:
     """The README's config.yaml, with one guardrail per test gate, chosen per request (default_on: false)."""
-    guardrails = "".join(f"""
+    guardrails = "".join(
+        f"""
   - guardrail_name: {name}
     litellm_params:
       guardrail: generic_guardrail_api
@@ -260,7 +300,9 @@ def litellm_config(upstream: str, gates: dict[str, str]) -> str:
       headers:
         x-safeclip-api-key: {GATE_KEY}
       default_on: false
-""" for name, base in gates.items())
+"""
+        for name, base in gates.items()
+    )
     return f"""model_list:
   - model_name: lvlm
     litellm_params:
@@ -284,16 +326,25 @@ def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, tmp_path_f
     if not LITELLM.exists():
         pytest.skip(f"LiteLLM's proxy is not installed ({LITELLM} is missing; `make install` makes .venv-litellm)")
     upstream = upstream_server[1]
-    start = lambda gate, **c: servers.start_gate(gate_config(tiny_engine, "", api_key=GATE_KEY,  # noqa: E731
-                                                             fetch={"allow": ["127.0.0.1/32"]}, **c), gate)
+
+    def start(gate, **c):
+        return servers.start_gate(
+            gate_config(tiny_engine, "", api_key=GATE_KEY, fetch={"allow": ["127.0.0.1/32"]}, **c), gate
+        )
+
     gates = {"refuse": start(flag_all), "pass": start(flag_none), "inject": start(flag_all, action="inject")}
     folder = tmp_path_factory.mktemp("litellm")
     (folder / "config.yaml").write_text(litellm_config(upstream, gates))
     port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1,localhost"}
     with open(folder / "litellm.log", "w") as out:
-        process = subprocess.Popen([str(LITELLM), "--config", str(folder / "config.yaml"), "--host", "127.0.0.1",
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        process = subprocess.Popen(
+            [str(LITELLM), "--config", str(folder / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=folder,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -326,18 +377,26 @@ def anthropic_client(base: str) -> anthropic.Anthropic:
 
 def chat(base: str, guardrail: str, content: list | str) -> openai.types.chat.ChatCompletion:
     return openai_client(base).chat.completions.create(
-        model="lvlm", messages=[{"role": "user", "content": content}], extra_body={"guardrails": [guardrail]})
+        model="lvlm", messages=[{"role": "user", "content": content}], extra_body={"guardrails": [guardrail]}
+    )
 
 
 def text_and(*urls: str) -> list[dict]:
-    return [{"type": "text", "text": "what is in this picture?"},
-            *({"type": "image_url", "image_url": {"url": u}} for u in urls)]
+    return [
+        {"type": "text", "text": "what is in this picture?"},
+        *({"type": "image_url", "image_url": {"url": u}} for u in urls),
+    ]
 
 
 def sent_images(received) -> list[str]:
     """The image URLs of a chat completion the upstream received."""
-    return [p["image_url"]["url"] for m in received.json()["messages"] if isinstance(m["content"], list)
-            for p in m["content"] if p["type"] == "image_url"]
+    return [
+        p["image_url"]["url"]
+        for m in received.json()["messages"]
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p["type"] == "image_url"
+    ]
 
 
 @pytest.mark.slow
@@ -390,8 +449,12 @@ def test_litellm_anthropic_messages(proxy, upstream, image_host, flag_all):
     b64 = base64.b64encode(IMAGE).decode()
 
     def ask(guardrail: str, *blocks: dict):
-        return sdk.messages.create(model="lvlm", max_tokens=16, extra_body={"guardrails": [guardrail]},
-                                   messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, *blocks]}])
+        return sdk.messages.create(
+            model="lvlm",
+            max_tokens=16,
+            extra_body={"guardrails": [guardrail]},
+            messages=[{"role": "user", "content": [{"type": "text", "text": "what?"}, *blocks]}],
+        )
 
     [verdict] = flag_all.check([IMAGE])
     with pytest.raises(anthropic.BadRequestError) as e:
@@ -417,9 +480,16 @@ def test_litellm_responses_api_images_are_screened_through_structured_messages(p
     sdk = openai_client(proxy)
 
     def ask(guardrail: str, url: str):
-        return sdk.responses.create(model="lvlm", extra_body={"guardrails": [guardrail]}, input=[
-            {"role": "user", "content": [{"type": "input_text", "text": "what?"},
-                                         {"type": "input_image", "image_url": url}]}])
+        return sdk.responses.create(
+            model="lvlm",
+            extra_body={"guardrails": [guardrail]},
+            input=[
+                {
+                    "role": "user",
+                    "content": [{"type": "input_text", "text": "what?"}, {"type": "input_image", "image_url": url}],
+                }
+            ],
+        )
 
     with pytest.raises(openai.BadRequestError, match=r"\[safeclip: "):
         ask("refuse", data_url(IMAGE))

@@ -26,7 +26,6 @@ import pytest
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from server_helpers import (
-    screened_url,
     CountingScreen,
     GateProcess,
     data_url,
@@ -34,6 +33,7 @@ from server_helpers import (
     gate_process,
     png,
     post_json,
+    screened_url,
     user_message,
     wait_for,
 )
@@ -72,14 +72,20 @@ async def burst(base: str, urls: list[str], timeout: float) -> list[Answer | Bas
     """Every request at once, one connection each."""
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+
         async def one(index: int, url: str) -> Answer:
             began = time.monotonic()
-            async with session.post(f"{base}/v1/chat/completions", data=request_body(index, url),
-                                    headers={"Content-Type": "application/json", "x-test-id": str(index)}) as r:
+            async with session.post(
+                f"{base}/v1/chat/completions",
+                data=request_body(index, url),
+                headers={"Content-Type": "application/json", "x-test-id": str(index)},
+            ) as r:
                 body = await r.json(content_type=None)
                 text = body["choices"][0]["message"]["content"] if r.status == 200 else body["error"]["message"]
-                return Answer(index, r.status, text, r.headers.get("x-test-id"), dict(r.headers),
-                              time.monotonic() - began)
+                return Answer(
+                    index, r.status, text, r.headers.get("x-test-id"), dict(r.headers), time.monotonic() - began
+                )
+
         return await asyncio.gather(*(one(i, u) for i, u in enumerate(urls)), return_exceptions=True)
 
 
@@ -106,8 +112,10 @@ def warm_up(gate: GateProcess, seed: int) -> tuple[float, float]:
     """SERIAL requests one at a time, each with an image of its own: (seconds per request, RSS in MiB after)."""
     began = time.monotonic()
     for i in range(SERIAL):
-        reply = post_json(f"{gate.base}/v1/chat/completions",
-                          {"model": "echo", "messages": [user_message(data_url(png(seed=seed + i, size=24)))]})
+        reply = post_json(
+            f"{gate.base}/v1/chat/completions",
+            {"model": "echo", "messages": [user_message(data_url(png(seed=seed + i, size=24)))]},
+        )
         assert reply.status == 200, reply.body[:300]
     return (time.monotonic() - began) / SERIAL, resident_mb(gate.process.pid)
 
@@ -117,8 +125,9 @@ def test_1000_concurrent_requests_none_lost_none_crossed(tiny_engine, upstream_s
     images = [png(seed=1000 + i, size=24) for i in range(UNIQUE)]
     urls = [data_url(images[i % UNIQUE]) for i in range(REQUESTS)]
     expected = Gate.from_engine(tiny_engine, threshold=1.0).check(images)
-    with gate_process("--engine", str(tiny_engine), "--upstream", upstream_url, "--threshold", "1.0",
-                      "--backend", "cpu") as gate:
+    with gate_process(
+        "--engine", str(tiny_engine), "--upstream", upstream_url, "--threshold", "1.0", "--backend", "cpu"
+    ) as gate:
         serial_seconds, warm_mb = warm_up(gate, seed=3000)
         upstream.received.clear()
         began = time.monotonic()
@@ -145,10 +154,12 @@ def test_1000_concurrent_requests_none_lost_none_crossed(tiny_engine, upstream_s
     assert gate.returncode == 0  # stopped cleanly by SIGTERM
     latencies = sorted(a.seconds for a in answers)
     one_by_one = REQUESTS * serial_seconds
-    print(f"\n{REQUESTS} concurrent requests ({UNIQUE} distinct images) through safeclip serve: {elapsed:.1f} s "
-          f"({elapsed / one_by_one:.2f} of {one_by_one:.1f} s one at a time), {REQUESTS / elapsed:.0f} requests/s, "
-          f"latency p50 {latencies[len(latencies) // 2]:.2f} s p99 {latencies[int(len(latencies) * 0.99)]:.2f} s; "
-          f"gate RSS {warm_mb:.0f} MB warm, {gate.peak_rss_mb:.0f} MB peak")
+    print(
+        f"\n{REQUESTS} concurrent requests ({UNIQUE} distinct images) through safeclip serve: {elapsed:.1f} s "
+        f"({elapsed / one_by_one:.2f} of {one_by_one:.1f} s one at a time), {REQUESTS / elapsed:.0f} requests/s, "
+        f"latency p50 {latencies[len(latencies) // 2]:.2f} s p99 {latencies[int(len(latencies) * 0.99)]:.2f} s; "
+        f"gate RSS {warm_mb:.0f} MB warm, {gate.peak_rss_mb:.0f} MB peak"
+    )
     assert elapsed < CONCURRENCY_GAIN * one_by_one
     assert gate.peak_rss_mb - warm_mb < GROWTH_MB
 
@@ -158,8 +169,20 @@ def test_a_burst_past_the_queue_is_answered_503_with_retry_after(tiny_engine, up
     keep up, so the queue fills and the overflow is refused at once; nothing waits unbounded, nothing is lost."""
     _, upstream_url = upstream_server
     urls = [data_url(png(seed=5000 + i, size=24)) for i in range(REQUESTS)]
-    with gate_process("--engine", str(tiny_engine), "--upstream", upstream_url, "--threshold", "1.0",
-                      "--backend", "cpu", "--batch-size", "1", "--max-queued", "8") as gate:
+    with gate_process(
+        "--engine",
+        str(tiny_engine),
+        "--upstream",
+        upstream_url,
+        "--threshold",
+        "1.0",
+        "--backend",
+        "cpu",
+        "--batch-size",
+        "1",
+        "--max-queued",
+        "8",
+    ) as gate:
         _, warm_mb = warm_up(gate, seed=7000)
         upstream.received.clear()
         answers = asyncio.run(burst(gate.base, urls, TIMEOUT))
@@ -173,13 +196,16 @@ def test_a_burst_past_the_queue_is_answered_503_with_retry_after(tiny_engine, up
     for answer in served:
         assert (answer.text, answer.echoed_id) == (f"request {answer.index}", str(answer.index))
     assert len(upstream.received) == len(served)  # a refused request never reaches the upstream
-    print(f"\nburst past a queue of 8: {len(served)} served, {len(refused)} answered 503 + Retry-After; "
-          f"gate RSS {warm_mb:.0f} MB warm, {gate.peak_rss_mb:.0f} MB peak")
+    print(
+        f"\nburst past a queue of 8: {len(served)} served, {len(refused)} answered 503 + Retry-After; "
+        f"gate RSS {warm_mb:.0f} MB warm, {gate.peak_rss_mb:.0f} MB peak"
+    )
     assert refused and served
     assert gate.peak_rss_mb - warm_mb < GROWTH_MB
 
 
 # --- the queue bound, deterministically: an engine held busy -----------------------------------------------
+
 
 class HeldEngine(CountingScreen):
     """The first engine call blocks until `release`; `entered` is set once it is inside."""

@@ -50,6 +50,7 @@ def test_probe_gives_up_on_a_silent_endpoint(monkeypatch):
     monkeypatch.delenv("HTTPS_PROXY", raising=False)
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
+
     def silent(*args, **kwargs):
         time.sleep(3)
         raise TimeoutError("too late")
@@ -63,8 +64,11 @@ def test_probe_gives_up_on_a_silent_endpoint(monkeypatch):
 @pytest.mark.slow
 def test_unreachable_hub_fails_fast_with_fixes(tmp_path, closed_port):
     """In a fresh process, so the hub client reads the loopback endpoint at import, whatever load_clip does."""
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("hf_hub_offline", "transformers_offline",
-                                                                     "https_proxy", "http_proxy", "all_proxy")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in ("hf_hub_offline", "transformers_offline", "https_proxy", "http_proxy", "all_proxy")
+    }
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port}", HF_HOME=str(tmp_path / "hf"))
     code = (
         "import json, time\n"

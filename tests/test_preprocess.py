@@ -190,8 +190,14 @@ def test_encode_png_takes_any_layout_of_rgb_pixels():
 
 
 @pytest.mark.parametrize(
-    "array", [np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 3), np.uint16), np.zeros((4, 4), np.uint8),
-              np.zeros((0, 4, 3), np.uint8)], ids=["rgba", "uint16", "gray", "empty"]
+    "array",
+    [
+        np.zeros((4, 4, 4), np.uint8),
+        np.zeros((4, 4, 3), np.uint16),
+        np.zeros((4, 4), np.uint8),
+        np.zeros((0, 4, 3), np.uint8),
+    ],
+    ids=["rgba", "uint16", "gray", "empty"],
 )
 def test_encode_png_takes_only_rgb_uint8(array):
     with pytest.raises(ValueError, match=rf"got {re_shape(array.shape)} {array.dtype}|empty image"):
@@ -231,8 +237,14 @@ def test_apng_shows_the_default_image(photo, default_in_animation):
     """Issue 12's differential: an APNG whose default image (IDAT) is the picture and whose animation
     frames are grey. Pillow, and so vLLM, shows the default image; so must the gate."""
     grey = Image.new("RGB", (80, 60), (128, 128, 128))
-    data = pil_bytes(Image.fromarray(photo), "PNG", save_all=True, append_images=[grey, grey], duration=100,
-                     default_image=not default_in_animation)
+    data = pil_bytes(
+        Image.fromarray(photo),
+        "PNG",
+        save_all=True,
+        append_images=[grey, grey],
+        duration=100,
+        default_image=not default_in_animation,
+    )
     shown = decode_image(data, "anim.png")
     np.testing.assert_array_equal(shown, photo)
     animation = Image.open(io.BytesIO(data))
@@ -321,8 +333,10 @@ def photograph(source: np.ndarray, width: int, height: int, seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def photographs() -> dict[str, bytes]:
-    return {"astronaut-4000x3000": photograph(skdata.astronaut(), 4000, 3000, 1),
-            "coffee-3024x4032": photograph(skdata.coffee(), 3024, 4032, 2)}
+    return {
+        "astronaut-4000x3000": photograph(skdata.astronaut(), 4000, 3000, 1),
+        "coffee-3024x4032": photograph(skdata.coffee(), 3024, 4032, 2),
+    }
 
 
 @pytest.fixture
@@ -450,8 +464,10 @@ def test_16_bit_png_reads_as_pillow_shows_it(photo):
     np.testing.assert_array_equal(Preprocessor(56)(rgb16), Preprocessor(56)((rgb16 >> 8).astype(np.uint8)))
 
 
-@pytest.mark.parametrize("channels, reason", [(1, "tiff decodes to 32-bit float pixels"),
-                                              (3, "tiff pixel layout that Pillow does not decode")])
+@pytest.mark.parametrize(
+    "channels, reason",
+    [(1, "tiff decodes to 32-bit float pixels"), (3, "tiff pixel layout that Pillow does not decode")],
+)
 def test_float_tiff_is_unsupported(photo, channels, reason):
     pixels = photo[..., 0] if channels == 1 else photo
     tiff = cv2.imencode(".tiff", pixels.astype(np.float32) / 255)[1].tobytes()
@@ -514,11 +530,18 @@ BOMBS = {
     "png": png_header(100_000, 100_000) + b"\x00\x00\x00\x00IEND\xaeB`\x82",
     "jpeg": jpeg_with_size(65_000, 65_000),
     "gif": b"GIF89a" + struct.pack("<HHBBB", 60_000, 60_000, 0, 0, 0) + b";",
-    "webp": b"RIFF" + struct.pack("<I", 22) + b"WEBPVP8X" + struct.pack("<I", 10) + b"\x00" * 4
+    "webp": b"RIFF"
+    + struct.pack("<I", 22)
+    + b"WEBPVP8X"
+    + struct.pack("<I", 10)
+    + b"\x00" * 4
     + (16_383).to_bytes(3, "little") * 2,
     "bmp": b"BM" + b"\x00" * 12 + struct.pack("<Iii", 40, 50_000, -50_000) + b"\x00" * 28,
-    "tiff": b"II*\x00" + struct.pack("<IH", 8, 2) + struct.pack("<HHII", 256, 4, 1, 100_000)
-    + struct.pack("<HHII", 257, 4, 1, 100_000) + struct.pack("<I", 0),
+    "tiff": b"II*\x00"
+    + struct.pack("<IH", 8, 2)
+    + struct.pack("<HHII", 256, 4, 1, 100_000)
+    + struct.pack("<HHII", 257, 4, 1, 100_000)
+    + struct.pack("<I", 0),
 }
 
 
@@ -684,8 +707,14 @@ def test_from_spec():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"size": 0}, {"size": 224, "mode": "stretch"}, {"size": 224, "pad_color": (1, 2)},
-               {"size": 224, "pad_color": (0, 0, 256)}, {"size": 224, "max_pixels": 0}]
+    "kwargs",
+    [
+        {"size": 0},
+        {"size": 224, "mode": "stretch"},
+        {"size": 224, "pad_color": (1, 2)},
+        {"size": 224, "pad_color": (0, 0, 256)},
+        {"size": 224, "max_pixels": 0},
+    ],
 )
 def test_invalid_configuration(kwargs):
     with pytest.raises(ValueError):

@@ -79,7 +79,7 @@ def test_dynamic_int8_is_listed_verified_and_keeps_the_head_fp32(engine, images,
     int8_verdicts = Gate.from_engine(engine, backend="cpu", precision="int8").check(files)
     fp32_verdicts = Gate.from_engine(engine, backend="cpu", precision="fp32").check(files)
     assert [v.flagged for v in int8_verdicts] == [v.flagged for v in fp32_verdicts]
-    assert max(abs(a.probability - b.probability) for a, b in zip(int8_verdicts, fp32_verdicts)) < 0.05
+    assert max(abs(a.probability - b.probability) for a, b in zip(int8_verdicts, fp32_verdicts, strict=True)) < 0.05
 
     # Every tower weight matmul runs as MatMulInteger; the head's weights (the projection, which the
     # quantizer renames to <gemm>_MatMul, and the descriptor matrix) stay FP32 initializers.
@@ -131,7 +131,7 @@ def test_spread_thresholds_split_the_images_between_two_scores(tiny_engine):
     rows = agreement_table(probs, probs, manifest)
     assert [(a.at, a.share) for a in rows] == [("manifest", 1.0), ("p50", 1.0), ("p80", 1.0), ("p95", 1.0)]
     assert [a.fp32_flagged for a in rows] == [0, 20, 8, 2]
-    for a, k in zip(rows[1:], (20, 32, 38)):
+    for a, k in zip(rows[1:], (20, 32, 38), strict=True):
         assert a.threshold == pytest.approx((scores[k - 1] + scores[k]) / 2)
     assert quantize_module.accepted(rows)
 
@@ -141,7 +141,9 @@ def test_gate_fails_on_flips_near_the_median_that_the_manifest_threshold_cannot_
     fp32 = np.linspace(0.05, 0.45, 40, dtype=np.float32)
     int8 = fp32.copy()
     int8[19], int8[20] = fp32[20], fp32[19]  # the two images either side of the median trade places
-    rows = {a.at: a for a in agreement_table(scores_to_probs(fp32, manifest), scores_to_probs(int8, manifest), manifest)}
+    rows = {
+        a.at: a for a in agreement_table(scores_to_probs(fp32, manifest), scores_to_probs(int8, manifest), manifest)
+    }
     assert rows["manifest"].share == 1.0 and rows["p80"].share == 1.0
     assert rows["p50"].share == pytest.approx(38 / 40)
     assert not quantize_module.accepted(tuple(rows.values()))
@@ -181,10 +183,13 @@ def test_disagreement_deletes_the_int8_file_and_keeps_the_manifest(engine, image
     assert {p.name: p.read_bytes() for p in engine.iterdir()} == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--holdout-fraction", "1.5"], "holdout fraction must be in (0, 1)"),
-    (["--method", "static", "--holdout-fraction", "0.99"], "leaves no calibration images"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--holdout-fraction", "1.5"], "holdout fraction must be in (0, 1)"),
+        (["--method", "static", "--holdout-fraction", "0.99"], "leaves no calibration images"),
+    ],
+)
 def test_bad_arguments_leave_the_engine_alone(engine, images, capsys, args, message):
     before = {p.name: p.read_bytes() for p in engine.iterdir()}
     assert quantize_module.main(["--engine", str(engine), "--images", str(images), *args]) == 2

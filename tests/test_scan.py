@@ -21,10 +21,15 @@ IMAGES = 7
 
 
 def record(i: int, image: str | None) -> dict:
-    r = {"id": f"sample-{i}", "conversations": [{"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
-                                                {"from": "gpt", "value": f"Answer {i}."},
-                                                {"from": "human", "value": "And then?"},
-                                                {"from": "gpt", "value": "More."}]}
+    r = {
+        "id": f"sample-{i}",
+        "conversations": [
+            {"from": "human", "value": f"<image>\nWhat is in picture {i}?"},
+            {"from": "gpt", "value": f"Answer {i}."},
+            {"from": "human", "value": "And then?"},
+            {"from": "gpt", "value": "More."},
+        ],
+    }
     return r if image is None else {**r, "image": image}
 
 
@@ -66,14 +71,15 @@ def test_jsonl_all_flagged_gets_refusals_naming_the_category(tiny_engine, datase
 
     corrected = lines(out / "corrected.jsonl")
     assert len(corrected) == len(originals)
-    for before, after, verdict in zip(originals, corrected, verdicts):
+    for before, after, verdict in zip(originals, corrected, verdicts, strict=True):
         if "image" not in before:
             assert after == before  # text-only: nothing to screen, kept as is
             continue
         refusal = DEFAULT_REFUSAL.format(category=strongest(verdict))
         assert [t["value"] for t in after["conversations"] if t["from"] == "gpt"] == [refusal, refusal]
-        assert [t for t in after["conversations"] if t["from"] == "human"] == \
-               [t for t in before["conversations"] if t["from"] == "human"]
+        assert [t for t in after["conversations"] if t["from"] == "human"] == [
+            t for t in before["conversations"] if t["from"] == "human"
+        ]
 
     assert summary.counts["flagged"] == IMAGES and summary.exit_status == 1
     written = json.loads((out / "summary.json").read_text())
@@ -111,8 +117,20 @@ def test_unscreenable_images_are_errors_never_clean(tiny_engine, dataset, tmp_pa
     (dataset / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     (dataset / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
-    code = cli.main(["scan", "--engine", str(tiny_engine), "--backend", "cpu", "--threshold", "1.0",
-                     str(dataset / "more.jsonl"), "--out", str(out)])
+    code = cli.main(
+        [
+            "scan",
+            "--engine",
+            str(tiny_engine),
+            "--backend",
+            "cpu",
+            "--threshold",
+            "1.0",
+            str(dataset / "more.jsonl"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2
     errors = {v["id"]: v for v in lines(out / "verdicts.jsonl") if "error" in v}
     assert set(errors) == {"sample-50", "sample-51"}
@@ -162,18 +180,22 @@ def test_folder_dataset_lists_the_clean_images(tiny_engine, dataset, tmp_path):
     assert (tmp_path / "flagged" / "kept.txt").read_text() == ""
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"id": 1, "image": "a.png"}\n\n{"id": 2,\n{"id": 3}\n', r"data\.jsonl:3: not valid JSON"),
-    ('{"id": 1, "image": ["a.png", "b.png"]}\n', r"data\.jsonl:1: \"image\" must be a non-empty string"),
-    ('["not", "an", "object"]\n', r"data\.jsonl:1: expected a JSON object"),
-    ('{"id": 1, "image": "a.png", "conversations": [{"from": "gpt"}]}\n', r"\"conversations\" must be a list"),
-    ("", "no samples"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": 1, "image": "a.png"}\n\n{"id": 2,\n{"id": 3}\n', r"data\.jsonl:3: not valid JSON"),
+        ('{"id": 1, "image": ["a.png", "b.png"]}\n', r"data\.jsonl:1: \"image\" must be a non-empty string"),
+        ('["not", "an", "object"]\n', r"data\.jsonl:1: expected a JSON object"),
+        ('{"id": 1, "image": "a.png", "conversations": [{"from": "gpt"}]}\n', r"\"conversations\" must be a list"),
+        ("", "no samples"),
+    ],
+)
 def test_malformed_jsonl_fails_before_writing_anything(tiny_engine, tmp_path, capsys, content, message):
     (tmp_path / "data.jsonl").write_text(content)
     out = tmp_path / "out"
-    code = cli.main(["scan", "--engine", str(tiny_engine), "--backend", "cpu", str(tmp_path / "data.jsonl"),
-                     "--out", str(out)])
+    code = cli.main(
+        ["scan", "--engine", str(tiny_engine), "--backend", "cpu", str(tmp_path / "data.jsonl"), "--out", str(out)]
+    )
     assert code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()

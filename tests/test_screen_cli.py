@@ -17,8 +17,12 @@ KEYS = {"path", "flagged", "category", "probability", "flagged_categories", "pro
 
 
 def screen(*args, timeout=120):
-    proc = subprocess.run([sys.executable, "-m", "safeclip.runtime.cli", "screen", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "safeclip.runtime.cli", "screen", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -71,8 +75,12 @@ def test_per_category_thresholds_and_plain_output(tiny_engine, folder):
     # Only cigarette can flag (its threshold 0 flags everything); the line names the most probable category.
     [verdict] = Gate.from_engine(tiny_engine, thresholds=parse_thresholds(names)).check([folder / "img0.png"])
     assert verdict.flagged_categories == ("cigarette",)
-    assert (path, mark, category, probability) == \
-        (str(folder / "img0.png"), "FLAGGED", verdict.category, f"{verdict.probability:.3f}")
+    assert (path, mark, category, probability) == (
+        str(folder / "img0.png"),
+        "FLAGGED",
+        verdict.category,
+        f"{verdict.probability:.3f}",
+    )
 
 
 def test_usage_errors_exit_2(tiny_engine, folder, tmp_path):

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -19,19 +15,40 @@ from server_helpers import data_url, gate_process, http, png, post_json, user_me
 
 def test_flags_override_the_file_and_the_key_comes_from_the_environment(tmp_path):
     path = tmp_path / "gate.toml"
-    path.write_text('engine = "engines/a"\nupstream = "http://127.0.0.1:8000"\naction = "inject"\n'
-                    '[limits]\nmax_images = 4\nmax_body_bytes = 1000\n[actions]\ngun = "refuse"\n')
-    args = build_parser().parse_args(["--config", str(path), "--action", "monitor", "--max-images", "2",
-                                      "--actions", "insulting gesture=inject", "--allow", "10.0.0.0/8",
-                                      "--no-fail-open", "--disable", "alcohol,cigarette"])
+    path.write_text(
+        'engine = "engines/a"\nupstream = "http://127.0.0.1:8000"\naction = "inject"\n'
+        '[limits]\nmax_images = 4\nmax_body_bytes = 1000\n[actions]\ngun = "refuse"\n'
+    )
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(path),
+            "--action",
+            "monitor",
+            "--max-images",
+            "2",
+            "--actions",
+            "insulting gesture=inject",
+            "--allow",
+            "10.0.0.0/8",
+            "--no-fail-open",
+            "--disable",
+            "alcohol,cigarette",
+        ]
+    )
     config = load_config(args.config, overrides(args, {"SAFECLIP_API_KEY": "from-env"}))
     assert (config.action, config.limits.max_images, config.limits.max_body_bytes) == ("monitor", 2, 1000)
     assert config.actions == {"gun": "refuse", "insulting gesture": "inject"}
     assert [str(n) for n in config.fetch.allow] == ["10.0.0.0/8"]
     assert config.disabled == ("alcohol", "cigarette") and config.fail_open is False
     assert config.api_key == "from-env" and "from-env" not in repr(config)
-    flagged = load_config(None, overrides(build_parser().parse_args(["--engine", "e", "--upstream", "http://h:1",
-                                                                     "--api-key", "flag"]), {"SAFECLIP_API_KEY": "env"}))
+    flagged = load_config(
+        None,
+        overrides(
+            build_parser().parse_args(["--engine", "e", "--upstream", "http://h:1", "--api-key", "flag"]),
+            {"SAFECLIP_API_KEY": "env"},
+        ),
+    )
     assert flagged.api_key == "flag"
 
 
@@ -48,12 +65,15 @@ def test_upstream_key_comes_from_the_flag_or_the_environment_never_the_file(tmp_
         load_config(path, {})
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--upstream", "http://h:1"], "engine is required"),
-    (["--engine", "e", "--upstream-api-key", "sk-provider"], "no upstream"),
-    (["--engine", "e", "--upstream", "http://h:1/v1"], "without /v1"),
-    (["--engine", "e", "--upstream", "http://h:1", "--max-images", "0"], "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--upstream", "http://h:1"], "engine is required"),
+        (["--engine", "e", "--upstream-api-key", "sk-provider"], "no upstream"),
+        (["--engine", "e", "--upstream", "http://h:1/v1"], "without /v1"),
+        (["--engine", "e", "--upstream", "http://h:1", "--max-images", "0"], "must be >= 1"),
+    ],
+)
 def test_bad_configuration_exits_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
@@ -70,7 +90,9 @@ def test_serve_process_runs_until_sigterm(tiny_engine, tmp_path, upstream_server
     config.write_text(f'engine = "{tiny_engine}"\nupstream = "{upstream_server[1]}"\nthreshold = 0.0\n')
     with gate_process("--config", str(config), "--backend", "cpu") as gate:
         assert http("GET", f"{gate.base}/readyz").status == 200
-        reply = post_json(f"{gate.base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(png(1)))]})
+        reply = post_json(
+            f"{gate.base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(png(1)))]}
+        )
         assert reply.json()["choices"][0]["finish_reason"] == "content_filter"  # threshold 0 from the file
     assert gate.returncode == 0  # stopped by SIGTERM
     assert upstream.received == []
@@ -87,9 +109,21 @@ def test_port_in_use_is_one_clear_line_and_exit_2(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        process = subprocess.run([sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine",
-                                  str(tmp_path / "missing"), "--port", str(port)],
-                                 capture_output=True, text=True, timeout=60)
+        process = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "safeclip.runtime.cli",
+                "serve",
+                "--engine",
+                str(tmp_path / "missing"),
+                "--port",
+                str(port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert process.returncode == 2
     lines = [line for line in process.stderr.splitlines() if "safeclip serve:" in line]
     assert lines == [f"safeclip serve: cannot listen on 127.0.0.1:{port} (Address already in use)"], process.stderr

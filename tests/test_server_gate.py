@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from images import encode, smooth_images
 from prometheus import metric
 from safeclip.runtime.contract import ManifestError
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import build_app
 from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMPT
-from images import encode, smooth_images
 from safeclip.runtime.server.jsonbody import canonical
 from server_helpers import (
     CountingScreen,
@@ -29,8 +29,8 @@ from server_helpers import (
     gate_config,
     http,
     png,
-    screened_url,
     post_json,
+    screened_url,
     user_message,
     wait_for,
 )
@@ -47,14 +47,17 @@ def image_host(servers):
 @pytest.fixture
 def start(servers, upstream_server, tiny_engine):
     """start(gate, **config) -> the base URL of a gate in front of the recording upstream."""
+
     def go(gate: Gate, **config) -> str:
         return servers.start_gate(gate_config(tiny_engine, upstream_server[1], **config), gate)
+
     return go
 
 
 def client(base: str, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key=kwargs.pop("api_key", "sk-upstream"), max_retries=0,
-                         timeout=20, **kwargs)
+    return openai.OpenAI(
+        base_url=f"{base}/v1", api_key=kwargs.pop("api_key", "sk-upstream"), max_retries=0, timeout=20, **kwargs
+    )
 
 
 def flaggable(gate: Gate) -> list[str]:
@@ -63,18 +66,30 @@ def flaggable(gate: Gate) -> list[str]:
 
 # --- forwarding ------------------------------------------------------------------------------------
 
+
 def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, flag_none, upstream):
     base = start(flag_none)
-    raw = ('{"model": "m",\n "messages": [' + json.dumps(user_message(data_url(IMAGE))) +
-           '], "temperature": 0.25, "vendor_extra": {"k": [1, 2]}}').encode()
-    reply = http("POST", f"{base}/v1/chat/completions", raw, {"Content-Type": "application/json",
-                                                              "Authorization": "Bearer sk-up", "X-Custom": "1"})
+    raw = (
+        '{"model": "m",\n "messages": ['
+        + json.dumps(user_message(data_url(IMAGE)))
+        + '], "temperature": 0.25, "vendor_extra": {"k": [1, 2]}}'
+    ).encode()
+    reply = http(
+        "POST",
+        f"{base}/v1/chat/completions",
+        raw,
+        {"Content-Type": "application/json", "Authorization": "Bearer sk-up", "X-Custom": "1"},
+    )
     assert reply.status == 200
     assert reply.json()["choices"][0]["message"]["content"] == "seen 1"
     assert reply.headers["x-upstream"] == "yes"  # upstream headers come back
     [got] = upstream.received
-    expected = {"model": "m", "messages": [user_message(screened_url(IMAGE))], "temperature": 0.25,
-                "vendor_extra": {"k": [1, 2]}}
+    expected = {
+        "model": "m",
+        "messages": [user_message(screened_url(IMAGE))],
+        "temperature": 0.25,
+        "vendor_extra": {"k": [1, 2]},
+    }
     assert got.body == canonical(expected)  # what the gate parsed, re-serialized; never the client's bytes
     assert got.headers["Authorization"] == "Bearer sk-up" and got.headers["X-Custom"] == "1"
 
@@ -93,10 +108,16 @@ def test_forward_original_sends_images_as_they_came(start, flag_none, upstream, 
 def test_http_image_is_fetched_and_pinned_as_data(start, flag_none, upstream, image_host):
     host, host_url = image_host
     base = start(flag_none, fetch={"allow": ["127.0.0.1/32"]})
-    messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "what is it?"},
-                                             {"type": "image_url", "image_url": {"url": f"{host_url}/img.png",
-                                                                                 "detail": "low"}}]}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is it?"},
+                {"type": "image_url", "image_url": {"url": f"{host_url}/img.png", "detail": "low"}},
+            ],
+        },
+    ]
     completion = client(base).chat.completions.create(model="m", messages=messages)
     assert completion.choices[0].message.content == "seen 1"
     messages[1]["content"][1]["image_url"]["url"] = screened_url(host.image)  # the only change
@@ -118,8 +139,9 @@ def test_refused_request_never_reaches_upstream(start, flag_all, upstream):
 
 def test_streamed_refusal_parses_in_the_sdk(start, flag_all, upstream):
     base = start(flag_all)
-    stream = client(base).chat.completions.create(model="m", messages=[user_message(data_url(IMAGE))], stream=True,
-                                                  n=2, stream_options={"include_usage": True})
+    stream = client(base).chat.completions.create(
+        model="m", messages=[user_message(data_url(IMAGE))], stream=True, n=2, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     [verdict] = flag_all.check([IMAGE])
     text = DEFAULT_REFUSAL.format(category=verdict.category)
@@ -139,8 +161,11 @@ def test_inject_adds_the_safety_prompt(start, flag_all, upstream):
     assert raw.parse().choices[0].message.content == "seen 1"
     assert raw.headers["x-safeclip-action"] == "inject"
     [verdict] = flag_all.check([IMAGE])
-    prompt = DEFAULT_SAFETY_PROMPT.format(category=verdict.category, probability=verdict.probability,
-                                          categories=", ".join(sorted(verdict.flagged_categories)))
+    prompt = DEFAULT_SAFETY_PROMPT.format(
+        category=verdict.category,
+        probability=verdict.probability,
+        categories=", ".join(sorted(verdict.flagged_categories)),
+    )
     sent = upstream.received[0].json()["messages"]
     assert sent[0] == {"role": "system", "content": f"{prompt}\n\nYou are terse."}
     assert sent[1:] == [user_message(screened_url(IMAGE))]
@@ -177,8 +202,12 @@ def test_verdict_headers_on_every_response(start, flag_none, upstream):
     assert (clean.headers["x-safeclip-flagged"], clean.headers["x-safeclip-category"]) == ("false", verdict.category)
     assert clean.headers["x-safeclip-probability"] == f"{verdict.probability:.4f}"
     assert clean.headers["x-safeclip-action"] == "pass" and clean.headers["x-safeclip-images"] == "1"
-    others = [http("GET", f"{base}/v1/models"), post_json(f"{base}/v1/chat/completions", {"messages": 1}),
-              http("GET", f"{base}/nope"), http("GET", f"{base}/healthz")]
+    others = [
+        http("GET", f"{base}/v1/models"),
+        post_json(f"{base}/v1/chat/completions", {"messages": 1}),
+        http("GET", f"{base}/nope"),
+        http("GET", f"{base}/healthz"),
+    ]
     assert [r.status for r in others] == [200, 400, 404, 200]
     ids = {clean.headers["x-safeclip-request-id"]}
     for reply in others:
@@ -191,19 +220,22 @@ def test_verdict_headers_on_every_response(start, flag_none, upstream):
 
 def test_verdict_field_is_opt_in(start, flag_all, flag_none, upstream):
     refused = client(start(flag_all, verdict_field=True)).chat.completions.with_raw_response.create(
-        model="m", messages=[user_message(data_url(IMAGE))])
+        model="m", messages=[user_message(data_url(IMAGE))]
+    )
     field = refused.parse().model_extra["safeclip"]
     assert field["flagged"] is True and field["action"] == "refuse"
     assert field["request_id"] == refused.headers["x-safeclip-request-id"]
     assert field["images"][0]["sha256"] == hashlib.sha256(IMAGE).hexdigest()
     forwarded = client(start(flag_none, verdict_field=True)).chat.completions.create(
-        model="m", messages=[user_message(data_url(IMAGE))])
+        model="m", messages=[user_message(data_url(IMAGE))]
+    )
     assert forwarded.choices[0].message.content == "seen 1" and forwarded.model_extra["safeclip"]["flagged"] is False
     plain = client(start(flag_none)).chat.completions.create(model="m", messages=[user_message(data_url(IMAGE))])
     assert "safeclip" not in plain.model_extra
 
 
 # --- limits and bad images ---------------------------------------------------------------------------
+
 
 def expect_error(call, status: int, code: str) -> openai.APIStatusError:
     with pytest.raises(openai.APIStatusError) as e:
@@ -223,25 +255,37 @@ def test_limits(start, flag_none, upstream, image_host, tiny_engine):
 
     big_text = [{"role": "user", "content": "x" * 5000}]
     expect_error(lambda: sdk.chat.completions.create(model="m", messages=big_text), 413, "request_too_large")
-    chunked = http("POST", f"{base}/v1/chat/completions", iter([b"{" + b" " * 3000] * 2),
-                   {"Content-Type": "application/json"})  # no Content-Length: counted as it arrives
+    chunked = http(
+        "POST", f"{base}/v1/chat/completions", iter([b"{" + b" " * 3000] * 2), {"Content-Type": "application/json"}
+    )  # no Content-Length: counted as it arrives
     assert (chunked.status, chunked.json()["error"]["code"]) == (413, "request_too_large")
 
     three = [user_message(*[data_url(small)] * 3)]
     expect_error(lambda: sdk.chat.completions.create(model="m", messages=three), 400, "too_many_images")
 
     sized = start(flag_none, limits={"max_image_bytes": len(IMAGE) - 1})
-    error = expect_error(lambda: client(sized).chat.completions.create(
-        model="m", messages=[user_message(data_url(IMAGE))]), 413, "image_too_large")
+    error = expect_error(
+        lambda: client(sized).chat.completions.create(model="m", messages=[user_message(data_url(IMAGE))]),
+        413,
+        "image_too_large",
+    )
     assert error.param == "messages[0].content[1]"
     tight = start(flag_none, limits={"max_image_bytes": len(host.image) - 1}, fetch={"allow": ["127.0.0.1/32"]})
-    expect_error(lambda: client(tight).chat.completions.create(
-        model="m", messages=[user_message(f"{host_url}/chunked.png")]), 413, "image_too_large")
+    expect_error(
+        lambda: client(tight).chat.completions.create(model="m", messages=[user_message(f"{host_url}/chunked.png")]),
+        413,
+        "image_too_large",
+    )
 
     # Pixels: the engine's decoder refuses them from the header; --fail-open does not apply to a limit.
     few_pixels = Gate.from_engine(tiny_engine, threshold=1.0, max_pixels=48 * 48 - 1)
-    expect_error(lambda: client(start(few_pixels, fail_open=True)).chat.completions.create(
-        model="m", messages=[user_message(data_url(IMAGE))]), 413, "image_too_large")
+    expect_error(
+        lambda: client(start(few_pixels, fail_open=True)).chat.completions.create(
+            model="m", messages=[user_message(data_url(IMAGE))]
+        ),
+        413,
+        "image_too_large",
+    )
     assert upstream.received == []
 
 
@@ -260,13 +304,18 @@ def test_request_pixel_budget_is_checked_from_the_headers(start, flag_none, upst
 def test_undecodable_image_fails_closed_or_open(start, flag_none, upstream, tiny_engine):
     junk = data_url(b"this is not an image at all", "image/png")
     closed = start(flag_none)
-    error = expect_error(lambda: client(closed).chat.completions.create(
-        model="m", messages=[user_message(data_url(IMAGE), junk)]), 400, "invalid_image")
+    error = expect_error(
+        lambda: client(closed).chat.completions.create(model="m", messages=[user_message(data_url(IMAGE), junk)]),
+        400,
+        "invalid_image",
+    )
     assert error.param == "messages[0].content[2]"
     assert upstream.received == []
 
     opened = start(flag_none, fail_open=True)
-    raw = client(opened).chat.completions.with_raw_response.create(model="m", messages=[user_message(data_url(IMAGE), junk)])
+    raw = client(opened).chat.completions.with_raw_response.create(
+        model="m", messages=[user_message(data_url(IMAGE), junk)]
+    )
     assert raw.parse().choices[0].message.content == "seen 1"
     assert upstream.received[0].json()["messages"][0]["content"][2]["image_url"]["url"] == junk
     assert raw.headers["x-safeclip-flagged"] == "false"
@@ -276,28 +325,38 @@ def test_undecodable_image_fails_closed_or_open(start, flag_none, upstream, tiny
 
 # --- upstream behaviour --------------------------------------------------------------------------------
 
+
 def test_upstream_down_is_502(servers, flag_none, tiny_engine):
     with socket.socket() as s:  # a port that was free a moment ago, and is closed now
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = servers.start_gate(gate_config(tiny_engine, f"http://127.0.0.1:{port}"), flag_none)
-    error = expect_error(lambda: client(base).chat.completions.create(
-        model="m", messages=[user_message(data_url(IMAGE))]), 502, "upstream_unavailable")
+    error = expect_error(
+        lambda: client(base).chat.completions.create(model="m", messages=[user_message(data_url(IMAGE))]),
+        502,
+        "upstream_unavailable",
+    )
     assert error.type == "upstream_error"
 
 
 def test_slow_upstream_is_504(start, flag_none, upstream):
     base = start(flag_none, timeouts={"upstream_read": 0.3})
     began = time.monotonic()
-    expect_error(lambda: client(base).chat.completions.create(model="slow:3", messages=[user_message(data_url(IMAGE))]),
-                 504, "upstream_timeout")
+    expect_error(
+        lambda: client(base).chat.completions.create(model="slow:3", messages=[user_message(data_url(IMAGE))]),
+        504,
+        "upstream_timeout",
+    )
     assert time.monotonic() - began < 2.5
 
 
 def test_upstream_errors_pass_through_with_their_status(start, flag_none, upstream):
     base = start(flag_none)
-    error = expect_error(lambda: client(base).chat.completions.create(model="fail:429", messages=[user_message(data_url(IMAGE))]),
-                         429, "upstream_code")
+    error = expect_error(
+        lambda: client(base).chat.completions.create(model="fail:429", messages=[user_message(data_url(IMAGE))]),
+        429,
+        "upstream_code",
+    )
     assert error.body["message"] == "upstream says no"  # the upstream's own error body
     assert error.response.headers["x-safeclip-flagged"] == "false"
 
@@ -334,6 +393,7 @@ def test_other_paths_are_proxied_only_when_allowed_and_without_images(start, fla
 
 # --- cache and batching -----------------------------------------------------------------------------------
 
+
 def test_resent_conversation_is_screened_once_per_image(start, tiny_engine, upstream):
     gate = Gate.from_engine(tiny_engine, threshold=1.0)
     counter = CountingScreen(gate)
@@ -358,18 +418,25 @@ def test_concurrent_requests_share_engine_calls(start, tiny_engine, upstream):
     base = start(gate, batch={"delay_ms": 300.0})
     images = [data_url(png(seed=200 + i)) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda url: post_json(f"{base}/v1/chat/completions",
-                                                      {"model": "m", "messages": [user_message(url)]}), images))
+        replies = list(
+            pool.map(
+                lambda url: post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(url)]}),
+                images,
+            )
+        )
     assert [r.status for r in replies] == [200] * 4
     assert sum(counter.calls) == 4 and len(counter.calls) < 4, counter.calls
 
 
 # --- moderations ----------------------------------------------------------------------------------------
 
+
 def test_moderations_in_openai_format(start, flag_all, flag_none, upstream):
     sdk = client(start(flag_all))
-    result = sdk.moderations.create(model="omni-moderation-latest", input=[
-        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]).results[0]
+    result = sdk.moderations.create(
+        model="omni-moderation-latest",
+        input=[{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}],
+    ).results[0]
     [verdict] = flag_all.check([IMAGE])
     p = verdict.probabilities
     assert result.flagged is True
@@ -389,6 +456,7 @@ def test_moderations_in_openai_format(start, flag_all, flag_none, upstream):
 
 
 # --- health, metrics, audit, key ---------------------------------------------------------------------------
+
 
 def test_readyz_waits_for_the_engine(servers, flag_none, tiny_engine, upstream_server):
     release = threading.Event()
@@ -424,8 +492,11 @@ def test_metrics(start, flag_all, upstream, image_host):
     base = start(flag_all, action="monitor", fetch={"allow": ["127.0.0.1/32"]})
     sdk = client(base)
     sdk.chat.completions.create(model="m", messages=[user_message(data_url(IMAGE), f"{host_url}/img.png")])
-    expect_error(lambda: sdk.chat.completions.create(model="m", messages=[user_message("data:image/png;base64,@@")]),
-                 400, "invalid_image_url")
+    expect_error(
+        lambda: sdk.chat.completions.create(model="m", messages=[user_message("data:image/png;base64,@@")]),
+        400,
+        "invalid_image_url",
+    )
     reply = http("GET", f"{base}/metrics")
     assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = reply.body.decode()
@@ -446,8 +517,9 @@ def test_audit_log_lines(start, flag_all, upstream, tmp_path):
     base = start(flag_all, audit_log=str(log))
     sdk = client(base)
     raw = sdk.chat.completions.with_raw_response.create(model="m", messages=[user_message(data_url(IMAGE))])
-    expect_error(lambda: sdk.chat.completions.create(model="m", messages=[user_message(data_url(b"junk"))]),
-                 400, "invalid_image")
+    expect_error(
+        lambda: sdk.chat.completions.create(model="m", messages=[user_message(data_url(b"junk"))]), 400, "invalid_image"
+    )
     http("GET", f"{base}/v1/models")  # proxied: a line too, without images
     http("GET", f"{base}/metrics")  # the gate's own endpoints: no line
     assert wait_for(lambda: log.read_text().count("\n") == 3)  # the last is written just after the answer
@@ -467,8 +539,9 @@ def test_audit_log_lines(start, flag_all, upstream, tmp_path):
 
 def test_gate_api_key(start, flag_none, upstream):
     base = start(flag_none, api_key="gate-key", limits={"max_body_bytes": 100})
-    expect_error(lambda: client(base, api_key="wrong").chat.completions.create(model="m", messages=[]),
-                 401, "invalid_api_key")
+    expect_error(
+        lambda: client(base, api_key="wrong").chat.completions.create(model="m", messages=[]), 401, "invalid_api_key"
+    )
     # Checked before anything else: an oversized body without the key is a 401, not a 413.
     big = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x" * 500}]})
     assert big.status == 401
@@ -482,7 +555,8 @@ def test_gate_api_key(start, flag_none, upstream):
     assert bearer.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}]).choices
     first, second = upstream.received
     assert first.headers["Authorization"] == "Bearer upstream-key" and "x-safeclip-api-key" not in {
-        k.lower() for k in first.headers}
+        k.lower() for k in first.headers
+    }
     assert "Authorization" not in second.headers  # the gate's key, so not forwarded (tests/test_gate_upstream.py)
 
 
@@ -510,5 +584,6 @@ def test_client_leaving_a_stream_is_not_an_upstream_error(start, flag_none, upst
     def counted() -> bool:
         text = http("GET", f"{base}/metrics").body.decode()
         return metric(text, 'safeclip_requests_total{route="chat",outcome="error"}') == 1
+
     assert wait_for(counted)
     assert metric(http("GET", f"{base}/metrics").body.decode(), "safeclip_upstream_errors_total") == 0

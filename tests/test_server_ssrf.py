@@ -41,8 +41,14 @@ class Spy:
 
 @pytest.fixture
 def spy(monkeypatch) -> Spy:
-    spy = Spy({"localhost": ["127.0.0.1", "::1"], "mixed.test": ["93.184.216.34", "10.0.0.1"],
-               "metadata.test": ["169.254.169.254"], "images.test": ["127.0.0.1"]})
+    spy = Spy(
+        {
+            "localhost": ["127.0.0.1", "::1"],
+            "mixed.test": ["93.184.216.34", "10.0.0.1"],
+            "metadata.test": ["169.254.169.254"],
+            "images.test": ["127.0.0.1"],
+        }
+    )
     original = aiohttp.BaseConnector.connect
 
     async def connect(self, req, traces, timeout):
@@ -60,29 +66,32 @@ def fetch(spy: Spy, url: str, allow=(), **config):
     return asyncio.run(fetcher.fetch(url))
 
 
-@pytest.mark.parametrize("url, reason", [
-    ("http://127.0.0.1/x.png", "loopback"),
-    ("http://10.1.2.3/x.png", "private"),
-    ("http://169.254.169.254/latest/meta-data/", "link-local"),
-    ("http://[::1]:8080/x.png", "loopback"),
-    ("http://[::ffff:127.0.0.1]/x.png", "loopback"),
-    ("http://[fe80::1]/x.png", "link-local"),
-    ("http://0.0.0.0/x.png", "unspecified"),
-    ("http://224.0.0.1/x.png", "multicast"),
-    ("http://240.0.0.1/x.png", "reserved"),
-    ("http://100.64.0.1/x.png", "not a public address"),
-    ("http://2130706433/x.png", "non-canonical numeric"),
-    ("http://0177.0.0.1/x.png", "non-canonical numeric"),
-    ("http://0x7f.1/x.png", "non-canonical numeric"),
-    ("http://127.1/x.png", "non-canonical numeric"),
-    ("http://localhost:8080/x.png", "localhost -> 127.0.0.1 is a loopback"),
-    ("http://mixed.test/x.png", "mixed.test -> 10.0.0.1 is a private"),
-    ("http://metadata.test/x.png", "link-local"),
-    ("file:///etc/passwd", "scheme 'file'"),
-    ("ftp://10.0.0.1/x.png", "scheme 'ftp'"),
-    ("gopher://127.0.0.1:25/", "scheme 'gopher'"),
-    ("http:///x.png", "has no host"),
-])
+@pytest.mark.parametrize(
+    "url, reason",
+    [
+        ("http://127.0.0.1/x.png", "loopback"),
+        ("http://10.1.2.3/x.png", "private"),
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://[::1]:8080/x.png", "loopback"),
+        ("http://[::ffff:127.0.0.1]/x.png", "loopback"),
+        ("http://[fe80::1]/x.png", "link-local"),
+        ("http://0.0.0.0/x.png", "unspecified"),
+        ("http://224.0.0.1/x.png", "multicast"),
+        ("http://240.0.0.1/x.png", "reserved"),
+        ("http://100.64.0.1/x.png", "not a public address"),
+        ("http://2130706433/x.png", "non-canonical numeric"),
+        ("http://0177.0.0.1/x.png", "non-canonical numeric"),
+        ("http://0x7f.1/x.png", "non-canonical numeric"),
+        ("http://127.1/x.png", "non-canonical numeric"),
+        ("http://localhost:8080/x.png", "localhost -> 127.0.0.1 is a loopback"),
+        ("http://mixed.test/x.png", "mixed.test -> 10.0.0.1 is a private"),
+        ("http://metadata.test/x.png", "link-local"),
+        ("file:///etc/passwd", "scheme 'file'"),
+        ("ftp://10.0.0.1/x.png", "scheme 'ftp'"),
+        ("gopher://127.0.0.1:25/", "scheme 'gopher'"),
+        ("http:///x.png", "has no host"),
+    ],
+)
 def test_refused_before_any_connection(spy, url, reason):
     with pytest.raises(ForbiddenURL, match=reason) as e:
         fetch(spy, url)

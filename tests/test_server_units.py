@@ -31,6 +31,7 @@ def verdict(sha: str, porn: float = 0.1, gun: float = 0.1, flagged: tuple[str, .
 
 # --- config ---------------------------------------------------------------------------------------
 
+
 def test_config_file_then_flags(tmp_path):
     path = tmp_path / "gate.toml"
     path.write_text(
@@ -47,23 +48,27 @@ def test_config_file_then_flags(tmp_path):
     assert config.templates.safety_prompt == DEFAULT_SAFETY_PROMPT
 
 
-@pytest.mark.parametrize("text, message", [
-    ('action = "block"', "'block' is not one of"),
-    ("[limits]\nmax_imgs = 3", "unknown key(s) ['max_imgs']"),
-    ("[limits]\nmax_images = 0", "must be >= 1"),
-    ('upstream = "http://h:1/v1"', "without /v1"),
-    ('upstream = "ftp://h"', "http(s)://host:port"),
-    ('[fetch]\nallow = ["10.0.0.300/8"]', "is not a CIDR"),
-    ('[templates]\nrefusal = "{colour}"', "bad template"),
-    ('api_key = "secret"', "not read from files"),
-    ("threshold = 1.5", "in [0, 1]"),
-    ('[moderation]\ngun = ["weapons"]', "not an OpenAI moderation category"),
-    ("port = true", "expected an integer"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('action = "block"', "'block' is not one of"),
+        ("[limits]\nmax_imgs = 3", "unknown key(s) ['max_imgs']"),
+        ("[limits]\nmax_images = 0", "must be >= 1"),
+        ('upstream = "http://h:1/v1"', "without /v1"),
+        ('upstream = "ftp://h"', "http(s)://host:port"),
+        ('[fetch]\nallow = ["10.0.0.300/8"]', "is not a CIDR"),
+        ('[templates]\nrefusal = "{colour}"', "bad template"),
+        ('api_key = "secret"', "not read from files"),
+        ("threshold = 1.5", "in [0, 1]"),
+        ('[moderation]\ngun = ["weapons"]', "not an OpenAI moderation category"),
+        ("port = true", "expected an integer"),
+    ],
+)
 def test_config_errors_name_the_key(tmp_path, text, message):
     path = tmp_path / "gate.toml"
-    path.write_text('engine = "e"\nupstream = "http://h:1"\n' + text if not text.startswith("upstream") else
-                    'engine = "e"\n' + text)
+    path.write_text(
+        'engine = "e"\nupstream = "http://h:1"\n' + text if not text.startswith("upstream") else 'engine = "e"\n' + text
+    )
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         load_config(path, {})
 
@@ -79,22 +84,36 @@ def test_category_checks_against_the_engine():
     with pytest.raises(ValueError, match=r"\[actions\]: unknown category 'gnu'"):
         config.check_categories(CATEGORIES, "neutral")
     assert GateConfig(moderation={"gun": ("illicit/violent",)}).moderation_map(("porn", "gun", "violence")) == {
-        "porn": ("sexual",), "gun": ("illicit/violent",), "violence": ("violence",)}
+        "porn": ("sexual",),
+        "gun": ("illicit/violent",),
+        "violence": ("violence",),
+    }
 
 
 # --- requests ---------------------------------------------------------------------------------------
 
+
 def test_chat_images_finds_every_image_part():
-    body = {"messages": [
-        {"role": "system", "content": "be nice"},
-        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:a"}}]},
-        {"role": "assistant", "content": None, "tool_calls": []},
-        {"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"image_url": {"url": "b"}}]},
-    ]}
+    body = {
+        "messages": [
+            {"role": "system", "content": "be nice"},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "data:a"}}],
+            },
+            {"role": "assistant", "content": None, "tool_calls": []},
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"image_url": {"url": "b"}}],
+            },
+        ]
+    }
     found = OpenAIChat().images(body, "/v1/chat/completions")
     assert [(p.where, p.value, p.kind) for p in found] == [
-        ("messages[1].content[1]", "data:a", "data_url"), ("messages[3].content[0]", "http://x/y.png", "url"),
-        ("messages[3].content[1]", "b", "url")]
+        ("messages[1].content[1]", "data:a", "data_url"),
+        ("messages[3].content[0]", "http://x/y.png", "url"),
+        ("messages[3].content[1]", "b", "url"),
+    ]
     assert found[0].path == ("messages", 1, "content", 1, "image_url", "url")
     assert found[1].path == ("messages", 3, "content", 0, "image_url")  # the bare-string form
     found[1].rewrite(b"z", "image/png")
@@ -103,16 +122,30 @@ def test_chat_images_finds_every_image_part():
     assert body["messages"][1]["content"][1]["image_url"] == {"url": data_url(b"y", "image/png")}
 
 
-@pytest.mark.parametrize("body, code", [
-    ({"messages": "hi"}, "invalid_request"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]}, "invalid_image_url"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_pil", "data": "..."}]}]}, "unsupported_content_part"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}]}, "invalid_image_url"),
-    ({"messages": [{"role": "user", "content": 3}]}, "invalid_request"),
-    ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "..."}}]}]},
-     "unsupported_content_part"),
-    ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "unsupported_content_part"),
-])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        ({"messages": "hi"}, "invalid_request"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]},
+            "invalid_image_url",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_pil", "data": "..."}]}]},
+            "unsupported_content_part",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"detail": "low"}}]}]},
+            "invalid_image_url",
+        ),
+        ({"messages": [{"role": "user", "content": 3}]}, "invalid_request"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_data": "..."}}]}]},
+            "unsupported_content_part",
+        ),
+        ({"messages": [{"role": "user", "content": [{"text": "no type"}]}]}, "unsupported_content_part"),
+    ],
+)
 def test_chat_images_refuses_what_it_cannot_screen(body, code):
     with pytest.raises(GateError) as e:
         OpenAIChat().images(body, "/v1/chat/completions")
@@ -158,6 +191,7 @@ def test_inject_merges_into_a_leading_system_message():
 
 # --- decisions and responses ------------------------------------------------------------------------
 
+
 def test_decide_strictest_action_wins_and_names_its_category():
     actions = {"porn": "monitor", "gun": "inject"}.__getitem__
     a = verdict("a", porn=0.8, flagged=("porn",))
@@ -173,7 +207,11 @@ def test_refusal_stream_shape():
     events = refusal_events({"model": "m", "n": 2, "stream_options": {"include_usage": True}}, "no")
     assert events[-1] == b"data: [DONE]\n\n"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [{"role": "assistant", "content": ""}, {"content": "no"}, {}]
+    assert [c["choices"][0]["delta"] for c in chunks[:3]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "no"},
+        {},
+    ]
     assert [c["choices"][0]["finish_reason"] for c in chunks[:6]] == [None, None, "content_filter"] * 2
     assert [c["choices"][0]["index"] for c in chunks[:6]] == [0, 0, 0, 1, 1, 1]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 0
@@ -182,8 +220,9 @@ def test_refusal_stream_shape():
 
 def test_moderation_result_maps_and_keeps_our_names():
     mapping = {"porn": ("sexual",), "gun": ("violence",)}
-    result = moderation_result([verdict("a", gun=0.7, flagged=("gun",)), verdict("b", gun=0.2, porn=0.3)],
-                                         ("porn", "gun"), mapping)
+    result = moderation_result(
+        [verdict("a", gun=0.7, flagged=("gun",)), verdict("b", gun=0.2, porn=0.3)], ("porn", "gun"), mapping
+    )
     assert result["flagged"] is True
     assert result["categories"]["violence"] is True and result["categories"]["sexual"] is False
     assert result["category_scores"]["violence"] == 0.7 and result["category_scores"]["sexual"] == 0.3
@@ -195,6 +234,7 @@ def test_moderation_result_maps_and_keeps_our_names():
 
 
 # --- metrics, cache, batcher ------------------------------------------------------------------------
+
 
 def test_histogram_buckets_are_cumulative_with_le_bounds():
     h = Histogram("t_seconds", "help", (0.1, 1.0), ("stage",))

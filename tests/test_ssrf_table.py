@@ -92,35 +92,69 @@ ROWS = [
     Row("percent-encoded IP (a name to the resolver)", "http://%31%32%37.0.0.1:8080/img.png", code=UNRESOLVABLE),
     # Redirects from an allow-listed host: every hop is checked again.
     Row("redirect to loopback", via("10.0.0.1", "http://127.0.0.1:8080/img.png"), ALLOW_10, hits={"10.0.0.1": 1}),
-    Row("redirect to metadata", via("10.0.0.1", "http://169.254.169.254:8080/img.png"), ALLOW_10,
-        hits={"10.0.0.1": 1}),
-    Row("redirect to a private neighbour", via("10.0.0.1", "http://10.0.0.2:8080/img.png"), ALLOW_10,
-        hits={"10.0.0.1": 1}),
-    Row("redirect to a name -> loopback", via("10.0.0.1", "http://loop.test:8080/img.png"), ALLOW_10,
-        hits={"10.0.0.1": 1}),
-    Row("redirect to decimal loopback", via("10.0.0.1", "http://2130706433:8080/img.png"), ALLOW_10,
-        hits={"10.0.0.1": 1}),
-    Row("redirect to IPv4-mapped loopback", via("10.0.0.1", "http://[::ffff:127.0.0.1]:8080/img.png"), ALLOW_10,
-        hits={"10.0.0.1": 1}),
+    Row("redirect to metadata", via("10.0.0.1", "http://169.254.169.254:8080/img.png"), ALLOW_10, hits={"10.0.0.1": 1}),
+    Row(
+        "redirect to a private neighbour",
+        via("10.0.0.1", "http://10.0.0.2:8080/img.png"),
+        ALLOW_10,
+        hits={"10.0.0.1": 1},
+    ),
+    Row(
+        "redirect to a name -> loopback",
+        via("10.0.0.1", "http://loop.test:8080/img.png"),
+        ALLOW_10,
+        hits={"10.0.0.1": 1},
+    ),
+    Row(
+        "redirect to decimal loopback",
+        via("10.0.0.1", "http://2130706433:8080/img.png"),
+        ALLOW_10,
+        hits={"10.0.0.1": 1},
+    ),
+    Row(
+        "redirect to IPv4-mapped loopback",
+        via("10.0.0.1", "http://[::ffff:127.0.0.1]:8080/img.png"),
+        ALLOW_10,
+        hits={"10.0.0.1": 1},
+    ),
     Row("redirect to file:", via("10.0.0.1", "file:///etc/passwd"), ALLOW_10, hits={"10.0.0.1": 1}),
-    Row("redirect to a relative path, then loopback", via("10.0.0.1", "/to?url=" + quote("http://127.0.0.1:8080/img.png")),
-        ALLOW_10, hits={"10.0.0.1": 2}),
+    Row(
+        "redirect to a relative path, then loopback",
+        via("10.0.0.1", "/to?url=" + quote("http://127.0.0.1:8080/img.png")),
+        ALLOW_10,
+        hits={"10.0.0.1": 2},
+    ),
     # An allow-list opens what it names and nothing else.
     Row("allowed 10.0.0.1", "http://10.0.0.1:8080/img.png", ALLOW_10, SERVED, {"10.0.0.1": 1}),
     Row("allowed name -> 10.0.0.1", "http://internal.test:8080/img.png", ALLOW_10, SERVED, {"10.0.0.1": 1}),
-    Row("allowed redirect within 10.0.0.1", via("10.0.0.1", "http://10.0.0.1:8080/img.png"), ALLOW_10, SERVED,
-        {"10.0.0.1": 2}),
+    Row(
+        "allowed redirect within 10.0.0.1",
+        via("10.0.0.1", "http://10.0.0.1:8080/img.png"),
+        ALLOW_10,
+        SERVED,
+        {"10.0.0.1": 2},
+    ),
     Row("10.0.0.2 under a 10.0.0.1/32 allow-list", "http://10.0.0.2:8080/img.png", ALLOW_10),
     Row("metadata under a 10.0.0.1/32 allow-list", "http://169.254.169.254:8080/img.png", ALLOW_10),
     Row("name -> 10.0.0.1 and 10.0.0.2 under a 10.0.0.1/32 allow-list", "http://pair.test:8080/img.png", ALLOW_10),
     # Every answer allowed (one public, one listed): fetched, from whichever answers (here the public
     # address has no route, so 10.0.0.1).
-    Row("name -> public and 10.0.0.1 under a 10.0.0.1/32 allow-list", "http://mixed.test:8080/img.png", ALLOW_10,
-        SERVED, {"10.0.0.1": 1}),
+    Row(
+        "name -> public and 10.0.0.1 under a 10.0.0.1/32 allow-list",
+        "http://mixed.test:8080/img.png",
+        ALLOW_10,
+        SERVED,
+        {"10.0.0.1": 1},
+    ),
     Row("allowed loopback", "http://127.0.0.1:8080/img.png", ALLOW_LOOPBACK, SERVED, {"127.0.0.1": 1}),
     Row("allowed [::1]", "http://[::1]:8080/img.png", ALLOW_LOOPBACK, SERVED, {"::1": 1}),
-    Row("allowed IPv4-mapped loopback", "http://[::ffff:127.0.0.1]:8080/img.png", ALLOW_LOOPBACK, SERVED,
-        {"127.0.0.1": 1}),
+    Row(
+        "allowed IPv4-mapped loopback",
+        "http://[::ffff:127.0.0.1]:8080/img.png",
+        ALLOW_LOOPBACK,
+        SERVED,
+        {"127.0.0.1": 1},
+    ),
     Row("decimal loopback even when loopback is allowed", "http://2130706433:8080/img.png", ALLOW_LOOPBACK),
     Row("private under a loopback allow-list", "http://10.0.0.1:8080/img.png", ALLOW_LOOPBACK),
 ]
@@ -132,7 +166,7 @@ def report(tiny_engine):
     """Every row through the gates in one namespace; {label: outcome} and the image's data: URL."""
     with network_namespace() as namespace:
         out = run_in_namespace(namespace, tiny_engine, [{"url": row.url, "gate": row.gate} for row in ROWS])
-    return dict(zip((row.label for row in ROWS), out["results"])), out["image"]
+    return dict(zip((row.label for row in ROWS), out["results"], strict=True)), out["image"]
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[row.label for row in ROWS])

@@ -72,24 +72,46 @@ def triton(tiny_engine, tmp_path_factory):
         pytest.skip(f"{TRITON_PYTHON} missing: `make install` creates it (PyTriton needs numpy<2, its own venv)")
     # PyTriton's python-backend stub links the system libpython3.11 unless told where this
     # interpreter's is; with a mismatched libpython the stub dies ('_thread.RLock' ... '_recursion_count').
-    libdir = subprocess.run([str(TRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-                            check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    libdir = subprocess.run(
+        [str(TRITON_PYTHON), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
     env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH")) if p))
     work = tmp_path_factory.mktemp("triton")
     log = work / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(TRITON_PYTHON), str(ROOT / "tests" / "triton_server.py"), "--engine", str(tiny_engine),
-             "--model", "safeclip", "--max-batch", str(SERVER_MAX_BATCH), "--workspace", str(work / "workspace")],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            [
+                str(TRITON_PYTHON),
+                str(ROOT / "tests" / "triton_server.py"),
+                "--engine",
+                str(tiny_engine),
+                "--model",
+                "safeclip",
+                "--max-batch",
+                str(SERVER_MAX_BATCH),
+                "--workspace",
+                str(work / "workspace"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         ports = _wait_ready(proc, log)
         if ports is None:
-            state = f"exited with code {proc.returncode}" if proc.poll() is not None else f"not ready after {START_TIMEOUT_S} s"
+            state = (
+                f"exited with code {proc.returncode}"
+                if proc.poll() is not None
+                else f"not ready after {START_TIMEOUT_S} s"
+            )
             pytest.skip(f"the Triton test server did not come up ({state}); log tail:\n{_log_tail(log)}")
-        yield Server(grpc=f"triton://127.0.0.1:{ports['grpc_port']}", http=f"http://127.0.0.1:{ports['http_port']}",
-                     log=log)
+        yield Server(
+            grpc=f"triton://127.0.0.1:{ports['grpc_port']}", http=f"http://127.0.0.1:{ports['http_port']}", log=log
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -104,7 +126,7 @@ def _wait_ready(proc: subprocess.Popen, log: Path) -> dict | None:
     while time.monotonic() < deadline and proc.poll() is None:
         for line in log.read_text(errors="replace").splitlines():
             if line.startswith("READY "):
-                return json.loads(line[len("READY "):])
+                return json.loads(line[len("READY ") :])
         time.sleep(0.2)
     return None
 
@@ -171,7 +193,7 @@ def test_concurrent_clients_get_their_own_results(triton, manifest, local, proto
             n = 1 + (t + r) % 2  # batches of 1 and 2
             got = backend.infer(images[start : start + n])["probs"]
             if not np.allclose(got, want[start : start + n], rtol=0, atol=ATOL):
-                errors.append(f"thread {t} request {r}: max error {np.abs(got - want[start:start + n]).max()}")
+                errors.append(f"thread {t} request {r}: max error {np.abs(got - want[start : start + n]).max()}")
 
     log_offset = triton.log.stat().st_size
     workers = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
@@ -203,9 +225,11 @@ def test_metadata_mismatch_is_refused(triton, tiny_engine, manifest, tmp_path):
     more_outputs = replace(manifest, outputs=manifest.outputs + (contract.OUTPUT_PATCH_FEATURES,))
     with pytest.raises(ManifestError, match="outputs .* differ from the manifest's"):
         TritonBackend(triton.http, more_outputs)
-    fewer_categories = replace(manifest, categories=manifest.categories[:-1],
-                               thresholds={k: v for k, v in manifest.thresholds.items()
-                                           if k != manifest.categories[-1].name})
+    fewer_categories = replace(
+        manifest,
+        categories=manifest.categories[:-1],
+        thresholds={k: v for k, v in manifest.thresholds.items() if k != manifest.categories[-1].name},
+    )
     with pytest.raises(ManifestError, match="probs shape \\[-1, 8\\] but the manifest has 7 categories"):
         TritonBackend(triton.grpc, fewer_categories)
 
@@ -229,17 +253,22 @@ def test_server_down_is_a_clear_error(manifest, scheme):
         TritonBackend(url, manifest, timeout_s=5)
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("triton://gpu-box", TritonURL("triton", "gpu-box", 8001, None)),
-    ("triton://10.0.0.5:9001/gate", TritonURL("triton", "10.0.0.5", 9001, "gate")),
-    ("http://triton.svc:8000/", TritonURL("http", "triton.svc", 8000, None)),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        ("triton://gpu-box", TritonURL("triton", "gpu-box", 8001, None)),
+        ("triton://10.0.0.5:9001/gate", TritonURL("triton", "10.0.0.5", 9001, "gate")),
+        ("http://triton.svc:8000/", TritonURL("http", "triton.svc", 8000, None)),
+    ],
+)
 def test_url_forms(url, expected):
     assert parse_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["grpc://host:8001", "triton://", "host:8001", "http://h:8000/a/b",
-                                 "triton://h:99999", "http://h:8000?model=x"])
+@pytest.mark.parametrize(
+    "url",
+    ["grpc://host:8001", "triton://", "host:8001", "http://h:8000/a/b", "triton://h:99999", "http://h:8000?model=x"],
+)
 def test_bad_urls_are_refused(url):
     with pytest.raises(ValueError, match="Triton URL"):
         parse_url(url)
@@ -255,8 +284,10 @@ def served(manifest, max_batch=8, sha256=None, probs_type="FP32"):
     size = manifest.image.size
     metadata = {
         "inputs": [{"name": "image", "datatype": "UINT8", "shape": ["-1", str(size), str(size), "3"]}],
-        "outputs": [{"name": "probs", "datatype": probs_type, "shape": ["-1", str(len(manifest.categories))]},
-                    {"name": "embeds", "datatype": "FP32", "shape": ["-1", "32"]}],
+        "outputs": [
+            {"name": "probs", "datatype": probs_type, "shape": ["-1", str(len(manifest.categories))]},
+            {"name": "embeds", "datatype": "FP32", "shape": ["-1", "32"]},
+        ],
     }
     config = {"max_batch_size": max_batch}
     if sha256 is not None:
@@ -300,7 +331,6 @@ def test_missing_tritonclient_names_the_extra(manifest, tiny_engine):
     assert "pip install 'safeclip[triton]'" in proc.stdout
 
 
-
 def test_gate_and_engine_load_take_a_triton_url(triton, tiny_engine, tmp_path):
     """The public entry points: Engine.load / Gate.from_engine with --backend triton://..., and a
     folder that holds only the manifest (as a gate next to a Triton model repository has)."""
@@ -314,6 +344,6 @@ def test_gate_and_engine_load_take_a_triton_url(triton, tiny_engine, tmp_path):
         remote = Gate.from_engine(only_manifest, backend=triton.grpc, threshold=0.5)
     assert remote.engine.max_batch == SERVER_MAX_BATCH and remote.engine.precision == "triton"
     local_verdicts = Gate.from_engine(tiny_engine, backend="cpu", threshold=0.5).check(images)
-    for a, b in zip(remote.check(images), local_verdicts):
+    for a, b in zip(remote.check(images), local_verdicts, strict=True):
         assert a.flagged == b.flagged and a.category == b.category
         assert max(abs(a.probabilities[k] - b.probabilities[k]) for k in a.probabilities) <= ATOL

@@ -38,10 +38,17 @@ def engine_with_plan(engine_copy):
     plan = engine_copy / "model.plan"
     plan.write_bytes(b"not a real TensorRT plan; Triton never loads it in these tests")
     manifest = contract.read_manifest(engine_copy).with_artifact(contract.artifact_for(engine_copy, plan, "trt"))
-    extra = dict(manifest.extra, tensorrt={
-        "version": "10.9.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "strongly_typed": True,
-        "source": "model.fp16.onnx", "profile": {"min": 1, "opt": 4, "max": PLAN_PROFILE_MAX},
-    })
+    extra = dict(
+        manifest.extra,
+        tensorrt={
+            "version": "10.9.0",
+            "gpu": "NVIDIA H200",
+            "compute_capability": "9.0",
+            "strongly_typed": True,
+            "source": "model.fp16.onnx",
+            "profile": {"min": 1, "opt": 4, "max": PLAN_PROFILE_MAX},
+        },
+    )
     contract.write_manifest(engine_copy, replace(manifest, extra=extra))
     return engine_copy
 
@@ -63,7 +70,12 @@ def test_onnxruntime_model(tiny_engine, tmp_path):
     folder = folders[0]
     cfg = load_config(folder)
 
-    assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == ("safeclip", "onnxruntime_onnx", "onnxruntime", 16)
+    assert (cfg.name, cfg.platform, cfg.backend, cfg.max_batch_size) == (
+        "safeclip",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        16,
+    )
     # No batch dimension in dims: max_batch_size > 0 makes Triton prepend it.
     size = manifest.image.size
     assert tensors(cfg.input) == [("image", pb.TYPE_UINT8, [size, size, 3])]
@@ -92,7 +104,9 @@ def test_tensorrt_plan_model_where_a_plan_exists(engine_with_plan, tmp_path):
     from tritonclient.grpc import model_config_pb2 as pb
 
     manifest = contract.read_manifest(engine_with_plan)
-    folders = write_model_repository(engine_with_plan, tmp_path / "repo", name="gate", batching=Batching(16, (4, 8, 16)))
+    folders = write_model_repository(
+        engine_with_plan, tmp_path / "repo", name="gate", batching=Batching(16, (4, 8, 16))
+    )
     assert [f.name for f in folders] == ["gate", "gate_trt"]
     cfg = load_config(folders[1])
     assert (cfg.name, cfg.platform, cfg.backend) == ("gate_trt", "tensorrt_plan", "tensorrt")
@@ -145,11 +159,14 @@ def test_signature_without_onnx_installed(tiny_engine, monkeypatch):
     assert triton_repo.onnx_signature(path) == expected
 
 
-@pytest.mark.parametrize("batching, match", [
-    ((0, (), 0), "max batch must be >= 1"),
-    ((8, (4, 16), 0), r"preferred batch sizes \[16\] are outside 1..8"),
-    ((8, (4,), -1), "max queue delay must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "batching, match",
+    [
+        ((0, (), 0), "max batch must be >= 1"),
+        ((8, (4, 16), 0), r"preferred batch sizes \[16\] are outside 1..8"),
+        ((8, (4,), -1), "max queue delay must be >= 0"),
+    ],
+)
 def test_bad_batching_is_refused(batching, match):
     with pytest.raises(TritonRepoError, match=match):
         Batching(*batching)
@@ -183,29 +200,38 @@ def _run_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedPro
 
 
 def test_without_tritonclient_the_command_says_so(tiny_engine, tmp_path):
-    proc = _run_blocked(("tritonclient",), f"""
+    proc = _run_blocked(
+        ("tritonclient",),
+        f"""
         from safeclip.runtime.cli import main
         sys.exit(main(["export-triton", "--engine", {str(tiny_engine)!r}, "--out", {str(tmp_path / "repo")!r}]))
-    """)
+    """,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "pip install 'safeclip[triton]'" in proc.stderr
     assert not (tmp_path / "repo").exists()
 
 
 def test_export_triton_is_torch_free(tiny_engine, tmp_path):
-    proc = _run_blocked(("torch", "transformers"), f"""
+    proc = _run_blocked(
+        ("torch", "transformers"),
+        f"""
         from safeclip.export.triton_repo import write_model_repository
         write_model_repository({str(tiny_engine)!r}, {str(tmp_path / "repo")!r})
-    """)
+    """,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "repo" / "safeclip" / "1" / "model.onnx").is_file()
 
 
-@pytest.mark.parametrize("given, expected", [
-    ("/tmp", "/tmp/gate-trt-cache"),
-    ("/models/cache/", "/models/cache/gate-trt-cache"),
-    ("/", "/gate-trt-cache"),
-])
+@pytest.mark.parametrize(
+    "given, expected",
+    [
+        ("/tmp", "/tmp/gate-trt-cache"),
+        ("/models/cache/", "/models/cache/gate-trt-cache"),
+        ("/", "/gate-trt-cache"),
+    ],
+)
 def test_trt_cache_path_is_one_level_below_an_existing_folder(engine_copy, tmp_path, given, expected):
     folders = write_model_repository(engine_copy, tmp_path / "repo", name="gate", trt_cache_dir=given)
     [accelerator] = load_config(folders[0]).optimization.execution_accelerators.gpu_execution_accelerator

@@ -21,13 +21,36 @@ ANY = FLOATS | INTS | {T.BOOL, T.INT8}
 # Operator -> element types TensorRT 10 accepts for its first (data) input. Only operators safeclip's
 # graphs may contain are listed: a new one fails the test until someone checks it against the docs.
 TRT_OPS = {
-    "Add": FLOATS | INTS, "Sub": FLOATS | INTS, "Mul": FLOATS | INTS, "Div": FLOATS | INTS,
-    "Pow": FLOATS, "Sqrt": FLOATS, "Sigmoid": FLOATS, "Softmax": FLOATS, "Erf": FLOATS, "Tanh": FLOATS,
-    "MatMul": FLOATS, "Gemm": FLOATS, "Conv": FLOATS,
-    "LayerNormalization": FLOATS, "ReduceL2": FLOATS, "ReduceMean": FLOATS, "ReduceSum": FLOATS | INTS,
-    "Cast": ANY | {T.UINT8}, "Identity": ANY, "Shape": ANY, "Reshape": ANY, "Transpose": ANY,
-    "Concat": ANY, "Gather": ANY, "Expand": ANY, "Slice": ANY, "Squeeze": ANY, "Unsqueeze": ANY,
-    "Constant": ANY, "Where": FLOATS | INTS | {T.BOOL},
+    "Add": FLOATS | INTS,
+    "Sub": FLOATS | INTS,
+    "Mul": FLOATS | INTS,
+    "Div": FLOATS | INTS,
+    "Pow": FLOATS,
+    "Sqrt": FLOATS,
+    "Sigmoid": FLOATS,
+    "Softmax": FLOATS,
+    "Erf": FLOATS,
+    "Tanh": FLOATS,
+    "MatMul": FLOATS,
+    "Gemm": FLOATS,
+    "Conv": FLOATS,
+    "LayerNormalization": FLOATS,
+    "ReduceL2": FLOATS,
+    "ReduceMean": FLOATS,
+    "ReduceSum": FLOATS | INTS,
+    "Cast": ANY | {T.UINT8},
+    "Identity": ANY,
+    "Shape": ANY,
+    "Reshape": ANY,
+    "Transpose": ANY,
+    "Concat": ANY,
+    "Gather": ANY,
+    "Expand": ANY,
+    "Slice": ANY,
+    "Squeeze": ANY,
+    "Unsqueeze": ANY,
+    "Constant": ANY,
+    "Where": FLOATS | INTS | {T.BOOL},
 }
 NEEDS_INITIALIZER = {"Conv": 1}  # op -> input index that must be an initializer (the weights)
 
@@ -64,11 +87,15 @@ def trt_violations(model: onnx.ModelProto) -> list[str]:
             continue
         for name in node.input:
             if name in uint8_inputs and node.op_type != "Cast":
-                problems.append(f"{where}: reads the uint8 input {name!r}; TensorRT takes a uint8 input only into a Cast")
+                problems.append(
+                    f"{where}: reads the uint8 input {name!r}; TensorRT takes a uint8 input only into a Cast"
+                )
         data = node.input[0] if node.input else None
         if data and types.get(data) not in allowed:
-            problems.append(f"{where}: input {data!r} has type {onnx.TensorProto.DataType.Name(types.get(data, 0))}, "
-                            "which TensorRT does not take here")
+            problems.append(
+                f"{where}: input {data!r} has type {onnx.TensorProto.DataType.Name(types.get(data, 0))}, "
+                "which TensorRT does not take here"
+            )
         index = NEEDS_INITIALIZER.get(node.op_type)
         if index is not None and node.input[index] not in initializers:
             problems.append(f"{where}: input {index} must be an initializer")

@@ -52,8 +52,9 @@ def fp32_model(engine_dir: Path) -> Path:
 def tensors(session_io) -> list[Tensor]:
     # Triton's dims leave out the batch dimension; a symbolic dim beyond it becomes -1 (variable).
     return [
-        Tensor(name=t.name, dtype=ORT_TO_NUMPY[t.type],
-               shape=tuple(d if isinstance(d, int) else -1 for d in t.shape[1:]))
+        Tensor(
+            name=t.name, dtype=ORT_TO_NUMPY[t.type], shape=tuple(d if isinstance(d, int) else -1 for d in t.shape[1:])
+        )
         for t in session_io
     ]
 
@@ -63,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", required=True, type=Path)
     parser.add_argument("--model", default="safeclip")
     parser.add_argument("--max-batch", type=int, default=4)
-    parser.add_argument("--workspace", type=Path, default=None,
-                        help="folder for PyTriton's sockets and model store (default: a temporary one)")
+    parser.add_argument(
+        "--workspace",
+        type=Path,
+        default=None,
+        help="folder for PyTriton's sockets and model store (default: a temporary one)",
+    )
     args = parser.parse_args(argv)
 
     session = ort.InferenceSession(str(fp32_model(args.engine)), providers=["CPUExecutionProvider"])
@@ -77,13 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         # The tests read these lines to see the dynamic batcher merge requests from several clients.
         print(f"executed batch {len(images)}", flush=True)
         outputs = session.run(output_names, {input_name: images})
-        return dict(zip(output_names, outputs))
+        return dict(zip(output_names, outputs, strict=True))
 
     grpc_port, http_port = free_port(), free_port()
     config = TritonConfig(
-        http_address="127.0.0.1", http_port=http_port,
-        grpc_address="127.0.0.1", grpc_port=grpc_port,
-        allow_metrics=False, allow_sagemaker=False, allow_vertex_ai=False,
+        http_address="127.0.0.1",
+        http_port=http_port,
+        grpc_address="127.0.0.1",
+        grpc_port=grpc_port,
+        allow_metrics=False,
+        allow_sagemaker=False,
+        allow_vertex_ai=False,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -95,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             inputs=tensors(session.get_inputs()),
             outputs=tensors(session.get_outputs()),
             # Dynamic batching on, as in the generated config, so concurrent requests really get merged.
-            config=ModelConfig(max_batch_size=args.max_batch,
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=2000)),
+            config=ModelConfig(
+                max_batch_size=args.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=2000)
+            ),
             strict=True,
         )
         triton.run()

@@ -6,20 +6,47 @@ from bench.benchmarks import decision, end_to_end, gate, head, precision, prepro
 from bench.runner import Benchmark
 
 REGISTRY: tuple[Benchmark, ...] = (
-    Benchmark("head", "Head overhead", "fused engine ≤ 1 % slower than the bare vision tower",
-              head.run, head.expected, head.needs),
-    Benchmark("decision", "Decision path", "≤ 20 µs per image from probs to verdicts",
-              decision.run, decision.expected),
-    Benchmark("preprocess", "Preprocessing", "report the ratio against PIL + CLIPImageProcessor (+ LLaVA pad)",
-              preprocessing.run, preprocessing.expected),
-    Benchmark("end_to_end", "End to end", "≥ 3x the transformers zero-shot pipeline",
-              end_to_end.run, end_to_end.expected, end_to_end.needs),
-    Benchmark("precision", "Precision", "speed and decision agreement of FP16 / INT8 against FP32",
-              precision.run, precision.expected, precision.needs),
-    Benchmark("gate", "Gate server", "< 1 ms p50 added per request",
-              gate.run, gate.expected, gate.needs),
-    Benchmark("scaling", "Scaling", "throughput curve over batch size 1..32, with a plot",
-              scaling.run, scaling.expected, scaling.needs),
+    Benchmark(
+        "head",
+        "Head overhead",
+        "fused engine ≤ 1 % slower than the bare vision tower",
+        head.run,
+        head.expected,
+        head.needs,
+    ),
+    Benchmark("decision", "Decision path", "≤ 20 µs per image from probs to verdicts", decision.run, decision.expected),
+    Benchmark(
+        "preprocess",
+        "Preprocessing",
+        "report the ratio against PIL + CLIPImageProcessor (+ LLaVA pad)",
+        preprocessing.run,
+        preprocessing.expected,
+    ),
+    Benchmark(
+        "end_to_end",
+        "End to end",
+        "≥ 3x the transformers zero-shot pipeline",
+        end_to_end.run,
+        end_to_end.expected,
+        end_to_end.needs,
+    ),
+    Benchmark(
+        "precision",
+        "Precision",
+        "speed and decision agreement of FP16 / INT8 against FP32",
+        precision.run,
+        precision.expected,
+        precision.needs,
+    ),
+    Benchmark("gate", "Gate server", "< 1 ms p50 added per request", gate.run, gate.expected, gate.needs),
+    Benchmark(
+        "scaling",
+        "Scaling",
+        "throughput curve over batch size 1..32, with a plot",
+        scaling.run,
+        scaling.expected,
+        scaling.needs,
+    ),
 )
 
 NAMES = tuple(b.name for b in REGISTRY)

@@ -27,7 +27,9 @@ def run(ctx, result: Result) -> None:
     policy = Policy(names, neutral, {n: contract.DEFAULT_THRESHOLD for n in names if n != neutral})
     rng = np.random.default_rng(0)
     result.params.update(categories=len(names), thresholds="manifest default for every non-neutral category")
-    result.notes.append("Probabilities are softmaxes of random logits (some rows over threshold); sha256 strings precomputed.")
+    result.notes.append(
+        "Probabilities are softmaxes of random logits (some rows over threshold); sha256 strings precomputed."
+    )
     for batch in s.decision_batches:
         logits = rng.normal(0, 3, (batch, len(names))).astype(np.float32)
         probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
@@ -40,5 +42,11 @@ def run(ctx, result: Result) -> None:
         loop = per_call(decide, calls)
         repeats = plan_repeats(time_once(loop), s.decision_budget_s, 5, 50)
         samples = [time_once(loop) / calls / batch * 1e6 for _ in range(repeats)]
-        result.add(f"batch{batch}.us_per_image", f"Policy.decide, batch {batch}, per image", "µs", samples,
-                   goal=("<=", GOAL_US), detail=f"{calls} calls per sample")
+        result.add(
+            f"batch{batch}.us_per_image",
+            f"Policy.decide, batch {batch}, per image",
+            "µs",
+            samples,
+            goal=("<=", GOAL_US),
+            detail=f"{calls} calls per sample",
+        )

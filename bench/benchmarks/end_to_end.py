@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 
@@ -35,9 +36,10 @@ class TransformersZeroShot:
 
         self.torch = torch
         self.model = clip.model
-        self.processor = CLIPProcessor(image_processor=clip_processor(self.model.config.vision_config.image_size,
-                                                                      clip.mean, clip.std),
-                                       tokenizer=clip.tokenizer)
+        self.processor = CLIPProcessor(
+            image_processor=clip_processor(self.model.config.vision_config.image_size, clip.mean, clip.std),
+            tokenizer=clip.tokenizer,
+        )
         self.pad = tuple(int(m * 255) for m in clip.mean)
         self.threshold = threshold
         with torch.inference_mode():
@@ -78,11 +80,14 @@ def run(ctx, result: Result) -> None:
     width, height = s.e2e_source
     images = jpegs(s.e2e_images, height, width, seed=100)
     result.params.update(
-        arch=a.label, images=s.e2e_images, source=f"{width}x{height} JPEG", batch=s.e2e_batch,
+        arch=a.label,
+        images=s.e2e_images,
+        source=f"{width}x{height} JPEG",
+        batch=s.e2e_batch,
         safeclip=f"Gate.from_engine(backend='cpu', precision='fp32', max_batch={s.e2e_batch} (the default) or 1)"
-                 ".check(jpeg bytes); and precision='int8' (dynamic, as `safeclip quantize` makes it), max_batch=1",
+        ".check(jpeg bytes); and precision='int8' (dynamic, as `safeclip quantize` makes it), max_batch=1",
         transformers="CLIPModel (default sdpa attention) + CLIPProcessor(CLIPImageProcessorPil) after expand2square; "
-                     "text features computed once, untimed",
+        "text features computed once, untimed",
         torch_threads=user.torch.get_num_threads(),
     )
     result.notes.append(
@@ -101,10 +106,11 @@ def run(ctx, result: Result) -> None:
     user.screen(warm[:1])
     user.screen(warm)
 
-    per_round = {c: [] for c in CONTENDERS}
+    per_round: dict[str, list[float]] = {c: [] for c in CONTENDERS}
     b1_images: list[float] = []
-    chunks = [images[i:i + s.e2e_batch] for i in range(0, len(images), s.e2e_batch)]
+    chunks = [images[i : i + s.e2e_batch] for i in range(0, len(images), s.e2e_batch)]
     for r, chunk in enumerate(chunks):
+
         def run_gate(chunk=chunk):
             return gate.check(chunk)
 
@@ -116,13 +122,13 @@ def run(ctx, result: Result) -> None:
 
         def run_b1(chunk=chunk):
             for one in chunk:
-                b1_images.append(time_once(lambda one=one: user.screen([one])))
+                b1_images.append(time_once(functools.partial(user.screen, [one])))
 
         def run_batched(chunk=chunk):
             return user.screen(chunk)
 
-        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched)))
-        order = CONTENDERS[r % len(CONTENDERS):] + CONTENDERS[:r % len(CONTENDERS)]
+        fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched), strict=True))
+        order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
         for name in order:
             settle()
             seconds = time_once(fns[name])
@@ -137,15 +143,45 @@ def run(ctx, result: Result) -> None:
         "transformers_batched": f"transformers zero-shot, {a.label}, batch {s.e2e_batch}",
     }
     for name in CONTENDERS:
-        result.add(f"{name}.images_per_s", labels[name], "images/s", per_round[name], higher_is_better=True,
-                   detail=f"{s.e2e_images} {width}x{height} JPEGs")
-    result.add("transformers_b1.ms_per_image", f"transformers zero-shot, {a.label}, batch 1, per image", "ms",
-               [v * 1e3 for v in b1_images])
-    result.ratio("speedup_vs_b1", f"{a.label}: safeclip (batch {s.e2e_batch}) vs transformers batch 1", "safeclip.images_per_s",
-                 "transformers_b1.images_per_s", goal=(">=", GOAL_X))
-    result.ratio("speedup_vs_batched", f"{a.label}: safeclip vs transformers, both batch {s.e2e_batch}",
-                 "safeclip.images_per_s", "transformers_batched.images_per_s", goal=(">=", GOAL_X))
-    result.ratio("speedup_b1_vs_b1", f"{a.label}: safeclip vs transformers, both batch 1",
-                 "safeclip_b1.images_per_s", "transformers_b1.images_per_s", goal=(">=", GOAL_X))
-    result.ratio("speedup_int8_b1_vs_b1", f"{a.label}: safeclip INT8 dynamic vs transformers FP32, both batch 1",
-                 "safeclip_int8_b1.images_per_s", "transformers_b1.images_per_s", goal=(">=", GOAL_X))
+        result.add(
+            f"{name}.images_per_s",
+            labels[name],
+            "images/s",
+            per_round[name],
+            higher_is_better=True,
+            detail=f"{s.e2e_images} {width}x{height} JPEGs",
+        )
+    result.add(
+        "transformers_b1.ms_per_image",
+        f"transformers zero-shot, {a.label}, batch 1, per image",
+        "ms",
+        [v * 1e3 for v in b1_images],
+    )
+    result.ratio(
+        "speedup_vs_b1",
+        f"{a.label}: safeclip (batch {s.e2e_batch}) vs transformers batch 1",
+        "safeclip.images_per_s",
+        "transformers_b1.images_per_s",
+        goal=(">=", GOAL_X),
+    )
+    result.ratio(
+        "speedup_vs_batched",
+        f"{a.label}: safeclip vs transformers, both batch {s.e2e_batch}",
+        "safeclip.images_per_s",
+        "transformers_batched.images_per_s",
+        goal=(">=", GOAL_X),
+    )
+    result.ratio(
+        "speedup_b1_vs_b1",
+        f"{a.label}: safeclip vs transformers, both batch 1",
+        "safeclip_b1.images_per_s",
+        "transformers_b1.images_per_s",
+        goal=(">=", GOAL_X),
+    )
+    result.ratio(
+        "speedup_int8_b1_vs_b1",
+        f"{a.label}: safeclip INT8 dynamic vs transformers FP32, both batch 1",
+        "safeclip_int8_b1.images_per_s",
+        "transformers_b1.images_per_s",
+        goal=(">=", GOAL_X),
+    )

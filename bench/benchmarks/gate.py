@@ -20,8 +20,9 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from bench.core import NotRun, Result
 from bench.fixtures import arch, jpeg, log, photo_like
@@ -41,7 +42,11 @@ def expected(s):
         for cache in ("cold", "warm"):
             keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
     for cache in ("warm", "cold"):
-        keys += [f"concurrent.{cache}.direct_rps", f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.throughput_vs_direct"]
+        keys += [
+            f"concurrent.{cache}.direct_rps",
+            f"concurrent.{cache}.gate_rps",
+            f"concurrent.{cache}.throughput_vs_direct",
+        ]
     keys += ["fairness.idle_ms", "fairness.loaded_ms", "fairness.loaded_vs_idle"]
     return keys
 
@@ -58,9 +63,11 @@ def available() -> None:
 
 
 def request_body(images: list[bytes]) -> bytes:
-    content = [{"type": "text", "text": "Describe the image."}]
-    content += [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
-                for b in images]
+    content: list[dict[str, Any]] = [{"type": "text", "text": "Describe the image."}]
+    content += [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(b).decode()}}
+        for b in images
+    ]
     return json.dumps({"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": 8}).encode()
 
 
@@ -87,9 +94,15 @@ def run(ctx, result: Result) -> None:
         return [jpeg(photo_like(px, px, next(seed))) for _ in range(n)]
 
     result.params.update(
-        arch=a.label, image=f"{px}x{px} JPEG (data URL)", engine_backend="cpu", engine_precision="fp32",
-        server="safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise",
-        upstream="bench.upstream: aiohttp, answers at once", clients=s.gate_clients,
+        arch=a.label,
+        image=f"{px}x{px} JPEG (data URL)",
+        engine_backend="cpu",
+        engine_precision="fp32",
+        server=(
+            "safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise"
+        ),
+        upstream="bench.upstream: aiohttp, answers at once",
+        clients=s.gate_clients,
     )
     result.notes.append(
         "Cold: every request carries images the gate has not seen, so it decodes, resizes and runs the engine; "
@@ -104,24 +117,56 @@ def run(ctx, result: Result) -> None:
             what = f"{n} image{'s' if n > 1 else ''}/request, cache {cache}"
             result.add(f"{n}img.{cache}.direct_ms", f"upstream directly, {what}", "ms", direct, tail=True)
             result.add(f"{n}img.{cache}.gate_ms", f"through the gate, {what}", "ms", gate, tail=True)
-            result.add(f"{n}img.{cache}.added_ms", f"{a.label}: latency added, {what}", "ms",
-                       [g - d for g, d in zip(gate, direct)], goal=("<", GOAL_MS), tail=True)
+            result.add(
+                f"{n}img.{cache}.added_ms",
+                f"{a.label}: latency added, {what}",
+                "ms",
+                [g - d for g, d in zip(gate, direct, strict=True)],
+                goal=("<", GOAL_MS),
+                tail=True,
+            )
     for cache in ("warm", "cold"):
         direct, gate, total = measured[("concurrent", cache)]
         what = f"{s.gate_clients} concurrent clients, 1 image/request, cache {cache}"
-        result.add(f"concurrent.{cache}.direct_rps", f"upstream directly, {what}", "requests/s", direct,
-                   higher_is_better=True, detail=f"{total} requests in {len(direct)} rounds")
-        result.add(f"concurrent.{cache}.gate_rps", f"through the gate, {what}", "requests/s", gate,
-                   higher_is_better=True, detail=f"{total} requests in {len(gate)} rounds")
-        result.ratio(f"concurrent.{cache}.throughput_vs_direct", f"{a.label}: gate throughput / direct, {what}",
-                     f"concurrent.{cache}.gate_rps", f"concurrent.{cache}.direct_rps")
+        result.add(
+            f"concurrent.{cache}.direct_rps",
+            f"upstream directly, {what}",
+            "requests/s",
+            direct,
+            higher_is_better=True,
+            detail=f"{total} requests in {len(direct)} rounds",
+        )
+        result.add(
+            f"concurrent.{cache}.gate_rps",
+            f"through the gate, {what}",
+            "requests/s",
+            gate,
+            higher_is_better=True,
+            detail=f"{total} requests in {len(gate)} rounds",
+        )
+        result.ratio(
+            f"concurrent.{cache}.throughput_vs_direct",
+            f"{a.label}: gate throughput / direct, {what}",
+            f"concurrent.{cache}.gate_rps",
+            f"concurrent.{cache}.direct_rps",
+        )
     idle, loaded, large_s = measured["fairness"]
     what = f"a 1-image request ({px} px JPEG, new image)"
     result.add("fairness.idle_ms", f"{what}, gate otherwise idle", "ms", idle, tail=True)
-    result.add("fairness.loaded_ms", f"{what}, while a {LARGE_IMAGES} x {LARGE_SIDE}x{LARGE_SIDE} PNG request is in "
-               "flight", "ms", loaded, tail=True, detail=f"the large request took {large_s:.1f} s")
-    result.ratio("fairness.loaded_vs_idle", f"{a.label}: small-request latency under a large request / idle",
-                 "fairness.loaded_ms", "fairness.idle_ms")
+    result.add(
+        "fairness.loaded_ms",
+        f"{what}, while a {LARGE_IMAGES} x {LARGE_SIDE}x{LARGE_SIDE} PNG request is in flight",
+        "ms",
+        loaded,
+        tail=True,
+        detail=f"the large request took {large_s:.1f} s",
+    )
+    result.ratio(
+        "fairness.loaded_vs_idle",
+        f"{a.label}: small-request latency under a large request / idle",
+        "fairness.loaded_ms",
+        "fairness.idle_ms",
+    )
 
 
 async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
@@ -130,10 +175,12 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
     out: dict = {}
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=s.gate_clients)) as session:
+
         async def post(base: str, body: bytes) -> float:
             start = time.perf_counter()
-            async with session.post(base + "/v1/chat/completions", data=body,
-                                    headers={"Content-Type": "application/json"}) as response:
+            async with session.post(
+                base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
                 text = await response.read()
             elapsed = time.perf_counter() - start
             if response.status != 200 or b"bench-upstream" not in text:
@@ -179,14 +226,15 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
         for cache in ("warm", "cold"):
             rounds = 3 if cache == "warm" else s.gate_cold_rounds
             per_round = max(s.gate_clients, s.gate_concurrent_requests // 3) if cache == "warm" else s.gate_clients
-            direct, gate = [], []
+            direct: list[float] = []
+            gate: list[float] = []
             shared = request_body(fresh(1))
             if cache == "warm":
                 await post(gate_url, shared)
             for r in range(rounds):
                 bodies = [shared] * per_round if cache == "warm" else [request_body(fresh(1)) for _ in range(per_round)]
                 order = [(upstream_url, direct), (gate_url, gate)]
-                for base, sink in (order if r % 2 == 0 else order[::-1]):
+                for base, sink in order if r % 2 == 0 else order[::-1]:
                     sink.append(await flood(base, bodies))
             out[("concurrent", cache)] = (direct, gate, per_round * rounds)
             log(f"gate: {s.gate_clients} concurrent clients, cache {cache}: {per_round * rounds} requests each way")
@@ -195,7 +243,7 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
         idle = [(await timed_gate(request_body(fresh(1)))) for _ in range(FAIRNESS_SAMPLES)]
         large = asyncio.ensure_future(timed_gate(request_body(large_pngs()), expect_status=200))
         await asyncio.sleep(0.5)  # let its decoding start
-        loaded = []
+        loaded: list[float] = []
         while not large.done() and len(loaded) < FAIRNESS_SAMPLES:
             elapsed = await timed_gate(request_body(fresh(1)))
             if not large.done():  # only requests that ran start to end beside the large one count
@@ -219,36 +267,66 @@ def services(engine: Path, workdir: Path):
     """Start the upstream and `safeclip serve` in front of it; yield their URLs; stop both."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     up_port, gate_port = _free_port(), _free_port()
-    logs = {name: open(workdir / f"{name}.log", "w+b") for name in ("upstream", "gate")}
-    procs: dict[str, subprocess.Popen] = {}
-    try:
-        procs["upstream"] = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
-                                             cwd=REPO, env=env, stdout=logs["upstream"], stderr=subprocess.STDOUT)
-        upstream_url = f"http://127.0.0.1:{up_port}"
-        procs["gate"] = subprocess.Popen(
-            [sys.executable, "-m", "safeclip.runtime.cli", "serve", "--engine", str(engine), "--upstream", upstream_url,
-             "--host", "127.0.0.1", "--port", str(gate_port), "--backend", "cpu", "--precision", "fp32",
-             "--threshold", "1.0", "--log-level", "WARNING",
-             # room for the fairness load (16 x 64 MP) in one request
-             "--max-request-pixels", str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE), "--max-body-bytes", str(64 << 20)],
-            cwd=REPO, env=env, stdout=logs["gate"], stderr=subprocess.STDOUT,
-        )
-        gate_url = f"http://127.0.0.1:{gate_port}"
-        _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
-        yield upstream_url, gate_url
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc in procs.items():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log(f"gate: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
-                proc.kill()
-                proc.wait()
-        for f in logs.values():
-            f.close()
+    # The logs stay open until both processes have stopped (the finally below), then close.
+    with ExitStack() as stack:
+        logs = {name: stack.enter_context(open(workdir / f"{name}.log", "w+b")) for name in ("upstream", "gate")}
+        procs: dict[str, subprocess.Popen] = {}
+        try:
+            procs["upstream"] = subprocess.Popen(
+                [sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
+                cwd=REPO,
+                env=env,
+                stdout=logs["upstream"],
+                stderr=subprocess.STDOUT,
+            )
+            upstream_url = f"http://127.0.0.1:{up_port}"
+            procs["gate"] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "safeclip.runtime.cli",
+                    "serve",
+                    "--engine",
+                    str(engine),
+                    "--upstream",
+                    upstream_url,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gate_port),
+                    "--backend",
+                    "cpu",
+                    "--precision",
+                    "fp32",
+                    "--threshold",
+                    "1.0",
+                    "--log-level",
+                    "WARNING",
+                    # room for the fairness load (16 x 64 MP) in one request
+                    "--max-request-pixels",
+                    str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
+                    "--max-body-bytes",
+                    str(64 << 20),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=logs["gate"],
+                stderr=subprocess.STDOUT,
+            )
+            gate_url = f"http://127.0.0.1:{gate_port}"
+            _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
+            yield upstream_url, gate_url
+        finally:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in procs.items():
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    log(f"gate: {name} (pid {proc.pid}) ignored SIGTERM; killing it")
+                    proc.kill()
+                    proc.wait()
 
 
 def _wait_ready(urls: dict[str, str], procs: dict[str, subprocess.Popen], logs) -> None:

@@ -48,7 +48,10 @@ def clip_processor(size: int, mean, std):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     return CLIPImageProcessorPil(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=list(mean), image_std=list(std)
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
     )
 
 
@@ -65,11 +68,13 @@ def run(ctx, result: Result) -> None:
     processor = clip_processor(spec.size, spec.mean, spec.std)
     pad = spec.pad_color
     result.params.update(
-        target=spec.size, mode="pad", jpeg_quality=90,
+        target=spec.size,
+        mode="pad",
+        jpeg_quality=90,
         safeclip="Preprocessor(bytes) -> uint8 [S, S, 3] (normalization happens inside the engine)",
         gate="decode_image(bytes) -> Preprocessor.fit -> uint8 [S, S, 3] (full-resolution decode)",
         transformers="PIL.Image.open(bytes).convert('RGB') -> expand2square(mean colour) -> "
-                     "CLIPImageProcessorPil(return_tensors='pt') -> float32 [1, 3, S, S]",
+        "CLIPImageProcessorPil(return_tensors='pt') -> float32 [1, 3, S, S]",
         encode_png="encode_png(decoded full-resolution pixels), what the gate forwards",
     )
     for size in s.preprocess_sizes:
@@ -95,19 +100,51 @@ def run(ctx, result: Result) -> None:
                 raise RuntimeError(f"{_key(size)}: {name} did not produce a {spec.size}x{spec.size} image")
         if tuple(transformers_pre().shape) != (1, 3, spec.size, spec.size):
             raise RuntimeError(f"{_key(size)}: the reference did not produce a {spec.size}x{spec.size} image")
-        t = interleaved({"safeclip": safeclip_pre, "gate": gate_pre, "transformers": transformers_pre, "png": encode},
-                        budget_s=s.preprocess_budget_s, lo=s.preprocess_min, hi=s.preprocess_max, warmup=1)
+        t = interleaved(
+            {"safeclip": safeclip_pre, "gate": gate_pre, "transformers": transformers_pre, "png": encode},
+            budget_s=s.preprocess_budget_s,
+            lo=s.preprocess_min,
+            hi=s.preprocess_max,
+            warmup=1,
+        )
         k = _key(size)
         goal = GOALS.get(size)
-        result.add(f"{k}.safeclip_ms", f"{k} JPEG -> {spec.size}px, safeclip Preprocessor", "ms",
-                   [v * 1e3 for v in t["safeclip"]])
-        result.add(f"{k}.gate_ms", f"{k} JPEG -> {spec.size}px, decode_image + fit (the gate)", "ms",
-                   [v * 1e3 for v in t["gate"]])
-        result.add(f"{k}.transformers_ms", f"{k} JPEG -> {spec.size}px, PIL + expand2square + CLIPImageProcessorPil",
-                   "ms", [v * 1e3 for v in t["transformers"]])
-        result.add(f"{k}.encode_png_ms", f"{k} encode_png of the decoded pixels", "ms", [v * 1e3 for v in t["png"]],
-                   detail=f"{len(encode()) // 1024} KiB PNG")
-        result.ratio(f"{k}.speedup", f"{k} JPEG preprocessing speedup", f"{k}.transformers_ms", f"{k}.safeclip_ms",
-                     goal=None if goal is None else (">=", goal), detail=f"{len(data) // 1024} KiB JPEG")
-        result.ratio(f"{k}.gate_speedup", f"{k} JPEG preprocessing speedup, full decode (gate)",
-                     f"{k}.transformers_ms", f"{k}.gate_ms")
+        result.add(
+            f"{k}.safeclip_ms",
+            f"{k} JPEG -> {spec.size}px, safeclip Preprocessor",
+            "ms",
+            [v * 1e3 for v in t["safeclip"]],
+        )
+        result.add(
+            f"{k}.gate_ms",
+            f"{k} JPEG -> {spec.size}px, decode_image + fit (the gate)",
+            "ms",
+            [v * 1e3 for v in t["gate"]],
+        )
+        result.add(
+            f"{k}.transformers_ms",
+            f"{k} JPEG -> {spec.size}px, PIL + expand2square + CLIPImageProcessorPil",
+            "ms",
+            [v * 1e3 for v in t["transformers"]],
+        )
+        result.add(
+            f"{k}.encode_png_ms",
+            f"{k} encode_png of the decoded pixels",
+            "ms",
+            [v * 1e3 for v in t["png"]],
+            detail=f"{len(encode()) // 1024} KiB PNG",
+        )
+        result.ratio(
+            f"{k}.speedup",
+            f"{k} JPEG preprocessing speedup",
+            f"{k}.transformers_ms",
+            f"{k}.safeclip_ms",
+            goal=None if goal is None else (">=", goal),
+            detail=f"{len(data) // 1024} KiB JPEG",
+        )
+        result.ratio(
+            f"{k}.gate_speedup",
+            f"{k} JPEG preprocessing speedup, full decode (gate)",
+            f"{k}.transformers_ms",
+            f"{k}.gate_ms",
+        )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from bench.core import Result, interleaved
 from bench.fixtures import arch, engine_inputs
 
@@ -23,14 +25,23 @@ def run(ctx, result: Result) -> None:
     engine = Engine.load(built.path, backend="cpu", precision="fp32", max_batch=max(s.scaling_batches))
     x = engine_inputs(max(s.scaling_batches), a.image_size, seed=11)
     result.params.update(arch=a.label, precision="fp32", backend=engine.backend.device, batches=list(s.scaling_batches))
-    fns = {b: (lambda b=b: engine.infer(x[:b])) for b in s.scaling_batches}
+    fns = {b: functools.partial(engine.infer, x[:b]) for b in s.scaling_batches}
     t = interleaved(fns, budget_s=s.scaling_budget_s, lo=s.scaling_min, hi=s.scaling_max, warmup=1)
     for b in s.scaling_batches:
-        result.add(f"batch{b}.images_per_s", f"{a.label} engine, batch {b}", "images/s",
-                   [b / v for v in t[b]], higher_is_better=True)
+        result.add(
+            f"batch{b}.images_per_s",
+            f"{a.label} engine, batch {b}",
+            "images/s",
+            [b / v for v in t[b]],
+            higher_is_better=True,
+        )
     first, last = min(s.scaling_batches), max(s.scaling_batches)
-    result.ratio("largest_vs_batch1", f"{a.label} throughput, batch {last} vs batch {first}",
-                 f"batch{last}.images_per_s", f"batch{first}.images_per_s")
+    result.ratio(
+        "largest_vs_batch1",
+        f"{a.label} throughput, batch {last} vs batch {first}",
+        f"batch{last}.images_per_s",
+        f"batch{first}.images_per_s",
+    )
     if s.plot:
         path = ctx.out / f"{ctx.stem}-scaling.png"
         plot(result, s.scaling_batches, a.label, engine.backend.device, path)

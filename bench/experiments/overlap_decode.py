@@ -1,9 +1,13 @@
 """Experiment: does decoding the next chunk while the engine runs the current one help Gate.screen on 2 cores?"""
-import statistics, sys, time
+
+import statistics
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import numpy as np
-from bench.fixtures import arch, random_clip, build_engine, jpegs
+
+from bench.fixtures import arch, build_engine, jpegs, random_clip
 from safeclip.runtime.gate import Gate
 
 out = Path("/tmp/overlap-engine")
@@ -14,13 +18,20 @@ gate = Gate.from_engine(out, backend="cpu", precision="fp32", max_batch=8)
 images = jpegs(32, 768, 1024, seed=7)
 CHUNK = 8
 
+
 def sequential():
     return gate.screen(images)
 
+
 pool = ThreadPoolExecutor(1)
+
+
 def overlapped():
-    chunks = [images[i:i + CHUNK] for i in range(0, len(images), CHUNK)]
-    prep = lambda chunk: np.stack([gate.preprocessor(b) for b in chunk])
+    chunks = [images[i : i + CHUNK] for i in range(0, len(images), CHUNK)]
+
+    def prep(chunk):
+        return np.stack([gate.preprocessor(b) for b in chunk])
+
     nxt = pool.submit(prep, chunks[0])
     out = []
     for i in range(len(chunks)):
@@ -30,12 +41,19 @@ def overlapped():
         out += gate.classify(list(pixels), [""] * len(pixels))
     return out
 
+
 for f in (sequential, overlapped):
     f()
-times = {"sequential": [], "overlapped": []}
+times: dict[str, list[float]] = {"sequential": [], "overlapped": []}
 for r in range(7):
-    for name, f in (("sequential", sequential), ("overlapped", overlapped)) if r % 2 == 0 else (("overlapped", overlapped), ("sequential", sequential)):
-        s = time.perf_counter(); f(); times[name].append(time.perf_counter() - s)
+    for name, f in (
+        (("sequential", sequential), ("overlapped", overlapped))
+        if r % 2 == 0
+        else (("overlapped", overlapped), ("sequential", sequential))
+    ):
+        s = time.perf_counter()
+        f()
+        times[name].append(time.perf_counter() - s)
 for k, v in times.items():
-    print(k, f"median {statistics.median(v)*1000:.0f} ms for 32 images", [round(x, 2) for x in v])
+    print(k, f"median {statistics.median(v) * 1000:.0f} ms for 32 images", [round(x, 2) for x in v])
 print("ratio", statistics.median(times["sequential"]) / statistics.median(times["overlapped"]))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
-from importlib import metadata
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ PROVIDERS = {
 AUTO_ORDER = ("tensorrt", "cuda", "cpu")
 # The two pip distributions that install the `onnxruntime` module; exactly one may be present.
 ORT_BUILDS = {"onnxruntime": "cpu", "onnxruntime-gpu": "gpu"}
-INSTALL_HINT = "install exactly one onnxruntime build: pip install 'safeclip[cpu]' (CPU) or 'safeclip[gpu]' (CUDA, TensorRT)"
+INSTALL_HINT = (
+    "install exactly one onnxruntime build: pip install 'safeclip[cpu]' (CPU) or 'safeclip[gpu]' (CUDA, TensorRT)"
+)
 
 
 class OnnxRuntimeMissing(BackendError, ImportError):
@@ -52,9 +55,11 @@ def _conflict_note() -> str:
     builds = installed_builds()
     if len(builds) < 2:
         return ""
-    return (f"; {' and '.join(builds)} are both installed and share one `onnxruntime` module, so the CPU "
-            "build's files may have replaced the GPU providers: pip uninstall -y onnxruntime onnxruntime-gpu, "
-            "then pip install 'safeclip[gpu]'")
+    return (
+        f"; {' and '.join(builds)} are both installed and share one `onnxruntime` module, so the CPU "
+        "build's files may have replaced the GPU providers: pip uninstall -y onnxruntime onnxruntime-gpu, "
+        "then pip install 'safeclip[gpu]'"
+    )
 
 
 def available_providers() -> list[str]:
@@ -98,16 +103,19 @@ def preload_gpu_libraries(provider: str) -> None:
     if preload is not None:
         preload()
     if provider == "tensorrt":
-        try:
+        # Without the tensorrt_libs wheel, a system TensorRT (JetPack, a container) is on the loader's path instead.
+        with contextlib.suppress(ImportError):
             importlib.import_module("tensorrt_libs")
-        except ImportError:
-            pass  # a system TensorRT (JetPack, a container) is on the loader's path instead
 
 
 def _gpu_start_errors(ort) -> tuple[type[BaseException], ...]:
     """What InferenceSession raises when a provider cannot start (its pybind errors derive from Exception)."""
     state = ort.capi.onnxruntime_pybind11_state
-    return (RuntimeError, OSError, *(getattr(state, n) for n in ("Fail", "EPFail", "RuntimeException") if hasattr(state, n)))
+    return (
+        RuntimeError,
+        OSError,
+        *(getattr(state, n) for n in ("Fail", "EPFail", "RuntimeException") if hasattr(state, n)),
+    )
 
 
 class OnnxRuntimeBackend:
@@ -128,18 +136,21 @@ class OnnxRuntimeBackend:
             cache = Path(cache_dir or model_path.parent / "trt_cache")
             cache.mkdir(parents=True, exist_ok=True)
             providers = [
-                (PROVIDERS["tensorrt"], {
-                    # The EP builds its FP16 engine from the FP32 graph. LayerNorm stays FP32 because the
-                    # graph is opset >= 17, where it is one LayerNormalization node that TensorRT runs as a
-                    # normalization layer in FP32. trt_layer_norm_fp32_fallback does not do that: it only
-                    # catches the Pow -> ReduceMean form older opsets decompose LayerNorm into (kept as a guard).
-                    "trt_fp16_enable": True,
-                    "trt_layer_norm_fp32_fallback": True,
-                    "trt_engine_cache_enable": True,
-                    "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": True,
-                    "trt_timing_cache_path": str(cache),
-                }),
+                (
+                    PROVIDERS["tensorrt"],
+                    {
+                        # The EP builds its FP16 engine from the FP32 graph. LayerNorm stays FP32 because the
+                        # graph is opset >= 17, where it is one LayerNormalization node that TensorRT runs as a
+                        # normalization layer in FP32. trt_layer_norm_fp32_fallback does not do that: it only
+                        # catches the Pow -> ReduceMean form older opsets decompose LayerNorm into (kept as a guard).
+                        "trt_fp16_enable": True,
+                        "trt_layer_norm_fp32_fallback": True,
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": str(cache),
+                        "trt_timing_cache_enable": True,
+                        "trt_timing_cache_path": str(cache),
+                    },
+                ),
                 PROVIDERS["cuda"],
                 PROVIDERS["cpu"],
             ]
@@ -172,7 +183,7 @@ class OnnxRuntimeBackend:
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         outputs = self.session.run(names, {self.session.get_inputs()[0].name: images})
-        return dict(zip(names, outputs))
+        return dict(zip(names, outputs, strict=True))
 
 
 def open_auto(path_for: Callable[[str], Path], cache_dir: Path | None = None) -> tuple[OnnxRuntimeBackend, str]:
@@ -188,7 +199,8 @@ def open_auto(path_for: Callable[[str], Path], cache_dir: Path | None = None) ->
             failures.append(f"{provider}: {e}")
             continue
         if failures:
-            warnings.warn(f"--backend auto runs on {provider}; skipped " + "; ".join(failures), RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"--backend auto runs on {provider}; skipped " + "; ".join(failures), RuntimeWarning, stacklevel=3
+            )
         return backend, provider
     raise BackendError("--backend auto found no onnxruntime provider that runs here: " + "; ".join(failures))

@@ -115,8 +115,16 @@ class TensorRTBackend:
         host_in[...] = images
         if not self._context.set_input_shape(self._input, images.shape):
             raise BackendError(f"TensorRT refused input shape {images.shape} for {self._input!r}")
-        check(rt.cudaMemcpyAsync(self._device[self._input].ptr, self._host[self._input].ptr, images.nbytes,
-                                 rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync (input)")
+        check(
+            rt.cudaMemcpyAsync(
+                self._device[self._input].ptr,
+                self._host[self._input].ptr,
+                images.nbytes,
+                rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                stream,
+            ),
+            "cudaMemcpyAsync (input)",
+        )
         # TensorRT's binding takes the stream as a plain integer handle.
         if not self._context.execute_async_v3(int(stream)):
             raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
@@ -124,8 +132,16 @@ class TensorRTBackend:
         for name in self._outputs:
             shape = tuple(self._context.get_tensor_shape(name))
             out = self._host[name].array[: int(np.prod(shape))].reshape(shape)
-            check(rt.cudaMemcpyAsync(self._host[name].ptr, self._device[name].ptr, out.nbytes,
-                                     rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (output)")
+            check(
+                rt.cudaMemcpyAsync(
+                    self._host[name].ptr,
+                    self._device[name].ptr,
+                    out.nbytes,
+                    rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                    stream,
+                ),
+                "cudaMemcpyAsync (output)",
+            )
             results[name] = out
         self._stream.synchronize()
         # The pinned buffers are reused by the next call: hand out copies.
@@ -143,7 +159,8 @@ class _Buffers:
     def release(self) -> None:
         """Free every buffer and the stream, attempting all of them; the first CUDA error is raised after."""
         errors: list[CudaError] = []
-        for buffer in [*self.host.values(), *self.device.values()]:
+        buffers: list[PinnedBuffer | DeviceBuffer] = [*self.host.values(), *self.device.values()]
+        for buffer in buffers:
             try:
                 buffer.free()
             except CudaError as e:

@@ -60,8 +60,9 @@ class TritonURL:
 def parse_url(url: str) -> TritonURL:
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES or not parts.hostname:
-        raise ValueError(f"Triton URL {url!r} must look like triton://HOST:8001[/MODEL] (gRPC) "
-                         "or http://HOST:8000[/MODEL] (HTTP)")
+        raise ValueError(
+            f"Triton URL {url!r} must look like triton://HOST:8001[/MODEL] (gRPC) or http://HOST:8000[/MODEL] (HTTP)"
+        )
     if parts.query or parts.fragment:
         raise ValueError(f"Triton URL {url!r}: query strings and fragments mean nothing here")
     try:
@@ -135,8 +136,9 @@ class TritonBackend:
         image = module.InferInput(self._input.name, list(images.shape), "UINT8")
         image.set_data_from_numpy(images)
         names = [o.name for o in self._outputs]
-        result = self._call("infer", self._client().infer, self.model, [image],
-                            outputs=[module.InferRequestedOutput(n) for n in names])
+        result = self._call(
+            "infer", self._client().infer, self.model, [image], outputs=[module.InferRequestedOutput(n) for n in names]
+        )
         return {n: result.as_numpy(n) for n in names}
 
     # --- internals --------------------------------------------------------------------------------
@@ -164,7 +166,9 @@ class TritonBackend:
         try:
             return method(*args, **kwargs)
         except self._server_error as e:
-            raise BackendError(f"Triton server at {self.url.server} (model {self.model!r}) failed to {what}: {e}") from e
+            raise BackendError(
+                f"Triton server at {self.url.server} (model {self.model!r}) failed to {what}: {e}"
+            ) from e
         except OSError as e:  # the HTTP client reports a refused or dropped connection as an OSError
             raise BackendError(f"Triton server at {self.url.server} is unreachable ({what}): {e}") from e
 
@@ -194,8 +198,10 @@ def check_served_model(metadata: dict, config: dict, manifest: Manifest, where: 
     config = config.get("config", config)  # gRPC wraps the config in a response; HTTP returns it bare
     max_batch = int(config.get("max_batch_size", 0))
     if max_batch < 1:
-        raise BackendError(f"{where} has max_batch_size {max_batch}; safeclip needs a batching model "
-                           "(write one with `safeclip export-triton`)")
+        raise BackendError(
+            f"{where} has max_batch_size {max_batch}; safeclip needs a batching model "
+            "(write one with `safeclip export-triton`)"
+        )
 
     def spec(t: dict) -> tuple[str, str, tuple[int, ...]]:
         # gRPC's JSON writes int64 dims as strings; HTTP as numbers.
@@ -205,8 +211,10 @@ def check_served_model(metadata: dict, config: dict, manifest: Manifest, where: 
     want_input = (manifest.input, "UINT8", (-1, size, size, 3))
     inputs = [spec(t) for t in metadata.get("inputs", [])]
     if inputs != [want_input]:
-        raise ManifestError(f"{where}: inputs {inputs} differ from the manifest's [{want_input}] "
-                            "(another engine, or another image size?)")
+        raise ManifestError(
+            f"{where}: inputs {inputs} differ from the manifest's [{want_input}] "
+            "(another engine, or another image size?)"
+        )
     outputs = {name: (datatype, shape) for name, datatype, shape in map(spec, metadata.get("outputs", []))}
     if set(outputs) != set(manifest.outputs):
         raise ManifestError(f"{where}: outputs {sorted(outputs)} differ from the manifest's {sorted(manifest.outputs)}")
@@ -215,8 +223,9 @@ def check_served_model(metadata: dict, config: dict, manifest: Manifest, where: 
             raise ManifestError(f"{where}: output {name} is {datatype} {list(shape)}; expected FP32 [-1, ...]")
     probs_shape = outputs[contract.OUTPUT_PROBS][1]
     if probs_shape != (-1, len(manifest.categories)):
-        raise ManifestError(f"{where}: probs shape {list(probs_shape)} but the manifest has "
-                            f"{len(manifest.categories)} categories")
+        raise ManifestError(
+            f"{where}: probs shape {list(probs_shape)} but the manifest has {len(manifest.categories)} categories"
+        )
     # Specs in the manifest's order, with onnxruntime's type names, so Engine's checks read them alike.
     return ServedModel(
         max_batch=max_batch,

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server import pipeline
 from safeclip.runtime.server.batcher import MicroBatcher
@@ -33,7 +34,7 @@ from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import GATE_KEY_HEADER, StreamBroken, Upstream
 from safeclip.runtime.server.record import AuditLog, Record
-from safeclip.runtime.server.screener import Screener
+from safeclip.runtime.server.screener import EngineItem, Screener
 from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
 
 log = logging.getLogger("safeclip.server")
@@ -53,10 +54,21 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
     metrics = GateMetrics()
     upstream = None
     if config.upstream:
-        upstream = Upstream(config.upstream, config.timeouts.upstream_connect, config.timeouts.upstream_read, metrics,
-                            api_key=config.upstream_api_key, gate_key=config.api_key)
-    state = GateState(config=config, load_gate=load_gate, metrics=metrics,
-                      fetcher=Fetcher(config.fetch, config.limits.max_image_bytes), upstream=upstream)
+        upstream = Upstream(
+            config.upstream,
+            config.timeouts.upstream_connect,
+            config.timeouts.upstream_read,
+            metrics,
+            api_key=config.upstream_api_key,
+            gate_key=config.api_key,
+        )
+    state = GateState(
+        config=config,
+        load_gate=load_gate,
+        metrics=metrics,
+        fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
+        upstream=upstream,
+    )
     app = web.Application(middlewares=[_middleware])
     app[STATE] = state
     for path in ROUTES:
@@ -73,8 +85,11 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
 
 def policy_version(config: GateConfig, gate: Gate) -> str:
     """A short fingerprint of everything that decides a verdict and what is done with it."""
-    policy = {"model_hash": gate.manifest.model_hash, "thresholds": dict(gate.policy.thresholds),
-              **{k: v for k, v in to_dict(config).items() if k in ("action", "actions", "fail_open", "templates")}}
+    policy = {
+        "model_hash": gate.manifest.model_hash,
+        "thresholds": dict(gate.policy.thresholds),
+        **{k: v for k, v in to_dict(config).items() if k in ("action", "actions", "fail_open", "templates")},
+    }
     return hashlib.sha256(json.dumps(policy, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -100,7 +115,7 @@ async def _load(state: GateState) -> None:
         return
     metrics = state.metrics
 
-    def classify(items: list[tuple[Any, str]]):
+    def classify(items: list[EngineItem]) -> list[Verdict]:
         start = time.perf_counter()
         verdicts = gate.classify([pixels for pixels, _ in items], [digest for _, digest in items])
         metrics.stage.observe(time.perf_counter() - start, "infer")
@@ -121,11 +136,18 @@ async def _load(state: GateState) -> None:
     batcher.start()
     pool = DecodePool(batch.decode_workers)
     pool.start()
-    screener = Screener(batcher, VerdictCache(config.cache_size, config.cache_bytes), pool, gate.preprocessor,
-                        config.limits.max_request_pixels, observe)
+    screener = Screener(
+        batcher,
+        VerdictCache(config.cache_size, config.cache_bytes),
+        pool,
+        gate.preprocessor,
+        config.limits.max_request_pixels,
+        observe,
+    )
     categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
-    state.ready = Ready(screener, batcher, pool, policy_version(config, gate), categories,
-                        config.moderation_map(categories))
+    state.ready = Ready(
+        screener, batcher, pool, policy_version(config, gate), categories, config.moderation_map(categories)
+    )
     log.info("engine %s ready (policy %s)", gate.manifest.model_id, state.ready.policy_version)
 
 
@@ -161,7 +183,9 @@ def _route_label(path: str) -> str | None:
 
 
 @web.middleware
-async def _middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     state = request.app[STATE]
     record = Record(request_id=f"req-{secrets.token_hex(8)}", route=request.path)
     request[RECORD] = record
@@ -177,21 +201,33 @@ async def _middleware(request: web.Request, handler: Callable[[web.Request], Awa
     finally:
         label = _route_label(request.path)
         if label is not None:
-            outcome = "error" if record.error else record.action or ("flagged" if any(v.flagged for v in record.verdicts) else "clean")
+            outcome = (
+                "error"
+                if record.error
+                else record.action or ("flagged" if any(v.flagged for v in record.verdicts) else "clean")
+            )
             state.metrics.requests.inc(label, outcome)
             state.metrics.request_seconds.observe(time.perf_counter() - start, label)
             if state.audit is not None:
                 state.audit.write(record.audit_line(status, state.ready.policy_version if state.ready else ""))
 
 
-async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                  state: GateState, record: Record) -> web.StreamResponse:
+async def _answer(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    state: GateState,
+    record: Record,
+) -> web.StreamResponse:
     """The handler's response, or the error it raised in the route's API format; verdict headers on either."""
     try:
         # The key is checked before anything else, the body included.
         if state.config.api_key and request.path not in PROBES and not _authorized(request, state.config.api_key):
-            raise GateError(401, f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or "
-                                 f"`{GATE_KEY_HEADER}: KEY`)", "invalid_api_key", type="authentication_error")
+            raise GateError(
+                401,
+                f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or `{GATE_KEY_HEADER}: KEY`)",
+                "invalid_api_key",
+                type="authentication_error",
+            )
         response = await handler(request)
     except StreamBroken as e:  # already answered in part; aiohttp finds the connection closed and stops there
         record.error = e.code
@@ -205,8 +241,9 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
     except Exception as e:  # e.g. the engine failing: logged with its traceback, answered as a 500
         log.exception("%s: %s failed", record.request_id, request.path)
         record.error = "internal_error"
-        response = _error(request, GateError(500, f"the gate failed ({type(e).__name__}: {e})", record.error,
-                                             type="server_error"))
+        response = _error(
+            request, GateError(500, f"the gate failed ({type(e).__name__}: {e})", record.error, type="server_error")
+        )
     if not response.prepared:
         response.headers.update(record.headers())
     return response
@@ -214,8 +251,12 @@ async def _answer(request: web.Request, handler: Callable[[web.Request], Awaitab
 
 def _error(request: web.Request, error: GateError) -> web.Response:
     # Not ASCII-escaped: a message that names a key like `meſsages` must show the client that very key.
-    return web.json_response(dialect_for(request.path).error_body(error), status=error.status, headers=error.headers(),
-                             dumps=lambda value: json.dumps(value, ensure_ascii=False))
+    return web.json_response(
+        dialect_for(request.path).error_body(error),
+        status=error.status,
+        headers=error.headers(),
+        dumps=lambda value: json.dumps(value, ensure_ascii=False),
+    )
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:
@@ -234,5 +275,7 @@ async def _readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(body=request.app[STATE].metrics.render().encode(),
-                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        body=request.app[STATE].metrics.render().encode(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )

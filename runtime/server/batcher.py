@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.preprocess import ImageError
 from safeclip.runtime.server.errors import GateError
 
-Result = Verdict | ImageError
-ScreenFn = Callable[[list[bytes]], Sequence[Result]]
+Result = Verdict  # images are decoded before they reach the engine: what it answers is a verdict
+Item = TypeVar("Item")  # what one image is to the engine call (the gate passes fitted pixels and their digest)
+ScreenFn = Callable[[list[Item]], Sequence[Result]]
 OnBatch = Callable[[int, float], None]
 # Eight full engine calls at the default batch size: under a second of queueing on a GPU, several on a CPU.
 DEFAULT_MAX_QUEUED = 256
@@ -31,29 +32,41 @@ DEFAULT_MAX_QUEUED = 256
 
 class Overloaded(GateError):
     def __init__(self, queued: int, limit: int, retry_after: int):
-        super().__init__(503, f"the gate is overloaded: {queued} images are waiting for the engine (at most {limit} "
-                              f"are queued); retry in {retry_after} s", "overloaded", type="server_error",
-                         retry_after=retry_after)
+        super().__init__(
+            503,
+            f"the gate is overloaded: {queued} images are waiting for the engine (at most {limit} "
+            f"are queued); retry in {retry_after} s",
+            "overloaded",
+            type="server_error",
+            retry_after=retry_after,
+        )
 
 
 @dataclass
-class _Group:
-    images: list[bytes]
+class _Group(Generic[Item]):
+    images: list[Item]
     futures: list[asyncio.Future[Result]]
 
 
-class MicroBatcher:
-    def __init__(self, screen: ScreenFn, max_delay: float, max_size: int, on_batch: OnBatch | None = None,
-                 max_queued: int = DEFAULT_MAX_QUEUED):
+class MicroBatcher(Generic[Item]):
+    def __init__(
+        self,
+        screen: ScreenFn[Item],
+        max_delay: float,
+        max_size: int,
+        on_batch: OnBatch | None = None,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ):
         if max_delay < 0 or max_size < 1 or max_queued < 1:
-            raise ValueError(f"need max_delay >= 0, max_size >= 1 and max_queued >= 1, got {max_delay}, {max_size}, "
-                             f"{max_queued}")
+            raise ValueError(
+                f"need max_delay >= 0, max_size >= 1 and max_queued >= 1, got {max_delay}, {max_size}, {max_queued}"
+            )
         self.screen = screen
         self.max_delay = max_delay
         self.max_size = max_size
         self.max_queued = max_queued
         self.on_batch = on_batch
-        self._pending: list[_Group] = []
+        self._pending: list[_Group[Item]] = []
         self._queued = 0
         self._call_seconds = 0.0  # how long the last engine call took, to say when to retry
         self._arrived = asyncio.Event()
@@ -77,7 +90,7 @@ class MicroBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, images: list[bytes]) -> list[asyncio.Future[Result]]:
+    def submit(self, images: list[Item]) -> list[asyncio.Future[Result]]:
         """One future per image, resolved by the batching task whether or not the caller still waits.
 
         Overloaded if the images would take the queue past `max_queued`; an empty queue takes any request
@@ -96,8 +109,9 @@ class MicroBatcher:
             self._arrived.set()
         return group.futures
 
-    def _take(self) -> list[_Group]:
-        batch, count = [], 0
+    def _take(self) -> list[_Group[Item]]:
+        batch: list[_Group[Item]] = []
+        count = 0
         while self._pending and (not batch or count + len(self._pending[0].images) <= self.max_size):
             group = self._pending.pop(0)
             batch.append(group)
@@ -125,7 +139,7 @@ class MicroBatcher:
                 self._arrived.clear()
             await self._call(loop, batch)
 
-    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Group]) -> None:
+    async def _call(self, loop: asyncio.AbstractEventLoop, batch: list[_Group[Item]]) -> None:
         images = [image for group in batch for image in group.images]
         futures = [f for group in batch for f in group.futures]
         start = time.perf_counter()
@@ -141,6 +155,6 @@ class MicroBatcher:
         self._call_seconds = time.perf_counter() - start
         if self.on_batch is not None:
             self.on_batch(len(images), self._call_seconds)
-        for f, result in zip(futures, results):
+        for f, result in zip(futures, results, strict=True):
             if not f.done():
                 f.set_result(result)

@@ -38,38 +38,67 @@ def parse_actions(text: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safeclip serve", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="safeclip serve",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="TOML config file (flags override it)")
     add_engine_arguments(p, config_file=True)
-    p.add_argument("--upstream", help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 or "
-                                      "https://api.example.com/openai (without /v1); none: guardrail-only, the gate "
-                                      "serves /v1/moderations and the LiteLLM guardrail and forwards nothing")
+    p.add_argument(
+        "--upstream",
+        help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 or "
+        "https://api.example.com/openai (without /v1); none: guardrail-only, the gate "
+        "serves /v1/moderations and the LiteLLM guardrail and forwards nothing",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
     p.add_argument("--action", choices=ACTIONS, help="what to do with a flagged request (default refuse)")
     p.add_argument("--actions", type=parse_actions, metavar="CAT=ACTION,...", help="per-category actions")
-    p.add_argument("--fail-open", action=argparse.BooleanOptionalAction, default=None,
-                   help="forward undecodable images unscreened (counted in /metrics) instead of refusing them")
-    p.add_argument("--api-key", help="require this key from clients (default: $SAFECLIP_API_KEY, if set); it is "
-                                     "never forwarded upstream")
-    p.add_argument("--upstream-api-key", help="send this key upstream as `Authorization: Bearer`, replacing what the "
-                                              "client sent (default: $SAFECLIP_UPSTREAM_API_KEY, if set)")
+    p.add_argument(
+        "--fail-open",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="forward undecodable images unscreened (counted in /metrics) instead of refusing them",
+    )
+    p.add_argument(
+        "--api-key",
+        help="require this key from clients (default: $SAFECLIP_API_KEY, if set); it is never forwarded upstream",
+    )
+    p.add_argument(
+        "--upstream-api-key",
+        help="send this key upstream as `Authorization: Bearer`, replacing what the "
+        "client sent (default: $SAFECLIP_UPSTREAM_API_KEY, if set)",
+    )
     p.add_argument("--audit-log", help="append one JSON line per screened request to this file ('-' for stdout)")
-    p.add_argument("--verdict-field", action=argparse.BooleanOptionalAction, default=None,
-                   help="add a `safeclip` verdict object to non-streamed JSON responses")
-    p.add_argument("--allow", action="append", metavar="CIDR",
-                   help="let image URLs reach this private/loopback range (repeatable)")
+    p.add_argument(
+        "--verdict-field",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add a `safeclip` verdict object to non-streamed JSON responses",
+    )
+    p.add_argument(
+        "--allow", action="append", metavar="CIDR", help="let image URLs reach this private/loopback range (repeatable)"
+    )
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--max-images", type=int, help="images per request")
     p.add_argument("--max-image-bytes", type=int)
-    p.add_argument("--max-request-pixels", type=int, help="pixels of one request's images together (default 128,000,000)")
+    p.add_argument(
+        "--max-request-pixels", type=int, help="pixels of one request's images together (default 128,000,000)"
+    )
     p.add_argument("--decode-workers", type=int, help="threads that decode and resize images (default: cores, 2 to 8)")
-    p.add_argument("--forward-original", action=argparse.BooleanOptionalAction, default=None,
-                   help="forward images as sent instead of as the screened pixels (weaker; trusted clients only)")
+    p.add_argument(
+        "--forward-original",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="forward images as sent instead of as the screened pixels (weaker; trusted clients only)",
+    )
     p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
-    p.add_argument("--max-queued", type=int,
-                   help="images waiting for the engine before requests are answered 503 with Retry-After (default 256)")
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        help="images waiting for the engine before requests are answered 503 with Retry-After (default 256)",
+    )
     p.add_argument("--cache-size", type=int, help="verdicts kept by image sha256 (default 4096; 0 disables)")
     p.add_argument("--upstream-timeout", type=float, help="seconds the upstream may stay silent (default 600)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -78,17 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 # flag -> path in the config file's shape
 _FLAG_KEYS = {
-    "engine": ("engine",), "upstream": ("upstream",), "host": ("host",), "port": ("port",), "action": ("action",),
-    "actions": ("actions",), "threshold": ("threshold",), "thresholds": ("thresholds",), "disable": ("disabled",),
-    "backend": ("backend",), "precision": ("precision",), "fail_open": ("fail_open",), "api_key": ("api_key",),
-    "upstream_api_key": ("upstream_api_key",), "audit_log": ("audit_log",),
-    "verdict_field": ("verdict_field",), "allow": ("fetch", "allow"), "max_body_bytes": ("limits", "max_body_bytes"),
-    "max_images": ("limits", "max_images"), "max_image_bytes": ("limits", "max_image_bytes"),
-    "max_pixels": ("limits", "max_pixels"), "max_request_pixels": ("limits", "max_request_pixels"),
-    "decode_workers": ("batch", "decode_workers"), "forward_original": ("proxy", "forward_original"),
-    "batch_delay_ms": ("batch", "delay_ms"), "batch_size": ("batch", "size"),
+    "engine": ("engine",),
+    "upstream": ("upstream",),
+    "host": ("host",),
+    "port": ("port",),
+    "action": ("action",),
+    "actions": ("actions",),
+    "threshold": ("threshold",),
+    "thresholds": ("thresholds",),
+    "disable": ("disabled",),
+    "backend": ("backend",),
+    "precision": ("precision",),
+    "fail_open": ("fail_open",),
+    "api_key": ("api_key",),
+    "upstream_api_key": ("upstream_api_key",),
+    "audit_log": ("audit_log",),
+    "verdict_field": ("verdict_field",),
+    "allow": ("fetch", "allow"),
+    "max_body_bytes": ("limits", "max_body_bytes"),
+    "max_images": ("limits", "max_images"),
+    "max_image_bytes": ("limits", "max_image_bytes"),
+    "max_pixels": ("limits", "max_pixels"),
+    "max_request_pixels": ("limits", "max_request_pixels"),
+    "decode_workers": ("batch", "decode_workers"),
+    "forward_original": ("proxy", "forward_original"),
+    "batch_delay_ms": ("batch", "delay_ms"),
+    "batch_size": ("batch", "size"),
     "max_queued": ("batch", "max_queued"),
-    "cache_size": ("cache_size",), "upstream_timeout": ("timeouts", "upstream_read"),
+    "cache_size": ("cache_size",),
+    "upstream_timeout": ("timeouts", "upstream_read"),
 }
 
 
@@ -111,9 +158,16 @@ def overrides(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, An
 
 
 def load_gate(config: GateConfig) -> Gate:
-    return Gate.from_engine(config.engine, thresholds=config.thresholds, threshold=config.threshold,
-                            disabled=config.disabled, backend=config.backend, precision=config.precision,
-                            max_pixels=config.limits.max_pixels, max_batch=config.batch.size)
+    return Gate.from_engine(
+        config.engine,
+        thresholds=config.thresholds,
+        threshold=config.threshold,
+        disabled=config.disabled,
+        backend=config.backend,
+        precision=config.precision,
+        max_pixels=config.limits.max_pixels,
+        max_batch=config.batch.size,
+    )
 
 
 async def serve(config: GateConfig) -> int:
@@ -131,8 +185,12 @@ async def serve(config: GateConfig) -> int:
             print(f"safeclip serve: cannot listen on {config.host}:{config.port} ({reason})", file=sys.stderr)
             return 2
         for host, port, *_ in runner.addresses:  # the real port when --port 0
-            logging.info("gate listening on http://%s:%d -> %s", f"[{host}]" if ":" in host else host, port,
-                         config.upstream or "no upstream (guardrail-only)")
+            logging.info(
+                "gate listening on http://%s:%d -> %s",
+                f"[{host}]" if ":" in host else host,
+                port,
+                config.upstream or "no upstream (guardrail-only)",
+            )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from yarl import URL
 
 from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
@@ -27,8 +27,10 @@ from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, 
 # What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
 # Secrets: never read from the config file, never in the policy fingerprint. (key, flag, environment variable)
-SECRETS = (("api_key", "--api-key", "SAFECLIP_API_KEY"),
-           ("upstream_api_key", "--upstream-api-key", "SAFECLIP_UPSTREAM_API_KEY"))
+SECRETS = (
+    ("api_key", "--api-key", "SAFECLIP_API_KEY"),
+    ("upstream_api_key", "--upstream-api-key", "SAFECLIP_UPSTREAM_API_KEY"),
+)
 SECRET_KEYS = frozenset(key for key, _, _ in SECRETS)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -39,10 +41,9 @@ DEFAULT_SAFETY_PROMPT = (
     "harmful details of that image. If the request depends on them, decline briefly and say why; "
     "otherwise answer helpfully without them."
 )
-DEFAULT_REFUSAL = (
-    "I can't help with this request: an image in it was flagged by the content filter as {category}."
-)
+DEFAULT_REFUSAL = "I can't help with this request: an image in it was flagged by the content filter as {category}."
 TEMPLATE_FIELDS = {"category": "gun", "categories": "gun, knife", "probability": 0.5}
+
 
 def _int(minimum: int) -> Callable[[Any, str], int]:
     def parse(value: Any, where: str) -> int:
@@ -51,6 +52,7 @@ def _int(minimum: int) -> Callable[[Any, str], int]:
         if value < minimum:
             raise ValueError(f"{where}: must be >= {minimum}, got {value}")
         return value
+
     return parse
 
 
@@ -61,6 +63,7 @@ def _float(minimum: float, strict: bool = True) -> Callable[[Any, str], float]:
         if value < minimum or (strict and value == minimum):
             raise ValueError(f"{where}: must be {'>' if strict else '>='} {minimum}, got {value}")
         return float(value)
+
     return parse
 
 
@@ -85,6 +88,7 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
         if value not in choices:
             raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
         return value
+
     return parse
 
 
@@ -99,6 +103,7 @@ def _mapping(parse_value: Callable[[Any, str], Any]) -> Callable[[Any, str], dic
         if not isinstance(value, Mapping):
             raise ValueError(f"{where}: expected a table, got {value!r}")
         return {str(k): parse_value(v, f"{where}.{k}") for k, v in value.items()}
+
     return parse
 
 
@@ -134,7 +139,9 @@ def _openai_categories(value: Any, where: str) -> tuple[str, ...]:
     names = _str_tuple(value, where)
     for name in names:
         if name not in OPENAI_CATEGORIES:
-            raise ValueError(f"{where}: {name!r} is not an OpenAI moderation category; known: {list(OPENAI_CATEGORIES)}")
+            raise ValueError(
+                f"{where}: {name!r} is not an OpenAI moderation category; known: {list(OPENAI_CATEGORIES)}"
+            )
     return names
 
 

@@ -10,6 +10,7 @@ a small image always finds a worker free of large decodes.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -81,7 +82,7 @@ class DecodePool:
             self._busy += 1
             self._busy_large += job.large
             running = loop.run_in_executor(self._executor, job.work)
-            running.add_done_callback(lambda done, job=job: self._finished(job, done))
+            running.add_done_callback(functools.partial(self._finished, job))
 
     def _finished(self, job: _Job, done: asyncio.Future[Any]) -> None:
         self._busy -= 1
@@ -89,8 +90,8 @@ class DecodePool:
         if not job.future.done():
             if done.cancelled():
                 job.future.cancel()
-            elif done.exception() is not None:
-                job.future.set_exception(done.exception())  # type: ignore[arg-type]
+            elif (error := done.exception()) is not None:
+                job.future.set_exception(error)
             else:
                 job.future.set_result(done.result())
         elif not done.cancelled():

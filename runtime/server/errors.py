@@ -6,8 +6,15 @@ from __future__ import annotations
 class GateError(Exception):
     """A request the gate answers itself with an error in OpenAI's format: {"error": {message, type, param, code}}."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 type: str = "invalid_request_error", retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message

@@ -69,7 +69,7 @@ def literal_ip(host: str) -> IPAddress | None:
 async def resolve_host(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (one lookup; no cache of ours)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # sockaddr[0]: the address (a str for IP)
 
 
 class PinnedResolver(AbstractResolver):
@@ -79,13 +79,20 @@ class PinnedResolver(AbstractResolver):
         self.host = host
         self.addresses = tuple(addresses)
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         if host != self.host:
             raise OSError(f"resolver pinned to {self.host!r} was asked for {host!r}")
         return [
-            ResolveResult(hostname=host, host=str(ip), port=port,
-                          family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
-                          proto=0, flags=socket.AI_NUMERICHOST)
+            ResolveResult(
+                hostname=host,
+                host=str(ip),
+                port=port,
+                family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
             for ip in self.addresses
         ]
 
@@ -103,7 +110,9 @@ class Fetcher:
         try:
             return await asyncio.wait_for(self._follow(url), self.config.timeout)
         except asyncio.TimeoutError:
-            raise FetchError(url, f"no complete answer within {self.config.timeout:g} s", "image_fetch_timeout") from None
+            raise FetchError(
+                url, f"no complete answer within {self.config.timeout:g} s", "image_fetch_timeout"
+            ) from None
 
     async def _follow(self, url: str) -> bytes:
         current = url
@@ -158,12 +167,14 @@ class Fetcher:
         """(status, Location of a redirect, body of a 200)."""
         # A connector per hop, pinned to this hop's checked addresses; IP literals never reach a resolver,
         # so they are dialled as written, which is the address that was checked.
-        connector = aiohttp.TCPConnector(resolver=PinnedResolver(url.raw_host or "", addresses),
-                                         use_dns_cache=False, force_close=True)
+        connector = aiohttp.TCPConnector(
+            resolver=PinnedResolver(url.raw_host or "", addresses), use_dns_cache=False, force_close=True
+        )
         timeout = aiohttp.ClientTimeout(sock_connect=self.config.connect_timeout)
         # No Accept-Encoding: the byte cap then counts what the decoder will see; a compressed answer is refused.
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                         skip_auto_headers=("Accept-Encoding",)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("Accept-Encoding",)
+        ) as session:
             try:
                 async with session.get(url, allow_redirects=False, headers={"Accept": "image/*"}) as resp:
                     if resp.status in REDIRECTS:

@@ -19,8 +19,8 @@ What goes upstream is `canonical(body)`, never the client's bytes.
 from __future__ import annotations
 
 import base64
-import functools
 import binascii
+import functools
 import json
 import math
 import re
@@ -38,9 +38,25 @@ PathPattern = tuple[str, ...]
 # Magic numbers of image (and image-carrying) formats, decoded or not by the gate: any of them in an
 # unscreened field is refused, whatever the upstream would make of it.
 _IMAGE_MAGIC = (
-    b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"II+\x00",
-    b"MM\x00+", b"\x00\x00\x01\x00", b"8BPS", b"%PDF", b"\xff\x0a", b"\x00\x00\x00\x0cJXL ",
-    b"\x00\x00\x00\x0cjP  ", b"\xff\x4f\xff\x51", b"qoif", b"<svg", b"<?xml",
+    b"\xff\xd8\xff",
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"II*\x00",
+    b"MM\x00*",
+    b"II+\x00",
+    b"MM\x00+",
+    b"\x00\x00\x01\x00",
+    b"8BPS",
+    b"%PDF",
+    b"\xff\x0a",
+    b"\x00\x00\x00\x0cJXL ",
+    b"\x00\x00\x00\x0cjP  ",
+    b"\xff\x4f\xff\x51",
+    b"qoif",
+    b"<svg",
+    b"<?xml",
 )
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
 _MIN_IMAGE_BASE64 = 24  # 18 bytes: shorter than any image header worth sniffing (a GIF header alone is 13)
@@ -72,8 +88,9 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         for fold in folds(key):
             other = folded.setdefault(fold, key)
             if other != key:
-                raise invalid(f"keys {other!r} and {key!r} are the same field to case-insensitive parsers",
-                              "duplicate_key", key)
+                raise invalid(
+                    f"keys {other!r} and {key!r} are the same field to case-insensitive parsers", "duplicate_key", key
+                )
         out[key] = value
     return out
 
@@ -151,8 +168,12 @@ def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathP
                 name = known.get(fold)
                 if name is not None:
                     where = location(path + (key,))
-                    raise invalid(f"{where}: the key {key!r} is not {name!r}, but case-insensitive parsers read "
-                                  f"it as {name!r}; send the field name exactly", "ambiguous_key", where)
+                    raise invalid(
+                        f"{where}: the key {key!r} is not {name!r}, but case-insensitive parsers read "
+                        f"it as {name!r}; send the field name exactly",
+                        "ambiguous_key",
+                        where,
+                    )
 
 
 def _objects(value: Any) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
@@ -172,7 +193,7 @@ def _matches(path: JsonPath, pattern: PathPattern) -> bool:
     """Whether `path` is at or below the free-form root `pattern`."""
     if len(path) < len(pattern):
         return False
-    return all(p == "*" or p == str(k) for p, k in zip(pattern, path))
+    return all(p == "*" or p == str(k) for p, k in zip(pattern, path[: len(pattern)], strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,8 +214,12 @@ def looks_like_image(text: str) -> bool:
             data = base64.b64decode(head, altchars=alphabet) if alphabet else base64.b64decode(head)
         except (binascii.Error, ValueError):
             continue
-        if data.startswith(_IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") \
-                or data[4:8] == b"ftyp" or data.lstrip()[:4].lower() in (b"<svg", b"<?xm"):
+        if (
+            data.startswith(_IMAGE_MAGIC)
+            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+            or data[4:8] == b"ftyp"
+            or data.lstrip()[:4].lower() in (b"<svg", b"<?xm")
+        ):
             return True
     return False
 
@@ -218,8 +243,13 @@ def refuse_stray_images(body: Any, screened: Collection[JsonPath]) -> None:
     stray = stray_images(body, screened)
     if stray:
         where = location(stray[0])
-        raise GateError(400, f"{where} holds what decodes as an image, in a field the gate does not screen; "
-                             "send images only where the API defines them", "unscreened_image", param=where)
+        raise GateError(
+            400,
+            f"{where} holds what decodes as an image, in a field the gate does not screen; "
+            "send images only where the API defines them",
+            "unscreened_image",
+            param=where,
+        )
 
 
 def location(path: JsonPath) -> str:
@@ -228,4 +258,3 @@ def location(path: JsonPath) -> str:
     for step in path:
         out += f"[{step}]" if isinstance(step, int) else (f".{step}" if out else str(step))
     return out or "body"
-

@@ -15,7 +15,7 @@ def _escape(value: str) -> str:
 
 
 def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values)]
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
     if extra:
         parts.append(extra)
     return "{" + ",".join(parts) + "}" if parts else ""
@@ -59,7 +59,7 @@ class Histogram:
         for key, (counts, total) in sorted(self.series.items()):
             running = 0
             bounds = [_number(b) for b in self.buckets] + ["+Inf"]
-            for bound, count in zip(bounds, counts):
+            for bound, count in zip(bounds, counts, strict=True):
                 running += count
                 le = _labels(self.labels, key, 'le="' + bound + '"')
                 lines.append(f"{self.name}_bucket{le} {running}")
@@ -70,24 +70,50 @@ class Histogram:
 
 class GateMetrics:
     def __init__(self) -> None:
-        self.requests = Counter("safeclip_requests_total", "Requests by route and outcome "
-                                "(pass, refuse, inject, monitor, flagged, clean, error).", ("route", "outcome"))
-        self.images = Counter("safeclip_images_total", "Images by verdict (flagged, clean, error) and deciding category.",
-                              ("verdict", "category"))
+        self.requests = Counter(
+            "safeclip_requests_total",
+            "Requests by route and outcome (pass, refuse, inject, monitor, flagged, clean, error).",
+            ("route", "outcome"),
+        )
+        self.images = Counter(
+            "safeclip_images_total",
+            "Images by verdict (flagged, clean, error) and deciding category.",
+            ("verdict", "category"),
+        )
         self.fail_open = Counter("safeclip_fail_open_total", "Undecodable images forwarded because of --fail-open.")
-        self.cache = Counter("safeclip_cache_total", "Unique images per request looked up in the verdict cache.", ("result",))
-        self.upstream_errors = Counter("safeclip_upstream_errors_total", "Upstream failures answered by the gate.", ("kind",))
-        self.stage = Histogram("safeclip_stage_seconds", "Time per stage: fetch (one image URL), screen (one engine "
-                               "call on a batch), its parts decode (read, decode, resize) and infer, upstream (until "
-                               "the upstream's response headers).",
-                               LATENCY_BUCKETS, ("stage",))
-        self.request_seconds = Histogram("safeclip_request_seconds", "Time the gate spent on a request, a streamed answer included.",
-                                         LATENCY_BUCKETS, ("route",))
+        self.cache = Counter(
+            "safeclip_cache_total", "Unique images per request looked up in the verdict cache.", ("result",)
+        )
+        self.upstream_errors = Counter(
+            "safeclip_upstream_errors_total", "Upstream failures answered by the gate.", ("kind",)
+        )
+        self.stage = Histogram(
+            "safeclip_stage_seconds",
+            "Time per stage: fetch (one image URL), screen (one engine "
+            "call on a batch), its parts decode (read, decode, resize) and infer, upstream (until "
+            "the upstream's response headers).",
+            LATENCY_BUCKETS,
+            ("stage",),
+        )
+        self.request_seconds = Histogram(
+            "safeclip_request_seconds",
+            "Time the gate spent on a request, a streamed answer included.",
+            LATENCY_BUCKETS,
+            ("route",),
+        )
         self.batch = Histogram("safeclip_batch_images", "Images per engine call.", BATCH_BUCKETS)
 
     def render(self) -> str:
         lines = []
-        for metric in (self.requests, self.images, self.fail_open, self.cache, self.upstream_errors, self.stage,
-                       self.request_seconds, self.batch):
+        for metric in (
+            self.requests,
+            self.images,
+            self.fail_open,
+            self.cache,
+            self.upstream_errors,
+            self.stage,
+            self.request_seconds,
+            self.batch,
+        ):
             lines += metric.render()
         return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.preprocess import DecompressionBomb, ImageError, image_size_from_header
+from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
 from safeclip.runtime.server import jsonbody
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
@@ -27,7 +27,11 @@ from safeclip.runtime.server.dialects.base import (
     decode_base64,
     decode_data_url,
 )
-from safeclip.runtime.server.dialects.openai_moderations import moderation_response, moderation_result
+from safeclip.runtime.server.dialects.openai_moderations import (
+    OpenAIModerations,
+    moderation_response,
+    moderation_result,
+)
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.proxy import read_body, write
 from safeclip.runtime.server.record import Record, decide, image_entry
@@ -64,12 +68,15 @@ async def screen(state: GateState, ready: Ready, exchange: Exchange, forward: bo
     limits = state.config.limits
     slots = exchange.slots
     if len(slots) > limits.max_images:
-        raise GateError(400, f"the request has {len(slots)} images; the limit is {limits.max_images}", "too_many_images")
-    jobs = [ImageJob(await sha256(slot.value) if slot.inline else None, _loader(state, slot), slot.where)
-            for slot in slots]
+        raise GateError(
+            400, f"the request has {len(slots)} images; the limit is {limits.max_images}", "too_many_images"
+        )
+    jobs = [
+        ImageJob(await sha256(slot.value) if slot.inline else None, _loader(state, slot), slot.where) for slot in slots
+    ]
     screened = await ready.screener.screen(jobs, exchange.record.request_id, forward)
     failures: list[GateError] = []
-    for slot, item in zip(slots, screened):
+    for slot, item in zip(slots, screened, strict=True):
         _account(state, exchange.record, slot, item, failures, forward and state.config.fail_open)
     if failures:  # raised after every image is accounted for, so the audit line lists them all
         raise failures[0]
@@ -95,8 +102,9 @@ def _loader(state: GateState, slot: ImageSlot):
     return load
 
 
-def _account(state: GateState, record: Record, slot: ImageSlot, item: Screened, failures: list[GateError],
-             fail_open: bool) -> None:
+def _account(
+    state: GateState, record: Record, slot: ImageSlot, item: Screened, failures: list[GateError], fail_open: bool
+) -> None:
     source = "url" if slot.kind == "url" else "inline"
     result = item.result
     if isinstance(result, Verdict):
@@ -112,11 +120,15 @@ def _account(state: GateState, record: Record, slot: ImageSlot, item: Screened, 
     elif fail_open:
         record.unscreened += 1
         state.metrics.fail_open.inc()
-        log.warning("%s %s: forwarding an unscreened image (--fail-open): %s", record.request_id, slot.where,
-                    result.reason)
+        log.warning(
+            "%s %s: forwarding an unscreened image (--fail-open): %s", record.request_id, slot.where, result.reason
+        )
     else:
-        failures.append(GateError(400, f"{slot.where}: the image could not be screened ({result.reason})",
-                                  "invalid_image", slot.where))
+        failures.append(
+            GateError(
+                400, f"{slot.where}: the image could not be screened ({result.reason})", "invalid_image", slot.where
+            )
+        )
 
 
 def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> None:
@@ -124,7 +136,7 @@ def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> N
     with `forward_original`, the bytes as they came (a URL still becomes its fetched bytes: the upstream
     must not fetch it again and get something else)."""
     original = state.config.proxy.forward_original
-    for slot, item in zip(exchange.slots, screened):
+    for slot, item in zip(exchange.slots, screened, strict=True):
         if item.forward is not None and not original:
             slot.rewrite(item.forward, "image/png")
         elif slot.kind == "url" and item.original is not None:
@@ -137,8 +149,9 @@ async def answer(request: web.Request, reply: Reply, record: Record) -> web.Stre
     headers = record.headers()
     if not reply.events:
         return web.json_response(reply.body, status=reply.status, headers=headers)
-    response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type,
-                                                                "Cache-Control": "no-cache", **headers})
+    response = web.StreamResponse(
+        status=reply.status, headers={"Content-Type": reply.content_type, "Cache-Control": "no-cache", **headers}
+    )
     await response.prepare(request)
     for event in reply.events:
         await write(response, event)
@@ -171,23 +184,29 @@ async def handle(request: web.Request) -> web.StreamResponse:
         route.dialect.inject(exchange.body, route.path, state.config.templates.safety_prompt.format(**fields))
     edit = None
     if state.config.verdict_field:
+
         def edit(body: dict) -> dict:
             return {**body, "safeclip": record.summary(ready.policy_version)}
+
     assert upstream is not None  # every route but MODERATE forwards
     return await upstream.forward(request, route.path, jsonbody.canonical(exchange.body), record.headers(), edit)
 
 
 async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.StreamResponse:
-    groups = exchange.route.dialect.groups(exchange.body)  # type: ignore[attr-defined]
+    dialect = exchange.route.dialect
+    if not isinstance(dialect, OpenAIModerations):  # a route table mistake: only that dialect groups images
+        raise TypeError(f"{exchange.route.path} moderates but its dialect is {type(dialect).__name__}")
+    groups = dialect.groups(exchange.body)
     await screen(state, ready, exchange, forward=False)  # nothing is forwarded: an undecodable image is an error
     record = exchange.record
     record.decision = decide(record.verdicts, state.config.action_for)
     results, start = [], 0
     for group in groups:
-        verdicts = record.verdicts[start:start + len(group)]
+        verdicts = record.verdicts[start : start + len(group)]
         start += len(group)
         results.append(moderation_result(verdicts, ready.categories, ready.moderation_map))
-    model = exchange.body.get("model") if isinstance(exchange.body.get("model"), str) else "safeclip"
+    requested = exchange.body.get("model")
+    model = requested if isinstance(requested, str) else "safeclip"
     return web.json_response(moderation_response(model, results), headers=record.headers())
 
 
@@ -197,15 +216,22 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     upstream = state.require_upstream()
     if not state.config.proxy.allows(request.path):
-        raise GateError(404, f"{request.method} {request.path} is not served by the gate (screened routes: "
-                             f"{', '.join(sorted(ROUTES))}; others need `[proxy] allow`)", "route_not_allowed")
+        raise GateError(
+            404,
+            f"{request.method} {request.path} is not served by the gate (screened routes: "
+            f"{', '.join(sorted(ROUTES))}; others need `[proxy] allow`)",
+            "route_not_allowed",
+        )
     raw = await read_body(request, state.config.limits.max_body_bytes)
     payload = None
     if raw:
         if request.content_type != "application/json" and not request.content_type.endswith("+json"):
-            raise GateError(415, f"{request.path}: the gate forwards only JSON bodies here (got "
-                                 f"{request.content_type!r}), since it must look for images in them",
-                            "unsupported_media_type")
+            raise GateError(
+                415,
+                f"{request.path}: the gate forwards only JSON bodies here (got "
+                f"{request.content_type!r}), since it must look for images in them",
+                "unsupported_media_type",
+            )
         body = jsonbody.parse(raw)
         jsonbody.check_keys(body, VOCABULARY)
         jsonbody.refuse_stray_images(body, ())
@@ -238,30 +264,41 @@ async def guardrail(request: web.Request) -> web.StreamResponse:
         if e.status >= 500:
             raise
         record.error = e.code
-        return web.json_response(litellm.blocked(f"safeclip could not screen an image: {e.message} "
-                                                 f"(request {record.request_id})"), headers=record.headers())
+        return web.json_response(
+            litellm.blocked(f"safeclip could not screen an image: {e.message} (request {record.request_id})"),
+            headers=record.headers(),
+        )
     decision = decide(record.verdicts, config.action_for)
     record.decision = decision
     record.action = decision.action
     fields = decision.template_fields()
     if decision.action == "refuse":
-        return web.json_response(litellm.blocked(
-            f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
-            f"{decision.probability:.2f}, request {record.request_id}]"), headers=record.headers())
+        return web.json_response(
+            litellm.blocked(
+                f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
+                f"{decision.probability:.2f}, request {record.request_id}]"
+            ),
+            headers=record.headers(),
+        )
     prompt = config.templates.safety_prompt.format(**fields) if decision.action == "inject" else None
     if prompt is not None and not guard.body.get("structured_messages"):
         record.error = "cannot_inject"  # nowhere to put the safety prompt: refused rather than passed unprompted
-        return web.json_response(litellm.blocked(
-            f"safeclip: an image was flagged as {decision.category} (probability {decision.probability:.2f}) and "
-            f"this request has no messages to add the safety prompt to (request {record.request_id})"),
-            headers=record.headers())
+        return web.json_response(
+            litellm.blocked(
+                f"safeclip: an image was flagged as {decision.category} (probability {decision.probability:.2f}) and "
+                f"this request has no messages to add the safety prompt to (request {record.request_id})"
+            ),
+            headers=record.headers(),
+        )
     replaced: dict[str, str] = {}
-    for ref, item in zip(refs, screened):
+    for ref, item in zip(refs, screened, strict=True):
         if item.forward is not None and not config.proxy.forward_original:
             replaced[ref.value] = data_url(item.forward, "image/png")
         elif ref.kind == "url" and item.original is not None:  # pinned: never a URL to fetch again
             header = image_size_from_header(item.original)
-            replaced[ref.value] = data_url(item.original, f"image/{header[0]}" if header else "application/octet-stream")
+            replaced[ref.value] = data_url(
+                item.original, f"image/{header[0]}" if header else "application/octet-stream"
+            )
     if not replaced and prompt is None:
         return web.json_response(litellm.none(), headers=record.headers())
     return web.json_response(litellm.intervened(guard, replaced, prompt), headers=record.headers())

@@ -19,13 +19,28 @@ from safeclip.runtime.server.metrics import GateMetrics
 log = logging.getLogger("safeclip.server")
 
 # Headers about one hop of the connection, not the message (RFC 9110 7.6.1), and ones the gate recomputes.
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-                        "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length", "expect"})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
 GATE_KEY_HEADER = "x-safeclip-api-key"
 # Headers that would make the upstream read the forwarded request as something else than the gate did: a
 # method override, or a body type and encoding (the gate sends its own canonical JSON).
-_REINTERPRETING = frozenset({"x-http-method-override", "x-http-method", "x-method-override", "content-type",
-                             "content-encoding"})
+_REINTERPRETING = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "content-type", "content-encoding"}
+)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -35,8 +50,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     decompress must be the client's error, not the server's."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise GateError(415, f"the gate accepts uncompressed request bodies only (got Content-Encoding {encoding!r})",
-                        "unsupported_content_encoding")
+        raise GateError(
+            415,
+            f"the gate accepts uncompressed request bodies only (got Content-Encoding {encoding!r})",
+            "unsupported_content_encoding",
+        )
     too_big = GateError(413, f"the request body is larger than the {limit}-byte limit", "request_too_large")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
@@ -61,8 +79,9 @@ def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | No
     return out
 
 
-def request_headers(headers: Mapping[str, str], plain: bool, gate_key: str | None = None,
-                    upstream_key: str | None = None) -> CIMultiDict[str]:
+def request_headers(
+    headers: Mapping[str, str], plain: bool, gate_key: str | None = None, upstream_key: str | None = None
+) -> CIMultiDict[str]:
     """What the upstream gets: the client's headers minus hop-by-hop ones, the gate's own key, and any that
     would change how the upstream reads the request (the body is the gate's canonical JSON, sent with its own
     Content-Type).
@@ -107,8 +126,15 @@ async def write(response: web.StreamResponse, data: bytes) -> None:
 
 
 class Upstream:
-    def __init__(self, base: str, connect_timeout: float, read_timeout: float, metrics: GateMetrics,
-                 api_key: str | None = None, gate_key: str | None = None):
+    def __init__(
+        self,
+        base: str,
+        connect_timeout: float,
+        read_timeout: float,
+        metrics: GateMetrics,
+        api_key: str | None = None,
+        gate_key: str | None = None,
+    ):
         self.base = base
         self.api_key = api_key  # sent upstream as Authorization: Bearer
         self.gate_key = gate_key  # never sent upstream
@@ -130,8 +156,14 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
-    async def forward(self, request: web.Request, path: str, body: bytes | None, extra_headers: Mapping[str, str],
-                      edit_json: Callable[[dict], dict] | None = None) -> web.StreamResponse:
+    async def forward(
+        self,
+        request: web.Request,
+        path: str,
+        body: bytes | None,
+        extra_headers: Mapping[str, str],
+        edit_json: Callable[[dict], dict] | None = None,
+    ) -> web.StreamResponse:
         """Send the request on to `path` (the one the gate routed it by, not the client's spelling of it) and
         stream the answer back chunk by chunk. `body` is JSON or None.
 
@@ -166,8 +198,9 @@ class Upstream:
                     # The status line is gone already: the only honest signal left is to close the connection
                     # without the final chunk, so the client sees a truncated response, not a complete one.
                     self.metrics.upstream_errors.inc("stream")
-                    log.warning("upstream stream for %s broke after the response started: %s", request.path,
-                                type(e).__name__)
+                    log.warning(
+                        "upstream stream for %s broke after the response started: %s", request.path, type(e).__name__
+                    )
                     if request.transport is not None:
                         request.transport.close()
                     raise StreamBroken(response, "stream_broken") from e
@@ -181,14 +214,20 @@ class Upstream:
         """An upstream failure as the client sees it: 504 for a timeout, 502 for anything else, counted."""
         if isinstance(error, asyncio.TimeoutError):
             self.metrics.upstream_errors.inc("timeout")
-            return GateError(504, f"the upstream gave no answer within {self.read_timeout:g} s", "upstream_timeout",
-                             type="upstream_error")
+            return GateError(
+                504,
+                f"the upstream gave no answer within {self.read_timeout:g} s",
+                "upstream_timeout",
+                type="upstream_error",
+            )
         self.metrics.upstream_errors.inc("unavailable")
-        return GateError(502, f"the upstream {what} ({type(error).__name__}: {error})", "upstream_unavailable",
-                         type="upstream_error")
+        return GateError(
+            502, f"the upstream {what} ({type(error).__name__}: {error})", "upstream_unavailable", type="upstream_error"
+        )
 
-    async def _edited(self, up: aiohttp.ClientResponse, headers: CIMultiDict[str],
-                      edit_json: Callable[[dict], dict]) -> web.Response:
+    async def _edited(
+        self, up: aiohttp.ClientResponse, headers: CIMultiDict[str], edit_json: Callable[[dict], dict]
+    ) -> web.Response:
         try:
             data = await up.read()
         except (asyncio.TimeoutError, aiohttp.ClientError) as e:

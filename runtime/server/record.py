@@ -65,9 +65,15 @@ class Record:
     def summary(self, policy_version: str) -> dict[str, Any]:
         """The opt-in `safeclip` field of JSON responses."""
         decision = self.decision or decide(self.verdicts, lambda c: "monitor")
-        return {"request_id": self.request_id, "flagged": decision.flagged, "action": self.action,
-                "category": decision.category, "probability": decision.probability,
-                "policy_version": policy_version, "images": self.images}
+        return {
+            "request_id": self.request_id,
+            "flagged": decision.flagged,
+            "action": self.action,
+            "category": decision.category,
+            "probability": decision.probability,
+            "policy_version": policy_version,
+            "images": self.images,
+        }
 
     def audit_line(self, status: int, policy_version: str) -> dict[str, Any]:
         if self.error is not None:
@@ -78,16 +84,31 @@ class Record:
             outcome = "unscreened"
         else:
             outcome = "clean"
-        return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "request_id": self.request_id, "route": self.route,
-                "policy_version": policy_version, "status": status, "decision": outcome, "action": self.action,
-                "error": self.error, "images": self.images}
+        return {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "request_id": self.request_id,
+            "route": self.route,
+            "policy_version": policy_version,
+            "status": status,
+            "decision": outcome,
+            "action": self.action,
+            "error": self.error,
+            "images": self.images,
+        }
 
 
 def image_entry(verdict: Verdict, cached: bool, source: str) -> dict[str, Any]:
     """An image in the audit log: its digest and scores, never its bytes or its URL."""
-    return {"sha256": verdict.sha256, "source": source, "cached": cached, "flagged": verdict.flagged,
-            "category": verdict.category, "probability": verdict.probability,
-            "flagged_categories": list(verdict.flagged_categories), "probabilities": verdict.probabilities}
+    return {
+        "sha256": verdict.sha256,
+        "source": source,
+        "cached": cached,
+        "flagged": verdict.flagged,
+        "category": verdict.category,
+        "probability": verdict.probability,
+        "flagged_categories": list(verdict.flagged_categories),
+        "probabilities": verdict.probabilities,
+    }
 
 
 class AuditLog:

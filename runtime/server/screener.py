@@ -26,6 +26,8 @@ from safeclip.runtime.server.errors import GateError
 # Hashing a large image takes milliseconds; above this size it runs in a thread (hashlib releases the GIL).
 _HASH_IN_THREAD = 1 << 20
 
+EngineItem = tuple[np.ndarray, str]  # one image for the batched engine call: its fitted pixels and sha256
+
 
 @dataclass(frozen=True)
 class ImageJob:
@@ -60,8 +62,15 @@ async def sha256(data: bytes | str) -> str:
 
 
 class Screener:
-    def __init__(self, batcher: MicroBatcher, cache: VerdictCache, pool: DecodePool, preprocessor: Preprocessor,
-                 max_request_pixels: int, observe: Callable[[str, Any], None] | None = None):
+    def __init__(
+        self,
+        batcher: MicroBatcher[EngineItem],
+        cache: VerdictCache,
+        pool: DecodePool,
+        preprocessor: Preprocessor,
+        max_request_pixels: int,
+        observe: Callable[[str, Any], None] | None = None,
+    ):
         self.batcher = batcher
         self.cache = cache
         self.pool = pool
@@ -88,39 +97,44 @@ class Screener:
         loaded = await asyncio.gather(*(jobs[i].load() for i in todo))
         digests = [await sha256(data) for data in loaded]
         pending: dict[int, tuple[str, bytes]] = {}
-        for i, data, digest in zip(todo, loaded, digests):
+        for i, data, digest in zip(todo, loaded, digests, strict=True):
             entry = self._hit(digest, forward)
             if entry is not None:  # the same image sent as other text (or fetched again)
                 found[i] = Screened(entry.verdict, entry.forward, True, digest, data)
-                if jobs[i].key is not None:
-                    self.cache.put(jobs[i].key, entry)
+                key = jobs[i].key
+                if key is not None:
+                    self.cache.put(key, entry)
             else:
                 pending[i] = (digest, data)
         unique = {digest: data for digest, data in pending.values()}  # the same image twice is screened once
         self._check_budget(list(unique.values()))
-        for digest in dict.fromkeys(s.sha256 for s in found.values()):
+        for _ in dict.fromkeys(s.sha256 for s in found.values()):  # once per distinct image
             self.observe("cache", True)
-        for digest in unique:
+        for _ in unique:
             self.observe("cache", False)
         sources = {digest: jobs[i].source for i, (digest, _) in reversed(pending.items())}
-        decoding = {digest: self._decode(digest, data, sources[digest], owner, forward) for digest, data in unique.items()}
+        decoding = {
+            digest: self._decode(digest, data, sources[digest], owner, forward) for digest, data in unique.items()
+        }
         # shield: a client that goes away must not cancel work other requests are waiting for.
-        decoded = dict(zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values()))))
+        decoded = dict(
+            zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values())), strict=True)
+        )
         results: dict[str, tuple[Verdict | ImageError, bytes | None]] = {}
-        todo = []
+        to_engine: list[tuple[str, np.ndarray, bytes | None]] = []
         for digest, (engine_input, png, error) in decoded.items():
             entry = self._hit(digest, forward)  # another request may have screened it meanwhile
             if error is not None:
                 results[digest] = (error, None)
             elif entry is not None:
                 results[digest] = (entry.verdict, entry.forward)
-            else:
-                todo.append((digest, engine_input, png))
+            elif engine_input is not None:
+                to_engine.append((digest, engine_input, png))
         # A request's images go to the engine together: one call when they fit, and the queue bound sees
         # the whole request (an empty queue takes any request whole).
-        futures = self.batcher.submit([(engine_input, digest) for digest, engine_input, _ in todo])
+        futures = self.batcher.submit([(engine_input, digest) for digest, engine_input, _ in to_engine])
         verdicts = await asyncio.gather(*(asyncio.shield(f) for f in futures))
-        for (digest, _, png), verdict in zip(todo, verdicts):
+        for (digest, _, png), verdict in zip(to_engine, verdicts, strict=True):
             results[digest] = (verdict, png)
             self.cache.put(digest, Entry(verdict, png))
         for i, (digest, data) in pending.items():
@@ -139,8 +153,11 @@ class Screener:
             if header is not None and header[1] * header[2] <= self.preprocessor.max_pixels:
                 total += header[1] * header[2]
         if total > self.max_request_pixels:
-            raise GateError(413, f"the request's images declare {total:,} pixels; the limit per request is "
-                                 f"{self.max_request_pixels:,}", "too_many_pixels")
+            raise GateError(
+                413,
+                f"the request's images declare {total:,} pixels; the limit per request is {self.max_request_pixels:,}",
+                "too_many_pixels",
+            )
 
     def _decode(self, digest: str, data: bytes, source: str, owner: object, forward: bool) -> asyncio.Task[_Decoded]:
         """The image decoded, resized for the engine and (for forwarding routes) re-encoded, in the pool; one

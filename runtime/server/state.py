@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.config import GateConfig
 from safeclip.runtime.server.decoding import DecodePool
@@ -17,7 +16,8 @@ from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
-from safeclip.runtime.server.screener import Screener
+from safeclip.runtime.server.record import AuditLog, Record
+from safeclip.runtime.server.screener import EngineItem, Screener
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class Ready:
     """Everything screening needs, set once when the engine has loaded and warmed up."""
 
     screener: Screener
-    batcher: MicroBatcher
+    batcher: MicroBatcher[EngineItem]
     pool: DecodePool
     policy_version: str
     categories: tuple[str, ...]  # the engine's non-neutral categories
@@ -47,15 +47,21 @@ class GateState:
     def require_ready(self) -> Ready:
         if self.ready is None:
             if self.load_error is not None:
-                raise GateError(503, f"the engine failed to load: {self.load_error}", "engine_failed", type="server_error")
+                raise GateError(
+                    503, f"the engine failed to load: {self.load_error}", "engine_failed", type="server_error"
+                )
             raise GateError(503, "the engine is still loading; retry shortly", "not_ready", type="server_error")
         return self.ready
 
     def require_upstream(self) -> Upstream:
         if self.upstream is None:
-            raise GateError(404, "this gate runs without an upstream (guardrail-only): it screens images at "
-                                 "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing; start "
-                                 "it with --upstream URL to proxy requests", "no_upstream")
+            raise GateError(
+                404,
+                "this gate runs without an upstream (guardrail-only): it screens images at "
+                "/v1/moderations and the LiteLLM guardrail endpoint, and forwards nothing; start "
+                "it with --upstream URL to proxy requests",
+                "no_upstream",
+            )
         return self.upstream
 
 

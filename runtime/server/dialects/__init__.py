@@ -21,15 +21,18 @@ class Route:
 
 
 _openai, _anthropic, _ollama = OpenAIChat(), AnthropicMessages(), Ollama()
-ROUTES = {r.path: r for r in (
-    Route("/v1/chat/completions", _openai, GENERATE, "chat"),
-    Route("/v1/responses", OpenAIResponses(), GENERATE, "responses"),
-    Route("/v1/messages", _anthropic, GENERATE, "messages"),
-    Route("/v1/messages/count_tokens", _anthropic, COUNT, "count_tokens"),
-    Route("/api/chat", _ollama, GENERATE, "ollama_chat"),
-    Route("/api/generate", _ollama, GENERATE, "ollama_generate"),
-    Route("/v1/moderations", OpenAIModerations(), MODERATE, "moderations"),
-)}
+ROUTES = {
+    r.path: r
+    for r in (
+        Route("/v1/chat/completions", _openai, GENERATE, "chat"),
+        Route("/v1/responses", OpenAIResponses(), GENERATE, "responses"),
+        Route("/v1/messages", _anthropic, GENERATE, "messages"),
+        Route("/v1/messages/count_tokens", _anthropic, COUNT, "count_tokens"),
+        Route("/api/chat", _ollama, GENERATE, "ollama_chat"),
+        Route("/api/generate", _ollama, GENERATE, "ollama_generate"),
+        Route("/v1/moderations", OpenAIModerations(), MODERATE, "moderations"),
+    )
+}
 # Every field name any dialect knows: a key that folds to one of them must be exactly it, whichever route it
 # came to (a Go server behind an OpenAI-shaped route still folds Anthropic's or Ollama's names).
 VOCABULARY = frozenset().union(*(r.dialect.vocabulary for r in ROUTES.values()))

@@ -26,21 +26,73 @@ from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath
 
 # Block types that hold text, ids or model output only.
-_TEXT_BLOCKS = ("text", "thinking", "redacted_thinking", "tool_use", "server_tool_use", "web_search_tool_result",
-                "web_fetch_tool_result", "code_execution_tool_result", "bash_code_execution_tool_result",
-                "text_editor_code_execution_tool_result", "mcp_tool_use")
+_TEXT_BLOCKS = (
+    "text",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result",
+    "mcp_tool_use",
+)
 # Block types whose `content` is itself a list of blocks, images possible.
 _NESTING_BLOCKS = ("tool_result", "mcp_tool_result", "search_result")
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-                529: "overloaded_error"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
 
-VOCABULARY = frozenset({
-    "model", "messages", "role", "content", "type", "text", "source", "data", "media_type", "url", "file_id",
-    "system", "max_tokens", "stream", "tools", "tool_choice", "metadata", "stop_sequences", "temperature", "top_k",
-    "top_p", "thinking", "tool_use_id", "is_error", "input", "input_schema", "name", "id", "cache_control",
-    "citations", "title", "context", "signature", "budget_tokens", "container", "mcp_servers", "service_tier",
-})
+VOCABULARY = frozenset(
+    {
+        "model",
+        "messages",
+        "role",
+        "content",
+        "type",
+        "text",
+        "source",
+        "data",
+        "media_type",
+        "url",
+        "file_id",
+        "system",
+        "max_tokens",
+        "stream",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "stop_sequences",
+        "temperature",
+        "top_k",
+        "top_p",
+        "thinking",
+        "tool_use_id",
+        "is_error",
+        "input",
+        "input_schema",
+        "name",
+        "id",
+        "cache_control",
+        "citations",
+        "title",
+        "context",
+        "signature",
+        "budget_tokens",
+        "container",
+        "mcp_servers",
+        "service_tier",
+    }
+)
 FREE_FORM = (("tools", "*", "input_schema"), ("metadata",), ("messages", "*", "content", "*", "input"))
 
 
@@ -58,8 +110,12 @@ def _image(block: dict[str, Any], path: JsonPath) -> ImageSlot:
             raise bad(path + ("source", "url"), "a url image source needs its url", "invalid_image_url")
         value, slot_kind, where = url, "url", path + ("source", "url")
     else:
-        raise bad(path + ("source",), f"image source type {kind!r} cannot be screened by the gate (file ids live with "
-                                      "the provider); send base64 or url sources", "unscreenable_image")
+        raise bad(
+            path + ("source",),
+            f"image source type {kind!r} cannot be screened by the gate (file ids live with "
+            "the provider); send base64 or url sources",
+            "unscreenable_image",
+        )
 
     def rewrite(data: bytes, media_type: str) -> None:
         block["source"] = {"type": "base64", "media_type": media_type, "data": b64(data)}
@@ -94,9 +150,12 @@ def _document(block: dict[str, Any], path: JsonPath, depth: int) -> list[ImageSl
         return []
     if kind == "content" and depth < 2:
         return _blocks(source.get("content"), path + ("source", "content"), depth + 1)
-    raise bad(path + ("source",), f"document source type {kind!r} can carry images the gate cannot screen "
-                                  "(PDFs, files stored with the provider); send text or image blocks",
-              "unscreenable_document")
+    raise bad(
+        path + ("source",),
+        f"document source type {kind!r} can carry images the gate cannot screen "
+        "(PDFs, files stored with the provider); send text or image blocks",
+        "unscreenable_document",
+    )
 
 
 class AnthropicMessages(Dialect):
@@ -126,10 +185,16 @@ class AnthropicMessages(Dialect):
         if path.endswith("/count_tokens"):  # nothing to answer a refusal with: an error says why
             error = GateError(400, text, "refused", type="invalid_request_error")
             return Reply(self.error_body(error), status=400)
-        message = {"id": f"msg_safeclip_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
-                   "model": str(body.get("model", "")), "content": [{"type": "text", "text": text}],
-                   "stop_reason": "refusal", "stop_sequence": None,
-                   "usage": {"input_tokens": 0, "output_tokens": 0}}
+        message = {
+            "id": f"msg_safeclip_{secrets.token_hex(12)}",
+            "type": "message",
+            "role": "assistant",
+            "model": str(body.get("model", "")),
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "refusal",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0},
+        }
         if body.get("stream") is True:
             return Reply(events=_events(message, text), content_type="text/event-stream")
         return Reply(message)
@@ -141,13 +206,16 @@ class AnthropicMessages(Dialect):
 
 def _events(message: dict[str, Any], text: str) -> list[bytes]:
     started = {**message, "content": [], "stop_reason": None}
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "message_start", "message": started},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
         {"type": "content_block_stop", "index": 0},
-        {"type": "message_delta", "delta": {"stop_reason": "refusal", "stop_sequence": None},
-         "usage": {"output_tokens": 0}},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "refusal", "stop_sequence": None},
+            "usage": {"output_tokens": 0},
+        },
         {"type": "message_stop"},
     ]
     return [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n".encode() for e in events]

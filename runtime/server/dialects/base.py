@@ -94,7 +94,9 @@ def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
 
 
 def decode_base64(payload: str, where: str, max_bytes: int, code: str = "invalid_image_data") -> bytes:
-    too_big = GateError(413, f"{where}: image is larger than the {max_bytes}-byte limit", "image_too_large", param=where)
+    too_big = GateError(
+        413, f"{where}: image is larger than the {max_bytes}-byte limit", "image_too_large", param=where
+    )
     if len(payload) // 4 * 3 > max_bytes + 2:
         raise too_big  # known before spending time decoding it
     try:

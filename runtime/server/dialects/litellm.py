@@ -70,15 +70,20 @@ def image_kind(value: str, where: str) -> str:
     if head.startswith(("http://", "https://")):
         return "url"
     if not value or ":" in value:
-        raise GateError(400, f"{where}: not a data: URL, an http(s) URL or base64 ({value[:40]!r})",
-                        "invalid_image_url", param=where)
+        raise GateError(
+            400,
+            f"{where}: not a data: URL, an http(s) URL or base64 ({value[:40]!r})",
+            "invalid_image_url",
+            param=where,
+        )
     return "base64"
 
 
 def _ref(value: Any, where: str, path: JsonPath) -> ImageRef:
     if not isinstance(value, str):
-        raise GateError(400, f"{where}: an image must be a string, got {type(value).__name__}", "invalid_image_url",
-                        param=where)
+        raise GateError(
+            400, f"{where}: an image must be a string, got {type(value).__name__}", "invalid_image_url", param=where
+        )
     return ImageRef(where, value, image_kind(value, where), path)
 
 
@@ -86,8 +91,9 @@ def _message_images(messages: Any) -> list[ImageRef]:
     if messages is None:
         return []
     if not isinstance(messages, list):
-        raise GateError(400, "'structured_messages' must be a list or null", "invalid_request",
-                        param="structured_messages")
+        raise GateError(
+            400, "'structured_messages' must be a list or null", "invalid_request", param="structured_messages"
+        )
     refs = []
     for i, message in enumerate(messages):
         where = f"structured_messages[{i}]"
@@ -97,8 +103,9 @@ def _message_images(messages: Any) -> list[ImageRef]:
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):
-            raise GateError(400, f"{where}.content must be a string, a list or null", "invalid_request",
-                            param=f"{where}.content")
+            raise GateError(
+                400, f"{where}.content must be a string, a list or null", "invalid_request", param=f"{where}.content"
+            )
         for j, part in enumerate(content):
             here = f"{where}.content[{j}]"
             if not isinstance(part, dict):
@@ -106,12 +113,21 @@ def _message_images(messages: Any) -> list[ImageRef]:
             kind = part.get("type")
             if kind == "image_url" or "image_url" in part:
                 image_url = part.get("image_url")
-                refs.append(_ref(image_url.get("url") if isinstance(image_url, dict) else image_url, here,
-                                 ("structured_messages", i, "content", j)))
+                refs.append(
+                    _ref(
+                        image_url.get("url") if isinstance(image_url, dict) else image_url,
+                        here,
+                        ("structured_messages", i, "content", j),
+                    )
+                )
             elif kind not in TEXT_PARTS:
                 # A file or document part may carry an image the gate cannot see: refused, as the proxy refuses it.
-                raise GateError(400, f"{here}: content part type {kind!r} cannot be screened by the gate",
-                                "unsupported_content_part", param=here)
+                raise GateError(
+                    400,
+                    f"{here}: content part type {kind!r} cannot be screened by the gate",
+                    "unsupported_content_part",
+                    param=here,
+                )
     return refs
 
 
@@ -119,8 +135,12 @@ def parse_request(body: dict[str, Any]) -> GuardrailRequest:
     """The guardrail request's image references; GateError (400) naming the field for a malformed one."""
     input_type = body.get("input_type")
     if input_type not in INPUT_TYPES:
-        raise GateError(400, f"'input_type' must be one of {list(INPUT_TYPES)}, got {input_type!r}", "invalid_request",
-                        param="input_type")
+        raise GateError(
+            400,
+            f"'input_type' must be one of {list(INPUT_TYPES)}, got {input_type!r}",
+            "invalid_request",
+            param="input_type",
+        )
     call_id = body.get("litellm_call_id")
     images = body.get("images")
     if images is not None and not isinstance(images, list):

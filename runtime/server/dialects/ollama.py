@@ -17,13 +17,43 @@ from safeclip.runtime.server.jsonbody import JsonPath
 
 CHAT, GENERATE = "/api/chat", "/api/generate"
 
-VOCABULARY = frozenset({
-    "model", "messages", "role", "content", "images", "tool_calls", "function", "name", "arguments", "thinking",
-    "tool_name", "tools", "format", "options", "stream", "keep_alive", "think", "prompt", "suffix", "system",
-    "template", "context", "raw", "logprobs", "top_logprobs", "index", "parameters",
-})
-FREE_FORM = (("format",), ("options",), ("tools", "*", "function", "parameters"),
-             ("messages", "*", "tool_calls", "*", "function", "arguments"))
+VOCABULARY = frozenset(
+    {
+        "model",
+        "messages",
+        "role",
+        "content",
+        "images",
+        "tool_calls",
+        "function",
+        "name",
+        "arguments",
+        "thinking",
+        "tool_name",
+        "tools",
+        "format",
+        "options",
+        "stream",
+        "keep_alive",
+        "think",
+        "prompt",
+        "suffix",
+        "system",
+        "template",
+        "context",
+        "raw",
+        "logprobs",
+        "top_logprobs",
+        "index",
+        "parameters",
+    }
+)
+FREE_FORM = (
+    ("format",),
+    ("options",),
+    ("tools", "*", "function", "parameters"),
+    ("messages", "*", "tool_calls", "*", "function", "arguments"),
+)
 
 
 def _images(holder: dict[str, Any], path: JsonPath) -> list[ImageSlot]:
@@ -72,8 +102,10 @@ class Ollama(Dialect):
             messages.insert(0, {"role": "system", "content": prompt})
 
     def refusal(self, body: dict[str, Any], path: str, text: str) -> Reply:
-        answer: dict[str, Any] = {"model": str(body.get("model", "")),
-                                  "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        answer: dict[str, Any] = {
+            "model": str(body.get("model", "")),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         if path == GENERATE:
             answer["response"] = text
         else:

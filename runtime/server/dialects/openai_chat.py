@@ -18,18 +18,74 @@ from safeclip.runtime.server.jsonbody import JsonPath
 
 TEXT_PARTS = ("text", "refusal", "input_audio")
 
-VOCABULARY = frozenset({
-    "messages", "role", "content", "name", "type", "text", "image_url", "url", "detail", "input_audio", "data",
-    "format", "refusal", "tool_calls", "tool_call_id", "function", "arguments", "id", "model", "stream",
-    "stream_options", "include_usage", "n", "temperature", "max_tokens", "max_completion_tokens", "top_p", "tools",
-    "tool_choice", "response_format", "json_schema", "schema", "metadata", "logit_bias", "seed", "stop", "user",
-    "prediction", "modalities", "audio", "file", "file_id", "file_data", "filename", "parallel_tool_calls",
-    "functions", "function_call", "video_url", "audio_url", "image_embeds", "image_pil", "mm_processor_kwargs",
-    "chat_template_kwargs", "guided_json",
-})
-FREE_FORM = (("tools", "*", "function", "parameters"), ("functions", "*", "parameters"),
-             ("response_format", "json_schema", "schema"), ("metadata",), ("logit_bias",), ("guided_json",),
-             ("chat_template_kwargs",), ("mm_processor_kwargs",))
+VOCABULARY = frozenset(
+    {
+        "messages",
+        "role",
+        "content",
+        "name",
+        "type",
+        "text",
+        "image_url",
+        "url",
+        "detail",
+        "input_audio",
+        "data",
+        "format",
+        "refusal",
+        "tool_calls",
+        "tool_call_id",
+        "function",
+        "arguments",
+        "id",
+        "model",
+        "stream",
+        "stream_options",
+        "include_usage",
+        "n",
+        "temperature",
+        "max_tokens",
+        "max_completion_tokens",
+        "top_p",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "json_schema",
+        "schema",
+        "metadata",
+        "logit_bias",
+        "seed",
+        "stop",
+        "user",
+        "prediction",
+        "modalities",
+        "audio",
+        "file",
+        "file_id",
+        "file_data",
+        "filename",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "video_url",
+        "audio_url",
+        "image_embeds",
+        "image_pil",
+        "mm_processor_kwargs",
+        "chat_template_kwargs",
+        "guided_json",
+    }
+)
+FREE_FORM = (
+    ("tools", "*", "function", "parameters"),
+    ("functions", "*", "parameters"),
+    ("response_format", "json_schema", "schema"),
+    ("metadata",),
+    ("logit_bias",),
+    ("guided_json",),
+    ("chat_template_kwargs",),
+    ("mm_processor_kwargs",),
+)
 
 
 def _choices(body: Mapping[str, Any]) -> int:
@@ -39,7 +95,7 @@ def _choices(body: Mapping[str, Any]) -> int:
 
 def image_url_slot(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     """The slot of an image_url part ({"url": ...} or the bare string); rewriting keeps "detail"."""
-    image_url = part.get("image_url")
+    image_url: Any = part.get("image_url")  # a JSON value: {"url": ...} or the bare string
     holder = isinstance(image_url, dict)
     url = image_url.get("url") if holder else image_url
     where = path + ("image_url", "url") if holder else path + ("image_url",)
@@ -62,8 +118,11 @@ def parts_images(parts: list[Any], path: JsonPath) -> list[ImageSlot]:
         if kind == "image_url" or "image_url" in part:
             images.append(image_url_slot(part, here))
         elif kind not in TEXT_PARTS:
-            raise bad(here, f"content part type {kind!r} cannot be screened by the gate; send images as image_url "
-                            "parts", "unsupported_content_part")
+            raise bad(
+                here,
+                f"content part type {kind!r} cannot be screened by the gate; send images as image_url parts",
+                "unsupported_content_part",
+            )
     return images
 
 
@@ -122,8 +181,12 @@ def refusal_completion(body: Mapping[str, Any], text: str) -> dict[str, Any]:
         "created": int(time.time()),
         "model": str(body.get("model", "")),
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-             "logprobs": None, "finish_reason": "content_filter"}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "content_filter",
+            }
             for i in range(_choices(body))
         ],
         "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
@@ -132,13 +195,22 @@ def refusal_completion(body: Mapping[str, Any], text: str) -> dict[str, Any]:
 
 def refusal_events(body: Mapping[str, Any], text: str) -> list[bytes]:
     """The same refusal as an SSE stream: per choice a role, a content and a finish chunk; then [DONE]."""
-    base = {"id": f"chatcmpl-safeclip-{secrets.token_hex(12)}", "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": str(body.get("model", ""))}
+    base = {
+        "id": f"chatcmpl-safeclip-{secrets.token_hex(12)}",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": str(body.get("model", "")),
+    }
     chunks = []
     for i in range(_choices(body)):
-        for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": text}, None),
-                              ({}, "content_filter")):
-            chunks.append({**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        for delta, finish in (
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": text}, None),
+            ({}, "content_filter"),
+        ):
+            chunks.append(
+                {**base, "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            )
     options = body.get("stream_options")
     if isinstance(options, Mapping) and options.get("include_usage"):
         chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}})

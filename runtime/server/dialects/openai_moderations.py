@@ -30,14 +30,17 @@ class OpenAIModerations(Dialect):
             return [[] for _ in value]
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             return [parts_images(value, ("input",))]
-        raise bad("input", "must be a string, a list of strings, or a list of text and image_url parts", "invalid_input")
+        raise bad(
+            "input", "must be a string, a list of strings, or a list of text and image_url parts", "invalid_input"
+        )
 
     def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
         return [slot for group in self.groups(body) for slot in group]
 
 
-def moderation_result(verdicts: Sequence[Verdict], categories: Sequence[str],
-                      mapping: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+def moderation_result(
+    verdicts: Sequence[Verdict], categories: Sequence[str], mapping: Mapping[str, Sequence[str]]
+) -> dict[str, Any]:
     """One OpenAI moderation result for one input: OpenAI's categories, then ours under their own names.
 
     An OpenAI category's score is the highest score among our categories mapped to it, and it is flagged
@@ -57,8 +60,12 @@ def moderation_result(verdicts: Sequence[Verdict], categories: Sequence[str],
         out_types[name] = applied if ours else []
     for c in categories:
         out_flags[c], out_scores[c], out_types[c] = flagged[c], scores[c], applied
-    return {"flagged": any(flagged.values()), "categories": out_flags, "category_scores": out_scores,
-            "category_applied_input_types": out_types}
+    return {
+        "flagged": any(flagged.values()),
+        "categories": out_flags,
+        "category_scores": out_scores,
+        "category_applied_input_types": out_types,
+    }
 
 
 def moderation_response(model: str, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -18,36 +18,98 @@ from safeclip.runtime.server.jsonbody import JsonPath
 
 _TEXT_PARTS = ("input_text", "output_text", "refusal", "summary_text", "reasoning_text", "text")
 # Item types that carry no image (their content is text, ids or arguments).
-_TEXT_ITEMS = ("function_call", "custom_tool_call", "reasoning", "item_reference", "web_search_call",
-               "file_search_call", "mcp_call", "mcp_list_tools", "mcp_approval_request", "mcp_approval_response",
-               "local_shell_call", "local_shell_call_output", "code_interpreter_call", "shell_call",
-               "shell_call_output", "apply_patch_call", "apply_patch_call_output")
+_TEXT_ITEMS = (
+    "function_call",
+    "custom_tool_call",
+    "reasoning",
+    "item_reference",
+    "web_search_call",
+    "file_search_call",
+    "mcp_call",
+    "mcp_list_tools",
+    "mcp_approval_request",
+    "mcp_approval_response",
+    "local_shell_call",
+    "local_shell_call_output",
+    "code_interpreter_call",
+    "shell_call",
+    "shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
+)
 _TOOL_OUTPUTS = ("function_call_output", "custom_tool_call_output")
 
-VOCABULARY = frozenset({
-    "input", "instructions", "model", "stream", "role", "content", "type", "text", "image_url", "file_id", "detail",
-    "file_data", "file_url", "filename", "output", "call_id", "id", "status", "tools", "tool_choice", "metadata",
-    "previous_response_id", "conversation", "store", "max_output_tokens", "temperature", "top_p", "reasoning",
-    "parameters", "format", "schema", "include", "truncation", "user", "background", "prompt", "variables",
-    "arguments", "name", "annotations", "summary", "encrypted_content", "acknowledged_safety_checks", "action",
-})
+VOCABULARY = frozenset(
+    {
+        "input",
+        "instructions",
+        "model",
+        "stream",
+        "role",
+        "content",
+        "type",
+        "text",
+        "image_url",
+        "file_id",
+        "detail",
+        "file_data",
+        "file_url",
+        "filename",
+        "output",
+        "call_id",
+        "id",
+        "status",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "previous_response_id",
+        "conversation",
+        "store",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "reasoning",
+        "parameters",
+        "format",
+        "schema",
+        "include",
+        "truncation",
+        "user",
+        "background",
+        "prompt",
+        "variables",
+        "arguments",
+        "name",
+        "annotations",
+        "summary",
+        "encrypted_content",
+        "acknowledged_safety_checks",
+        "action",
+    }
+)
 FREE_FORM = (("tools", "*", "parameters"), ("text", "format", "schema"), ("metadata",), ("prompt", "variables"))
 
 
 def _input_image(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     if part.get("file_id") is not None:
-        raise bad(path + ("file_id",), "images stored with the provider (file_id) cannot be screened by the gate; "
-                                       "send the image inline as image_url", "unscreenable_image")
+        raise bad(
+            path + ("file_id",),
+            "images stored with the provider (file_id) cannot be screened by the gate; "
+            "send the image inline as image_url",
+            "unscreenable_image",
+        )
     url = part.get("image_url")
     if not isinstance(url, str) or not url.strip():
-        raise bad(path + ("image_url",), "input_image needs an image_url (a data: URL or an http(s) URL)",
-                  "invalid_image_url")
+        raise bad(
+            path + ("image_url",), "input_image needs an image_url (a data: URL or an http(s) URL)", "invalid_image_url"
+        )
 
     def rewrite(data: bytes, media_type: str) -> None:
         part["image_url"] = data_url(data, media_type)
 
-    return ImageSlot(path + ("image_url",), "data_url" if url.strip()[:5].lower() == "data:" else "url", url, rewrite,
-                     path)
+    return ImageSlot(
+        path + ("image_url",), "data_url" if url.strip()[:5].lower() == "data:" else "url", url, rewrite, path
+    )
 
 
 def _parts(parts: Any, path: JsonPath) -> list[ImageSlot]:
@@ -62,8 +124,12 @@ def _parts(parts: Any, path: JsonPath) -> list[ImageSlot]:
         if kind == "input_image":
             images.append(_input_image(part, here))
         elif kind not in _TEXT_PARTS:
-            raise bad(here, f"content part type {kind!r} cannot be screened by the gate; send images as input_image "
-                            "parts with an image_url", "unsupported_content_part")
+            raise bad(
+                here,
+                f"content part type {kind!r} cannot be screened by the gate; send images as input_image "
+                "parts with an image_url",
+                "unsupported_content_part",
+            )
     return images
 
 
@@ -108,16 +174,36 @@ class OpenAIResponses(Dialect):
 
 
 def _response(body: dict[str, Any], text: str) -> dict[str, Any]:
-    message = {"id": f"msg_safeclip_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
-               "status": "completed", "content": [{"type": "refusal", "refusal": text}]}
+    message = {
+        "id": f"msg_safeclip_{secrets.token_hex(12)}",
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [{"type": "refusal", "refusal": text}],
+    }
     return {
-        "id": f"resp_safeclip_{secrets.token_hex(12)}", "object": "response", "created_at": int(time.time()),
-        "status": "completed", "error": None, "incomplete_details": None,
+        "id": f"resp_safeclip_{secrets.token_hex(12)}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "completed",
+        "error": None,
+        "incomplete_details": None,
         "instructions": body.get("instructions") if isinstance(body.get("instructions"), str) else None,
-        "model": str(body.get("model", "")), "output": [message], "parallel_tool_calls": True,
-        "tool_choice": "auto", "tools": [], "metadata": {}, "temperature": None, "top_p": None,
-        "usage": {"input_tokens": 0, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 0,
-                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 0},
+        "model": str(body.get("model", "")),
+        "output": [message],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "metadata": {},
+        "temperature": None,
+        "top_p": None,
+        "usage": {
+            "input_tokens": 0,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": 0,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 0,
+        },
     }
 
 
@@ -129,8 +215,11 @@ def _events(response: dict[str, Any], text: str) -> list[bytes]:
     ids = {"item_id": message["id"], "output_index": 0, "content_index": 0}
     events: list[dict[str, Any]] = [
         {"type": "response.created", "response": started},
-        {"type": "response.output_item.added", "output_index": 0, "item": {**message, "status": "in_progress",
-                                                                            "content": []}},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": {**message, "status": "in_progress", "content": []},
+        },
         {"type": "response.content_part.added", **ids, "part": {"type": "refusal", "refusal": ""}},
         {"type": "response.refusal.delta", **ids, "delta": text},
         {"type": "response.refusal.done", **ids, "refusal": text},
@@ -138,5 +227,7 @@ def _events(response: dict[str, Any], text: str) -> list[bytes]:
         {"type": "response.output_item.done", "output_index": 0, "item": message},
         {"type": "response.completed", "response": response},
     ]
-    return [f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
-            for n, e in enumerate(events)]
+    return [
+        f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
+        for n, e in enumerate(events)
+    ]
