@@ -287,11 +287,11 @@ def test_chat_images_finds_every_image_or_refuses_with_a_gate_error(body):
             else:
                 assert part.get("type") in TEXT_PARTS, part  # anything else must have been refused
     assert [p.where for p in found] == [w for w, _ in expected]
-    pinned = data_url(b"\x89PNG", "image/png")
+    pinned = data_url("iVBORw==", "image/png")
     for p, (_, part) in zip(found, expected, strict=True):
         given = part["image_url"]
         assert p.value == (given.get("url") if isinstance(given, dict) else given) and p.value
-        p.rewrite(b"\x89PNG", "image/png")  # the gate puts the screened pixels in each image's place
+        p.rewrite("iVBORw==", "image/png")  # the gate puts the screened pixels (base64) in each image's place
         if isinstance(given, dict):  # keeping the part's other keys ("detail")
             assert part["image_url"] == {**given, "url": pinned}
         else:
@@ -351,7 +351,9 @@ def test_decode_data_url_is_strict_and_capped(url, limit):
     assert isinstance(data, bytes) and len(data) <= limit
     assert url[5:].partition(",")[0].lower().endswith(";base64")
     assert data == base64.b64decode(url.partition(",")[2], validate=True)  # exactly the payload, strictly decoded
-    assert decode_data_url(data_url(data, "image/png"), "here", limit) == data  # what is forwarded round-trips
+    assert (
+        decode_data_url(data_url(base64.b64encode(data).decode(), "image/png"), "here", limit) == data
+    )  # what is forwarded round-trips
 
 
 # Values with keys and strings near the image hints (image, video, file keys; data: strings), so the stray-image

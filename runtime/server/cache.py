@@ -16,12 +16,12 @@ from safeclip.runtime.decision import Verdict
 @dataclass(frozen=True)
 class Entry:
     verdict: Verdict
-    forward: bytes | None  # the screened pixels as a PNG, when a forwarding route asked for them
+    forward: str | None  # the screened pixels as a PNG, base64-encoded, when a forwarding route asked for them
 
 
 class VerdictCache:
-    """Used from the event loop only, so it needs no lock. Bounded by entries and by the bytes of the PNGs
-    it keeps (an entry shared by two keys counts once per key: the bound errs on the small side)."""
+    """Used from the event loop only, so it needs no lock. Bounded by entries and by the size of the encoded
+    PNGs it keeps (an entry shared by two keys counts once per key: the bound errs on the small side)."""
 
     def __init__(self, size: int, max_bytes: int = 256 << 20):
         if size < 0 or max_bytes < 0:
@@ -43,15 +43,15 @@ class VerdictCache:
     def put(self, key: str, entry: Entry) -> None:
         if self.size == 0:
             return
-        cost = len(entry.forward or b"")
+        cost = len(entry.forward or "")
         if cost > self.max_bytes:  # worth its verdict, not its pixels
             entry = Entry(entry.verdict, None)
             cost = 0
         old = self._items.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.forward or b"")
+            self._bytes -= len(old.forward or "")
         self._items[key] = entry
         self._bytes += cost
         while len(self._items) > self.size or self._bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
-            self._bytes -= len(dropped.forward or b"")
+            self._bytes -= len(dropped.forward or "")

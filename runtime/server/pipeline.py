@@ -23,6 +23,7 @@ from safeclip.runtime.server.dialects.base import (
     MODERATE,
     ImageSlot,
     Reply,
+    b64,
     data_url,
     decode_base64,
     decode_data_url,
@@ -138,10 +139,10 @@ def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> N
     original = state.config.proxy.forward_original
     for slot, item in zip(exchange.slots, screened, strict=True):
         if item.forward is not None and not original:
-            slot.rewrite(item.forward, "image/png")
+            slot.rewrite(item.forward, "image/png")  # already base64: encoded once, in the decode pool
         elif slot.kind == "url" and item.original is not None:
             header = image_size_from_header(item.original)
-            slot.rewrite(item.original, f"image/{header[0]}" if header else "application/octet-stream")
+            slot.rewrite(b64(item.original), f"image/{header[0]}" if header else "application/octet-stream")
         # else: an inline image forwarded as sent (forward_original, or unscreened under fail_open)
 
 
@@ -297,7 +298,7 @@ async def guardrail(request: web.Request) -> web.StreamResponse:
         elif ref.kind == "url" and item.original is not None:  # pinned: never a URL to fetch again
             header = image_size_from_header(item.original)
             replaced[ref.value] = data_url(
-                item.original, f"image/{header[0]}" if header else "application/octet-stream"
+                b64(item.original), f"image/{header[0]}" if header else "application/octet-stream"
             )
     if not replaced and prompt is None:
         return web.json_response(litellm.none(), headers=record.headers())

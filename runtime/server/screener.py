@@ -8,6 +8,7 @@ re-encoded as a lossless single-frame opaque PNG (see SECURITY.md, "What the ups
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,14 +42,15 @@ class ImageJob:
 
 class _Decoded(NamedTuple):
     engine_input: np.ndarray | None
-    png: bytes | None
+    png: str | None  # base64
     error: ImageError | None
 
 
 @dataclass(frozen=True)
 class Screened:
     result: Verdict | ImageError
-    forward: bytes | None  # the PNG of the screened pixels, when asked for and decodable
+    # The PNG of the screened pixels, base64-encoded once (in the decode pool), when asked for and decodable.
+    forward: str | None
     cached: bool
     sha256: str  # of the image's bytes
     original: bytes | None = None  # the bytes as they came, for an image loaded for this request
@@ -120,8 +122,8 @@ class Screener:
         decoded = dict(
             zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values())), strict=True)
         )
-        results: dict[str, tuple[Verdict | ImageError, bytes | None]] = {}
-        to_engine: list[tuple[str, np.ndarray, bytes | None]] = []
+        results: dict[str, tuple[Verdict | ImageError, str | None]] = {}
+        to_engine: list[tuple[str, np.ndarray, str | None]] = []
         for digest, (engine_input, png, error) in decoded.items():
             entry = self._hit(digest, forward)  # another request may have screened it meanwhile
             if error is not None:
@@ -174,10 +176,11 @@ class Screener:
         pixels = header[1] * header[2] if header else 0
         fit = self.preprocessor.fit
 
-        def work() -> tuple[np.ndarray, bytes | None, float]:
+        def work() -> tuple[np.ndarray, str | None, float]:
             start = time.perf_counter()
             rgb = decode_image(data, source, self.preprocessor.max_pixels)
-            return fit(rgb), (encode_png(rgb) if forward else None), time.perf_counter() - start
+            png = base64.b64encode(encode_png(rgb)).decode("ascii") if forward else None
+            return fit(rgb), png, time.perf_counter() - start
 
         try:
             engine_input, png, seconds = await self.pool.run(owner, work, pixels)

@@ -17,7 +17,6 @@ from safeclip.runtime.server.dialects.base import (
     Dialect,
     ImageSlot,
     Reply,
-    b64,
     bad,
     expect,
     prepend_system_text,
@@ -117,8 +116,8 @@ def _image(block: dict[str, Any], path: JsonPath) -> ImageSlot:
             "unscreenable_image",
         )
 
-    def rewrite(data: bytes, media_type: str) -> None:
-        block["source"] = {"type": "base64", "media_type": media_type, "data": b64(data)}
+    def rewrite(base64_text: str, media_type: str) -> None:
+        block["source"] = {"type": "base64", "media_type": media_type, "data": base64_text}
 
     return ImageSlot(where, slot_kind, value, rewrite, path)
 

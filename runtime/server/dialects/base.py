@@ -21,7 +21,7 @@ GENERATE = "generate"  # forward to the upstream, or answer a refusal in the dia
 COUNT = "count"  # forward (a token count); a refused image is an error, there is nothing to answer with
 MODERATE = "moderate"  # answer here, never forward
 
-Rewrite = Callable[[bytes, str], None]  # (image bytes, media type) -> edits the parsed body in place
+Rewrite = Callable[[str, str], None]  # (the image as base64 text, its media type) -> edits the parsed body in place
 
 
 @dataclass
@@ -112,8 +112,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def data_url(data: bytes, media_type: str) -> str:
-    return f"data:{media_type};base64,{b64(data)}"
+def data_url(base64_text: str, media_type: str) -> str:
+    """A data: URL of an image already base64-encoded (the gate keeps forwarded images encoded, once)."""
+    return f"data:{media_type};base64,{base64_text}"
 
 
 def prepend_system_text(existing: Any, prompt: str) -> Any:

@@ -50,7 +50,7 @@ class ImageRef:
     def slot(self) -> ImageSlot:
         """The reference as the pipeline screens it; LiteLLM's request is answered, not edited, so the slot's
         rewrite does nothing (intervened() builds the answer)."""
-        return ImageSlot(self.path, self.kind, self.value, lambda data, media_type: None, self.path)
+        return ImageSlot(self.path, self.kind, self.value, lambda base64_text, media_type: None, self.path)
 
 
 @dataclass(frozen=True)

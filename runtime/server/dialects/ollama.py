@@ -11,7 +11,7 @@ import json
 import time
 from typing import Any
 
-from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, b64, bad, expect
+from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, expect
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath
 
@@ -67,8 +67,8 @@ def _images(holder: dict[str, Any], path: JsonPath) -> list[ImageSlot]:
         if not isinstance(value, str) or not value:
             raise bad(here, "an image must be a non-empty base64 string", "invalid_image_data")
 
-        def rewrite(data: bytes, media_type: str, k: int = k) -> None:
-            images[k] = b64(data)
+        def rewrite(base64_text: str, media_type: str, k: int = k) -> None:
+            images[k] = base64_text
 
         slots.append(ImageSlot(here, "base64", value, rewrite))
     return slots

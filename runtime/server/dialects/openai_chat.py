@@ -102,8 +102,9 @@ def image_url_slot(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     if not isinstance(url, str) or not url.strip():
         raise bad(path, "image_url needs a non-empty url", "invalid_image_url")
 
-    def rewrite(data: bytes, media_type: str) -> None:
-        part["image_url"] = {**image_url, "url": data_url(data, media_type)} if holder else data_url(data, media_type)
+    def rewrite(base64_text: str, media_type: str) -> None:
+        url = data_url(base64_text, media_type)
+        part["image_url"] = {**image_url, "url": url} if holder else url
 
     return ImageSlot(where, "data_url" if url.strip()[:5].lower() == "data:" else "url", url, rewrite, path)
 

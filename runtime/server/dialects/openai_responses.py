@@ -104,8 +104,8 @@ def _input_image(part: dict[str, Any], path: JsonPath) -> ImageSlot:
             path + ("image_url",), "input_image needs an image_url (a data: URL or an http(s) URL)", "invalid_image_url"
         )
 
-    def rewrite(data: bytes, media_type: str) -> None:
-        part["image_url"] = data_url(data, media_type)
+    def rewrite(base64_text: str, media_type: str) -> None:
+        part["image_url"] = data_url(base64_text, media_type)
 
     return ImageSlot(
         path + ("image_url",), "data_url" if url.strip()[:5].lower() == "data:" else "url", url, rewrite, path
