@@ -131,16 +131,6 @@ def test_intervened_pins_urls_everywhere_and_injects_the_prompt():
 
 
 @pytest.fixture(scope="module")
-def flag_all(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=0.0)
-
-
-@pytest.fixture(scope="module")
-def flag_none(tiny_engine):
-    return Gate.from_engine(tiny_engine, threshold=1.0)
-
-
-@pytest.fixture(scope="module")
 def image_host(servers):
     host = ImageHost(png(seed=32, size=40))
     return host, servers.start(host.app())

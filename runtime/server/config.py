@@ -10,12 +10,17 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser, from PyPI
+    import tomli as tomllib
+
 from yarl import URL
 
 from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend

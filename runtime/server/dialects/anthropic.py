@@ -18,6 +18,7 @@ from safeclip.runtime.server.dialects.base import (
     ImageSlot,
     Reply,
     bad,
+    each_message,
     expect,
     prepend_system_text,
 )
@@ -163,11 +164,9 @@ class AnthropicMessages(Dialect):
     free_form = FREE_FORM
 
     def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
-        messages = expect(body.get("messages"), list, ("messages",), "a list")
         images = []
-        for i, message in enumerate(messages):
-            expect(message, dict, ("messages", i), "an object")
-            images += _blocks(message.get("content"), ("messages", i, "content"))
+        for path_, message in each_message(body):
+            images += _blocks(message.get("content"), (*path_, "content"))
         system = body.get("system")
         if isinstance(system, list):
             for j, block in enumerate(system):

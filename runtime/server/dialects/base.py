@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -82,6 +82,12 @@ def expect(value: Any, kind: type | tuple[type, ...], where: JsonPath, what: str
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise bad(where, f"must be {what}, got {type(value).__name__}")
     return value
+
+
+def each_message(body: dict[str, Any], key: str = "messages") -> Iterator[tuple[JsonPath, dict[str, Any]]]:
+    """(path, message) for each message of a conversation list, each checked to be an object."""
+    for i, message in enumerate(expect(body.get(key), list, (key,), "a list")):
+        yield (key, i), expect(message, dict, (key, i), "an object")
 
 
 def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:

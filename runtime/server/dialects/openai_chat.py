@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, data_url, expect
+from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, data_url, each_message, expect
 from safeclip.runtime.server.jsonbody import JsonPath
 
 TEXT_PARTS = ("text", "refusal", "input_audio")
@@ -133,15 +133,13 @@ class OpenAIChat(Dialect):
     free_form = FREE_FORM
 
     def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
-        messages = expect(body.get("messages"), list, ("messages",), "a list")
         images = []
-        for i, message in enumerate(messages):
-            expect(message, dict, ("messages", i), "an object")
+        for path_, message in each_message(body):
             content = message.get("content")
             if content is None or isinstance(content, str):
                 continue
-            expect(content, list, ("messages", i, "content"), "a string or a list of parts")
-            images.extend(parts_images(content, ("messages", i, "content")))
+            expect(content, list, (*path_, "content"), "a string or a list of parts")
+            images.extend(parts_images(content, (*path_, "content")))
         prediction = body.get("prediction")
         if isinstance(prediction, dict) and isinstance(prediction.get("content"), list):
             images.extend(parts_images(prediction["content"], ("prediction", "content")))
