@@ -1,4 +1,4 @@
-"""2. Decision path: Policy.decide from the engine's probabilities to verdicts."""
+"""2. Decision path: Policy.verdicts from the engine's probabilities to verdicts."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def run(ctx, result: Result) -> None:
         samples = [time_once(loop) / calls / batch * 1e6 for _ in range(repeats)]
         result.add(
             f"batch{batch}.us_per_image",
-            f"Policy.decide, batch {batch}, per image",
+            f"Policy.verdicts, batch {batch}, per image",
             "µs",
             samples,
             goal=("<=", GOAL_US),
