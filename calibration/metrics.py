@@ -1,6 +1,6 @@
 """What a policy does to screened benign and toxic images: the paper's two rates, AUROC, ROC, confusion.
 
-Decisions come from the runtime's own Policy.decide, so the reported rates are the ones `safeclip
+Decisions come from the runtime's own Policy.verdicts, so the reported rates are the ones `safeclip
 screen` would produce with the same thresholds.
 """
 

@@ -65,7 +65,7 @@ def candidates(values: np.ndarray) -> np.ndarray:
 
 
 def fires(values: np.ndarray, threshold: float) -> np.ndarray:
-    """The runtime's rule (decision.Policy.decide), in float32."""
+    """The runtime's rule (decision.Policy.verdicts), in float32."""
     t = np.float32(threshold)
     return values > t if t > 0 else np.ones(values.shape, bool)
 
