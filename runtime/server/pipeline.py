@@ -132,18 +132,25 @@ def _account(
         )
 
 
+def forwarded(slot: ImageSlot, item: Screened, forward_original: bool) -> tuple[str, str] | None:
+    """(base64, media type) of what the upstream may see in an image's place, or None to leave it as sent:
+    the screened pixels as a PNG (default), or, with `forward_original`, the bytes as they came. A URL
+    always becomes bytes: the upstream must not fetch it again and get something else. Left as sent: an
+    inline image under `forward_original`, or one forwarded unscreened under `fail_open`."""
+    if item.forward is not None and not forward_original:
+        return item.forward, "image/png"  # already base64: encoded once, in the decode pool
+    if slot.kind == "url" and item.original is not None:
+        header = image_size_from_header(item.original)
+        return b64(item.original), f"image/{header[0]}" if header else "application/octet-stream"
+    return None
+
+
 def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> None:
-    """Put in each image's place what the upstream may see: the screened pixels as a PNG (default), or,
-    with `forward_original`, the bytes as they came (a URL still becomes its fetched bytes: the upstream
-    must not fetch it again and get something else)."""
-    original = state.config.proxy.forward_original
+    """Put in each image's place what the upstream may see (see `forwarded`)."""
     for slot, item in zip(exchange.slots, screened, strict=True):
-        if item.forward is not None and not original:
-            slot.rewrite(item.forward, "image/png")  # already base64: encoded once, in the decode pool
-        elif slot.kind == "url" and item.original is not None:
-            header = image_size_from_header(item.original)
-            slot.rewrite(b64(item.original), f"image/{header[0]}" if header else "application/octet-stream")
-        # else: an inline image forwarded as sent (forward_original, or unscreened under fail_open)
+        replacement = forwarded(slot, item, state.config.proxy.forward_original)
+        if replacement is not None:
+            slot.rewrite(*replacement)
 
 
 async def answer(request: web.Request, reply: Reply, record: Record) -> web.StreamResponse:
@@ -164,11 +171,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     """A dialect route: the steps above, then the upstream or the gate's own answer."""
     state = request.app[STATE]
     route = ROUTES[request.path]
-    upstream = state.require_upstream() if route.kind != MODERATE else None
+    if route.kind == MODERATE:
+        ready = state.require_ready()
+        return await _moderate(state, ready, await parse(request, state, route))
+    upstream = state.require_upstream()
     ready = state.require_ready()
     exchange = await parse(request, state, route)
-    if route.kind == MODERATE:
-        return await _moderate(state, ready, exchange)
     screened = await screen(state, ready, exchange, forward=True)
     record = exchange.record
     decision = decide(record.verdicts, state.config.action_for)
@@ -189,7 +197,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         def edit(body: dict) -> dict:
             return {**body, "safeclip": record.summary(ready.policy_version)}
 
-    assert upstream is not None  # every route but MODERATE forwards
     return await upstream.forward(request, route.path, jsonbody.canonical(exchange.body), record.headers(), edit)
 
 
@@ -292,14 +299,10 @@ async def guardrail(request: web.Request) -> web.StreamResponse:
             headers=record.headers(),
         )
     replaced: dict[str, str] = {}
-    for ref, item in zip(refs, screened, strict=True):
-        if item.forward is not None and not config.proxy.forward_original:
-            replaced[ref.value] = data_url(item.forward, "image/png")
-        elif ref.kind == "url" and item.original is not None:  # pinned: never a URL to fetch again
-            header = image_size_from_header(item.original)
-            replaced[ref.value] = data_url(
-                b64(item.original), f"image/{header[0]}" if header else "application/octet-stream"
-            )
+    for slot, item in zip(exchange.slots, screened, strict=True):
+        replacement = forwarded(slot, item, config.proxy.forward_original)
+        if replacement is not None:
+            replaced[slot.value] = data_url(*replacement)
     if not replaced and prompt is None:
         return web.json_response(litellm.none(), headers=record.headers())
     return web.json_response(litellm.intervened(guard, replaced, prompt), headers=record.headers())
