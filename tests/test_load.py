@@ -215,11 +215,11 @@ class HeldEngine(CountingScreen):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self, images, timings=None):
+    def __call__(self, pixels, digests):
         if not self.calls:
             self.entered.set()
             self.release.wait(30)
-        return super().__call__(images, timings)
+        return super().__call__(pixels, digests)
 
 
 def test_queue_bound_refuses_exactly_the_overflow(tiny_engine, servers, upstream_server, upstream):
