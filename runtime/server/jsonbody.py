@@ -157,10 +157,7 @@ def _folded(vocabulary: frozenset[str]) -> dict[str, str]:
 def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathPattern] = ()) -> None:
     """400 for a key that folds to a field name in `vocabulary` without being exactly it."""
     known = _folded(frozenset(vocabulary))
-    patterns = tuple(free_form)
-    for path, obj in _objects(body):
-        if any(_matches(path, p) for p in patterns):
-            continue
+    for path, obj in _objects(body, tuple(free_form)):
         for key in obj:
             if key in vocabulary:
                 continue
@@ -176,12 +173,14 @@ def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathP
                     )
 
 
-def _objects(value: Any) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
-    """Every object with its path, skipping below free-form roots is the caller's business. Iterative:
-    the parser accepts nesting deeper than Python's stack."""
+def _objects(value: Any, free_form: tuple[PathPattern, ...]) -> Iterator[tuple[JsonPath, dict[str, Any]]]:
+    """Every object with its path, none at or below a free-form root (their subtrees are not walked).
+    Iterative: the parser accepts nesting deeper than Python's stack."""
     todo: list[tuple[JsonPath, Any]] = [((), value)]
     while todo:
         path, item = todo.pop()
+        if any(_matches(path, p) for p in free_form):
+            continue
         if isinstance(item, dict):
             yield path, item
             todo.extend((path + (k,), v) for k, v in item.items())

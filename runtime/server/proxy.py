@@ -135,7 +135,7 @@ class Upstream:
         api_key: str | None = None,
         gate_key: str | None = None,
     ):
-        self.base = base
+        self.base = URL(base)  # parsed once; a base with a path (https://host/openai) keeps it
         self.api_key = api_key  # sent upstream as Authorization: Bearer
         self.gate_key = gate_key  # never sent upstream
         self.connect_timeout = connect_timeout
@@ -171,7 +171,7 @@ class Upstream:
         """
         if self.session is None:
             raise RuntimeError("Upstream.start() was not called")
-        url = URL(self.base).with_path(URL(self.base).path.rstrip("/") + path).with_query(request.rel_url.query)
+        url = self.base.with_path(self.base.path.rstrip("/") + path).with_query(request.rel_url.query)
         headers = request_headers(request.headers, edit_json is not None, self.gate_key, self.api_key)
         if body is not None:
             headers["Content-Type"] = "application/json"
