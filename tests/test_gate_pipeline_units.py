@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import string
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safeclip.runtime.server.decoding import LARGE_IMAGE_PIXELS, DecodePool
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import canonical, check_keys, folds, looks_like_image, parse, stray_images
+from safeclip.runtime.server.jsonbody import (
+    Verbatim,
+    canonical,
+    check_keys,
+    folds,
+    looks_like_image,
+    parse,
+    stray_images,
+)
 from server_helpers import png
 
 
@@ -39,6 +51,62 @@ def test_canonical_round_trips_and_is_ascii():
     value = parse('{"text": "caf\u00e9 \\ud83d\\ude00", "n": [1, 2.5, null, true]}'.encode())
     out = canonical(value)
     assert out.isascii() and parse(out) == value
+
+
+def _reference(value):
+    """What canonical() must write: json.dumps itself, with each Verbatim as its plain text."""
+
+    def plain(v):
+        if isinstance(v, Verbatim):
+            return v.text
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return json.dumps(plain(value), ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode("ascii")
+
+
+_B64_TEXT = st.text(alphabet=string.ascii_letters + string.digits + "+/=", max_size=64)
+_PLAIN_TEXT = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\'))
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text()  # anything a client may send: quotes, backslashes, controls, surrogates, the stand-in's alphabet
+    | st.builds(Verbatim, _PLAIN_TEXT)
+    | st.builds(lambda a, b: Verbatim("data:image/png;base64,") + Verbatim(a) + Verbatim(b), _B64_TEXT, _B64_TEXT),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_JSON)
+def test_canonical_splices_verbatim_text_exactly_where_json_dumps_would_write_it(value):
+    """Verbatim values are copied in, not scanned: the output must still be byte for byte the reference
+    encoder's, wherever they sit (first, last, nested, beside client strings holding quotes and escapes)."""
+    assert canonical(value) == _reference(value)
+
+
+def test_canonical_keeps_client_text_that_looks_like_a_splice():
+    pieces = ['"', '\\"', "\x00", "0" * 32, '"' + "0" * 32 + '"']
+    body = {"a": pieces, "img": Verbatim("iVBORw0KGgo="), "b": [Verbatim("x"), '"x"']}
+    out = canonical(body)
+    assert out == _reference(body)
+    assert json.loads(out) == {"a": pieces, "img": "iVBORw0KGgo=", "b": ["x", '"x"']}
+
+
+@pytest.mark.parametrize("text", ['a"b', "a\\b", "a\nb", "a\x00b", "a\x1fb", "caf\u00e9", "\x7f"])
+def test_verbatim_refuses_text_that_json_must_escape(text):
+    with pytest.raises(ValueError, match="escaping"):
+        Verbatim(text)
+
+
+def test_canonical_refuses_values_that_are_not_json():
+    with pytest.raises(TypeError, match="bytes"):
+        canonical({"a": b"raw"})
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,11 @@ from safeclip.runtime.preprocess import CorruptImage
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import Entry, VerdictCache
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT, GateConfig, load_config
-from safeclip.runtime.server.dialects.base import data_url, decode_data_url
+from safeclip.runtime.server.dialects.base import decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import OpenAIChat, inject_system_message, refusal_events
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations, moderation_result
 from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.jsonbody import Verbatim, canonical
 from safeclip.runtime.server.metrics import Histogram
 from safeclip.runtime.server.record import decide
 from server_helpers import png
@@ -117,10 +118,11 @@ def test_chat_images_finds_every_image_part():
     ]
     assert found[0].path == ("messages", 1, "content", 1, "image_url", "url")
     assert found[1].path == ("messages", 3, "content", 0, "image_url")  # the bare-string form
-    found[1].rewrite("eg==", "image/png")
-    found[0].rewrite("eQ==", "image/png")
-    assert body["messages"][3]["content"][0]["image_url"] == data_url("eg==", "image/png")  # string form kept
-    assert body["messages"][1]["content"][1]["image_url"] == {"url": data_url("eQ==", "image/png")}
+    found[1].rewrite(Verbatim("eg=="), "image/png")
+    found[0].rewrite(Verbatim("eQ=="), "image/png")
+    forwarded = json.loads(canonical(body))
+    assert forwarded["messages"][3]["content"][0]["image_url"] == "data:image/png;base64,eg=="  # string form kept
+    assert forwarded["messages"][1]["content"][1]["image_url"] == {"url": "data:image/png;base64,eQ=="}
 
 
 @pytest.mark.parametrize(
@@ -165,7 +167,7 @@ def test_moderation_inputs_shapes():
 
 def test_data_urls_decode_strictly():
     image = png(seed=1)
-    url = data_url(base64.b64encode(image).decode(), "image/png")
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
     assert url.startswith("data:image/png;base64,")
     assert decode_data_url(url, "p", len(image)) == image
     with pytest.raises(GateError) as e:

@@ -11,12 +11,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from safeclip.runtime.decision import Verdict
+from safeclip.runtime.server.jsonbody import Verbatim
 
 
 @dataclass(frozen=True)
 class Entry:
     verdict: Verdict
-    forward: str | None  # the screened pixels as a PNG, base64-encoded, when a forwarding route asked for them
+    forward: Verbatim | None  # the screened pixels as a PNG, base64-encoded, when a forwarding route asked for them
 
 
 class VerdictCache:
@@ -43,15 +44,15 @@ class VerdictCache:
     def put(self, key: str, entry: Entry) -> None:
         if self.size == 0:
             return
-        cost = len(entry.forward or "")
+        cost = len(entry.forward) if entry.forward is not None else 0
         if cost > self.max_bytes:  # worth its verdict, not its pixels
             entry = Entry(entry.verdict, None)
             cost = 0
         old = self._items.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.forward or "")
+            self._bytes -= len(old.forward) if old.forward is not None else 0
         self._items[key] = entry
         self._bytes += cost
         while len(self._items) > self.size or self._bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
-            self._bytes -= len(dropped.forward or "")
+            self._bytes -= len(dropped.forward) if dropped.forward is not None else 0

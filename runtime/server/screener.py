@@ -23,6 +23,7 @@ from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import Entry, VerdictCache
 from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.jsonbody import Verbatim
 
 # Hashing a large image takes milliseconds; above this size it runs in a thread (hashlib releases the GIL).
 _HASH_IN_THREAD = 1 << 20
@@ -42,7 +43,7 @@ class ImageJob:
 
 class _Decoded(NamedTuple):
     engine_input: np.ndarray | None
-    png: str | None  # base64
+    png: Verbatim | None  # base64
     error: ImageError | None
 
 
@@ -50,7 +51,7 @@ class _Decoded(NamedTuple):
 class Screened:
     result: Verdict | ImageError
     # The PNG of the screened pixels, base64-encoded once (in the decode pool), when asked for and decodable.
-    forward: str | None
+    forward: Verbatim | None
     cached: bool
     sha256: str  # of the image's bytes
     original: bytes | None = None  # the bytes as they came, for an image loaded for this request
@@ -122,8 +123,8 @@ class Screener:
         decoded = dict(
             zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values())), strict=True)
         )
-        results: dict[str, tuple[Verdict | ImageError, str | None]] = {}
-        to_engine: list[tuple[str, np.ndarray, str | None]] = []
+        results: dict[str, tuple[Verdict | ImageError, Verbatim | None]] = {}
+        to_engine: list[tuple[str, np.ndarray, Verbatim | None]] = []
         for digest, (engine_input, png, error) in decoded.items():
             entry = self._hit(digest, forward)  # another request may have screened it meanwhile
             if error is not None:
@@ -176,10 +177,10 @@ class Screener:
         pixels = header[1] * header[2] if header else 0
         fit = self.preprocessor.fit
 
-        def work() -> tuple[np.ndarray, str | None, float]:
+        def work() -> tuple[np.ndarray, Verbatim | None, float]:
             start = time.perf_counter()
             rgb = decode_image(data, source, self.preprocessor.max_pixels)
-            png = base64.b64encode(encode_png(rgb)).decode("ascii") if forward else None
+            png = Verbatim(base64.b64encode(encode_png(rgb)).decode("ascii")) if forward else None
             return fit(rgb), png, time.perf_counter() - start
 
         try:

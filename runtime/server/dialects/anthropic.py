@@ -23,7 +23,7 @@ from safeclip.runtime.server.dialects.base import (
     prepend_system_text,
 )
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import JsonPath
+from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 
 # Block types that hold text, ids or model output only.
 _TEXT_BLOCKS = (
@@ -117,7 +117,7 @@ def _image(block: dict[str, Any], path: JsonPath) -> ImageSlot:
             "unscreenable_image",
         )
 
-    def rewrite(base64_text: str, media_type: str) -> None:
+    def rewrite(base64_text: Verbatim, media_type: str) -> None:
         block["source"] = {"type": "base64", "media_type": media_type, "data": base64_text}
 
     return ImageSlot(where, slot_kind, value, rewrite, path)

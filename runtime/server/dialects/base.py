@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import JsonPath, PathPattern, location
+from safeclip.runtime.server.jsonbody import JsonPath, PathPattern, Verbatim, location
 
 # What a route does with a screened request.
 GENERATE = "generate"  # forward to the upstream, or answer a refusal in the dialect's format
 COUNT = "count"  # forward (a token count); a refused image is an error, there is nothing to answer with
 MODERATE = "moderate"  # answer here, never forward
 
-Rewrite = Callable[[str, str], None]  # (the image as base64 text, its media type) -> edits the parsed body in place
+# (the image as base64 text, its media type) -> edits the parsed body in place
+Rewrite = Callable[[Verbatim, str], None]
 
 
 @dataclass
@@ -114,13 +115,13 @@ def decode_base64(payload: str, where: str, max_bytes: int, code: str = "invalid
     return data
 
 
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+def b64(data: bytes) -> Verbatim:
+    return Verbatim(base64.b64encode(data).decode("ascii"))
 
 
-def data_url(base64_text: str, media_type: str) -> str:
+def data_url(base64_text: Verbatim, media_type: str) -> Verbatim:
     """A data: URL of an image already base64-encoded (the gate keeps forwarded images encoded, once)."""
-    return f"data:{media_type};base64,{base64_text}"
+    return Verbatim(f"data:{media_type};base64,") + base64_text
 
 
 def prepend_system_text(existing: Any, prompt: str) -> Any:

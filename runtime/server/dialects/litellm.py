@@ -31,7 +31,7 @@ from typing import Any
 from safeclip.runtime.server.dialects.base import ImageSlot
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, inject_system_message
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import JsonPath
+from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 
 GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
 BLOCKED, NONE, INTERVENED = "BLOCKED", "NONE", "GUARDRAIL_INTERVENED"
@@ -158,7 +158,9 @@ def none() -> dict[str, Any]:
     return {"action": NONE}
 
 
-def intervened(guard: GuardrailRequest, pinned: dict[str, str], safety_prompt: str | None = None) -> dict[str, Any]:
+def intervened(
+    guard: GuardrailRequest, pinned: dict[str, Verbatim], safety_prompt: str | None = None
+) -> dict[str, Any]:
     """GUARDRAIL_INTERVENED: every image string in `pinned` (as sent -> data URL of the screened pixels)
     replaced, in `images` and in `structured_messages`, and `safety_prompt` put first in the conversation as a
     system message (merged into a leading one), where the proxy's `inject` puts it too."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, expect
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import JsonPath
+from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 
 CHAT, GENERATE = "/api/chat", "/api/generate"
 
@@ -67,7 +67,7 @@ def _images(holder: dict[str, Any], path: JsonPath) -> list[ImageSlot]:
         if not isinstance(value, str) or not value:
             raise bad(here, "an image must be a non-empty base64 string", "invalid_image_data")
 
-        def rewrite(base64_text: str, media_type: str, k: int = k) -> None:
+        def rewrite(base64_text: Verbatim, media_type: str, k: int = k) -> None:
             images[k] = base64_text
 
         slots.append(ImageSlot(here, "base64", value, rewrite))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, data_url, each_message, expect
-from safeclip.runtime.server.jsonbody import JsonPath
+from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 
 TEXT_PARTS = ("text", "refusal", "input_audio")
 
@@ -102,7 +102,7 @@ def image_url_slot(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     if not isinstance(url, str) or not url.strip():
         raise bad(path, "image_url needs a non-empty url", "invalid_image_url")
 
-    def rewrite(base64_text: str, media_type: str) -> None:
+    def rewrite(base64_text: Verbatim, media_type: str) -> None:
         url = data_url(base64_text, media_type)
         part["image_url"] = {**image_url, "url": url} if holder else url
 

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, data_url, expect
-from safeclip.runtime.server.jsonbody import JsonPath
+from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 
 _TEXT_PARTS = ("input_text", "output_text", "refusal", "summary_text", "reasoning_text", "text")
 # Item types that carry no image (their content is text, ids or arguments).
@@ -104,7 +104,7 @@ def _input_image(part: dict[str, Any], path: JsonPath) -> ImageSlot:
             path + ("image_url",), "input_image needs an image_url (a data: URL or an http(s) URL)", "invalid_image_url"
         )
 
-    def rewrite(base64_text: str, media_type: str) -> None:
+    def rewrite(base64_text: Verbatim, media_type: str) -> None:
         part["image_url"] = data_url(base64_text, media_type)
 
     return ImageSlot(
