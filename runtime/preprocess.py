@@ -375,7 +375,10 @@ class Preprocessor:
             ox, oy = (side - width) // 2, (side - height) // 2
             ax, ay = -(-ox // factor), -(-oy // factor)
             box = (ax - ox / factor, ay - oy / factor, ax + (side - ox) / factor, ay + (side - oy) / factor)
-            canvas = Image.new("RGB", (math.ceil(box[2]), math.ceil(box[3])), tuple(self.pad_color))
+            canvas_size = (math.ceil(box[2]), math.ceil(box[3]))
+            if ax == 0 and shown.image.width == canvas_size[0]:
+                return self._resize_wide_on_canvas(shown.image, ay, canvas_size[1], box)
+            canvas = Image.new("RGB", canvas_size, tuple(self.pad_color))
             canvas.paste(shown.image, (ax, ay))
             return np.array(canvas.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None))
         # transformers: the shortest side becomes size, the other int(size * long / short); the centre crop
@@ -401,6 +404,34 @@ class Preprocessor:
         )
         out = shown.image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
         return np.array(out)  # writable, like any array a caller makes
+
+    def _resize_wide_on_canvas(
+        self, image: Image.Image, top: int, canvas_height: int, box: tuple[float, float, float, float]
+    ) -> np.ndarray:
+        """The canvas resize above, to the last level, for an image as wide as its canvas (landscape or
+        square): the pad is whole rows above and below it.
+
+        Pillow resizes in two passes, each rounding to uint8: horizontal over the rows the vertical pass
+        needs, then vertical. A row of pad colour comes out of the horizontal pass as the pad colour
+        (the weights sum to 1 within far less than a level), so only the image's rows need that pass, and
+        the canvas is never built: a 4:3 photo skips a quarter of the costlier pass. Both steps use the
+        canvas's box and height, so Pillow computes the same weights as for the whole canvas."""
+        rows = image.resize(
+            (self.size, image.height),
+            Image.Resampling.BICUBIC,
+            box=(box[0], 0, box[2], image.height),
+            reducing_gap=None,
+        )  # horizontal only: the height and the vertical extent are unchanged
+        if top == 0 and image.height == canvas_height:
+            column = rows
+        else:
+            column = Image.new("RGB", (self.size, canvas_height), tuple(self.pad_color))
+            column.paste(rows, (0, top))
+        return np.array(
+            column.resize(
+                (self.size, self.size), Image.Resampling.BICUBIC, box=(0, box[1], self.size, box[3]), reducing_gap=None
+            )
+        )
 
     def _box_average(self, image: Image.Image, factor: int) -> Image.Image:
         """`image` reduced by `factor`. Across the padded axis a partial last block is filled up with the pad

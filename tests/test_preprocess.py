@@ -4,6 +4,7 @@ PNG the gate forwards, and every refusal."""
 from __future__ import annotations
 
 import io
+import math
 import struct
 import subprocess
 import sys
@@ -408,6 +409,33 @@ def test_decode_image_and_exif_turned_reduced_decode(photographs, draft_factors)
 )
 def test_jpeg_reduction_rule(width, height, size, mode, factor):
     assert Preprocessor(size, mode)._jpeg_reduction(width, height) == factor
+
+
+def _canvas_resize(pp: Preprocessor, shown: Image.Image, width: int, height: int, factor: int) -> np.ndarray:
+    """Pad mode the plain way, for a picture `factor` times smaller than (width, height): the whole square
+    canvas, then one Pillow resize with the box of the full-resolution canvas."""
+    side = max(width, height)
+    ox, oy = (side - width) // 2, (side - height) // 2
+    ax, ay = -(-ox // factor), -(-oy // factor)
+    box = (ax - ox / factor, ay - oy / factor, ax + (side - ox) / factor, ay + (side - oy) / factor)
+    canvas = Image.new("RGB", (math.ceil(box[2]), math.ceil(box[3])), PAD)
+    canvas.paste(shown, (ax, ay))
+    return np.array(canvas.resize((pp.size, pp.size), Image.Resampling.BICUBIC, box=box, reducing_gap=None))
+
+
+@pytest.mark.parametrize("size", [56, 224, 336])
+@pytest.mark.parametrize(
+    "width, height, factor",
+    [(4000, 3000, 2), (4000, 3000, 4), (4000, 2998, 2), (3000, 4000, 2), (2400, 2400, 8), (999, 601, 1), (640, 1, 1)],
+)
+def test_pad_mode_without_the_canvas_is_the_canvas_resize_to_the_last_level(width, height, factor, size):
+    """A picture as wide as its canvas skips building it (only its own rows go through the horizontal pass);
+    the result must be exactly the canvas resize's, reduced decodes included (`factor`)."""
+    rng = np.random.default_rng(width + height + size)
+    reduced = rng.integers(0, 256, (height // factor, width // factor, 3), dtype=np.uint8)
+    shown = Image.fromarray(reduced)
+    ours = Preprocessor(size, "pad", PAD)._fit(preprocess._Shown(shown, (width, height), factor))
+    assert np.array_equal(ours, _canvas_resize(Preprocessor(size, "pad", PAD), shown, width, height, factor))
 
 
 def test_small_jpeg_is_decoded_at_full_size(draft_factors):
