@@ -27,7 +27,7 @@ class Settings:
     preprocess_min: int
     preprocess_max: int
     # 4. end to end
-    e2e_arch: str
+    e2e_archs: tuple[str, ...]
     e2e_images: int
     e2e_batch: int
     e2e_source: tuple[int, int]  # (width, height) of the screened JPEGs
@@ -69,7 +69,7 @@ FULL = Settings(
     preprocess_budget_s=10.0,
     preprocess_min=7,
     preprocess_max=60,
-    e2e_arch="vit-l-14-336",
+    e2e_archs=("vit-b-32", "vit-l-14-336"),
     e2e_images=64,
     e2e_batch=32,
     e2e_source=(1024, 768),
@@ -107,7 +107,7 @@ QUICK = Settings(
     preprocess_budget_s=4.0,
     preprocess_min=5,
     preprocess_max=30,
-    e2e_arch="vit-b-32",
+    e2e_archs=("vit-b-32",),
     e2e_images=64,
     e2e_batch=32,
     e2e_source=(1024, 768),
@@ -146,7 +146,7 @@ SMOKE = Settings(
     preprocess_budget_s=0.1,
     preprocess_min=3,
     preprocess_max=3,
-    e2e_arch="tiny",
+    e2e_archs=("tiny",),
     e2e_images=4,
     e2e_batch=2,
     e2e_source=(160, 120),

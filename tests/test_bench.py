@@ -140,6 +140,6 @@ def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
     )
 
     e2e = doc["benchmarks"]["end_to_end"]
-    assert e2e["metrics"]["safeclip_int8_b1.images_per_s"]["median"] > 0
-    assert e2e["ratios"]["speedup_int8_b1_vs_b1"]["denominator"] == "transformers_b1.images_per_s"
+    assert e2e["metrics"]["tiny.safeclip_int8_b1.images_per_s"]["median"] > 0
+    assert e2e["ratios"]["tiny.speedup_int8_b1_vs_b1"]["denominator"] == "tiny.transformers_b1.images_per_s"
     assert "INT8 dynamic" in md

@@ -18,11 +18,15 @@ RATIOS = ("speedup_vs_b1", "speedup_vs_batched", "speedup_b1_vs_b1", "speedup_in
 
 
 def expected(s):
-    return [f"{c}.images_per_s" for c in CONTENDERS] + ["transformers_b1.ms_per_image", *RATIOS]
+    keys = []
+    for name in s.e2e_archs:
+        keys += [f"{name}.{c}.images_per_s" for c in CONTENDERS]
+        keys += [f"{name}.transformers_b1.ms_per_image", *(f"{name}.{r}" for r in RATIOS)]
+    return keys
 
 
 def needs(s):
-    return [(s.e2e_arch, False, False)]  # and its INT8 model: ctx.int8
+    return [(name, False, False) for name in s.e2e_archs]  # and their INT8 models: ctx.int8
 
 
 class TransformersZeroShot:
@@ -67,20 +71,10 @@ class TransformersZeroShot:
 
 
 def run(ctx, result: Result) -> None:
-    from safeclip.runtime import contract
-    from safeclip.runtime.gate import Gate
-
     s = ctx.settings
-    a = arch(s.e2e_arch)
-    built = ctx.int8(s.e2e_arch)
-    gate = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=s.e2e_batch)
-    gate_b1 = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=1)
-    gate_int8_b1 = Gate.from_engine(built.path, backend="cpu", precision="int8", max_batch=1)
-    user = TransformersZeroShot(random_clip(a, attn="sdpa"), descriptors(), contract.DEFAULT_THRESHOLD)
     width, height = s.e2e_source
-    images = jpegs(s.e2e_images, height, width, seed=100)
     result.params.update(
-        arch=a.label,
+        archs=[arch(n).label for n in s.e2e_archs],
         images=s.e2e_images,
         source=f"{width}x{height} JPEG",
         batch=s.e2e_batch,
@@ -88,12 +82,29 @@ def run(ctx, result: Result) -> None:
         ".check(jpeg bytes); and precision='int8' (dynamic, as `safeclip quantize` makes it), max_batch=1",
         transformers="CLIPModel (default sdpa attention) + CLIPProcessor(CLIPImageProcessorPil) after expand2square; "
         "text features computed once, untimed",
-        torch_threads=user.torch.get_num_threads(),
     )
     result.notes.append(
         f"{s.e2e_images} images in rounds of {s.e2e_batch} (one batch); in each round the five pipelines run "
         "back to back in rotating order. images/s samples are per round."
     )
+    for name in s.e2e_archs:
+        _run_arch(ctx, result, name)
+
+
+def _run_arch(ctx, result: Result, name: str) -> None:
+    from safeclip.runtime import contract
+    from safeclip.runtime.gate import Gate
+
+    s = ctx.settings
+    a = arch(name)
+    built = ctx.int8(name)
+    gate = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=s.e2e_batch)
+    gate_b1 = Gate.from_engine(built.path, backend="cpu", precision="fp32", max_batch=1)
+    gate_int8_b1 = Gate.from_engine(built.path, backend="cpu", precision="int8", max_batch=1)
+    user = TransformersZeroShot(random_clip(a, attn="sdpa"), descriptors(), contract.DEFAULT_THRESHOLD)
+    width, height = s.e2e_source
+    images = jpegs(s.e2e_images, height, width, seed=100)
+    result.params["torch_threads"] = user.torch.get_num_threads()
 
     def settle():
         time.sleep(0.05)  # let the previous library's worker threads go idle before the next one runs
@@ -129,11 +140,11 @@ def run(ctx, result: Result) -> None:
 
         fns = dict(zip(CONTENDERS, (run_gate, run_gate_b1, run_gate_int8_b1, run_b1, run_batched), strict=True))
         order = CONTENDERS[r % len(CONTENDERS) :] + CONTENDERS[: r % len(CONTENDERS)]
-        for name in order:
+        for contender in order:
             settle()
-            seconds = time_once(fns[name])
-            per_round[name].append(len(chunk) / seconds)
-            log(f"end_to_end round {r + 1}/{len(chunks)}: {name} {len(chunk)} images in {seconds:.1f} s")
+            seconds = time_once(fns[contender])
+            per_round[contender].append(len(chunk) / seconds)
+            log(f"end_to_end {a.label} round {r + 1}/{len(chunks)}: {contender} {len(chunk)} images in {seconds:.1f} s")
 
     labels = {
         "safeclip": f"safeclip Gate, {a.label}, batch {s.e2e_batch}",
@@ -142,46 +153,46 @@ def run(ctx, result: Result) -> None:
         "transformers_b1": f"transformers zero-shot, {a.label}, batch 1",
         "transformers_batched": f"transformers zero-shot, {a.label}, batch {s.e2e_batch}",
     }
-    for name in CONTENDERS:
+    for contender in CONTENDERS:
         result.add(
-            f"{name}.images_per_s",
-            labels[name],
+            f"{name}.{contender}.images_per_s",
+            labels[contender],
             "images/s",
-            per_round[name],
+            per_round[contender],
             higher_is_better=True,
             detail=f"{s.e2e_images} {width}x{height} JPEGs",
         )
     result.add(
-        "transformers_b1.ms_per_image",
+        f"{name}.transformers_b1.ms_per_image",
         f"transformers zero-shot, {a.label}, batch 1, per image",
         "ms",
         [v * 1e3 for v in b1_images],
     )
     result.ratio(
-        "speedup_vs_b1",
+        f"{name}.speedup_vs_b1",
         f"{a.label}: safeclip (batch {s.e2e_batch}) vs transformers batch 1",
-        "safeclip.images_per_s",
-        "transformers_b1.images_per_s",
+        f"{name}.safeclip.images_per_s",
+        f"{name}.transformers_b1.images_per_s",
         goal=(">=", GOAL_X),
     )
     result.ratio(
-        "speedup_vs_batched",
+        f"{name}.speedup_vs_batched",
         f"{a.label}: safeclip vs transformers, both batch {s.e2e_batch}",
-        "safeclip.images_per_s",
-        "transformers_batched.images_per_s",
+        f"{name}.safeclip.images_per_s",
+        f"{name}.transformers_batched.images_per_s",
         goal=(">=", GOAL_X),
     )
     result.ratio(
-        "speedup_b1_vs_b1",
+        f"{name}.speedup_b1_vs_b1",
         f"{a.label}: safeclip vs transformers, both batch 1",
-        "safeclip_b1.images_per_s",
-        "transformers_b1.images_per_s",
+        f"{name}.safeclip_b1.images_per_s",
+        f"{name}.transformers_b1.images_per_s",
         goal=(">=", GOAL_X),
     )
     result.ratio(
-        "speedup_int8_b1_vs_b1",
+        f"{name}.speedup_int8_b1_vs_b1",
         f"{a.label}: safeclip INT8 dynamic vs transformers FP32, both batch 1",
-        "safeclip_int8_b1.images_per_s",
-        "transformers_b1.images_per_s",
+        f"{name}.safeclip_int8_b1.images_per_s",
+        f"{name}.transformers_b1.images_per_s",
         goal=(">=", GOAL_X),
     )
