@@ -98,7 +98,9 @@ def test_canonical_keeps_client_text_that_looks_like_a_splice():
     assert json.loads(out) == {"a": pieces, "img": "iVBORw0KGgo=", "b": ["x", '"x"']}
 
 
-@pytest.mark.parametrize("text", ['a"b', "a\\b", "a\nb", "a\x00b", "a\x1fb", "caf\u00e9", "\x7f"])
+@pytest.mark.parametrize(
+    "text", ['a"b', "a\\b", "a\nb", "a\x00b", "a\x1fb", "caf\u00e9", "\x7f", b"caf\xc3\xa9", b'a"b', b"a\\b"]
+)
 def test_verbatim_refuses_text_that_json_must_escape(text):
     with pytest.raises(ValueError, match="escaping"):
         Verbatim(text)

@@ -131,29 +131,35 @@ _UNESCAPED = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 class Verbatim:
     """The text of a JSON string that `canonical` copies into its output as it is.
 
-    For the images the gate forwards: ~330 KB of base64 for a 336 px PNG, which json.dumps would scan
+    For the images the gate forwards: ~260 KB of base64 for a 336 px PNG, which json.dumps would scan
     character by character for escapes (about 200 MB/s, 1.5 ms: most of a warm request's cost). The text is
-    checked once, when wrapped (in the decode pool, beside the PNG encoding), to need no escaping; joining
-    checked pieces (`+`) checks nothing again, so a cached image costs no scan on later requests."""
+    checked once, when wrapped (in the decode pool, beside the PNG encoding), to need no escaping. It is kept
+    as ASCII bytes, and joining pieces (`+`: a data: URL's prefix and the base64) only lists them, so a
+    cached image is neither scanned nor copied again until `canonical` writes the body out."""
 
-    __slots__ = ("text",)
+    __slots__ = ("parts",)
 
-    def __init__(self, text: str):
-        if not text.isascii() or text.encode("ascii").translate(None, _UNESCAPED):
-            raise ValueError(f"text for a JSON string would need escaping: {text[:60]!r}")
-        self.text = text
+    def __init__(self, text: str | bytes):
+        raw = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
+        if (isinstance(text, str) and not text.isascii()) or raw.translate(None, _UNESCAPED):
+            raise ValueError(f"text for a JSON string would need escaping: {raw[:60]!r}")
+        self.parts: tuple[bytes, ...] = (raw,)
 
     @classmethod
-    def _checked(cls, text: str) -> Verbatim:
+    def _joined(cls, parts: tuple[bytes, ...]) -> Verbatim:
         out = cls.__new__(cls)
-        out.text = text
+        out.parts = parts  # each part was checked when it was wrapped
         return out
 
     def __add__(self, other: Verbatim) -> Verbatim:
-        return Verbatim._checked(self.text + other.text)
+        return Verbatim._joined(self.parts + other.parts)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.parts).decode("ascii")
 
     def __len__(self) -> int:
-        return len(self.text)
+        return sum(len(part) for part in self.parts)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Verbatim) and other.text == self.text
@@ -162,13 +168,14 @@ class Verbatim:
         return hash(self.text)
 
     def __repr__(self) -> str:
-        return f"Verbatim({self.text[:40]!r}{'...' if len(self.text) > 40 else ''})"
+        text = self.text
+        return f"Verbatim({text[:40]!r}{'...' if len(text) > 40 else ''})"
 
 
 def canonical(body: Any) -> bytes:
     """What the upstream receives: ASCII-only JSON of the parsed value (no escapes left to interpret), with
     each Verbatim value's text copied in unscanned."""
-    spliced: list[str] = []
+    spliced: list[tuple[bytes, ...]] = []
     # A fresh random stand-in per call: no string of the client's can hold it, so splitting on it finds
     # exactly the Verbatim values, in document order (json.dumps calls `default` as it writes).
     marker = secrets.token_hex(16)
@@ -176,7 +183,7 @@ def canonical(body: Any) -> bytes:
     def stand_in(value: Any) -> str:
         if not isinstance(value, Verbatim):
             raise TypeError(f"{type(value).__name__} is not JSON")
-        spliced.append(value.text)
+        spliced.append(value.parts)
         return marker
 
     text = json.dumps(body, ensure_ascii=True, separators=(",", ":"), allow_nan=False, default=stand_in)
@@ -185,10 +192,10 @@ def canonical(body: Any) -> bytes:
     pieces = text.split(f'"{marker}"')
     if len(pieces) != len(spliced) + 1:  # cannot happen (see above); if it does, nothing half-spliced leaves
         raise RuntimeError(f"canonical: {len(spliced)} verbatim values but {len(pieces) - 1} stand-ins")
-    out = [pieces[0]]
-    for value, rest in zip(spliced, pieces[1:], strict=True):
-        out += ['"', value, '"', rest]
-    return "".join(out).encode("ascii")
+    out = [pieces[0].encode("ascii")]
+    for parts, rest in zip(spliced, pieces[1:], strict=True):
+        out += [b'"', *parts, b'"', rest.encode("ascii")]
+    return b"".join(out)  # the one copy of the images' bytes on their way out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -180,7 +180,7 @@ class Screener:
         def work() -> tuple[np.ndarray, Verbatim | None, float]:
             start = time.perf_counter()
             rgb = decode_image(data, source, self.preprocessor.max_pixels)
-            png = Verbatim(base64.b64encode(encode_png(rgb)).decode("ascii")) if forward else None
+            png = Verbatim(base64.b64encode(encode_png(rgb))) if forward else None
             return fit(rgb), png, time.perf_counter() - start
 
         try:

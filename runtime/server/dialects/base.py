@@ -116,7 +116,7 @@ def decode_base64(payload: str, where: str, max_bytes: int, code: str = "invalid
 
 
 def b64(data: bytes) -> Verbatim:
-    return Verbatim(base64.b64encode(data).decode("ascii"))
+    return Verbatim(base64.b64encode(data))
 
 
 def data_url(base64_text: Verbatim, media_type: str) -> Verbatim:
