@@ -1,10 +1,12 @@
 """6. The gate server: latency it adds in front of an upstream, throughput under concurrent clients, and
 whether a small request waits behind a large one's decoding.
 
-Three processes on loopback: a stand-in upstream (bench.upstream) that answers at once, `safeclip serve`
-in front of it, and the clients here. Every request is an OpenAI chat completion with 336 px JPEGs as
-data URLs. The same request goes to the upstream directly and through the gate, back to back (order
-alternating); the added latency is the per-pair difference.
+Four processes on loopback: a stand-in upstream (bench.upstream) that answers at once, `safeclip serve`
+in front of it, a bare pass-through proxy (bench.passthrough) in front of it too, and the clients here.
+Every request is an OpenAI chat completion with 336 px JPEGs as data URLs. The same request goes to the
+upstream directly and through the gate, back to back (order alternating); the added latency is the
+per-pair difference. With a warm cache it also goes through the pass-through, whose added latency is
+what one Python HTTP hop costs before the gate does anything.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def expected(s):
     for n in s.gate_images_per_request:
         for cache in ("cold", "warm"):
             keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
+        keys += [f"{n}img.warm.hop_added_ms"]
     for cache in ("warm", "cold"):
         keys += [
             f"concurrent.{cache}.direct_rps",
@@ -102,6 +105,7 @@ def run(ctx, result: Result) -> None:
             "safeclip serve --threshold 1.0 (nothing flagged: every request reaches the upstream), defaults otherwise"
         ),
         upstream="bench.upstream: aiohttp, answers at once",
+        passthrough="bench.passthrough: aiohttp server + client, forwards the body unchanged",
         clients=s.gate_clients,
     )
     result.notes.append(
@@ -109,9 +113,18 @@ def run(ctx, result: Result) -> None:
         "warm: the same request again, answered from the verdict cache. Added = gate − direct for the same request, "
         "measured back to back."
     )
-    with services(built.path, ctx.workdir) as (upstream_url, gate_url):
-        measured = asyncio.run(_measure(s, upstream_url, gate_url, fresh))
+    with services(built.path, ctx.workdir) as (upstream_url, gate_url, hop_url):
+        measured = asyncio.run(_measure(s, upstream_url, gate_url, hop_url, fresh))
     for n in s.gate_images_per_request:
+        direct, hop = measured[(n, "hop")]
+        result.add(
+            f"{n}img.warm.hop_added_ms",
+            f"a bare aiohttp pass-through proxy: latency added, {n} image{'s' if n > 1 else ''}/request",
+            "ms",
+            [h - d for h, d in zip(hop, direct, strict=True)],
+            tail=True,
+            detail="forwards the client's bytes unchanged: the cost of the hop alone",
+        )
         for cache in ("cold", "warm"):
             direct, gate = measured[(n, cache)]
             what = f"{n} image{'s' if n > 1 else ''}/request, cache {cache}"
@@ -169,7 +182,7 @@ def run(ctx, result: Result) -> None:
     )
 
 
-async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
+async def _measure(s, upstream_url: str, gate_url: str, hop_url: str, fresh) -> dict:
     import aiohttp
 
     out: dict = {}
@@ -190,18 +203,19 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
         async def timed_gate(body: bytes, expect_status: int = 200) -> float:
             return await post(gate_url, body) * 1e3
 
-        async def pair(body: bytes, i: int) -> tuple[float, float]:
+        async def pair(body: bytes, i: int, via: str = gate_url) -> tuple[float, float]:
             if i % 2:
-                g = await post(gate_url, body)
+                g = await post(via, body)
                 d = await post(upstream_url, body)
             else:
                 d = await post(upstream_url, body)
-                g = await post(gate_url, body)
+                g = await post(via, body)
             return d * 1e3, g * 1e3
 
-        # Warm both paths up (connections, first engine call) on images not used below.
+        # Warm every path up (connections, first engine call) on images not used below.
         for _ in range(3):
             await pair(request_body(fresh(1)), 0)
+            await pair(request_body(fresh(1)), 0, hop_url)
         for n in s.gate_images_per_request:
             for cache in ("cold", "warm"):
                 count = s.gate_requests_cold if cache == "cold" else s.gate_requests_warm
@@ -211,6 +225,9 @@ async def _measure(s, upstream_url: str, gate_url: str, fresh) -> dict:
                 pairs = [await pair(warm_body if cache == "warm" else request_body(fresh(n)), i) for i in range(count)]
                 out[(n, cache)] = ([p[0] for p in pairs], [p[1] for p in pairs])
                 log(f"gate: {n} image(s)/request, cache {cache}: {count} pairs")
+            hop_pairs = [await pair(warm_body, i, hop_url) for i in range(s.gate_requests_warm)]
+            out[(n, "hop")] = ([p[0] for p in hop_pairs], [p[1] for p in hop_pairs])
+            log(f"gate: {n} image(s)/request through the pass-through: {s.gate_requests_warm} pairs")
 
         async def flood(base: str, bodies: list[bytes]) -> float:
             queue = list(bodies)
@@ -264,12 +281,12 @@ def _free_port() -> int:
 
 @contextmanager
 def services(engine: Path, workdir: Path):
-    """Start the upstream and `safeclip serve` in front of it; yield their URLs; stop both."""
+    """Start the upstream, `safeclip serve` and the pass-through in front of it; yield their URLs; stop them."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    up_port, gate_port = _free_port(), _free_port()
+    up_port, gate_port, hop_port = _free_port(), _free_port(), _free_port()
     # The logs stay open until both processes have stopped (the finally below), then close.
     with ExitStack() as stack:
-        logs = {name: stack.enter_context(open(workdir / f"{name}.log", "w+b")) for name in ("upstream", "gate")}
+        logs = {name: stack.enter_context(open(workdir / f"{name}.log", "w+b")) for name in ("upstream", "gate", "hop")}
         procs: dict[str, subprocess.Popen] = {}
         try:
             procs["upstream"] = subprocess.Popen(
@@ -314,8 +331,20 @@ def services(engine: Path, workdir: Path):
                 stderr=subprocess.STDOUT,
             )
             gate_url = f"http://127.0.0.1:{gate_port}"
-            _wait_ready({"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz"}, procs, logs)
-            yield upstream_url, gate_url
+            procs["hop"] = subprocess.Popen(
+                [sys.executable, "-m", "bench.passthrough", "--port", str(hop_port), "--upstream", upstream_url],
+                cwd=REPO,
+                env=env,
+                stdout=logs["hop"],
+                stderr=subprocess.STDOUT,
+            )
+            hop_url = f"http://127.0.0.1:{hop_port}"
+            _wait_ready(
+                {"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz", "hop": hop_url + "/healthz"},
+                procs,
+                logs,
+            )
+            yield upstream_url, gate_url, hop_url
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
