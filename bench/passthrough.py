@@ -14,6 +14,8 @@ import argparse
 import aiohttp
 from aiohttp import web
 
+from bench.upstream import healthz
+
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
@@ -24,10 +26,6 @@ async def _forward(request: web.Request) -> web.Response:
         request.app[UPSTREAM] + request.path, data=body, headers={"Content-Type": "application/json"}
     ) as answer:
         return web.Response(body=await answer.read(), status=answer.status, content_type=answer.content_type)
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 def build_app(upstream: str) -> web.Application:
@@ -41,7 +39,7 @@ def build_app(upstream: str) -> web.Application:
 
     app.cleanup_ctx.append(session)
     app.router.add_post("/v1/chat/completions", _forward)
-    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/healthz", healthz)
     return app
 
 

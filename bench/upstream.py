@@ -31,14 +31,14 @@ async def _chat(request: web.Request) -> web.Response:
     return web.Response(body=COMPLETION, content_type="application/json")
 
 
-async def _healthz(request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 def build_app() -> web.Application:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/healthz", healthz)
     return app
 
 
