@@ -11,6 +11,7 @@ for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_f
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -30,7 +31,7 @@ from safeclip.runtime.server.dialects.base import data_url, decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import Verbatim, canonical, parse, parse_object, stray_images
+from safeclip.runtime.server.jsonbody import MAX_DEPTH, Verbatim, canonical, parse, parse_object, stray_images
 from server_helpers import address_space_headroom, gate_config, http, png
 
 EXAMPLES = int(os.environ.get("SAFECLIP_FUZZ_EXAMPLES", "300"))
@@ -377,6 +378,15 @@ hinted_values = st.recursive(
 
 
 @FUZZ
+def _depth(value) -> int:
+    """How many levels objects and lists nest, recursively (the test's own count, independent of the gate's)."""
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
 @given(
     raw=st.one_of(
         st.binary(max_size=200),
@@ -392,6 +402,10 @@ def test_json_bodies_parse_or_refuse(raw):
     except GateError as e:
         check_client_error(e)
         assert e.code == "invalid_json"
+        if "levels deep" in e.message:  # the depth cap: refused past it, whatever Python's parser says
+            with contextlib.suppress(RecursionError):
+                assert _depth(json.loads(raw)) > MAX_DEPTH
+            return
         with pytest.raises((ValueError, RecursionError)):  # refused only what Python's parser refuses too
             json.loads(raw)
         return

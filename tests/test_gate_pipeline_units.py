@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import string
 import threading
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from safeclip.runtime.server.decoding import LARGE_IMAGE_PIXELS, DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import (
+    MAX_DEPTH,
     Verbatim,
     canonical,
     check_keys,
@@ -45,6 +47,24 @@ def test_parse_refuses_what_other_parsers_read_otherwise(raw, code):
     with pytest.raises(GateError) as e:
         parse(raw)
     assert (e.value.status, e.value.code) == (400, code)
+
+
+@pytest.mark.parametrize("open_, close", [("[", "]"), ('{"a":', "}")])
+def test_nesting_past_the_depth_cap_is_refused_and_up_to_it_survives_the_gates_own_recursion(open_, close):
+    """Python's parser takes ~990 levels; copying or writing out such a body later, deeper in the stack,
+    would be the gate's RecursionError (a 500). At MAX_DEPTH everything the gate does with a body works."""
+    inner = "1" if close == "}" else ""
+    at_cap = parse((open_ * MAX_DEPTH + inner + close * MAX_DEPTH).encode())
+
+    def deep_stack(levels: int):  # the gate runs under aiohttp's frames: leave the recursion some of them
+        return deep_stack(levels - 1) if levels else (copy.deepcopy(at_cap), canonical(at_cap))
+
+    copied, written = deep_stack(200)
+    assert copied == at_cap and parse(written) == at_cap
+    for depth in (MAX_DEPTH + 1, 900, 100_000):
+        with pytest.raises(GateError, match=f"more than {MAX_DEPTH} levels deep") as e:
+            parse((open_ * depth + inner + close * depth).encode())
+        assert (e.value.status, e.value.code) == (400, "invalid_json")
 
 
 def test_canonical_round_trips_and_is_ascii():

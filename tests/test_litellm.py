@@ -251,6 +251,22 @@ def test_malformed_guardrail_request_is_an_openai_format_400(start, flag_none):
     )
 
 
+def test_a_guardrail_request_nested_past_the_cap_is_a_400_not_a_500(start, flag_none):
+    """Found in review: 600 levels parsed, then the answer's copy of structured_messages ran out of stack."""
+    base = start(flag_none)
+    nested = b"[" * 600 + b"]" * 600
+    raw = (
+        b'{"input_type":"request","structured_messages":[{"role":"user","x":'
+        + nested
+        + b',"content":[{"type":"image_url","image_url":"'
+        + data_url(IMAGE).encode()
+        + b'"}]}]}'
+    )
+    reply = http("POST", f"{base}{GUARD}", raw, {"Content-Type": "application/json"})
+    assert (reply.status, reply.json()["error"]["code"]) == (400, "invalid_json")
+    assert "levels deep" in reply.json()["error"]["message"]
+
+
 def test_verdicts_cached_and_counted(start, flag_all):
     base = start(flag_all)
     for _ in range(2):

@@ -9,6 +9,9 @@ request. Each rule here closes a class of parser differentials:
   with Unicode simple folding: `Messages`, `meſſages` and `K` for `k` all hit `messages`) are refused
   unless they are exactly that field, and so are two keys of one object that fold together.
 - Integers past Python's digit limit, NaN and Infinity are refused (they are not JSON other servers take).
+- Nesting deeper than MAX_DEPTH is refused: Python's own parser stops near 1,000 levels, and whatever the
+  gate does later with a parsed body (copying it, writing it out) recurses too, in a deeper stack; past
+  that limit it would fail as the gate's error (a 500), not the client's.
 - Any string that decodes as an image (a data: URL, or base64 whose bytes start like an image) outside
   the slots the dialect screens is refused: an upstream that knows a field the gate does not must find no
   image there.
@@ -62,6 +65,8 @@ _IMAGE_MAGIC = (
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/_\-=\s]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _MIN_IMAGE_BASE64 = 24  # 18 bytes: shorter than any image header worth sniffing (a GIF header alone is 13)
+# Deeper than any API's request needs (a JSON schema in a tool definition nests a few dozen levels at most).
+MAX_DEPTH = 128
 
 
 def invalid(message: str, code: str = "invalid_json", param: str | None = None) -> GateError:
@@ -106,15 +111,32 @@ def parse(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise invalid(f"the request body is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants, parse_float=_finite_float)
+        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise invalid(f"the request body is not valid JSON ({e})") from None
     except RecursionError:  # `[[[[...` a few thousand deep: the parser's stack, not the gate, gives up
-        raise invalid("the request body nests too deeply to parse") from None
+        raise invalid(f"the request body nests more than {MAX_DEPTH} levels deep") from None
     except ValueError as e:  # int() past sys.get_int_max_str_digits
         if isinstance(e, GateError):
             raise
         raise invalid(f"the request body holds a number that cannot be read ({e})") from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise invalid(f"the request body nests more than {MAX_DEPTH} levels deep")
+    return value
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and lists nest more than `limit` levels (iteratively: no stack to run out of)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
@@ -151,7 +173,9 @@ class Verbatim:
         out.parts = parts  # each part was checked when it was wrapped
         return out
 
-    def __add__(self, other: Verbatim) -> Verbatim:
+    def __add__(self, other: object) -> Verbatim:
+        if not isinstance(other, Verbatim):  # only checked pieces join without a check
+            return NotImplemented
         return Verbatim._joined(self.parts + other.parts)
 
     @property
@@ -176,8 +200,9 @@ def canonical(body: Any) -> bytes:
     """What the upstream receives: ASCII-only JSON of the parsed value (no escapes left to interpret), with
     each Verbatim value's text copied in unscanned."""
     spliced: list[tuple[bytes, ...]] = []
-    # A fresh random stand-in per call: no string of the client's can hold it, so splitting on it finds
-    # exactly the Verbatim values, in document order (json.dumps calls `default` as it writes).
+    # A fresh random stand-in per call (128 bits a client would have to guess), so splitting on it finds the
+    # Verbatim values, in document order (json.dumps calls `default` as it writes). The count check below
+    # is the guard: a client string that matched anyway would make the count wrong, and nothing is sent.
     marker = secrets.token_hex(16)
 
     def stand_in(value: Any) -> str:
