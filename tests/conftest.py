@@ -45,6 +45,14 @@ def tiny_engine(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def engine_copy(tiny_engine, tmp_path) -> Path:
+    """A copy of the tiny engine folder that a test may change (manifest, artifacts)."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_engine, tmp_path / "engine"))
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_penultimate(tmp_path_factory) -> Path:
     from safeclip.export.onnx_export import export_engine

@@ -57,8 +57,8 @@ def sets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def engine(tiny_engine, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_engine, tmp_path / "engine"))
+def engine(engine_copy) -> Path:
+    return engine_copy
 
 
 def probabilities(gate: Gate, folder: Path) -> np.ndarray:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import shutil
 import sys
 import types
 import warnings
@@ -23,13 +22,6 @@ from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
 from safeclip.runtime.cuda import CudaError, Device
 from safeclip.runtime.engine import Engine
-
-
-@pytest.fixture
-def engine_copy(tiny_engine, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(tiny_engine, dst)
-    return dst
 
 
 @pytest.fixture

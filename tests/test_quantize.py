@@ -38,10 +38,10 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def engine(tiny_engine, tmp_path, monkeypatch) -> Path:
+def engine(engine_copy, monkeypatch) -> Path:
     # Speed is reported, never asserted: the minimum number of timed runs is plenty here.
     monkeypatch.setattr(quantize_module, "TIMING_MIN_MS", 0.0)
-    return Path(shutil.copytree(tiny_engine, tmp_path / "engine"))
+    return engine_copy
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:

@@ -8,7 +8,6 @@ test_triton_backend.py.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,13 +22,6 @@ from safeclip.runtime.backends.triton import SHA256_PARAMETER
 from safeclip.runtime.cli import main as safeclip_main
 
 PLAN_PROFILE_MAX = 8
-
-
-@pytest.fixture
-def engine_copy(tiny_engine, tmp_path):
-    dst = tmp_path / "engine"
-    shutil.copytree(tiny_engine, dst)
-    return dst
 
 
 @pytest.fixture
