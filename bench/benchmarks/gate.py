@@ -284,61 +284,48 @@ def services(engine: Path, workdir: Path):
     """Start the upstream, `safeclip serve` and the pass-through in front of it; yield their URLs; stop them."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     up_port, gate_port, hop_port = _free_port(), _free_port(), _free_port()
-    # The logs stay open until both processes have stopped (the finally below), then close.
+    # The logs stay open until every process has stopped (the finally below), then close.
     with ExitStack() as stack:
         logs = {name: stack.enter_context(open(workdir / f"{name}.log", "w+b")) for name in ("upstream", "gate", "hop")}
         procs: dict[str, subprocess.Popen] = {}
+
+        def launch(name: str, *argv: str) -> None:
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", *argv], cwd=REPO, env=env, stdout=logs[name], stderr=subprocess.STDOUT
+            )
+
         try:
-            procs["upstream"] = subprocess.Popen(
-                [sys.executable, "-m", "bench.upstream", "--port", str(up_port)],
-                cwd=REPO,
-                env=env,
-                stdout=logs["upstream"],
-                stderr=subprocess.STDOUT,
-            )
             upstream_url = f"http://127.0.0.1:{up_port}"
-            procs["gate"] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "safeclip.runtime.cli",
-                    "serve",
-                    "--engine",
-                    str(engine),
-                    "--upstream",
-                    upstream_url,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(gate_port),
-                    "--backend",
-                    "cpu",
-                    "--precision",
-                    "fp32",
-                    "--threshold",
-                    "1.0",
-                    "--log-level",
-                    "WARNING",
-                    # room for the fairness load (16 x 64 MP) in one request
-                    "--max-request-pixels",
-                    str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
-                    "--max-body-bytes",
-                    str(64 << 20),
-                ],
-                cwd=REPO,
-                env=env,
-                stdout=logs["gate"],
-                stderr=subprocess.STDOUT,
-            )
             gate_url = f"http://127.0.0.1:{gate_port}"
-            procs["hop"] = subprocess.Popen(
-                [sys.executable, "-m", "bench.passthrough", "--port", str(hop_port), "--upstream", upstream_url],
-                cwd=REPO,
-                env=env,
-                stdout=logs["hop"],
-                stderr=subprocess.STDOUT,
-            )
             hop_url = f"http://127.0.0.1:{hop_port}"
+            launch("upstream", "bench.upstream", "--port", str(up_port))
+            launch(
+                "gate",
+                "safeclip.runtime.cli",
+                "serve",
+                "--engine",
+                str(engine),
+                "--upstream",
+                upstream_url,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(gate_port),
+                "--backend",
+                "cpu",
+                "--precision",
+                "fp32",
+                "--threshold",
+                "1.0",
+                "--log-level",
+                "WARNING",
+                # room for the fairness load (16 x 64 MP) in one request
+                "--max-request-pixels",
+                str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
+                "--max-body-bytes",
+                str(64 << 20),
+            )
+            launch("hop", "bench.passthrough", "--port", str(hop_port), "--upstream", upstream_url)
             _wait_ready(
                 {"upstream": upstream_url + "/healthz", "gate": gate_url + "/readyz", "hop": hop_url + "/healthz"},
                 procs,

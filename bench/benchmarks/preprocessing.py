@@ -110,24 +110,12 @@ def run(ctx, result: Result) -> None:
         )
         k = _key(size)
         goal = GOALS.get(size)
-        result.add(
-            f"{k}.safeclip_ms",
-            f"{k} JPEG -> {spec.size}px, safeclip Preprocessor",
-            "ms",
-            [v * 1e3 for v in t["safeclip"]],
-        )
-        result.add(
-            f"{k}.gate_ms",
-            f"{k} JPEG -> {spec.size}px, decode_image + fit (the gate)",
-            "ms",
-            [v * 1e3 for v in t["gate"]],
-        )
-        result.add(
-            f"{k}.transformers_ms",
-            f"{k} JPEG -> {spec.size}px, PIL + expand2square + CLIPImageProcessorPil",
-            "ms",
-            [v * 1e3 for v in t["transformers"]],
-        )
+        for name, what in (
+            ("safeclip", "safeclip Preprocessor"),
+            ("gate", "decode_image + fit (the gate)"),
+            ("transformers", "PIL + expand2square + CLIPImageProcessorPil"),
+        ):
+            result.add(f"{k}.{name}_ms", f"{k} JPEG -> {spec.size}px, {what}", "ms", [v * 1e3 for v in t[name]])
         result.add(
             f"{k}.encode_png_ms",
             f"{k} encode_png of the decoded pixels",
