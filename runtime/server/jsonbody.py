@@ -162,8 +162,10 @@ class Verbatim:
     __slots__ = ("parts",)
 
     def __init__(self, text: str | bytes):
-        raw = text.encode("ascii", "replace") if isinstance(text, str) else bytes(text)
-        if (isinstance(text, str) and not text.isascii()) or raw.translate(None, _UNESCAPED):
+        if isinstance(text, str) and not text.isascii():
+            raise ValueError(f"text for a JSON string would need escaping: {text[:60]!r}")
+        raw = text.encode("ascii") if isinstance(text, str) else bytes(text)
+        if raw.translate(None, _UNESCAPED):  # anything left is a byte JSON escapes
             raise ValueError(f"text for a JSON string would need escaping: {raw[:60]!r}")
         self.parts: tuple[bytes, ...] = (raw,)
 
@@ -187,9 +189,6 @@ class Verbatim:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Verbatim) and other.text == self.text
-
-    def __hash__(self) -> int:
-        return hash(self.text)
 
     def __repr__(self) -> str:
         text = self.text
