@@ -19,6 +19,11 @@ class Entry:
     verdict: Verdict
     forward: Verbatim | None  # the screened pixels as a PNG, base64-encoded, when a forwarding route asked for them
 
+    @property
+    def cost(self) -> int:
+        """Bytes it holds against the cache's bound: its PNG's base64."""
+        return len(self.forward) if self.forward is not None else 0
+
 
 class VerdictCache:
     """Used from the event loop only, so it needs no lock. Bounded by entries and by the size of the encoded
@@ -44,15 +49,15 @@ class VerdictCache:
     def put(self, key: str, entry: Entry) -> None:
         if self.size == 0:
             return
-        cost = len(entry.forward) if entry.forward is not None else 0
+        cost = entry.cost
         if cost > self.max_bytes:  # worth its verdict, not its pixels
             entry = Entry(entry.verdict, None)
             cost = 0
         old = self._items.pop(key, None)
         if old is not None:
-            self._bytes -= len(old.forward) if old.forward is not None else 0
+            self._bytes -= old.cost
         self._items[key] = entry
         self._bytes += cost
         while len(self._items) > self.size or self._bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
-            self._bytes -= len(dropped.forward) if dropped.forward is not None else 0
+            self._bytes -= dropped.cost
