@@ -7,25 +7,33 @@ is the only command that needs the [export] extra.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 COMMANDS = {
     "export": ("safeclip.export.cli", "checkpoint + descriptors -> fused ONNX engine (needs safeclip[export])"),
     "build-engine": ("safeclip.export.tensorrt_build", "FP16 ONNX -> TensorRT plan for this GPU (needs safeclip[gpu])"),
     "export-triton": ("safeclip.export.triton_repo", "engine folder -> Triton Inference Server model repository"),
-    "screen": ("safeclip.runtime.screen", "screen images or folders; one JSON line per image"),
+    "screen": (
+        "safeclip.runtime.screen",
+        "screen images or folders (files sniffed by content); one tab-separated or JSON line per file",
+    ),
     "calibrate": (
         "safeclip.calibration.calibrate",
         "choose thresholds for a target false-positive rate (needs safeclip[calibrate])",
     ),
     "eval": ("safeclip.calibration.evaluate", "measure an engine on benign/toxic folders (needs safeclip[calibrate])"),
-    "quantize": ("safeclip.calibration.quantize", "static INT8 ONNX for CPUs (needs safeclip[calibrate])"),
+    "quantize": ("safeclip.calibration.quantize", "INT8 ONNX for CPUs, dynamic by default (needs safeclip[calibrate])"),
     "scan": ("safeclip.calibration.scan", "screen a fine-tuning dataset and write a corrected copy"),
     "serve": (
         "safeclip.runtime.server.cli",
         "OpenAI-compatible gate in front of an LVLM server (needs safeclip[serve])",
     ),
 }
+
+# What a shell reports for a process a closed pipe ended (128 + SIGPIPE): `safeclip screen DIR | head`.
+EXIT_BROKEN_PIPE = 141
 
 EXTRAS = {"export": "export", "serve": "serve", "calibrate": "calibrate", "eval": "calibrate", "quantize": "calibrate"}
 
@@ -34,15 +42,37 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return (
-        "usage: safeclip COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(lines) + "\n\n"
+        "usage: safeclip COMMAND [ARGS...]   (safeclip --version: the installed version)\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n"
         "`safeclip COMMAND --help` describes each command.\n"
     )
 
 
+def installed_version() -> str:
+    try:
+        return version("safeclip")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop without a traceback. Python flushes stdout again at exit,
+        # which would raise once more, so stdout is pointed at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def run(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(usage(), end="")
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(f"safeclip {installed_version()}")
         return 0
     command = COMMANDS.get(args[0])
     if command is None:

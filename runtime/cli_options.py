@@ -141,3 +141,17 @@ def iter_inputs(paths: list[str]) -> Iterator[Path]:
                     yield child
         else:
             yield path
+
+
+def iter_files(paths: list[str]) -> Iterator[tuple[Path, bool]]:
+    """(path, named): named paths as given, and every regular file under each folder, hidden ones too,
+    sorted, whatever its name; `named` is False for the files a folder walk found. `screen` decides by
+    content which of the found files are images (a name says nothing about an upload's bytes)."""
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file():
+                    yield child, False
+        else:
+            yield path, True
