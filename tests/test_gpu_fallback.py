@@ -281,10 +281,12 @@ def test_screen_reports_a_cuda_error_in_one_line(engine_copy, fake_gpu, tmp_path
     from images import smooth_images
     from safeclip.runtime import screen
 
+    images = tmp_path / "images"  # beside the engine copy, whose files screen would report as skipped
+    images.mkdir()
     for i, img in enumerate(smooth_images(3, 64, seed=2)):
-        cv2.imwrite(str(tmp_path / f"{i}.png"), img)
+        cv2.imwrite(str(images / f"{i}.png"), img)
     fake_gpu.fail["cudaMemcpyAsync"] = 700  # cudaErrorIllegalAddress
-    status = screen.main(["--engine", str(engine_copy), "--backend", "trt", str(tmp_path)])
+    status = screen.main(["--engine", str(engine_copy), "--backend", "trt", str(images)])
     err = capsys.readouterr().err
     assert status == screen.EXIT_UNSCREENED
     assert err.strip().splitlines() == [
