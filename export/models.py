@@ -5,29 +5,35 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import socket
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 from transformers.utils import cached_file
+
+# The checks that need no torch live in preflight (the CLI runs them before importing this module); the
+# names are re-exported here, where callers of the Python API have always found them.
+from safeclip.export.preflight import (
+    DEFAULT_MODEL,
+    HUB_PROBE_SECONDS,
+    TINY_RANDOM,
+    ModelLoadError,
+    check_model,
+    hub_unreachable,
+    looks_like_path,
+    offline_message,
+)
+
+__all__ = ["DEFAULT_MODEL", "HUB_PROBE_SECONDS", "TINY_RANDOM", "ModelLoadError", "hub_unreachable", "load_clip"]
 
 RGB = tuple[float, float, float]
 # CLIP's training statistics; a checkpoint's preprocessor_config.json overrides them.
 OPENAI_CLIP_MEAN: RGB = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: RGB = (0.26862954, 0.26130258, 0.27577711)
 
-DEFAULT_MODEL = "openai/clip-vit-large-patch14-336"
-TINY_RANDOM = "tiny-random"
 TINY_RANDOM_SEED = 1234
-# How long the hub gets to accept a TCP connection before the download is not even tried: without the probe,
-# an offline machine spends tens of seconds in the hub client's retries before failing.
-HUB_PROBE_SECONDS = 3.0
 
 _TINY_WARNING = """\
 **************************************************************************
@@ -35,10 +41,6 @@ _TINY_WARNING = """\
 * meaningless. It exists for smoke tests and CI. Use a real CLIP         *
 * checkpoint for screening (default: openai/clip-vit-large-patch14-336). *
 **************************************************************************"""
-
-
-class ModelLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded, with what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -55,60 +57,18 @@ def load_clip(model: str) -> LoadedClip:
     if model == TINY_RANDOM:
         print(_TINY_WARNING, file=sys.stderr)
         return tiny_random_clip()
-    if Path(model).exists():
-        return _from_pretrained(model, local_files_only=True)
+    # A folder that does not exist, or a hub id neither cached nor downloadable: said before any download try.
+    check_model(model)
+    if looks_like_path(model):
+        return _from_pretrained(str(Path(model).expanduser()), local_files_only=True)
     try:
         return _from_pretrained(model, local_files_only=True)
     except OSError:
         pass
-    if _hub_offline():
-        raise ModelLoadError(_offline_message(model, "HF_HUB_OFFLINE is set and it is not in the local cache"))
-    unreachable = hub_unreachable()
-    if unreachable:
-        why = f"it is not in the local cache and the hub is unreachable ({unreachable})"
-        raise ModelLoadError(_offline_message(model, why))
     try:
         return _from_pretrained(model, local_files_only=False)
     except OSError as e:
-        raise ModelLoadError(_offline_message(model, f"the hub could not be reached ({e.__class__.__name__})")) from e
-
-
-def _hub_offline() -> bool:
-    switches = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    return any(os.environ.get(v, "").lower() in {"1", "true", "yes", "on"} for v in switches)
-
-
-def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
-    """Why the hub (HF_ENDPOINT, or the HTTPS proxy when one is set) cannot be reached, or None when a TCP
-    connection to it opens within `timeout` seconds. Name resolution counts against the timeout too."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlsplit(proxy or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host = target.hostname or ""
-    port = target.port or (443 if target.scheme == "https" else 80)
-    errors: list[OSError] = []
-    done = threading.Event()
-
-    def connect() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as e:
-            errors.append(e)
-        done.set()
-
-    # A thread, because getaddrinfo has no timeout of its own and a dead resolver can hang for long.
-    threading.Thread(target=connect, daemon=True).start()
-    if not done.wait(timeout):
-        return f"{host}:{port} did not answer within {timeout:g} s"
-    return f"{host}:{port}: {errors[0].strerror or errors[0]}" if errors else None
-
-
-def _offline_message(model: str, why: str) -> str:
-    return (
-        f"cannot load CLIP checkpoint {model!r}: {why}.\n"
-        "Fixes: pass --model /path/to/a/local/hf-checkpoint (a folder with config.json and the weights), "
-        f"download it once where the hub is reachable (it is cached for later), "
-        f"or use --model {TINY_RANDOM} for a smoke test."
-    )
+        raise ModelLoadError(offline_message(model, f"the hub could not be reached ({e.__class__.__name__})")) from e
 
 
 def _from_pretrained(model: str, local_files_only: bool) -> LoadedClip:
