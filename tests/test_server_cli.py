@@ -99,12 +99,60 @@ def test_serve_process_runs_until_sigterm(tiny_engine, tmp_path, upstream_server
 
 
 def test_serve_exits_1_when_the_engine_cannot_load(tmp_path):
-    with gate_process("--engine", str(tmp_path / "missing"), "--upstream", "http://127.0.0.1:9", ready=False) as gate:
+    engine = tmp_path / "broken"
+    engine.mkdir()
+    (engine / "manifest.json").write_text("{not json")
+    with gate_process("--engine", str(engine), "--upstream", "http://127.0.0.1:9", ready=False) as gate:
         assert gate.process.wait(timeout=60) == 1
-        gate.wait_line(r"no manifest", timeout=5)
+        gate.wait_line(r"not valid JSON", timeout=5)
 
 
-def test_port_in_use_is_one_clear_line_and_exit_2(tmp_path):
+def serve_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "safeclip.runtime.cli", "serve", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            'audit_log = "{tmp}/no-such-folder/audit.jsonl"',
+            "audit_log: cannot write {tmp}/no-such-folder/audit.jsonl: "
+            "the folder {tmp}/no-such-folder does not exist (create it first)",
+        ),
+        ('audit_log = "{tmp}"', "audit_log: {tmp} is a folder; give a file path"),
+        (
+            'engine = "{tmp}/engines/llava15"',
+            "engine: {tmp}/engines/llava15: no such folder (build one with `make engine NAME=...`)",
+        ),
+        ('engine = "{tmp}"', "engine: {tmp}: no manifest.json"),
+    ],
+)
+def test_paths_in_the_config_are_checked_when_it_is_loaded(tiny_engine, tmp_path, setting, message):
+    """The README's gate.toml on a machine without /var/log/safeclip: one line and exit 2 before the server
+    starts (it used to be a FileNotFoundError traceback and an unclosed client session)."""
+    config = tmp_path / "gate.toml"
+    lines = {"engine": f'engine = "{tiny_engine}"', "upstream": 'upstream = "http://127.0.0.1:9"'}
+    key = setting.split(" = ")[0]
+    lines[key] = setting.format(tmp=tmp_path)
+    config.write_text("\n".join(lines.values()) + "\n")
+    process = serve_process("--config", str(config), "--port", "0")
+    assert process.returncode == 2, process.stderr
+    [line] = process.stderr.splitlines()  # one line: no traceback, no "Unclosed client session"
+    assert line.startswith(f"safeclip serve: {message.format(tmp=tmp_path)}")
+
+
+def test_an_audit_log_that_can_be_written_is_accepted(tiny_engine, tmp_path):
+    from safeclip.runtime.server.config import check_paths
+
+    existing = tmp_path / "audit.jsonl"
+    existing.write_text("")
+    for audit_log in ("-", str(tmp_path / "new.jsonl"), str(existing)):
+        check_paths(load_config(None, {"engine": str(tiny_engine), "audit_log": audit_log}))
+
+
+def test_port_in_use_is_one_clear_line_and_exit_2(tiny_engine):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -116,7 +164,7 @@ def test_port_in_use_is_one_clear_line_and_exit_2(tmp_path):
                 "safeclip.runtime.cli",
                 "serve",
                 "--engine",
-                str(tmp_path / "missing"),
+                str(tiny_engine),
                 "--port",
                 str(port),
             ],

@@ -5,7 +5,8 @@
     safeclip serve --engine engines/llava15 --port 8080     # guardrail-only: screens, forwards nothing
 
 Flags override the config file. Exit status: 0 after SIGINT/SIGTERM, 1 when the engine fails to load,
-2 for a bad configuration.
+2 for a bad configuration (checked before the server starts: values, the engine folder, the audit log's
+folder and permissions).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp import web
 from safeclip.runtime.cli_options import add_engine_arguments
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
-from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, load_config
+from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, check_paths, load_config
 
 
 def parse_actions(text: str) -> dict[str, str]:
@@ -211,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(args.config, overrides(args, dict(os.environ)))
+        check_paths(config)
     except ValueError as e:
         print(f"safeclip serve: {e}", file=sys.stderr)
         return 2

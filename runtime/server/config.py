@@ -376,6 +376,35 @@ def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> GateCo
     return config
 
 
+def check_paths(config: GateConfig) -> None:
+    """ValueError naming the key when a path the gate will open cannot be used: checked when `serve` loads
+    its configuration, so a typo is one line and exit 2 before the server starts, not a traceback later.
+
+    `load_config` itself only parses (and is used so by tests and tools without these files)."""
+    from safeclip.runtime.backends.triton import is_triton_url
+    from safeclip.runtime.contract import MANIFEST_FILE
+
+    engine = Path(config.engine)
+    if not engine.is_dir():
+        raise ValueError(f"engine: {engine}: no such folder (build one with `make engine NAME=...`)")
+    if not (engine / MANIFEST_FILE).is_file() and not is_triton_url(config.backend):
+        raise ValueError(f"engine: {engine}: no {MANIFEST_FILE} (is it an engine folder made by `safeclip export`?)")
+    if config.audit_log and config.audit_log != "-":
+        check_writable(Path(config.audit_log), "audit_log")
+
+
+def check_writable(path: Path, key: str) -> None:
+    """ValueError unless `path` can be opened for appending (created if missing, its folder must exist)."""
+    folder = path.parent
+    if path.is_dir():
+        raise ValueError(f"{key}: {path} is a folder; give a file path")
+    if not folder.is_dir():
+        raise ValueError(f"{key}: cannot write {path}: the folder {folder} does not exist (create it first)")
+    target = path if path.exists() else folder
+    if not os.access(target, os.W_OK):
+        raise ValueError(f"{key}: cannot write {path}: {target} is not writable by this user")
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A JSON-friendly view (networks as strings), used to fingerprint the policy; the API key is left out."""
     out = {}
