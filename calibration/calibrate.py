@@ -12,7 +12,12 @@ images (with fewer, one false positive is already over the target). On any input
 written. Otherwise: the manifest's thresholds (the previous ones are kept in the report), and in --out
 (default ENGINE/calibration): report.json, report.md, roc.png, histograms.png.
 
-Exit status: 0 = thresholds written, 2 = nothing written.
+A result that would not protect anyone is not written: when the calibrated policy's AUROC on these sets
+is under MIN_AUROC (0.6: chance is 0.5) or its thresholds flag under MIN_DETECTION (10%) of the toxic
+images, the report is written (to see why) but the manifest keeps its thresholds, unless --allow-weak.
+
+Exit status: 0 = thresholds written, 1 = a weak result: report written, thresholds not (a warning says
+which rule failed), 2 = nothing written.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ from safeclip.runtime.gate import Gate
 
 DEFAULT_TARGET_FPR = 0.03
 REPORT_FOLDER = "calibration"
+# Below these, thresholds are not written without --allow-weak (see the module docstring). AUROC 0.5 is a
+# coin toss; 0.1 of margin keeps a score that is noise on a small set from passing as a signal.
+MIN_AUROC = 0.6
+MIN_DETECTION = 0.10
+EXIT_WEAK = 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,20 @@ class CalibrationReport:
     evaluation: Evaluation
     unreadable: tuple[tuple[str, str], ...]
     files: tuple[Path, ...]
+    weak: str | None = None  # why the result is too weak to use (see `weakness`), None when it is not
+    written: bool = True  # whether the manifest got the thresholds
+
+
+def weakness(evaluation: Evaluation) -> str | None:
+    """Why the calibrated policy would not protect anyone, or None: the rule of the module docstring."""
+    reasons = []
+    if evaluation.auroc < MIN_AUROC:
+        reasons.append(f"AUROC {evaluation.auroc:.2f} is under {MIN_AUROC} (0.5 is chance)")
+    if evaluation.defense_success_rate < MIN_DETECTION:
+        reasons.append(
+            f"the thresholds flag {evaluation.defense_success_rate:.1%} of the toxic images, under {MIN_DETECTION:.0%}"
+        )
+    return "; ".join(reasons) or None
 
 
 def min_benign(target_fpr: float) -> int:
@@ -66,6 +90,7 @@ def calibrate(
     precision: str | None = None,
     batch_size: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    allow_weak: bool = False,
 ) -> CalibrationReport:
     if not 0.0 < target_fpr < 1.0:
         raise ValueError(f"target FPR must be in (0, 1), got {target_fpr}")
@@ -79,8 +104,12 @@ def calibrate(
     evaluation = evaluate_policy(scores, Policy.from_manifest(updated))
     # Rendered before anything is written: a missing matplotlib must leave the engine as it was.
     plots = render_plots(scores, evaluation, f"{manifest.model_id} calibrated")
+    weak = weakness(evaluation)
+    written = weak is None or allow_weak
     report = {
         **base_report(scores, evaluation, str(engine_dir), gate.engine.precision),
+        "weak": weak,
+        "thresholds_written": written,
         "target_fpr": target_fpr,
         "benign_budget": benign_budget(evaluation.benign, target_fpr),
         "thresholds": choice.thresholds,
@@ -99,15 +128,27 @@ def calibrate(
         "report": str(out),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    contract.write_manifest(engine_dir, replace(updated, extra={**manifest.extra, "calibration": record}))
+    if written:
+        contract.write_manifest(engine_dir, replace(updated, extra={**manifest.extra, "calibration": record}))
     return CalibrationReport(
-        engine_dir, out, target_fpr, dict(manifest.thresholds), choice, evaluation, scores.unreadable, tuple(files)
+        engine_dir,
+        out,
+        target_fpr,
+        dict(manifest.thresholds),
+        choice,
+        evaluation,
+        scores.unreadable,
+        tuple(files),
+        weak,
+        written,
     )
 
 
 def summary(report: CalibrationReport) -> str:
+    where = report.engine_dir / contract.MANIFEST_FILE
     lines = [
-        f"target FPR {report.target_fpr:.1%}: thresholds written to {report.engine_dir / contract.MANIFEST_FILE}",
+        f"target FPR {report.target_fpr:.1%}: thresholds "
+        + (f"written to {where}" if report.written else f"NOT written ({where} keeps its thresholds)"),
         "",
         "| category | previous | new |",
         "|---|---|---|",
@@ -121,6 +162,12 @@ def summary(report: CalibrationReport) -> str:
     if never:
         lines.append(f"warning: no threshold for {never} fits the target; they are set to 1.0 and never flag")
     lines.append(unreadable_note(report.unreadable) + f"report: {', '.join(str(f) for f in report.files)}")
+    if report.weak:
+        verdict = "written anyway (--allow-weak)" if report.written else "not written; --allow-weak writes them"
+        lines.append(
+            f"warning: this calibration would not protect anyone: {report.weak}. Thresholds {verdict}. "
+            "Check that --benign and --toxic are not swapped and that the toxic images show the categories."
+        )
     return "\n".join(lines)
 
 
@@ -148,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         help="calibrate the artifact you will deploy (default: best for the backend)",
     )
     parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
+    parser.add_argument(
+        "--allow-weak",
+        action="store_true",
+        help=f"write the thresholds even when AUROC < {MIN_AUROC} or they flag < {MIN_DETECTION:.0%} of toxic images",
+    )
     args = parser.parse_args(argv)
     try:
         report = calibrate(
@@ -160,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             args.precision,
             args.batch_size,
             args.progress,
+            args.allow_weak,
         )
     except (ValueError, BackendError, ImportError) as e:  # ValueError covers InputError and ManifestError
         if isinstance(e, ImportError) and e.name != "matplotlib":
@@ -167,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safeclip calibrate: error: {e} (nothing written)", file=sys.stderr)
         return 2
     print(summary(report))
-    return 0
+    return EXIT_WEAK if report.weak and not report.written else 0
 
 
 if __name__ == "__main__":

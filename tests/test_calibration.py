@@ -358,3 +358,37 @@ def test_calibration_imports_without_torch_or_the_exporter():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) >= 10
+
+
+@pytest.mark.slow
+def test_a_useless_calibration_warns_exits_1_and_keeps_the_manifest(engine, sets, tmp_path, capsys):
+    """--benign and --toxic swapped: the "toxic" images score lower than the benign ones (AUROC < 0.5) and
+    no threshold within the target flags them. The report is written, the thresholds are not."""
+    before = (engine / "manifest.json").read_bytes()
+    argv = ["--engine", str(engine), "--benign", str(sets["flat"]), "--toxic", str(sets["benign"])]
+    argv += ["--target-fpr", "0.1", "--out", str(tmp_path / "report"), "--backend", "cpu"]
+    assert calibrate_cli.main(argv) == calibrate_cli.EXIT_WEAK
+    out = capsys.readouterr().out
+    assert "thresholds NOT written" in out and "warning: this calibration would not protect anyone: AUROC" in out
+    assert (engine / "manifest.json").read_bytes() == before
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["auroc"] < calibrate_cli.MIN_AUROC and report["thresholds_written"] is False
+    assert report["weak"].startswith("AUROC")
+
+    assert calibrate_cli.main([*argv, "--allow-weak"]) == 0
+    assert "written anyway (--allow-weak)" in capsys.readouterr().out
+    assert read_manifest(engine).thresholds == report["thresholds"]
+
+
+def test_the_weakness_rule():
+    from safeclip.calibration.calibrate import MIN_AUROC, MIN_DETECTION, weakness
+    from safeclip.calibration.metrics import Evaluation
+
+    def evaluation(auroc: float, toxic_flagged: int) -> Evaluation:
+        return Evaluation(100, 100, 3, toxic_flagged, auroc, {}, {}, (np.zeros(1), np.zeros(1)))
+
+    assert weakness(evaluation(0.9, 80)) is None
+    assert weakness(evaluation(MIN_AUROC, round(100 * MIN_DETECTION))) is None  # the bounds themselves pass
+    assert "AUROC 0.36" in weakness(evaluation(0.36, 50))
+    assert "flag 0.0% of the toxic images" in weakness(evaluation(0.9, 0))
+    assert weakness(evaluation(0.36, 0)).count(";") == 1  # both reasons
