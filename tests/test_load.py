@@ -278,17 +278,17 @@ def test_requests_with_the_same_image_wait_for_one_engine_item(tiny_engine, serv
     def send(image: str):
         return post_json(url, {"model": "m", "messages": [user_message(image)]})
 
-    def decoded() -> float:
-        return metric(http("GET", f"{base}/metrics").body.decode(), 'safeclip_stage_seconds_count{stage="decode"}')
+    def looked_up() -> float:
+        return metric(http("GET", f"{base}/metrics").body.decode(), 'safeclip_cache_total{result="miss"}')
 
     with ThreadPoolExecutor(5) as pool:
         first = pool.submit(send, busy)
         assert engine.entered.wait(10)
         rest = [pool.submit(send, shared) for _ in range(4)]
-        # Both images are decoded (the shared one once, for all four): the four are past the decode and
-        # meet the queue bound now. Had each queued its own copy, three would be refused at once.
-        assert wait_for(lambda: decoded() == 2, timeout=30)
-        time.sleep(0.5)  # the time a refusal would take to arrive; nothing is asserted about speed
+        # All four have missed the cache and go on to decode (milliseconds for 16 x 16 pixels) and meet
+        # the queue bound. Had each queued its own copy, three would be refused at once.
+        assert wait_for(lambda: looked_up() == 5, timeout=60)
+        time.sleep(1)  # time for a refusal to arrive; nothing is asserted about speed
         assert not any(f.done() for f in rest), [f.result().status for f in rest if f.done()]
         engine.release.set()
         replies = [first.result(timeout=30)] + [f.result(timeout=30) for f in rest]
