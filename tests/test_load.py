@@ -23,8 +23,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from safeclip.runtime.gate import Gate
 from prometheus import metric
+from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from server_helpers import (
     CountingScreen,

@@ -28,7 +28,6 @@ from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, load_config
 
-
 log = logging.getLogger("safeclip.server")
 
 

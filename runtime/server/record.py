@@ -168,7 +168,7 @@ class AuditLog:
     @classmethod
     def open(cls, path: str, max_pending: int = DEFAULT_MAX_PENDING) -> AuditLog:
         """The log at `path` ('-': stdout), appended to, its writer started."""
-        stream = sys.stdout if path == "-" else open(path, "a", encoding="utf-8")
+        stream = sys.stdout if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
         audit = cls(stream, owned=path != "-", max_pending=max_pending)
         audit.start()
         return audit
