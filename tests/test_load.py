@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from server_helpers import (
@@ -31,6 +32,7 @@ from server_helpers import (
     data_url,
     gate_config,
     gate_process,
+    http,
     png,
     post_json,
     screened_url,
@@ -108,6 +110,11 @@ def resident_mb(pid: int) -> float:
     return int(found.group(1)) / 1024
 
 
+def engine_images(gate: GateProcess) -> float:
+    """Images the gate's engine has screened so far (the sum of its batch-size histogram)."""
+    return metric(http("GET", f"{gate.base}/metrics").body.decode(), "safeclip_batch_images_sum")
+
+
 def warm_up(gate: GateProcess, seed: int) -> tuple[float, float]:
     """SERIAL requests one at a time, each with an image of its own: (seconds per request, RSS in MiB after)."""
     began = time.monotonic()
@@ -130,12 +137,17 @@ def test_1000_concurrent_requests_none_lost_none_crossed(tiny_engine, upstream_s
     ) as gate:
         serial_seconds, warm_mb = warm_up(gate, seed=3000)
         upstream.received.clear()
+        engine_before = engine_images(gate)
         began = time.monotonic()
         answers = asyncio.run(burst(gate.base, urls, TIMEOUT))
         elapsed = time.monotonic() - began
+        engine_burst = engine_images(gate) - engine_before
     failures = [a for a in answers if isinstance(a, BaseException)]
     assert failures == [], f"{len(failures)} requests got no answer, e.g. {failures[0]!r}"
-    # No 503s either: at most UNIQUE images ever wait for the engine.
+    # Each distinct image went to the engine once: requests that carried it at the same time shared its
+    # verdict, so at most UNIQUE images ever waited for the engine, however slowly the machine ran them.
+    assert engine_burst == UNIQUE, f"the engine screened {engine_burst:.0f} images for {UNIQUE} distinct ones"
+    # No 503s either, then: the default queue bound holds every one of them.
     assert [a.status for a in answers].count(200) == REQUESTS, {a.status for a in answers}
     for answer in answers:
         # The upstream echoed this request's own id, in the body and in a header.
@@ -250,3 +262,37 @@ def test_queue_bound_refuses_exactly_the_overflow(tiny_engine, servers, upstream
     fresh = [data_url(png(seed=9100 + i, size=16)) for i in range(6)]
     assert post_json(url, {"model": "m", "messages": [user_message(*fresh)]}).status == 200
     assert engine.calls[-1] == 6
+
+
+def test_requests_with_the_same_image_wait_for_one_engine_item(tiny_engine, servers, upstream_server, upstream):
+    """While the engine is busy, four requests bring the same new image: it waits for the engine once for
+    all four, so a queue bound of one image refuses none of them and the engine screens it once."""
+    gate = Gate.from_engine(tiny_engine, threshold=1.0)
+    engine = HeldEngine(gate)
+    image = png(seed=9201, size=16)
+    busy, shared = data_url(png(seed=9200, size=16)), data_url(image)
+    config = gate_config(tiny_engine, upstream_server[1], batch={"delay_ms": 0.0, "max_queued": 1})
+    base = servers.start_gate(config, gate)
+    url = f"{base}/v1/chat/completions"
+
+    def send(image: str):
+        return post_json(url, {"model": "m", "messages": [user_message(image)]})
+
+    def looked_up() -> float:
+        return metric(http("GET", f"{base}/metrics").body.decode(), 'safeclip_cache_total{result="miss"}')
+
+    with ThreadPoolExecutor(5) as pool:
+        first = pool.submit(send, busy)
+        assert engine.entered.wait(10)
+        rest = [pool.submit(send, shared) for _ in range(4)]
+        # All four have missed the cache and go on to decode (milliseconds for 16 x 16 pixels) and meet
+        # the queue bound. Had each queued its own copy, three would be refused at once.
+        assert wait_for(lambda: looked_up() == 5, timeout=60)
+        time.sleep(1)  # time for a refusal to arrive; nothing is asserted about speed
+        assert not any(f.done() for f in rest), [f.result().status for f in rest if f.done()]
+        engine.release.set()
+        replies = [first.result(timeout=30)] + [f.result(timeout=30) for f in rest]
+    assert [r.status for r in replies] == [200] * 5, [r.body[:200] for r in replies]
+    assert engine.calls == [1, 1] and len(upstream.received) == 5
+    forwarded = [r.json()["messages"][0]["content"][1]["image_url"]["url"] for r in upstream.received]
+    assert forwarded.count(screened_url(image)) == 4  # each request forwards the pixels screened for it

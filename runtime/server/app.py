@@ -38,9 +38,13 @@ from safeclip.runtime.server.screener import EngineItem, Screener
 from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
 
 log = logging.getLogger("safeclip.server")
+# One line per request (record.py, Record.access_line): INFO for API routes, DEBUG for probes and /metrics.
+access_log = logging.getLogger("safeclip.access")
 
 PROBES = ("/healthz", "/readyz")  # probes carry no keys
 UNAUDITED = (*PROBES, "/metrics")
+# The answer while the audit log's writer is behind (record.py, AuditLog): not served, so not audited.
+AUDIT_BACKLOGGED = "audit_backlogged"
 # How the gate's aiohttp runner must be made (`safeclip serve` and the tests). handler_cancellation: a
 # client that hangs up cancels its handler, so the upstream request (a generation nobody will read) is
 # closed at once rather than run to its end; work other requests wait for is shielded (screener.py).
@@ -79,6 +83,7 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
     app.router.add_get("/metrics", _metrics)
     app.router.add_route("*", "/{tail:.*}", pipeline.passthrough)
     app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_cleanup)
     return app
 
@@ -148,7 +153,19 @@ async def _load(state: GateState) -> None:
     state.ready = Ready(
         screener, batcher, pool, policy_version(config, gate), categories, config.moderation_map(categories)
     )
-    log.info("engine %s ready (policy %s)", gate.manifest.model_id, state.ready.policy_version)
+    backend = gate.engine.backend
+    log.info(
+        "engine %s (%s on %s, %s) ready (policy %s)",
+        gate.manifest.model_id,
+        backend.name,
+        backend.device,
+        gate.engine.precision,
+        state.ready.policy_version,
+    )
+
+
+async def _shutdown(app: web.Application) -> None:
+    log.info("gate stopping: no new connections; finishing requests in progress")
 
 
 async def _cleanup(app: web.Application) -> None:
@@ -162,7 +179,8 @@ async def _cleanup(app: web.Application) -> None:
     if state.upstream is not None:
         await state.upstream.close()
     if state.audit is not None:
-        state.audit.close()
+        await asyncio.get_running_loop().run_in_executor(None, state.audit.close)  # writes what is queued
+    log.info("gate stopped; requests answered: %d", state.metrics.requests.total())
 
 
 def _authorized(request: web.Request, key: str) -> bool:
@@ -199,7 +217,11 @@ async def _middleware(
         record.error = record.error or "client_disconnected"
         raise
     finally:
+        seconds = time.perf_counter() - start
         label = _route_label(request.path)
+        level = logging.INFO if label is not None else logging.DEBUG
+        if access_log.isEnabledFor(level):
+            access_log.log(level, "%s", record.access_line(request.method, request.rel_url.raw_path, status, seconds))
         if label is not None:
             outcome = (
                 "error"
@@ -207,8 +229,8 @@ async def _middleware(
                 else record.action or ("flagged" if any(v.flagged for v in record.verdicts) else "clean")
             )
             state.metrics.requests.inc(label, outcome)
-            state.metrics.request_seconds.observe(time.perf_counter() - start, label)
-            if state.audit is not None:
+            state.metrics.request_seconds.observe(seconds, label)
+            if state.audit is not None and record.error != AUDIT_BACKLOGGED:
                 state.audit.write(record.audit_line(status, state.ready.policy_version if state.ready else ""))
 
 
@@ -227,6 +249,14 @@ async def _answer(
                 f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or `{GATE_KEY_HEADER}: KEY`)",
                 "invalid_api_key",
                 type="authentication_error",
+            )
+        if state.audit is not None and request.path not in UNAUDITED and state.audit.backlogged:
+            raise GateError(
+                503,
+                "the gate cannot write its audit log fast enough; retry shortly",
+                AUDIT_BACKLOGGED,
+                type="server_error",
+                retry_after=1,
             )
         response = await handler(request)
     except StreamBroken as e:  # already answered in part; aiohttp finds the connection closed and stops there

@@ -14,17 +14,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import logging.handlers
 import os
+import queue
 import signal
 import sys
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from safeclip.runtime.cli_options import add_engine_arguments
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, check_paths, load_config
+
+log = logging.getLogger("safeclip.server")
 
 
 def parse_actions(text: str) -> dict[str, str]:
@@ -186,11 +191,15 @@ async def serve(config: GateConfig) -> int:
             print(f"safeclip serve: cannot listen on {config.host}:{config.port} ({reason})", file=sys.stderr)
             return 2
         for host, port, *_ in runner.addresses:  # the real port when --port 0
-            logging.info(
-                "gate listening on http://%s:%d -> %s",
+            log.info(
+                "gate listening on http://%s:%d -> %s (engine %s, backend %s, action %s, audit log %s)",
                 f"[{host}]" if ":" in host else host,
                 port,
-                config.upstream or "no upstream (guardrail-only)",
+                loggable_url(config.upstream) if config.upstream else "no upstream (guardrail-only)",
+                config.engine,
+                config.backend,
+                config.action,
+                config.audit_log or "off",
             )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -207,16 +216,36 @@ async def serve(config: GateConfig) -> int:
         await runner.cleanup()
 
 
+def loggable_url(url: str) -> str:
+    """`url` without credentials or a query string, which may carry a key."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_password(None).with_query(None).with_fragment(None))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Log records are written to stderr by a thread of their own: a stalled stderr (a full pipe to a log
+    # collector) must not hold the event loop, which logs a line per request.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
+    enqueue = logging.handlers.QueueHandler(records)
+    root = logging.getLogger()
+    root.setLevel(args.log_level)
+    root.addHandler(enqueue)
+    listener.start()
     try:
-        config = load_config(args.config, overrides(args, dict(os.environ)))
-        check_paths(config)
-    except ValueError as e:
-        print(f"safeclip serve: {e}", file=sys.stderr)
-        return 2
-    return asyncio.run(serve(config))
+        try:
+            config = load_config(args.config, overrides(args, dict(os.environ)))
+            check_paths(config)
+        except ValueError as e:
+            print(f"safeclip serve: {e}", file=sys.stderr)
+            return 2
+        return asyncio.run(serve(config))
+    finally:
+        root.removeHandler(enqueue)
+        listener.stop()  # writes what is queued
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ class Counter:
             raise ValueError(f"{self.name} takes labels {self.labels}, got {values}")
         self.values[values] = self.values.get(values, 0.0) + amount
 
+    def total(self) -> float:
+        return sum(self.values.values())
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         lines += [f"{self.name}{_labels(self.labels, k)} {_number(v)}" for k, v in sorted(self.values.items())]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +15,16 @@ from urllib.parse import quote
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.server.config import ACTIONS
+
+log = logging.getLogger("safeclip.server")
+
+# Audit lines that may wait for the writer before the gate refuses new requests: seconds of traffic at
+# thousands of requests per second, a few MB.
+DEFAULT_MAX_PENDING = 10_000
+CLOSE_SECONDS = 30.0  # how long shutdown waits for queued lines to be written
+_WRITE_RUN = 512  # lines written (and flushed) together when they have queued up
+_RETRY_SECONDS = 1.0
+_LOGGED_PATH = 200  # characters of a request's path in the access log
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,25 @@ class Record:
             "images": self.images,
         }
 
+    def verdict(self) -> str:
+        """What the access log says of the request: clean, flagged:CATEGORY, unscreened or error:CODE."""
+        if self.error is not None:
+            return f"error:{quote(self.error, safe='_-.')}"
+        decision = self.decision or decide(self.verdicts, lambda c: "monitor")
+        if decision.flagged:
+            return f"flagged:{quote(decision.category or '', safe='/-_.')}"
+        return "unscreened" if self.unscreened else "clean"
+
+    def access_line(self, method: str, raw_path: str, status: int, seconds: float) -> str:
+        """One logfmt line: what an operator greps. `raw_path` is the path as sent (percent-encoded, no query
+        string: a query may carry a key); status 0: the client went away before the answer."""
+        # Anything a client chose is quoted to URL-safe characters: no spaces, newlines or `=` to forge fields.
+        path = quote(raw_path[:_LOGGED_PATH], safe="/%-._~:@!$&'()*+,;")
+        return (
+            f"id={self.request_id} method={quote(method, safe='')} route={path} status={status} "
+            f"images={len(self.images)} verdict={self.verdict()} action={self.action or '-'} ms={seconds * 1000:.1f}"
+        )
+
 
 def image_entry(verdict: Verdict, cached: bool, source: str) -> dict[str, Any]:
     """An image in the audit log: its digest and scores, never its bytes or its URL."""
@@ -112,22 +144,97 @@ def image_entry(verdict: Verdict, cached: bool, source: str) -> dict[str, Any]:
 
 
 class AuditLog:
-    """JSON lines, one per screened request, flushed as written (a crash loses at most the line in progress)."""
+    """JSON lines, one per screened request, written by a thread of their own so that a slow disk or a
+    stalled pipe never holds the event loop (or any request) while it writes.
 
-    def __init__(self, stream: IO[str], owned: bool):
+    `write` only queues the line. The writer thread writes what has queued and flushes after each run of
+    lines, so a crash loses only lines not yet written. A line that cannot be written (disk full, a pipe
+    gone) is retried, never dropped; while `max_pending` lines wait, `backlogged` is true and the gate
+    refuses new requests (503, fail closed) rather than serve what it cannot audit or queue without end.
+    `close` writes every queued line, then closes the file: nothing is lost on a normal shutdown.
+    """
+
+    def __init__(self, stream: IO[str], owned: bool, max_pending: int = DEFAULT_MAX_PENDING):
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.stream = stream
         self.owned = owned
+        self.max_pending = max_pending
+        self.error: OSError | None = None  # the last write that failed, until a write succeeds again
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._drain, name="safeclip-audit", daemon=True)
+        self._closing = threading.Event()
 
     @classmethod
-    def open(cls, path: str) -> AuditLog:
-        if path == "-":
-            return cls(sys.stdout, owned=False)
-        return cls(open(path, "a", encoding="utf-8"), owned=True)
+    def open(cls, path: str, max_pending: int = DEFAULT_MAX_PENDING) -> AuditLog:
+        """The log at `path` ('-': stdout), appended to, its writer started."""
+        stream = sys.stdout if path == "-" else open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        audit = cls(stream, owned=path != "-", max_pending=max_pending)
+        audit.start()
+        return audit
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def backlogged(self) -> bool:
+        return self._queue.qsize() >= self.max_pending
 
     def write(self, line: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(line, separators=(",", ":")) + "\n")
-        self.stream.flush()
+        """Queue one line; returns at once."""
+        if self._closing.is_set():
+            raise RuntimeError("the audit log is closed")
+        self._queue.put(json.dumps(line, separators=(",", ":")) + "\n")
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Write every queued line, then close the file. A stream still failing after `timeout` s: the lines
+        left are logged as lost, by count."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("audit log: %d lines not written in %.0f s (%s)", self._queue.qsize(), timeout, self.error)
+            return  # the writer still holds the stream; closing it under the writer could interleave lines
         if self.owned:
             self.stream.close()
+
+    def _drain(self) -> None:
+        while True:
+            text = self._queue.get()
+            if text is None:
+                return
+            lines = [text]
+            while len(lines) < _WRITE_RUN:  # write what has queued in one go, then flush once
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._write("".join(lines))
+                    return
+                lines.append(more)
+            self._write("".join(lines))
+
+    def _write(self, text: str) -> None:
+        """Write and flush `text`, retrying until it is written or the log is closed past its timeout."""
+        while True:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except OSError as e:  # disk full, a pipe closed: retried, the gate refuses requests meanwhile
+                if self.error is None:
+                    log.error(
+                        "audit log: cannot write (%s); retrying, requests are refused when %d lines wait",
+                        e,
+                        self.max_pending,
+                    )
+                self.error = e
+                time.sleep(_RETRY_SECONDS)
+                continue
+            if self.error is not None:
+                log.warning("audit log: writing again after %s", self.error)
+                self.error = None
+            return

@@ -81,6 +81,9 @@ class Screener:
         self.max_request_pixels = max_request_pixels
         self.observe = observe or (lambda what, value: None)
         self._inflight: dict[tuple[str, bool], asyncio.Task[_Decoded]] = {}
+        # Verdicts the engine owes, by image sha256: concurrent requests with the same image wait for one
+        # engine item, so a burst of resent images queues each image once, not once per request.
+        self._verdicts: dict[str, asyncio.Future[Verdict]] = {}
 
     def _hit(self, key: str | None, forward: bool) -> Entry | None:
         entry = self.cache.get(key) if key is not None else None
@@ -125,21 +128,26 @@ class Screener:
         )
         results: dict[str, tuple[Verdict | ImageError, Verbatim | None]] = {}
         to_engine: list[tuple[str, np.ndarray, Verbatim | None]] = []
+        owed: dict[str, tuple[asyncio.Future[Verdict], Verbatim | None]] = {}
         for digest, (engine_input, png, error) in decoded.items():
             entry = self._hit(digest, forward)  # another request may have screened it meanwhile
             if error is not None:
                 results[digest] = (error, None)
             elif entry is not None:
                 results[digest] = (entry.verdict, entry.forward)
+            elif digest in self._verdicts:  # queued or in the engine for another request
+                owed[digest] = (self._verdicts[digest], png)
             elif engine_input is not None:
                 to_engine.append((digest, engine_input, png))
         # A request's images go to the engine together: one call when they fit, and the queue bound sees
         # the whole request (an empty queue takes any request whole).
         futures = self.batcher.submit([(engine_input, digest) for digest, engine_input, _ in to_engine])
-        verdicts = await asyncio.gather(*(asyncio.shield(f) for f in futures))
-        for (digest, _, png), verdict in zip(to_engine, verdicts, strict=True):
+        for (digest, _, png), future in zip(to_engine, futures, strict=True):
+            self._owe(digest, future, png)
+            owed[digest] = (future, png)
+        verdicts = await asyncio.gather(*(asyncio.shield(f) for f, _ in owed.values()))
+        for (digest, (_, png)), verdict in zip(owed.items(), verdicts, strict=True):
             results[digest] = (verdict, png)
-            self.cache.put(digest, Entry(verdict, png))
         for i, (digest, data) in pending.items():
             result, png = results[digest]
             found[i] = Screened(result, png, False, digest, data)
@@ -147,6 +155,19 @@ class Screener:
             if key is not None and isinstance(result, Verdict):
                 self.cache.put(key, Entry(result, png))
         return [found[i] for i in range(len(jobs))]
+
+    def _owe(self, digest: str, future: asyncio.Future[Verdict], png: Verbatim | None) -> None:
+        """Share `future` with requests that bring the same image until it resolves; then cache its verdict
+        in the same callback, so no request can find the image neither owed nor cached and queue it again."""
+        self._verdicts[digest] = future
+
+        def resolved(done: asyncio.Future[Verdict]) -> None:
+            if self._verdicts.get(digest) is done:
+                del self._verdicts[digest]
+            if not done.cancelled() and done.exception() is None:
+                self.cache.put(digest, Entry(done.result(), png))
+
+        future.add_done_callback(resolved)
 
     def _check_budget(self, images: list[bytes]) -> None:
         total = 0
