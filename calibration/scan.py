@@ -6,8 +6,8 @@ DATASET is a folder (every file in it is tried: what is an image is decided by i
 that is not one is reported, never skipped), WebDataset / Parquet shards (below), or LLaVA-style
 instruction data: a JSONL file (read line by line, any size) or a JSON list (loaded whole, on each of
 the scan's passes; convert a large one first: `jq -c '.[]' data.json > data.jsonl`). Each record has
-"image" (relative to --image-root, default the dataset file's folder) and "conversations" [{"from": "human", ...}, {"from": "gpt", ...}]; records
-without "image" are text-only and kept as they are.
+"image" (relative to --image-root, default the dataset file's folder) and "conversations"
+[{"from": "human", ...}, {"from": "gpt", ...}]; records without "image" are text-only and kept as they are.
 
 Written to --out (default ./scan-DATASET_NAME):
   verdicts.jsonl   one line per sample in dataset order: index, id, image, then the verdict (flagged,
