@@ -205,14 +205,14 @@ def tar_samples(shard: Shard) -> Iterator[tuple[str, list[tuple[tarfile.TarInfo,
             for info in tar:
                 if not info.isfile():
                     continue
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
                 member_key, _ = split_member(info.name)
                 if key is not None and member_key != key:
+                    # Complete before the next member's data is read, which may be where the shard breaks.
                     yield key, members
                     members = []
                 key = member_key
-                members.append((info, data))
+                f = tar.extractfile(info)
+                members.append((info, f.read() if f is not None else b""))
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             # The complete samples read so far stand; the one being read when the data ended is not one.
             raise ShardError(f"{shard.path}: tar data unreadable after {key!r} ({type(e).__name__}: {e})") from e
