@@ -206,10 +206,6 @@ class _Classify:
         return _table({"number": numbers, "row": rows})
 
 
-def _decode_task_args() -> dict[str, Any]:
-    return {"num_cpus": 1}
-
-
 def run_on_ray(
     gate: Gate,
     todo: list[tuple[int, Shard]],
@@ -249,10 +245,11 @@ def _run(
     items = [{"number": n, "path": str(s.path), "kind": s.kind, "size": s.size} for n, s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_ReadShard(options, batch))
-    # ray_remote_args_fn keeps decoding a stage of its own (CPU tasks): Ray would otherwise fuse it into
-    # the classifier actors, which would then decode between engine calls and leave the engine idle.
+    # Decoding tasks SPREAD over every node (the CPU-heavy stage); the actors are placed as Ray places them
+    # by default. The two strategies differing also keeps Ray from fusing decoding into the classifier
+    # actors, which would then decode between engine calls and leave the engine idle.
     ds = ds.map_batches(
-        _Decode(gate.preprocessor), batch_size=batch, batch_format="pyarrow", ray_remote_args_fn=_decode_task_args
+        _Decode(gate.preprocessor), batch_size=batch, batch_format="pyarrow", scheduling_strategy="SPREAD"
     )
     ds = ds.map_batches(
         _Classify,
@@ -262,6 +259,7 @@ def _run(
         concurrency=actors,
         num_gpus=per_actor,
         num_cpus=ray_options.cpus_per_actor,
+        scheduling_strategy="DEFAULT",
     )
     rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
     expected: dict[int, tuple[int, str | None]] = {}
