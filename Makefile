@@ -33,7 +33,8 @@ install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the te
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
-	$(PY) -m pip install --quiet -e '.[cpu,export,serve,calibrate,dev]'
+	@# [ray]: scan --ray and its tests on a local Ray (~25 s, ~120 MB; it includes [scan]'s pyarrow).
+	$(PY) -m pip install --quiet -e '.[cpu,export,serve,calibrate,dev,ray]'
 	@for spec in $(TRT_BINDINGS); do \
 		$(PY) -m pip install --quiet --no-deps --upgrade --target '$(GPU_BINDINGS)/'"$${spec%%=*}" "$${spec#*=}" || exit 1; \
 	done

@@ -1,4 +1,4 @@
-"""Fine-tuning datasets as a stream of samples: a folder of images, or LLaVA-style JSON / JSONL records.
+"""Fine-tuning datasets as a stream of samples: a folder of files, or LLaVA-style JSON / JSONL records.
 
 A record is `{"id": ..., "image": "relative/path.jpg", "conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}]}`; "image" is relative to the image root (default: the dataset file's
@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-
-from safeclip.runtime.cli_options import iter_inputs
 
 
 class DatasetError(ValueError):
@@ -56,7 +54,7 @@ class Dataset:
 
     def samples(self) -> Iterator[Sample]:
         if self.kind == "folder":
-            for index, file in enumerate(iter_inputs([str(self.path)])):
+            for index, file in enumerate(folder_files(self.path)):
                 name = file.relative_to(self.path).as_posix()
                 yield Sample(index, name, name, file, None)
             return
@@ -67,6 +65,16 @@ class Dataset:
             yield Sample(
                 index, str(record.get("id", index)), image, None if image is None else self.image_root / image, record
             )
+
+
+def folder_files(folder: Path) -> Iterator[Path]:
+    """Every regular file under the folder, hidden ones included, sorted: a scan decides what is an image
+    by its bytes, so a file named `3f9a2c` or `.cache.jpg` is screened, and one that is not an image is
+    reported as such instead of being left out. Symbolic links to files are followed; other entries
+    (folders, sockets, FIFOs) hold no image."""
+    for child in sorted(folder.rglob("*")):
+        if child.is_file():
+            yield child
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:

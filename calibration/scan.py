@@ -2,11 +2,12 @@
 
     safeclip scan --engine engines/llava15 data/llava_v1_5_mix665k.jsonl --out scan/ [--drop]
 
-DATASET is a folder of images, or LLaVA-style instruction data: a JSONL file (read line by line, any
-size) or a JSON list (loaded whole, on each of the scan's passes; convert a large one first:
-`jq -c '.[]' data.json > data.jsonl`). Each record has "image" (relative to --image-root, default the
-dataset file's folder) and "conversations" [{"from": "human", ...}, {"from": "gpt", ...}]; records
-without "image" are text-only and kept as they are.
+DATASET is a folder (every file in it is tried: what is an image is decided by its bytes, and a file
+that is not one is reported, never skipped), WebDataset / Parquet shards (below), or LLaVA-style
+instruction data: a JSONL file (read line by line, any size) or a JSON list (loaded whole, on each of
+the scan's passes; convert a large one first: `jq -c '.[]' data.json > data.jsonl`). Each record has
+"image" (relative to --image-root, default the dataset file's folder) and "conversations"
+[{"from": "human", ...}, {"from": "gpt", ...}]; records without "image" are text-only and kept as they are.
 
 Written to --out (default ./scan-DATASET_NAME):
   verdicts.jsonl   one line per sample in dataset order: index, id, image, then the verdict (flagged,
@@ -23,7 +24,17 @@ Written to --out (default ./scan-DATASET_NAME):
 Rerunning with the same --out resumes: samples already in verdicts.jsonl are not screened again (a
 line cut short by a crash is dropped and redone); the engine, thresholds and dataset must match.
 
-Exit status: 0 = every image screened and none flagged, 1 = some flagged, 2 = some not screened or an error.
+Shards: WebDataset .tar files (img2dataset's output, with its .json sidecars: url and caption go into
+the verdicts) and Parquet files with an image column (bytes, Hugging Face's {"bytes", "path"} structs, or
+paths relative to --image-root), named as files, folders, globs or brace patterns
+(`data/shard-{00000..00999}.tar`). One sample is one image with its key; a sample without an image, or
+with bytes that are not one, is recorded as not_image with the reason. Written to --out:
+verdicts.parquet, corrected/ (every shard rewritten in its format without flagged and unscreened
+samples), summary.json, report.html, scan.json, shards/ (per-shard verdicts: a rerun redoes only the
+shards that had not finished). Decoding runs in --workers processes; --ray runs the same work on Ray.
+
+Exit status: 0 = every image screened and none flagged, 1 = some flagged, 2 = something not screened (an
+error, a file that is not an image, an unreadable shard) or nothing screened at all.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from typing import Any, TextIO
 
 from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample
 from safeclip.calibration.scan_report import blurred_thumbnail, render
+from safeclip.calibration.shards import IMAGE_COLUMNS, looks_like_shards
 from safeclip.runtime.backends.base import BackendError
 from safeclip.runtime.cli_options import EXIT_CLEAN, EXIT_FLAGGED, EXIT_UNSCREENED, add_engine_arguments, gate_from_args
 from safeclip.runtime.gate import Gate
@@ -61,9 +73,12 @@ class ScanSummary:
 
     @property
     def exit_status(self) -> int:
-        if self.counts["errors"]:
+        """2 when anything was not screened (an error, a file that is not an image, an unreadable shard)
+        or nothing was screened at all: a scan that looked at nothing never reads as clean."""
+        c = self.counts
+        if c["errors"] or c.get("not_image") or c.get("shard_errors") or not c["screened"]:
             return EXIT_UNSCREENED
-        return EXIT_FLAGGED if self.counts["flagged"] else EXIT_CLEAN
+        return EXIT_FLAGGED if c["flagged"] else EXIT_CLEAN
 
 
 def scan(
@@ -99,10 +114,17 @@ def scan(
 
 
 def _config(gate: Gate, data: Dataset) -> dict[str, Any]:
-    manifest = gate.manifest
     return {
         "dataset": str(data.path.resolve()),
         "image_root": str(data.image_root.resolve()),
+        **scan_config(gate),
+    }
+
+
+def scan_config(gate: Gate) -> dict[str, Any]:
+    """What a verdict depends on besides the image: a resumed scan must have the same."""
+    manifest = gate.manifest
+    return {
         "model_id": manifest.model_id,
         "model_hash": manifest.model_hash,
         "precision": gate.engine.precision,
@@ -197,7 +219,7 @@ def _write_outputs(
     resumed: int,
     gallery_limit: int,
 ) -> ScanSummary:
-    counts = Counter({k: 0 for k in ("samples", "screened", "clean", "flagged", "errors", "no_image")})
+    counts = Counter({k: 0 for k in ("samples", "screened", "clean", "flagged", "not_image", "errors", "no_image")})
     by_category: Counter[str] = Counter()
     gallery: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -209,7 +231,9 @@ def _write_outputs(
                 counts["no_image"] += 1
                 writer.write(sample)
             elif "error" in verdict:
-                counts["errors"] += 1
+                # Bytes that are something else (a text file in an image folder) are not images; the
+                # rest (missing, truncated, too large) are errors. Neither was screened.
+                counts["not_image" if verdict.get("error_type") == "UnsupportedImage" else "errors"] += 1
                 if len(errors) < ERRORS_LISTED:
                     errors.append({k: verdict[k] for k in ("id", "image", "error", "error_type")})
             elif not verdict["flagged"]:
@@ -225,6 +249,7 @@ def _write_outputs(
                     gallery.append(
                         {
                             "id": sample.id,
+                            "image": sample.image,
                             "category": category,
                             "probability": verdict["probabilities"][category],
                             "thumbnail": blurred_thumbnail(gate.preprocessor, sample.path),
@@ -244,7 +269,7 @@ def _write_outputs(
         "counts": dict(counts),
         "flagged_by_category": dict(by_category.most_common()),
         "errors": errors,
-        "errors_listed": f"first {len(errors)} of {counts['errors']}; all are in {VERDICTS}",
+        "errors_listed": f"first {len(errors)} of {counts['errors'] + counts['not_image']}; all are in {VERDICTS}",
         "files": {"verdicts": VERDICTS, "corrected": writer.path.name, "report": REPORT},
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -259,11 +284,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_engine_arguments(parser)
     parser.add_argument(
-        "dataset", metavar="DATASET", help="folder of images, or LLaVA-style .jsonl (streamed) / .json (loaded whole)"
+        "dataset",
+        metavar="DATASET",
+        nargs="+",
+        help="folder of files, LLaVA-style .jsonl (streamed) / .json (loaded whole), or shards: WebDataset .tar "
+        "and Parquet files, folders of them, globs, brace patterns (shard-{00000..00999}.tar)",
     )
     parser.add_argument("--out", help="output folder (default ./scan-DATASET_NAME); rerun with it to resume")
     parser.add_argument(
-        "--image-root", help="folder the records' image paths are relative to (default: the dataset's folder)"
+        "--image-root",
+        help="folder the records' (or a Parquet column's) image paths are relative to (default: the dataset's folder)",
     )
     parser.add_argument("--drop", action="store_true", help="drop flagged samples instead of rewriting their answers")
     parser.add_argument(
@@ -277,33 +307,89 @@ def main(argv: list[str] | None = None) -> int:
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="progress bar with samples/s on stderr (default: when stderr is a terminal)",
+        help="progress bar with rate and ETA on stderr (default: when stderr is a terminal)",
+    )
+    shards = parser.add_argument_group("shards (WebDataset, Parquet)")
+    shards.add_argument(
+        "--image-column", help=f"Parquet column holding the image (default: the first of {', '.join(IMAGE_COLUMNS)})"
+    )
+    shards.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes feeding the engine (default: one per core but one; 0 decodes in-process)",
+    )
+    shards.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray Data (needs safeclip[ray]): ADDRESS of a cluster (ray://head:10001, auto), or none "
+        "for RAY_ADDRESS / a local Ray",
+    )
+    shards.add_argument(
+        "--ray-actors", type=int, default=None, help="classifier actors, one engine each (default: one per GPU, else 1)"
+    )
+    shards.add_argument(
+        "--ray-gpus-per-actor", type=float, default=None, help="GPUs per classifier actor (default: 1 if any, else 0)"
     )
     args = parser.parse_args(argv)
-    out = args.out or f"scan-{Path(args.dataset).stem}"
     try:
-        summary = scan(
-            gate_from_args(args),
-            args.dataset,
-            out,
-            args.image_root,
-            args.drop,
-            args.refusal,
-            args.progress,
-            args.gallery_limit,
-        )
+        if looks_like_shards(args.dataset) or args.ray is not None:
+            summary = _scan_shards(args)
+        else:
+            if len(args.dataset) != 1:
+                raise DatasetError(f"one folder or JSON/JSONL file at a time, got {len(args.dataset)}")
+            summary = scan(
+                gate_from_args(args),
+                args.dataset[0],
+                args.out or f"scan-{Path(args.dataset[0]).stem}",
+                args.image_root,
+                args.drop,
+                args.refusal,
+                args.progress,
+                args.gallery_limit,
+            )
     except (ValueError, BackendError) as e:  # ValueError covers DatasetError and ManifestError
         print(f"safeclip scan: error: {e}", file=sys.stderr)
         return EXIT_UNSCREENED
     c = summary.counts
+    done = f"{c['shards_already_done']:,} of {c['shards']:,} shards" if "shards" in c else f"{c['already_done']:,}"
     print(
-        f"{c['samples']:,} samples ({c['already_done']:,} already done): {c['clean']:,} clean, "
-        f"{c['flagged']:,} flagged, {c['errors']:,} could not be screened, {c['no_image']:,} without an image"
+        f"{c['samples']:,} samples ({done} already done): {c['clean']:,} clean, {c['flagged']:,} flagged, "
+        f"{c['not_image']:,} not images, {c['errors'] + c.get('shard_errors', 0):,} could not be screened, "
+        f"{c['no_image']:,} without an image"
     )
+    if not c["screened"]:
+        print("nothing was screened: no sample held an image that could be read", file=sys.stderr)
     for name, n in summary.flagged_by_category.items():
         print(f"  {name}: {n:,}")
     print(f"written: {', '.join(str(f) for f in summary.files)}")
     return summary.exit_status
+
+
+def _scan_shards(args: argparse.Namespace) -> ScanSummary:
+    from safeclip.calibration.shard_scan import ShardOptions, default_workers, scan_shards
+
+    if args.refusal != DEFAULT_REFUSAL:
+        raise DatasetError("--refusal applies to conversation datasets (JSON/JSONL); shards drop flagged samples")
+    if args.workers is not None and args.workers < 0:
+        raise DatasetError(f"--workers must be >= 0, got {args.workers}")
+    options = ShardOptions(
+        image_root=None if args.image_root is None else Path(args.image_root),
+        image_column=args.image_column,
+        workers=default_workers() if args.workers is None else args.workers,
+        gallery_limit=args.gallery_limit,
+        progress=args.progress,
+    )
+    ray = None
+    if args.ray is not None:
+        from safeclip.calibration.scan_ray import RayOptions
+
+        ray = RayOptions(address=args.ray or None, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
+    out = args.out or f"scan-{Path(args.dataset[0].split('{')[0].rstrip('/-_') or 'shards').stem}"
+    return scan_shards(gate_from_args(args), args.dataset, out, options, ray)
 
 
 if __name__ == "__main__":

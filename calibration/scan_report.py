@@ -32,8 +32,17 @@ figure img { width: 150px; height: 150px; object-fit: contain; background: #eee;
 def blurred_thumbnail(preprocessor: Preprocessor, path: Path) -> str | None:
     """A data URI, or None when the file can no longer be read."""
     try:
-        rgb = preprocessor.decode(path.read_bytes(), str(path))
-    except (OSError, ImageError):
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return blurred_thumbnail_from_bytes(preprocessor, data, str(path))
+
+
+def blurred_thumbnail_from_bytes(preprocessor: Preprocessor, data: bytes, source: str) -> str | None:
+    """A data URI for encoded image bytes, or None when they no longer decode."""
+    try:
+        rgb = preprocessor.decode(data, source)
+    except ImageError:
         return None
     height, width = rgb.shape[:2]
     scale = THUMB_SIDE / max(height, width)
@@ -46,7 +55,7 @@ def blurred_thumbnail(preprocessor: Preprocessor, path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode("ascii")
 
 
-def render(summary: dict, gallery: list[dict], errors: list[dict]) -> str:
+def render(summary: dict, gallery: list[dict], errors: list[dict], verdicts_file: str = "verdicts.jsonl") -> str:
     e = html.escape
     counts = summary["counts"]
     rows = "".join(f"<tr><th>{e(k.replace('_', ' '))}</th><td>{v:,}</td></tr>" for k, v in counts.items())
@@ -59,12 +68,13 @@ def render(summary: dict, gallery: list[dict], errors: list[dict]) -> str:
         or "<tr><td colspan=3>none flagged</td></tr>"
     )
     figures = "".join(
-        f"<figure>{_img(g['thumbnail'])}<figcaption>{e(g['id'])}<br>{e(g['category'])} "
+        f"<figure>{_img(g['thumbnail'])}<figcaption>{_caption(g)}<br>{e(g['category'])} "
         f"{g['probability']:.3f}</figcaption></figure>"
         for g in gallery
     )
     shown = f"showing {len(gallery):,} of {counts['flagged']:,} flagged samples (blurred on purpose)"
-    error_items = "".join(f"<li>{e(x['id'])}: {e(str(x['image']))}: {e(x['error'])}</li>" for x in errors)
+    error_items = "".join(f"<li>{e(str(x['id']))}: {e(str(x['image']))}: {e(x['error'])}</li>" for x in errors)
+    unscreened = counts["errors"] + counts.get("not_image", 0) + counts.get("shard_errors", 0)
     thresholds = ", ".join(f"{e(k)} {v:g}" for k, v in summary["thresholds"].items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>safeclip scan: {e(summary["dataset"])}</title>
@@ -78,10 +88,18 @@ def render(summary: dict, gallery: list[dict], errors: list[dict]) -> str:
 <h2>Flagged images</h2><p>{shown}</p>
 <div class="grid">{figures}</div>
 <h2>Could not be screened</h2>
-<p>{counts["errors"]:,} samples (dropped from the corrected dataset; all listed in verdicts.jsonl)</p>
+<p>{unscreened:,} samples (dropped from the corrected dataset; all listed in {e(verdicts_file)})</p>
 <ul>{error_items}</ul>
 </body></html>
 """
+
+
+def _caption(g: dict) -> str:
+    """The image (its path, or shard and key) first: that is what a reviewer opens; the id beside it."""
+    image, id_ = str(g.get("image") or ""), str(g["id"])
+    if image and image != id_:
+        return f"<code>{html.escape(image)}</code><br>id {html.escape(id_)}"
+    return f"<code>{html.escape(id_)}</code>"
 
 
 def _img(uri: str | None) -> str:

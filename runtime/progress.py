@@ -14,6 +14,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.total, self.label, self.done = total, label, 0
+        self.note = ""  # shown after the bar, e.g. a second count the caller keeps
         self.start = self._last = time.monotonic()
 
     def update(self, n: int = 1) -> None:
@@ -37,5 +38,14 @@ class Progress:
             bar = f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}"
         else:
             bar = f"{self.done}"
-        self.stream.write(f"\r{bar} {self.label} {rate:.1f}/s")
+        eta = f", ETA {_duration((self.total - self.done) / rate)}" if self.total and rate > 0 else ""
+        note = f", {self.note}" if self.note else ""
+        self.stream.write(f"\r{bar} {self.label} {rate:.1f}/s{eta}{note}\x1b[K")
         self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"

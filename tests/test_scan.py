@@ -208,3 +208,40 @@ def test_bad_json_file_and_refusal_template(tiny_engine, tmp_path):
     with pytest.raises(ValueError, match=re.escape("may only use {category}")):
         scan(gate(tiny_engine, 0.5), tmp_path / "data.json", tmp_path / "out", refusal="no {reason}")
     assert not (tmp_path / "out").exists()
+
+
+def test_folder_files_are_screened_by_content_not_name(tiny_engine, dataset, tmp_path):
+    """Extensionless uploads are screened as the images they are; a text file is reported as not an image
+    (never skipped, never clean) and the scan exits 2; the flagged gallery names each image's file."""
+    uploads = tmp_path / "uploads"
+    (uploads / "nested").mkdir(parents=True)
+    for i, name in enumerate(["3f9a2c", "nested/7b1e44", ".hidden"]):
+        (uploads / name).write_bytes((dataset / "images" / f"{i}.png").read_bytes())
+    (uploads / "notes.jpg").write_text("not a picture, whatever the name says\n")
+    out = tmp_path / "out"
+    summary = scan(gate(tiny_engine, 0.0), uploads, out)
+    verdicts = {v["id"]: v for v in lines(out / "verdicts.jsonl")}
+    assert set(verdicts) == {"3f9a2c", "nested/7b1e44", ".hidden", "notes.jpg"}
+    assert all(verdicts[n]["flagged"] for n in ("3f9a2c", "nested/7b1e44", ".hidden"))
+    assert verdicts["notes.jpg"]["error_type"] == "UnsupportedImage"
+    assert summary.counts["not_image"] == 1 and summary.counts["screened"] == 3 and summary.exit_status == 2
+    page = (out / "report.html").read_text()
+    assert "<code>nested/7b1e44</code>" in page and "<code>3f9a2c</code>" in page
+
+
+def test_a_scan_that_screened_nothing_exits_2(tiny_engine, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello\n")
+    argv = ["scan", "--engine", str(tiny_engine), "--backend", "cpu", "--threshold", "1.0"]
+    assert cli.main([*argv, str(tmp_path / "docs"), "--out", str(tmp_path / "out")]) == 2
+    assert "nothing was screened" in capsys.readouterr().err
+    # Text-only records: nothing to screen is not the same as clean either.
+    (tmp_path / "text.jsonl").write_text(json.dumps(record(1, None)) + "\n")
+    assert cli.main([*argv, str(tmp_path / "text.jsonl"), "--out", str(tmp_path / "out2")]) == 2
+
+
+def test_jsonl_gallery_caption_names_the_image_and_the_record(tiny_engine, dataset, tmp_path):
+    out = tmp_path / "out"
+    scan(gate(tiny_engine, 0.0), dataset / "data.jsonl", out)
+    page = (out / "report.html").read_text()
+    assert "<code>images/0.png</code><br>id sample-0" in page
