@@ -15,8 +15,8 @@ gate decode and encode time and the request its size limits:
   at full resolution. `[forward]` sets any of it.
 
 The budget is applied before screening (`prepare`): the image is decoded at the forward size (reduced in
-the DCT domain for a JPEG of at least twice that size), the engine's input is made from those very pixels,
-and they are encoded once: as PNG where that is the smaller (screenshots, graphics), else as a baseline
+the DCT domain for a JPEG of at least twice that size), encoded once, and the engine's input is made from
+the forwarded file's own pixels. The encoding: as PNG where that is the smaller (screenshots, graphics), else as a baseline
 4:4:4 JPEG of quality 95 (photos, at a fifth of the PNG's size). Single frame, opaque, no metadata, the
 media type set to match: what decoders may differ on is the IDCT's rounding, a few levels (SECURITY.md).
 """
@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 from yarl import URL
 
-from safeclip.runtime.preprocess import decode_resized, encode_jpeg, encode_png
+from safeclip.runtime.preprocess import decode_image, decode_resized, encode_jpeg, encode_png
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import Verbatim
 
@@ -217,12 +217,16 @@ def encode(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
 
 
 def prepare(data: bytes, source: str, max_pixels: int, budget: Budget) -> tuple[np.ndarray, Forward]:
-    """The picture in `data` at the budget's size (the pixels to screen) and how it is forwarded. Module
-    level with plain arguments, so that a worker process can run it. ImageError for what cannot be
-    decoded."""
+    """(the pixels to screen, what is forwarded) for the picture in `data` at the budget's size. The pixels
+    are the forwarded file as Pillow decodes it: for a PNG the resized picture itself, for a JPEG its
+    decoding (one more decode, of the forward size, so that not even the JPEG's own rounding lies between
+    what is screened and what the upstream reads). Module level with plain arguments, so that a worker
+    process can run it. ImageError for what cannot be decoded."""
     rgb = decode_resized(data, source, max_pixels, budget.size)
     encoded, media_type = encode(rgb)
     height, width = rgb.shape[:2]
+    if media_type == "image/jpeg":
+        rgb = decode_image(encoded, source, max_pixels)
     return rgb, Forward(Verbatim(base64.b64encode(encoded)), media_type, width, height)
 
 
