@@ -9,6 +9,10 @@ TRITON_VENV ?= .venv-triton
 LITELLM_VENV ?= .venv-litellm
 # The LiteLLM version the guardrail endpoint was read from and is tested against (tests/test_litellm.py).
 LITELLM_PIN ?= litellm[proxy]==1.106.12
+# The last anthropic SDK line that sends its key as X-Api-Key (2.x sends Bearer); tests/test_forwarding.py
+# runs it as a client from its own venv, beside the 2.x in VENV.
+ANTHROPIC1_VENV ?= .venv-anthropic1
+ANTHROPIC1_PIN ?= anthropic==1.17.0
 MODEL      ?= openai/clip-vit-large-patch14-336
 PRECISION  ?= fp32,fp16
 CLS        ?= final
@@ -29,7 +33,7 @@ help: ## list the targets
 $(PY):
 	python3 -m venv $(VENV)
 
-install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the test tools into VENV (default: the active venv, else .venv), plus .venv-triton and .venv-litellm
+install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the test tools into VENV (default: the active venv, else .venv), plus .venv-triton, .venv-litellm and .venv-anthropic1
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
@@ -47,6 +51,8 @@ install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the te
 	@# LiteLLM's proxy, for the guardrail end-to-end tests; its pins are its own, so it gets its own venv too.
 	python3 -m venv $(LITELLM_VENV)
 	$(LITELLM_VENV)/bin/pip install --quiet '$(LITELLM_PIN)'
+	python3 -m venv $(ANTHROPIC1_VENV)
+	$(ANTHROPIC1_VENV)/bin/pip install --quiet '$(ANTHROPIC1_PIN)'
 
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' $(PY) -m pytest -q

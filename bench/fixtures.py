@@ -162,6 +162,46 @@ def jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
     return [jpeg(photo_like(height, width, seed + i)) for i in range(count)]
 
 
+# scikit-image's photographs (skimage.data), as used by the benchmarks and tests that need real ones.
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "motorcycle_left")
+
+
+def photograph(name: str) -> np.ndarray:
+    """One of scikit-image's photographs as uint8 [H, W, 3] RGB, at its native resolution."""
+    if name not in PHOTOGRAPHS:
+        raise ValueError(f"unknown photograph {name!r}; available: {', '.join(PHOTOGRAPHS)}")
+    from skimage import data  # the dev extra; imported here so the benchmarks that need none run without it
+
+    # motorcycle_left is the left view of stereo_motorcycle (all four ship inside the package).
+    image = np.asarray(data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(data, name)())
+    return np.ascontiguousarray(image[..., :3]) if image.ndim == 3 else np.stack([image] * 3, axis=-1)
+
+
+def tiled_photograph(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 [H, W, 3]: scikit-image's photographs tiled at their native resolution (mirrored by turns so
+    that tile edges meet) to a camera-sized picture. Upscaling one instead would make it compress and decode
+    unrealistically well; each seed starts the tiling at another photograph and offset."""
+    tiles = [photograph(name) for name in PHOTOGRAPHS]
+    rng = np.random.default_rng(seed)
+    out = np.empty((height, width, 3), np.uint8)
+    k = int(rng.integers(len(tiles)))
+    y = 0
+    while y < height:
+        x = 0
+        row_height = 0
+        while x < width:
+            tile = tiles[k % len(tiles)]
+            if k % 2:
+                tile = tile[:, ::-1]
+            k += 1
+            h, w = min(tile.shape[0], height - y), min(tile.shape[1], width - x)
+            out[y : y + h, x : x + w] = tile[:h, :w]
+            x += w
+            row_height = max(row_height, h)
+        y += row_height
+    return out
+
+
 def engine_inputs(count: int, size: int, seed: int = 0) -> np.ndarray:
     """uint8 [N, S, S, 3] already at engine size."""
     return (

@@ -21,8 +21,10 @@ inputs where decoders could disagree:
   (most of a full-range 16-bit gray image turns white). 32-bit float images are refused.
 - Arrays given directly are taken as RGB; uint16 arrays keep their high byte.
 
-The gate decodes once (`decode_image`), screens the pixels (`Preprocessor.fit`) and forwards exactly
-those pixels as a lossless PNG (`encode_png`), so no decoder downstream can see another picture.
+The gate decodes once, at the size it forwards (`decode_resized`: a JPEG reduced in the DCT domain where
+that is at most half of it), screens those pixels (`Preprocessor.fit`) and forwards them re-encoded
+(`encode_png`, `encode_jpeg`; server/forwarding.py picks one), so no decoder downstream can see another
+picture.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, cast
@@ -71,6 +74,8 @@ __all__ = [
     "Preprocessor",
     "UnsupportedImage",
     "decode_image",
+    "decode_resized",
+    "encode_jpeg",
     "encode_png",
     "image_size_from_header",
     "read_input",
@@ -244,6 +249,55 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
     EXIF, transparency over white. ImageError (naming `source`) for anything that cannot be decoded;
     nothing is decoded past `max_pixels`."""
     return np.asarray(_decode(data, source, max_pixels).image)
+
+
+def decode_resized(data: bytes, source: str, max_pixels: int, fit: Callable[[int, int], tuple[int, int]]) -> np.ndarray:
+    """decode_image, then resized (Pillow's bicubic, antialiased) to `fit(width, height)` of the upright
+    picture; never enlarged. `fit` must be symmetric (fit(h, w) is fit(w, h) turned), as a budget of long
+    edge, short edge and pixels is, so the size can be chosen before EXIF turns the picture.
+
+    A JPEG whose size is at most half the full one on both sides is decoded reduced by libjpeg's DCT
+    scaling (1/2, 1/4 or 1/8, the largest that keeps at least the output size and divides both sides, so
+    no partial block stands for pixels past the edge): the decode then costs a fraction of the full one,
+    and Pillow resizes what is left by less than 2x."""
+    image, fmt = _open(data, source, max_pixels)
+    stored = image.size
+    target = fit(*stored)
+    if target[0] > stored[0] or target[1] > stored[1]:
+        raise ValueError(f"decode_resized: fit{stored} = {target} would enlarge the image")
+    if fmt == "jpeg":
+        for factor in (8, 4, 2):
+            reduced = (stored[0] // factor, stored[1] // factor)
+            whole = stored[0] % factor == 0 and stored[1] % factor == 0
+            if whole and reduced[0] >= target[0] and reduced[1] >= target[1]:
+                image.draft(None, reduced)  # asking for exactly full / factor makes draft pick `factor`
+                break
+    _load(image, fmt, source)
+    orientation = _orientation(image, fmt, source)
+    rgb = _rgb(_upright(image, orientation), fmt, source)
+    if orientation in (5, 6, 7, 8):  # turned by 90 degrees: so is the size asked for
+        target = target[::-1]
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
+    return np.asarray(rgb)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
+    """A baseline (sequential, single-scan) JPEG of these uint8 (H, W, 3) RGB pixels: no chroma subsampling
+    (4:4:4), Pillow's standard tables scaled to `quality`, no metadata besides the JFIF header. Without
+    subsampling, decoders differ only by their IDCT's rounding (a few levels; SECURITY.md states the
+    bound, tests/test_forwarding.py measures it with three decoders): there is no chroma upsampling for
+    them to disagree on, no progressive scan to stop early at, no EXIF to turn the picture by."""
+    problem = _layout_problem(rgb, rgb_only=True)
+    if problem is not None:
+        raise ValueError(f"encode_jpeg: {problem}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"encode_jpeg: quality must be in 1..100, got {quality}")
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+        out, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False
+    )
+    return out.getvalue()
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -21,7 +21,9 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 class DialectUpstream(RecordingUpstream):
     def app(self) -> web.Application:
-        app = web.Application()
+        # Bodies as large as a hosted API takes (aiohttp's default is 1 MiB); provider_upstream.py applies
+        # each provider's own limits.
+        app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/messages", self._messages)

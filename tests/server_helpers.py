@@ -33,11 +33,13 @@ from aiohttp import web
 
 from images import encode, smooth_images
 from safeclip.runtime.gate import Gate
-from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, encode_png
+from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
 from safeclip.runtime.server.config import GateConfig, load_config
+from safeclip.runtime.server.forwarding import PRESETS, Budget, prepare
 
 TESTS = Path(__file__).resolve().parent
+LOCAL_BUDGET = PRESETS["local"].budget  # what a gate in front of a loopback upstream forwards at
 
 
 def png(seed: int, size: int = 48) -> bytes:
@@ -48,13 +50,23 @@ def data_url(data: bytes, media: str = "image/png") -> str:
     return f"data:{media};base64,{base64.b64encode(data).decode()}"
 
 
+def screened(data: bytes, budget: Budget = LOCAL_BUDGET) -> tuple[bytes, str]:
+    """(file, media type) the gate forwards in an image's place: its pixels as the gate decoded them at the
+    budget's size (a local upstream's by default), encoded by forwarding.prepare."""
+    forward = prepare(data, "test image", DEFAULT_MAX_PIXELS, budget)[1]
+    return base64.b64decode(forward.data.text), forward.media_type
+
+
 def screened_png(data: bytes) -> bytes:
-    """What the gate forwards in an image's place: its pixels, as the gate decoded them, as a PNG."""
-    return encode_png(decode_image(data, "test image", DEFAULT_MAX_PIXELS))
+    """What the gate forwards for a small graphic (a local upstream: full size; the PNG is the smaller)."""
+    file, media_type = screened(data)
+    if media_type != "image/png":
+        raise ValueError(f"expected the gate to forward this image as a PNG, it forwards {media_type}")
+    return file
 
 
-def screened_url(data: bytes) -> str:
-    return data_url(screened_png(data))
+def screened_url(data: bytes, budget: Budget = LOCAL_BUDGET) -> str:
+    return data_url(*screened(data, budget))
 
 
 def user_message(*urls: str, text: str = "what is in this picture?") -> dict[str, Any]:

@@ -18,7 +18,6 @@ import json
 import re
 
 import anthropic
-import numpy as np
 import ollama
 import openai
 import pytest
@@ -27,7 +26,7 @@ from json_semantics import LAST, dialect_of, find_images
 from PIL import Image
 
 from safeclip.runtime.gate import Gate
-from server_helpers import data_url, gate_config, http, png
+from server_helpers import data_url, gate_config, http, png, screened
 
 IMAGE = png(seed=41, size=40)
 REFUSAL = "REFUSED by the test gate: {category}"
@@ -77,28 +76,24 @@ def ollama_client(base: str) -> ollama.Client:
     return ollama.Client(host=base, timeout=30)
 
 
-def forwarded_image(received, expected_path: str) -> np.ndarray:
-    """The one image the upstream received, checked to be a single-frame opaque PNG, as RGB pixels."""
+def forwarded_image(received, expected_path: str) -> bytes:
+    """The one image the upstream received, checked to be a single-frame opaque PNG or baseline JPEG."""
     assert [r.path for r in received] == [expected_path], [r.path for r in received]
     images = find_images(received[0].body, dialect_of(expected_path), LAST)
     assert len(images) == 1 and images[0].data is not None, [str(s) for s in images]
     with Image.open(io.BytesIO(images[0].data)) as image:
-        assert image.format == "PNG" and getattr(image, "n_frames", 1) == 1 and image.mode == "RGB", (
+        assert image.format in ("PNG", "JPEG") and getattr(image, "n_frames", 1) == 1 and image.mode == "RGB", (
             image.format,
             image.mode,
             getattr(image, "n_frames", 1),
         )
-        return np.asarray(image)
-
-
-def original_pixels() -> np.ndarray:
-    with Image.open(io.BytesIO(IMAGE)) as image:
-        return np.asarray(image.convert("RGB"))
+        assert image.format != "JPEG" or not image.info.get("progressive"), "a progressive JPEG was forwarded"
+    return images[0].data
 
 
 def assert_screened_image(received, path: str) -> None:
     forwarded = forwarded_image(received, path)
-    assert np.array_equal(forwarded, original_pixels()), "the forwarded pixels differ from Pillow's decode"
+    assert forwarded == screened(IMAGE)[0], "the upstream did not get the screened pixels as the gate encodes them"
 
 
 # ---------------------------------------------------------------------------------------------------

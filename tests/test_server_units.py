@@ -17,6 +17,7 @@ from safeclip.runtime.server.dialects.base import decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import OpenAIChat, inject_system_message, refusal_events
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations, moderation_result
 from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.forwarding import Forward
 from safeclip.runtime.server.jsonbody import Verbatim, canonical
 from safeclip.runtime.server.metrics import Histogram
 from safeclip.runtime.server.record import decide
@@ -262,12 +263,16 @@ def test_cache_is_lru_and_bounded():
     assert none.get("a") is None
 
 
-def test_cache_is_bounded_by_the_bytes_of_its_pngs():
+def _forward(chars: int) -> Forward:
+    return Forward(Verbatim("x" * chars), "image/jpeg", 1, 1)
+
+
+def test_cache_is_bounded_by_the_bytes_of_its_forwarded_images():
     cache = VerdictCache(10, max_bytes=100)
-    cache.put("a", Entry(verdict("a"), "x" * 60))
-    cache.put("b", Entry(verdict("b"), "x" * 60))  # 120 bytes: a goes
-    assert cache.get("a") is None and cache.get("b").forward == "x" * 60
-    cache.put("c", Entry(verdict("c"), "x" * 101))  # alone over the bound: kept without its pixels
+    cache.put("a", Entry(verdict("a"), _forward(60)))
+    cache.put("b", Entry(verdict("b"), _forward(60)))  # 120 bytes: a goes
+    assert cache.get("a") is None and cache.get("b").forward == _forward(60)
+    cache.put("c", Entry(verdict("c"), _forward(101)))  # alone over the bound: kept without its pixels
     assert cache.get("c").forward is None and cache.get("b") is not None
 
 

@@ -56,6 +56,7 @@ __all__ = ["RUNNER_OPTIONS", "STATE", "build_app", "policy_version"]
 def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Application:
     """The gate as an aiohttp application; nothing loads until the application starts."""
     metrics = GateMetrics()
+    plan = config.forward.plan(config.upstream)
     upstream = None
     if config.upstream:
         upstream = Upstream(
@@ -65,6 +66,7 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
             metrics,
             api_key=config.upstream_api_key,
             gate_key=config.api_key,
+            plan=plan,
         )
     state = GateState(
         config=config,
@@ -72,6 +74,7 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
         metrics=metrics,
         fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
         upstream=upstream,
+        plan=plan,
     )
     app = web.Application(middlewares=[_middleware])
     app[STATE] = state
@@ -148,6 +151,7 @@ async def _load(state: GateState) -> None:
         gate.preprocessor,
         config.limits.max_request_pixels,
         observe,
+        None if config.proxy.forward_original else state.plan.budget,
     )
     categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
     state.ready = Ready(
@@ -184,10 +188,15 @@ async def _cleanup(app: web.Application) -> None:
 
 
 def _authorized(request: web.Request, key: str) -> bool:
-    given = request.headers.get(GATE_KEY_HEADER)
-    if given is None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip() if scheme.lower() == "bearer" else ""
+    """The gate's key in any header a client of the dialects sends its key in: x-safeclip-api-key, then
+    X-Api-Key (Anthropic's SDKs before 2.0, most Anthropic tools), then `Authorization: Bearer` (OpenAI's,
+    Anthropic's 2.x). Whichever carried it, it never reaches the upstream (proxy.request_headers)."""
+    for header in (GATE_KEY_HEADER, "X-Api-Key"):
+        given = request.headers.get(header)
+        if given is not None:
+            return hmac.compare_digest(given.strip().encode(), key.encode())
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    given = token.strip() if scheme.lower() == "bearer" else ""
     return hmac.compare_digest(given.encode(), key.encode())
 
 
@@ -246,7 +255,8 @@ async def _answer(
         if state.config.api_key and request.path not in PROBES and not _authorized(request, state.config.api_key):
             raise GateError(
                 401,
-                f"missing or wrong gate API key (send it as `Authorization: Bearer KEY` or `{GATE_KEY_HEADER}: KEY`)",
+                "missing or wrong gate API key (send it as `Authorization: Bearer KEY`, `X-Api-Key: KEY` or "
+                f"`{GATE_KEY_HEADER}: KEY`)",
                 "invalid_api_key",
                 type="authentication_error",
             )

@@ -2,7 +2,7 @@
 
 An entry is found by the sha256 of the image's bytes, and also by the sha256 of the text it arrived as
 (a data: URL or base64), so a resent inline image costs a hash, not a base64 decode. It holds the verdict
-and the PNG the upstream gets in the image's place, so a hit costs no decode, resize or encode either.
+and what the upstream gets in the image's place, so a hit costs no decode, resize or encode either.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.server.jsonbody import Verbatim
+from safeclip.runtime.server.forwarding import Forward
 
 
 @dataclass(frozen=True)
 class Entry:
     verdict: Verdict
-    forward: Verbatim | None  # the screened pixels as a PNG, base64-encoded, when a forwarding route asked for them
+    forward: Forward | None  # the screened pixels as forwarded, when a forwarding route asked for them
 
     @property
     def cost(self) -> int:
-        """Bytes it holds against the cache's bound: its PNG's base64."""
-        return len(self.forward) if self.forward is not None else 0
+        """Bytes it holds against the cache's bound: its forwarded image's base64."""
+        return len(self.forward.data) if self.forward is not None else 0
 
 
 class VerdictCache:
     """Used from the event loop only, so it needs no lock. Bounded by entries and by the size of the encoded
-    PNGs it keeps (an entry shared by two keys counts once per key: the bound errs on the small side)."""
+    images it keeps (an entry shared by two keys counts once per key: the bound errs on the small side)."""
 
     def __init__(self, size: int, max_bytes: int = 256 << 20):
         if size < 0 or max_bytes < 0:

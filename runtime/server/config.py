@@ -1,8 +1,8 @@
 """The gate's configuration: frozen dataclasses, read from one TOML file, then overridden by CLI flags.
 
 The TOML file has the shape of `GateConfig`: top-level keys, and one table per nested dataclass
-(`[limits]`, `[proxy]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping (`[thresholds]`, `[actions]`,
-`[moderation]`). Unknown keys are errors, so a typo never silently keeps a default.
+(`[limits]`, `[proxy]`, `[forward]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping
+(`[thresholds]`, `[actions]`, `[moderation]`). Unknown keys are errors, so a typo never silently keeps a default.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
 from safeclip.runtime.engine import DEFAULT_MAX_BATCH
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
+from safeclip.runtime.server.forwarding import AUTH_STYLES, PRESET_NAMES, Plan, resolve
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 
 # What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
@@ -195,13 +196,18 @@ def _table(cls: type) -> Any:
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = _parsed(_int(1), 32 << 20)
-    max_images: int = _parsed(_int(1), 16)
+    # OpenAI takes 50 MB of images in a request, Anthropic 32 MB of request: a body either would take fits.
+    max_body_bytes: int = _parsed(_int(1), 64 << 20)
+    # As many as a hosted API takes (OpenAI 500, Anthropic 100; the upstream's own count is checked too,
+    # see [forward]); max_request_pixels bounds what they may cost to decode.
+    max_images: int = _parsed(_int(1), 500)
     max_image_bytes: int = _parsed(_int(1), 16 << 20)
     max_pixels: int = _parsed(_int(1), DEFAULT_MAX_PIXELS)
-    # The pixels one request's images may declare together: two of the largest photos max_pixels allows.
-    # Decoding them is the costliest thing a client can make the gate do.
-    max_request_pixels: int = _parsed(_int(1), 2 * DEFAULT_MAX_PIXELS)
+    # The pixels one request's images may declare together: decoding them is the costliest thing a client
+    # can make the gate do. 400 MP is Anthropic's most (100 images of 2000 x 2000) and 33 photos of 12 MP
+    # (the 50 MB OpenAI takes holds about 20); a JPEG past twice the forward size decodes reduced, at a
+    # quarter of the cost or less.
+    max_request_pixels: int = _parsed(_int(1), 400_000_000)
 
 
 # Paths forwarded without a dialect: model lists and server facts. Add text routes you use (/v1/completions,
@@ -229,6 +235,38 @@ class ProxyConfig:
 
     def allows(self, path: str) -> bool:
         return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.allow)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    """At what size images go upstream, within which limits, and how the held key is sent
+    (server/forwarding.py has the presets). Fields left unset take the preset's value."""
+
+    # "auto": anthropic for api.anthropic.com, openai for api.openai.com, azure for *.openai.azure.com,
+    # else local.
+    preset: str = _parsed(_choice(PRESET_NAMES), "auto")
+    # The forward budget: images are scaled down (never up) until each bound holds.
+    long_edge: int | None = _parsed(_optional(_int(1)), None)
+    short_edge: int | None = _parsed(_optional(_int(1)), None)
+    max_pixels: int | None = _parsed(_optional(_int(1)), None)
+    # The upstream's limits, checked before it is called (a 413 naming the image instead of its error).
+    max_image_base64: int | None = _parsed(_optional(_int(1)), None)
+    max_images_base64: int | None = _parsed(_optional(_int(1)), None)
+    max_request_bytes: int | None = _parsed(_optional(_int(1)), None)
+    max_images: int | None = _parsed(_optional(_int(1)), None)
+    max_side: int | None = _parsed(_optional(_int(1)), None)
+    # How the held key (SAFECLIP_UPSTREAM_API_KEY) is sent: "x-api-key" (Anthropic), "bearer" (OpenAI and
+    # compatible servers), "api-key" (Azure OpenAI); "auto": the preset's, for local servers by the route
+    # (X-Api-Key on /v1/messages, Bearer elsewhere).
+    auth: str = _parsed(_choice(AUTH_STYLES), "auto")
+
+    def plan(self, upstream: str) -> Plan:
+        budget = {"long_edge": self.long_edge, "short_edge": self.short_edge, "max_pixels": self.max_pixels}
+        limits = {
+            name: getattr(self, name)
+            for name in ("max_image_base64", "max_images_base64", "max_request_bytes", "max_images", "max_side")
+        }
+        return resolve(upstream, self.preset, self.auth, budget, limits)
 
 
 @dataclass(frozen=True)
@@ -284,8 +322,8 @@ class GateConfig:
     fail_open: bool = _parsed(_bool, False)
     # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
     api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
-    # Sent upstream as `Authorization: Bearer` instead of whatever the client sent; never read from the file
-    # either (the flag or SAFECLIP_UPSTREAM_API_KEY).
+    # Sent upstream the way the provider takes it (`[forward] auth`) instead of any key the client sent;
+    # never read from the file either (the flag or SAFECLIP_UPSTREAM_API_KEY).
     upstream_api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
     audit_log: str | None = _parsed(_optional(_str), None)
     verdict_field: bool = _parsed(_bool, False)
@@ -296,6 +334,7 @@ class GateConfig:
     moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
     limits: Limits = _table(Limits)
     proxy: ProxyConfig = _table(ProxyConfig)
+    forward: ForwardConfig = _table(ForwardConfig)
     fetch: FetchConfig = _table(FetchConfig)
     batch: BatchConfig = _table(BatchConfig)
     timeouts: Timeouts = _table(Timeouts)

@@ -2,7 +2,8 @@
 forward or answer. Every dialect route runs these steps; only the dialect module differs.
 
 The upstream receives `jsonbody.canonical()` of the body the gate parsed, with each image replaced by the
-PNG of the pixels the engine screened: nothing it reads can differ from what was screened.
+pixels the engine screened, at the upstream's size and re-encoded (forwarding.py): nothing it reads can
+differ from what was screened. What the upstream would refuse for its size is refused before it is called.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
-from safeclip.runtime.server import jsonbody
+from safeclip.runtime.server import forwarding, jsonbody
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
     COUNT,
@@ -134,11 +135,11 @@ def _account(
 
 def forwarded(slot: ImageSlot, item: Screened, forward_original: bool) -> tuple[jsonbody.Verbatim, str] | None:
     """(base64, media type) of what the upstream may see in an image's place, or None to leave it as sent:
-    the screened pixels as a PNG (default), or, with `forward_original`, the bytes as they came. A URL
-    always becomes bytes: the upstream must not fetch it again and get something else. Left as sent: an
-    inline image under `forward_original`, or one forwarded unscreened under `fail_open`."""
+    the screened pixels as forwarding.prepare encoded them (default), or, with `forward_original`, the bytes
+    as they came. A URL always becomes bytes: the upstream must not fetch it again and get something else.
+    Left as sent: an inline image under `forward_original`, or one forwarded unscreened under `fail_open`."""
     if item.forward is not None and not forward_original:
-        return item.forward, "image/png"  # already base64: encoded once, in the decode pool
+        return item.forward.data, item.forward.media_type  # already base64: encoded once, in the decode pool
     if slot.kind == "url" and item.original is not None:
         header = image_size_from_header(item.original)
         return b64(item.original), f"image/{header[0]}" if header else "application/octet-stream"
@@ -146,11 +147,28 @@ def forwarded(slot: ImageSlot, item: Screened, forward_original: bool) -> tuple[
 
 
 def rewrite(state: GateState, exchange: Exchange, screened: list[Screened]) -> None:
-    """Put in each image's place what the upstream may see (see `forwarded`)."""
-    for slot, item in zip(exchange.slots, screened, strict=True):
-        replacement = forwarded(slot, item, state.config.proxy.forward_original)
+    """Put in each image's place what the upstream may see (see `forwarded`); GateError for images the
+    upstream would refuse (forwarding.check_images), before anything is changed."""
+    original = state.config.proxy.forward_original
+    replacements = [forwarded(s, i, original) for s, i in zip(exchange.slots, screened, strict=True)]
+    forwarding.check_images(
+        state.plan.limits, [_outgoing(*args) for args in zip(exchange.slots, screened, replacements, strict=True)]
+    )
+    for slot, replacement in zip(exchange.slots, replacements, strict=True):
         if replacement is not None:
             slot.rewrite(*replacement)
+
+
+def _outgoing(
+    slot: ImageSlot, item: Screened, replacement: tuple[jsonbody.Verbatim, str] | None
+) -> forwarding.Outgoing:
+    if replacement is not None and item.forward is not None and replacement[0] is item.forward.data:
+        return forwarding.Outgoing(slot.where, len(replacement[0]), (item.forward.width, item.forward.height))
+    # The client's bytes (forward_original, or unscreened under fail_open): sized by their header. Left as
+    # sent, an inline image is the client's text (a data: URL's counts its short prefix too).
+    header = image_size_from_header(item.original) if item.original is not None else None
+    chars = len(slot.value) if replacement is None else len(replacement[0])
+    return forwarding.Outgoing(slot.where, chars, header[1:] if header else None)
 
 
 async def answer(request: web.Request, reply: Reply, record: Record) -> web.StreamResponse:
@@ -197,7 +215,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         def edit(body: dict) -> dict:
             return {**body, "safeclip": record.summary(ready.policy_version)}
 
-    return await upstream.forward(request, route.path, jsonbody.canonical(exchange.body), record.headers(), edit)
+    payload = jsonbody.canonical(exchange.body)
+    forwarding.check_body(state.plan.limits, len(payload))
+    return await upstream.forward(request, route.path, payload, record.headers(), edit)
 
 
 async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.StreamResponse:

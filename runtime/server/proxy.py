@@ -13,7 +13,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from safeclip.runtime.server.dialects import dialect_for
 from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.forwarding import PROVIDER_AUTH_HEADERS, Plan, auth_headers, resolve
 from safeclip.runtime.server.metrics import GateMetrics
 
 log = logging.getLogger("safeclip.server")
@@ -80,26 +82,31 @@ def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | No
 
 
 def request_headers(
-    headers: Mapping[str, str], plain: bool, gate_key: str | None = None, upstream_key: str | None = None
+    headers: Mapping[str, str],
+    plain: bool,
+    gate_key: str | None = None,
+    upstream_key: str | None = None,
+    auth_style: str = "bearer",
 ) -> CIMultiDict[str]:
     """What the upstream gets: the client's headers minus hop-by-hop ones, the gate's own key, and any that
     would change how the upstream reads the request (the body is the gate's canonical JSON, sent with its own
     Content-Type).
 
     The gate's key goes whichever header carried it (x-safeclip-api-key, Authorization, x-api-key, ...): any
-    header whose value holds it is dropped. With `upstream_key`, the client's Authorization is replaced by
-    `Bearer upstream_key`, so clients never need the provider's key. `plain` also drops Accept-Encoding, for
-    a response body the gate must read.
+    header whose value holds it is dropped. With `upstream_key`, every provider-auth header the client sent
+    (Authorization, X-Api-Key, api-key) is dropped and the key sent the way `auth_style` says
+    (forwarding.auth_headers), so clients never need the provider's key. `plain` also drops Accept-Encoding,
+    for a response body the gate must read.
     """
     drop = HOP_BY_HOP | _REINTERPRETING | {GATE_KEY_HEADER} | ({"accept-encoding"} if plain else set())
     if upstream_key:
-        drop |= {"authorization"}
+        drop |= PROVIDER_AUTH_HEADERS
     out = _filtered(headers, frozenset(drop))
     if gate_key:
         for name in [name for name, value in out.items() if gate_key in value]:
             out.popall(name, None)
     if upstream_key:
-        out["Authorization"] = f"Bearer {upstream_key}"
+        out.update(auth_headers(auth_style, upstream_key))
     return out
 
 
@@ -134,10 +141,12 @@ class Upstream:
         metrics: GateMetrics,
         api_key: str | None = None,
         gate_key: str | None = None,
+        plan: Plan | None = None,
     ):
         self.base = URL(base)  # parsed once; a base with a path (https://host/openai) keeps it
-        self.api_key = api_key  # sent upstream as Authorization: Bearer
+        self.api_key = api_key  # sent upstream the way self.plan says
         self.gate_key = gate_key  # never sent upstream
+        self.plan = plan or resolve(base)
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.metrics = metrics
@@ -172,7 +181,8 @@ class Upstream:
         if self.session is None:
             raise RuntimeError("Upstream.start() was not called")
         url = self.base.with_path(self.base.path.rstrip("/") + path).with_query(request.rel_url.query)
-        headers = request_headers(request.headers, edit_json is not None, self.gate_key, self.api_key)
+        auth_style = self.plan.auth_style(dialect_for(path).name)
+        headers = request_headers(request.headers, edit_json is not None, self.gate_key, self.api_key, auth_style)
         if body is not None:
             headers["Content-Type"] = "application/json"
         start = time.perf_counter()

@@ -1,14 +1,14 @@
 """Screening a request's images: cached ones at once, decodes already in flight shared, the rest decoded in
 the fair pool, then a request's images sent to the engine together (micro-batched with other requests').
 
-Each image is decoded once, by Pillow: the pixels the engine screens are the pixels the upstream gets,
-re-encoded as a lossless single-frame opaque PNG (see SECURITY.md, "What the upstream sees").
+Each image is decoded once, by Pillow, at the size it is forwarded (forwarding.py): the pixels the engine
+screens are the pixels the upstream gets, re-encoded as a single-frame opaque PNG or 4:4:4 JPEG (see
+SECURITY.md, "What the upstream sees").
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,12 +18,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.preprocess import ImageError, Preprocessor, decode_image, encode_png, image_size_from_header
+from safeclip.runtime.preprocess import ImageError, Preprocessor, decode_image, image_size_from_header
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import Entry, VerdictCache
 from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
-from safeclip.runtime.server.jsonbody import Verbatim
+from safeclip.runtime.server.forwarding import Budget, Forward, prepare
 
 # Hashing a large image takes milliseconds; above this size it runs in a thread (hashlib releases the GIL).
 _HASH_IN_THREAD = 1 << 20
@@ -43,15 +43,15 @@ class ImageJob:
 
 class _Decoded(NamedTuple):
     engine_input: np.ndarray | None
-    png: Verbatim | None  # base64
+    forward: Forward | None
     error: ImageError | None
 
 
 @dataclass(frozen=True)
 class Screened:
     result: Verdict | ImageError
-    # The PNG of the screened pixels, base64-encoded once (in the decode pool), when asked for and decodable.
-    forward: Verbatim | None
+    # The screened pixels as forwarded (encoded once, in the decode pool), when asked for and decodable.
+    forward: Forward | None
     cached: bool
     sha256: str  # of the image's bytes
     original: bytes | None = None  # the bytes as they came, for an image loaded for this request
@@ -73,13 +73,17 @@ class Screener:
         preprocessor: Preprocessor,
         max_request_pixels: int,
         observe: Callable[[str, Any], None] | None = None,
+        budget: Budget | None = None,
     ):
+        """`budget`: the forward size (forwarding.Plan.budget); None forwards no pixels (forward_original,
+        or no upstream to forward to), and `screen(forward=True)` then screens the full-resolution picture."""
         self.batcher = batcher
         self.cache = cache
         self.pool = pool
         self.preprocessor = preprocessor
         self.max_request_pixels = max_request_pixels
         self.observe = observe or (lambda what, value: None)
+        self.budget = budget
         self._inflight: dict[tuple[str, bool], asyncio.Task[_Decoded]] = {}
         # Verdicts the engine owes, by image sha256: concurrent requests with the same image wait for one
         # engine item, so a burst of resent images queues each image once, not once per request.
@@ -94,6 +98,7 @@ class Screener:
     async def screen(self, jobs: Sequence[ImageJob], owner: object, forward: bool) -> list[Screened]:
         """One Screened per job, in order. GateError if an image cannot be loaded (a bad data: URL, a URL
         that cannot be fetched) or the request's images hold more pixels than allowed."""
+        forward = forward and self.budget is not None
         found: dict[int, Screened] = {}
         for i, job in enumerate(jobs):
             entry = self._hit(job.key, forward)
@@ -126,9 +131,9 @@ class Screener:
         decoded = dict(
             zip(decoding, await asyncio.gather(*(asyncio.shield(t) for t in decoding.values())), strict=True)
         )
-        results: dict[str, tuple[Verdict | ImageError, Verbatim | None]] = {}
-        to_engine: list[tuple[str, np.ndarray, Verbatim | None]] = []
-        owed: dict[str, tuple[asyncio.Future[Verdict], Verbatim | None]] = {}
+        results: dict[str, tuple[Verdict | ImageError, Forward | None]] = {}
+        to_engine: list[tuple[str, np.ndarray, Forward | None]] = []
+        owed: dict[str, tuple[asyncio.Future[Verdict], Forward | None]] = {}
         for digest, (engine_input, png, error) in decoded.items():
             entry = self._hit(digest, forward)  # another request may have screened it meanwhile
             if error is not None:
@@ -156,7 +161,7 @@ class Screener:
                 self.cache.put(key, Entry(result, png))
         return [found[i] for i in range(len(jobs))]
 
-    def _owe(self, digest: str, future: asyncio.Future[Verdict], png: Verbatim | None) -> None:
+    def _owe(self, digest: str, future: asyncio.Future[Verdict], png: Forward | None) -> None:
         """Share `future` with requests that bring the same image until it resolves; then cache its verdict
         in the same callback, so no request can find the image neither owed nor cached and queue it again."""
         self._verdicts[digest] = future
@@ -197,12 +202,15 @@ class Screener:
         header = image_size_from_header(data)
         pixels = header[1] * header[2] if header else 0
         fit = self.preprocessor.fit
+        budget = self.budget if forward else None
 
-        def work() -> tuple[np.ndarray, Verbatim | None, float]:
+        def work() -> tuple[np.ndarray, Forward | None, float]:
             start = time.perf_counter()
-            rgb = decode_image(data, source, self.preprocessor.max_pixels)
-            png = Verbatim(base64.b64encode(encode_png(rgb))) if forward else None
-            return fit(rgb), png, time.perf_counter() - start
+            if budget is None:
+                return fit(decode_image(data, source, self.preprocessor.max_pixels)), None, time.perf_counter() - start
+            # Downscaled first: the engine screens exactly the pixels that are forwarded.
+            rgb, forwarded = prepare(data, source, self.preprocessor.max_pixels, budget)
+            return fit(rgb), forwarded, time.perf_counter() - start
 
         try:
             engine_input, png, seconds = await self.pool.run(owner, work, pixels)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -14,6 +14,7 @@ from safeclip.runtime.server.config import GateConfig
 from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
+from safeclip.runtime.server.forwarding import Plan, resolve
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
 from safeclip.runtime.server.record import AuditLog, Record
@@ -39,6 +40,7 @@ class GateState:
     metrics: GateMetrics
     fetcher: Fetcher
     upstream: Upstream | None  # None: guardrail-only, nothing is forwarded
+    plan: Plan = field(default_factory=lambda: resolve(""))  # [forward], resolved for the upstream
     audit: AuditLog | None = None
     ready: Ready | None = None
     loading: asyncio.Task[None] | None = None
