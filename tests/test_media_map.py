@@ -213,10 +213,11 @@ def fill(value: Any, image_url: str) -> Any:
 
 
 def screened(media: Media) -> bool:
-    """Pixels the gate wrote: a single-frame opaque PNG that is none of the client's images."""
+    """Pixels the gate wrote: a single-frame opaque image (PNG, or a re-encoding the gate chose) that is none
+    of the client's images."""
     if media.data is None or media.data in SENT or MARKER in media.data:
         return False
-    if media.data[:8] != b"\x89PNG\r\n\x1a\n":
+    if pillow_format(media.data) not in ("PNG", "JPEG", "WEBP"):
         return False
     with Image.open(io.BytesIO(media.data)) as image:
         return image.mode == "RGB" and getattr(image, "n_frames", 1) == 1
