@@ -14,10 +14,12 @@ from safeclip.runtime.server.config import GateConfig
 from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
+from safeclip.runtime.server.memory import StateMemory
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
 from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.screener import EngineItem, Screener
+from safeclip.runtime.server.target import Target
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class GateState:
     metrics: GateMetrics
     fetcher: Fetcher
     upstream: Upstream | None  # None: guardrail-only, nothing is forwarded
+    memory: StateMemory | None = None  # None: no action forwards a flagged image, so no state can hold one
     audit: AuditLog | None = None
     ready: Ready | None = None
     loading: asyncio.Task[None] | None = None
@@ -67,3 +70,4 @@ class GateState:
 
 STATE = web.AppKey("safeclip_state", GateState)
 RECORD = web.RequestKey("safeclip_record", Record)  # aiohttp >= 3.14
+TARGET = web.RequestKey("safeclip_target", Target)  # the canonical request target (target.py)
