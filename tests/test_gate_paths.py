@@ -97,8 +97,10 @@ def check(gate, wire, method: str, target: str, body: bytes = BODY) -> int:
         assert seen_method == method
     if status == 400:
         error = json.loads(answer)["error"]  # OpenAI's {code, message...}, or Ollama's message under /api/
-        assert error["code"] in ("invalid_path", "body_not_allowed") if isinstance(error, dict) else (
-            "request target" in error or "carries no body" in error
+        assert (
+            error["code"] in ("invalid_path", "body_not_allowed")
+            if isinstance(error, dict)
+            else ("request target" in error or "carries no body" in error)
         ), answer
     return status
 
@@ -136,8 +138,36 @@ def test_spellings_of_screened_routes_behind_allowed_paths_are_refused(gate, wir
     assert check(gate, wire, "GET", target, b"") == 400
 
 
-PIECES = ["x", "..", ".", "%2e", "%2E", "%2e%2e", ".%2e", "%2f", "%2F", "%5c", "\\", ";", ";a", "", "%25", "chat",
-          "completions", "v1", "messages", "api", "generate", "%63hat", "models", "tags", "?", "#", "%00", "%20"]
+PIECES = [
+    "x",
+    "..",
+    ".",
+    "%2e",
+    "%2E",
+    "%2e%2e",
+    ".%2e",
+    "%2f",
+    "%2F",
+    "%5c",
+    "\\",
+    ";",
+    ";a",
+    "",
+    "%25",
+    "chat",
+    "completions",
+    "v1",
+    "messages",
+    "api",
+    "generate",
+    "%63hat",
+    "models",
+    "tags",
+    "?",
+    "#",
+    "%00",
+    "%20",
+]
 
 
 @settings(
