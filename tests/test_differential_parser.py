@@ -702,7 +702,7 @@ def test_allowed_unknown_endpoints_are_forwarded_when_clean(gate_url, upstream, 
 def test_allow_list_is_configurable(servers, upstream_server, tiny_engine, upstream, image_url):
     """[proxy] allow: a listed glob is forwarded, a path off the list is refused, images refused on both."""
     gate = Gate.from_engine(tiny_engine, threshold=0.0)
-    config = gate_config(tiny_engine, upstream_server[1], threshold=0.0, proxy={"allow": ["/v1/custom/*"]})
+    config = gate_config(tiny_engine, upstream_server[1], threshold=0.0, proxy={"allow": ["POST /v1/custom/*"]})
     url = servers.start_gate(config, gate)
     reply, received = exchange(url, upstream, Case("custom", "/v1/custom/a", o(q=TEXT)), image_url)
     assert reply.status == 200 and len(received) == 1, (reply.status, reply.body[:200])

@@ -375,7 +375,7 @@ def test_streaming_passes_through_chunk_by_chunk(start, flag_none, upstream):
 
 
 def test_other_paths_are_proxied_only_when_allowed_and_without_images(start, flag_none, upstream):
-    base = start(flag_none, proxy={"allow": ["/v1/models", "/v1/completions", "/v1/custom/*"]})
+    base = start(flag_none, proxy={"allow": ["/v1/models", "POST /v1/completions", "POST /v1/custom/*"]})
     assert [m.id for m in client(base).models.list()] == ["upstream-model"]
     raw = b'{"model": "m", "prompt": "hello", "max_tokens": 3}'
     assert http("POST", f"{base}/v1/completions?x=1", raw, {"Content-Type": "application/json"}).status == 200

@@ -5,6 +5,9 @@
 The engine loads in a thread after the server starts, so /healthz answers at once and /readyz turns 200
 once the engine is loaded and warmed up; until then screening routes answer 503. What happens to a
 request is in pipeline.py; each API's format is in dialects/.
+
+Routing is the gate's own, on the canonical request target (target.py), not aiohttp's (which routes by a
+decoded path): one catch-all aiohttp route, and `_dispatch` picks the handler by exact path and method.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.dialects import ROUTES, dialect_for, litellm
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
+from safeclip.runtime.server.memory import StateMemory
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import GATE_KEY_HEADER, StreamBroken, Upstream
 from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.screener import EngineItem, Screener
-from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
+from safeclip.runtime.server.state import RECORD, STATE, TARGET, GateState, Ready
+from safeclip.runtime.server.target import canonical
 
 log = logging.getLogger("safeclip.server")
 # One line per request (record.py, Record.access_line): INFO for API routes, DEBUG for probes and /metrics.
@@ -50,11 +55,21 @@ AUDIT_BACKLOGGED = "audit_backlogged"
 # closed at once rather than run to its end; work other requests wait for is shielded (screener.py).
 RUNNER_OPTIONS: dict[str, Any] = {"handler_cancellation": True}
 
-__all__ = ["RUNNER_OPTIONS", "STATE", "build_app", "policy_version"]
+__all__ = ["RUNNER_OPTIONS", "STATE", "build_app", "gate_state", "policy_version"]
 
 
 def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Application:
     """The gate as an aiohttp application; nothing loads until the application starts."""
+    app = web.Application(middlewares=[_middleware])
+    app[STATE] = gate_state(config, load_gate)
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    app.on_startup.append(_startup)
+    app.on_cleanup.append(_cleanup)
+    return app
+
+
+def gate_state(config: GateConfig, load_gate: Callable[[], Gate]) -> GateState:
+    """The application's state before it starts (no connection, no engine yet): what the core runs with."""
     metrics = GateMetrics()
     plan = config.forward.plan(config.upstream)
     upstream = None
@@ -68,27 +83,16 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
             gate_key=config.api_key,
             plan=plan,
         )
-    state = GateState(
+    return GateState(
         config=config,
         load_gate=load_gate,
         metrics=metrics,
         fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
         upstream=upstream,
         plan=plan,
+        # Only actions that forward a flagged image leave it in server-side state to remember (memory.py).
+        memory=StateMemory(config.limits.max_state_ids) if {"inject", "monitor"} & config.actions_in_use else None,
     )
-    app = web.Application(middlewares=[_middleware])
-    app[STATE] = state
-    for path in ROUTES:
-        app.router.add_post(path, pipeline.handle)
-    app.router.add_post(litellm.GUARDRAIL_PATH, pipeline.guardrail)
-    app.router.add_get("/healthz", _healthz)
-    app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
-    app.router.add_route("*", "/{tail:.*}", pipeline.passthrough)
-    app.on_startup.append(_startup)
-    app.on_shutdown.append(_shutdown)
-    app.on_cleanup.append(_cleanup)
-    return app
 
 
 def policy_version(config: GateConfig, gate: Gate) -> str:
@@ -214,7 +218,7 @@ async def _middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     state = request.app[STATE]
-    record = Record(request_id=f"req-{secrets.token_hex(8)}", route=request.path)
+    record = Record(request_id=f"req-{secrets.token_hex(8)}", route=request.raw_path[:200])
     request[RECORD] = record
     start = time.perf_counter()
     status = 0  # stays 0 if the handler is cancelled (the client went away)
@@ -227,7 +231,7 @@ async def _middleware(
         raise
     finally:
         seconds = time.perf_counter() - start
-        label = _route_label(request.path)
+        label = _route_label(request[TARGET].path) if TARGET in request else "proxy"
         level = logging.INFO if label is not None else logging.DEBUG
         if access_log.isEnabledFor(level):
             access_log.log(level, "%s", record.access_line(request.method, request.rel_url.raw_path, status, seconds))
@@ -251,8 +255,11 @@ async def _answer(
 ) -> web.StreamResponse:
     """The handler's response, or the error it raised in the route's API format; verdict headers on either."""
     try:
-        # The key is checked before anything else, the body included.
-        if state.config.api_key and request.path not in PROBES and not _authorized(request, state.config.api_key):
+        # The target is read first (it decides everything else), then the key, before anything else.
+        target = canonical(request.raw_path)
+        request[TARGET] = target
+        record.route = target.path
+        if state.config.api_key and target.path not in PROBES and not _authorized(request, state.config.api_key):
             raise GateError(
                 401,
                 "missing or wrong gate API key (send it as `Authorization: Bearer KEY`, `X-Api-Key: KEY` or "
@@ -292,11 +299,35 @@ async def _answer(
 def _error(request: web.Request, error: GateError) -> web.Response:
     # Not ASCII-escaped: a message that names a key like `meſsages` must show the client that very key.
     return web.json_response(
-        dialect_for(request.path).error_body(error),
+        dialect_for(request[TARGET].path if TARGET in request else request.path).error_body(error),
         status=error.status,
         headers=error.headers(),
         dumps=lambda value: json.dumps(value, ensure_ascii=False),
     )
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    """The handler for the canonical path and method: screened routes take POST only, probes GET and HEAD."""
+    path = request[TARGET].path
+    if path in ROUTES or path == litellm.GUARDRAIL_PATH:
+        _method(request, frozenset({"POST"}))
+        return await (pipeline.handle if path in ROUTES else pipeline.guardrail)(request)
+    probe = _PROBE_HANDLERS.get(path)
+    if probe is not None:
+        _method(request, frozenset({"GET", "HEAD"}))
+        return await probe(request)
+    return await pipeline.passthrough(request)
+
+
+def _method(request: web.Request, methods: frozenset[str]) -> None:
+    if request.method not in methods:
+        allow = ", ".join(sorted(methods))
+        raise GateError(
+            405,
+            f"{request.method} {request[TARGET].path}: this route takes {allow} only",
+            "method_not_allowed",
+            headers={"Allow": allow},
+        )
 
 
 async def _healthz(request: web.Request) -> web.StreamResponse:
@@ -319,3 +350,11 @@ async def _metrics(request: web.Request) -> web.StreamResponse:
         body=request.app[STATE].metrics.render().encode(),
         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
     )
+
+
+# The gate's own GET routes; every other path is a dialect's (POST), LiteLLM's (POST) or `[proxy] allow`'s.
+_PROBE_HANDLERS: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+    "/healthz": _healthz,
+    "/readyz": _readyz,
+    "/metrics": _metrics,
+}

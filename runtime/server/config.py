@@ -208,33 +208,66 @@ class Limits:
     # (the 50 MB OpenAI takes holds about 20); a JPEG past twice the forward size decodes reduced, at a
     # quarter of the cost or less.
     max_request_pixels: int = _parsed(_int(1), 400_000_000)
+    # Server-side state ids (Responses response and item ids) remembered under inject and monitor, with
+    # whether they hold a flagged image (memory.py); the least recently used are forgotten past this.
+    max_state_ids: int = _parsed(_int(1), 100_000)
 
 
-# Paths forwarded without a dialect: model lists and server facts. Add text routes you use (/v1/completions,
-# /v1/embeddings) in `[proxy] allow`; their bodies are still refused if anything in them decodes as an image.
-DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/api/tags", "/api/version", "/api/ps", "/api/show")
+# Paths forwarded without a dialect: model lists and server facts. An entry is `[METHODS ]PATTERN`: a bare
+# pattern forwards GET and HEAD without a body; `POST /api/show` (Ollama reads a JSON body there) names its
+# methods. Add text routes you use (`POST /v1/completions`, `POST /v1/embeddings`) the same way; their
+# bodies are still refused if anything in them decodes as an image.
+DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/api/tags", "/api/version", "/api/ps", "POST /api/show")
+READ_METHODS = frozenset({"GET", "HEAD"})  # what a bare pattern forwards: no body
+PROXY_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
 
 def _path_patterns(value: Any, where: str) -> tuple[str, ...]:
     patterns = _str_tuple(value, where)
-    for i, pattern in enumerate(patterns):
+    for i, entry in enumerate(patterns):
+        methods, pattern = _allow_entry(entry)
         if not pattern.startswith("/"):
-            raise ValueError(f"{where}[{i}]: a path pattern starts with '/', got {pattern!r}")
+            raise ValueError(
+                f"{where}[{i}]: expected `[METHODS ]/path/pattern` (e.g. `POST /v1/completions`), got {entry!r}"
+            )
+        unknown = sorted(methods - PROXY_METHODS)
+        if unknown:
+            raise ValueError(
+                f"{where}[{i}]: unknown HTTP method(s) {unknown} in {entry!r}; known: {sorted(PROXY_METHODS)}"
+            )
     return patterns
+
+
+def _allow_entry(entry: str) -> tuple[frozenset[str], str]:
+    """(methods, pattern) of a `[proxy] allow` entry: `/p` is GET and HEAD; `POST /p`, `GET,POST /p` name theirs."""
+    head, sep, pattern = entry.strip().partition(" ")
+    if not sep:
+        return READ_METHODS, head
+    return frozenset(m.strip() for m in head.split(",") if m.strip()), pattern.strip()
 
 
 @dataclass(frozen=True)
 class ProxyConfig:
     """What is forwarded besides the screened routes, and in what form images are."""
 
-    # Glob patterns (fnmatch, `*` spans `/` too) of the paths no dialect owns that may be forwarded.
+    # `[METHODS ]PATTERN` entries (fnmatch glob, `*` spans `/` too) of the paths no dialect owns that may be
+    # forwarded, matched against the canonical path (target.py) with the method.
     allow: tuple[str, ...] = _parsed(_path_patterns, DEFAULT_PROXY_ALLOW)
     # Forward images as the client sent them instead of as the screened pixels. Weaker: another decoder may
     # show the upstream another picture (an APNG's frames, pixels under transparency). Trusted clients only.
     forward_original: bool = _parsed(_bool, False)
 
-    def allows(self, path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, pattern) for pattern in self.allow)
+    def methods(self, path: str) -> frozenset[str]:
+        """The methods `[proxy] allow` forwards for a canonical path (empty: not forwarded at all)."""
+        out: frozenset[str] = frozenset()
+        for entry in self.allow:
+            methods, pattern = _allow_entry(entry)
+            if fnmatch.fnmatchcase(path, pattern):
+                out |= methods
+        return out
+
+    def allows(self, method: str, path: str) -> bool:
+        return method in self.methods(path)
 
 
 @dataclass(frozen=True)
@@ -342,6 +375,11 @@ class GateConfig:
 
     def action_for(self, category: str) -> str:
         return self.actions.get(category, self.action)
+
+    @property
+    def actions_in_use(self) -> frozenset[str]:
+        """Every action some category can get."""
+        return frozenset({self.action, *self.actions.values()})
 
     def check_categories(self, names: tuple[str, ...], neutral: str) -> None:
         """Fail on a category the engine does not have (called once the engine's manifest is known)."""

@@ -14,6 +14,7 @@ class GateError(Exception):
         param: str | None = None,
         type: str = "invalid_request_error",
         retry_after: int | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
@@ -22,9 +23,13 @@ class GateError(Exception):
         self.param = param
         self.type = type
         self.retry_after = retry_after  # seconds, sent as a Retry-After header
+        self.extra_headers = headers or {}  # e.g. the Allow of a 405
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        out = dict(self.extra_headers)
+        if self.retry_after is not None:
+            out["Retry-After"] = str(self.retry_after)
+        return out
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -1,6 +1,13 @@
 """What happens to a request, in one place: parse -> collect images -> fetch -> screen -> decide -> rewrite ->
 forward or answer. Every dialect route runs these steps; only the dialect module differs.
 
+The core is `run` (a dialect route), `run_passthrough` (a path `[proxy] allow` lists) and `run_guardrail`
+(LiteLLM's): a route, the body's bytes and the client's headers in, a frozen `Outcome` out: an `Answer` the
+gate writes itself, a `Failure` (a GateError, answered in the route's format), or a `Forward` (the
+canonical body, path and headers the upstream gets). Nothing in the core touches aiohttp; the handlers at
+the end (`handle`, `passthrough`, `guardrail`) read the body, call it, and turn its outcome into a response
+(the upstream's answer is relayed by proxy.Upstream, streamed).
+
 The upstream receives `jsonbody.canonical()` of the body the gate parsed, with each image replaced by the
 pixels the engine screened, at the upstream's size and re-encoded (forwarding.py): nothing it reads can
 differ from what was screened. What the upstream would refuse for its size is refused before it is called.
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +25,8 @@ from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
-from safeclip.runtime.server import forwarding, jsonbody
+from safeclip.runtime.server import forwarding, jsonbody, memory
+from safeclip.runtime.server.config import READ_METHODS, GateConfig
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
     COUNT,
@@ -34,13 +43,44 @@ from safeclip.runtime.server.dialects.openai_moderations import (
     moderation_response,
     moderation_result,
 )
+from safeclip.runtime.server.dialects.openai_responses import OpenAIResponses
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.proxy import read_body, write
-from safeclip.runtime.server.record import Record, decide, image_entry
+from safeclip.runtime.server.record import Record, decide, flagged_pairs, image_entry
 from safeclip.runtime.server.screener import ImageJob, Screened, sha256
-from safeclip.runtime.server.state import RECORD, STATE, GateState, Ready
+from safeclip.runtime.server.state import RECORD, STATE, TARGET, GateState, Ready
+from safeclip.runtime.server.target import Target
 
 log = logging.getLogger("safeclip.server")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The gate answers itself: a refusal, a moderation result, a guardrail verdict."""
+
+    reply: Reply
+    raw_json: bytes | None = None  # a body already written as JSON (with images spliced in by canonical())
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The request is refused with this error, in the route's API format."""
+
+    error: GateError
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What the upstream gets: exactly this path and query, these bytes, these headers."""
+
+    path_qs: str
+    body: bytes | None
+    headers: Mapping[str, str]
+    edit: Callable[[dict], dict] | None = None  # applied to a successful JSON answer (the verdict field)
+    watch: memory.AnswerIds | None = None  # reads the answer's ids into the state memory as it passes
+
+
+Outcome = Answer | Failure | Forward
 
 
 @dataclass
@@ -53,14 +93,13 @@ class Exchange:
     record: Record
 
 
-async def parse(request: web.Request, state: GateState, route: Route) -> Exchange:
-    """Read and parse the body, find every image, and refuse anything another parser could read otherwise."""
-    raw = await read_body(request, state.config.limits.max_body_bytes)
+async def parse(raw: bytes, route: Route, record: Record) -> Exchange:
+    """Parse the body, find every image, and refuse anything another parser could read otherwise."""
     body = jsonbody.parse_object(raw)
     jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
     slots = route.dialect.images(body, route.path)
     jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
-    return Exchange(route, body, slots, request[RECORD])
+    return Exchange(route, body, slots, record)
 
 
 async def screen(state: GateState, ready: Ready, exchange: Exchange, forward: bool) -> list[Screened]:
@@ -171,56 +210,228 @@ def _outgoing(
     return forwarding.Outgoing(slot.where, chars, header[1:] if header else None)
 
 
-async def answer(request: web.Request, reply: Reply, record: Record) -> web.StreamResponse:
-    headers = record.headers()
-    if not reply.events:
-        return web.json_response(reply.body, status=reply.status, headers=headers)
-    response = web.StreamResponse(
-        status=reply.status, headers={"Content-Type": reply.content_type, "Cache-Control": "no-cache", **headers}
-    )
-    await response.prepare(request)
-    for event in reply.events:
-        await write(response, event)
-    await response.write_eof()
-    return response
+# ---------------------------------------------------------------------------------------------------
+# The core: no aiohttp below this line until the handlers.
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """A dialect route: the steps above, then the upstream or the gate's own answer."""
-    state = request.app[STATE]
-    route = ROUTES[request.path]
-    if route.kind == MODERATE:
-        ready = state.require_ready()
-        return await _moderate(state, ready, await parse(request, state, route))
-    upstream = state.require_upstream()
-    ready = state.require_ready()
-    exchange = await parse(request, state, route)
-    screened = await screen(state, ready, exchange, forward=True)
-    record = exchange.record
-    decision = decide(record.verdicts, state.config.action_for)
+async def run(
+    state: GateState,
+    ready: Ready,
+    route: Route,
+    raw: bytes,
+    headers: Mapping[str, str],
+    record: Record,
+    query: str = "",
+) -> Outcome:
+    """A dialect route's request, from its body's bytes to what is done with it."""
+    try:
+        exchange = await parse(raw, route, record)
+        if route.kind == MODERATE:
+            return await _moderate(state, ready, exchange)
+        screened = await screen(state, ready, exchange, forward=True)
+        return _decided(state, ready, exchange, screened, headers, query)
+    except GateError as e:
+        return Failure(e)
+
+
+def _decided(
+    state: GateState,
+    ready: Ready,
+    exchange: Exchange,
+    screened: list[Screened],
+    headers: Mapping[str, str],
+    query: str,
+) -> Outcome:
+    config = state.config
+    route, record = exchange.route, exchange.record
+    carried = _server_state(state, exchange)
+    decision = decide(record.verdicts, config.action_for, carried)
     record.decision = decision
     record.action = decision.action
     fields = decision.template_fields()
     if decision.action == "refuse":
-        reply = route.dialect.refusal(exchange.body, route.path, state.config.templates.refusal.format(**fields))
-        if state.config.verdict_field and reply.body is not None and route.kind != COUNT:
+        reply = route.dialect.refusal(exchange.body, route.path, config.templates.refusal.format(**fields))
+        if config.verdict_field and reply.body is not None and route.kind != COUNT:
             reply = Reply({**reply.body, "safeclip": record.summary(ready.policy_version)}, status=reply.status)
-        return await answer(request, reply, record)
+        return Answer(reply)
     rewrite(state, exchange, screened)
     if decision.action == "inject":
-        route.dialect.inject(exchange.body, route.path, state.config.templates.safety_prompt.format(**fields))
+        route.dialect.inject(exchange.body, route.path, config.templates.safety_prompt.format(**fields))
     edit = None
-    if state.config.verdict_field:
+    if config.verdict_field:
 
         def edit(body: dict) -> dict:
             return {**body, "safeclip": record.summary(ready.policy_version)}
 
-    payload = jsonbody.canonical(exchange.body)
-    forwarding.check_body(state.plan.limits, len(payload))
-    return await upstream.forward(request, route.path, payload, record.headers(), edit)
+    watch = None
+    if state.memory is not None and isinstance(route.dialect, OpenAIResponses):
+        pairs = (*flagged_pairs(record.verdicts), *carried)
+        watch = memory.AnswerIds(state.memory, memory.own_item_ids(exchange.body), tuple(dict.fromkeys(pairs)))
+    body = jsonbody.canonical(exchange.body)
+    forwarding.check_body(state.plan.limits, len(body))
+    path_qs = f"{route.path}?{query}" if query else route.path
+    return Forward(
+        path_qs,
+        body,
+        _upstream_headers(state, headers, edit is not None or watch is not None, body, route.path),
+        edit,
+        watch,
+    )
 
 
-async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.StreamResponse:
+def _server_state(state: GateState, exchange: Exchange) -> memory.Pairs:
+    """The flags carried by the server-side state a Responses request refers to (memory.py). Under `inject`,
+    state the gate cannot vouch for is refused: a stored conversation, or an id it does not remember."""
+    if state.memory is None or not isinstance(exchange.route.dialect, OpenAIResponses):
+        return ()
+    ids, conversation = memory.references(exchange.body)
+    carried, unknown = state.memory.recall(ids)
+    record = exchange.record
+    if carried:
+        record.state = "flagged"
+    elif unknown or conversation:
+        record.state = "unknown"
+    if "inject" in state.config.actions_in_use:
+        if conversation:
+            raise GateError(
+                400,
+                "conversation: the gate cannot see what a stored conversation holds (its items are added "
+                "through the Conversations API, which it does not screen), so with the inject action it "
+                "forwards none; send the conversation's items in `input`, or chain with previous_response_id",
+                "unscreenable_state",
+                param="conversation",
+            )
+        if unknown:
+            param = "previous_response_id" if exchange.body.get("previous_response_id") in unknown else "input"
+            raise GateError(
+                400,
+                f"{param}: the gate does not remember {unknown[0]!r} (state made before a restart, on another "
+                "gate replica, directly with the provider, or long ago), so it cannot tell whether it holds "
+                "a flagged image; send the conversation in full in `input`",
+                "unknown_state",
+                param=param,
+            )
+    return carried
+
+
+def _upstream_headers(
+    state: GateState, headers: Mapping[str, str], plain: bool, body: bytes | None, path: str
+) -> Mapping[str, str]:
+    upstream = state.require_upstream()
+    return upstream.outgoing_headers(headers, plain, json_body=body is not None, path=path)
+
+
+def allowed(config: GateConfig, method: str, target: Target) -> None:
+    """GateError unless `[proxy] allow` forwards `method` on this path: 404 for a path it does not list, 405
+    for a method it does not name there."""
+    methods = config.proxy.methods(target.path)
+    if not methods:
+        raise GateError(
+            404,
+            f"{method} {target.path} is not served by the gate (screened routes: POST "
+            f"{', '.join(sorted(ROUTES))}; others need `[proxy] allow`)",
+            "route_not_allowed",
+        )
+    if method not in methods:
+        raise GateError(
+            405,
+            f"{method} {target.path}: `[proxy] allow` forwards only {', '.join(sorted(methods))} here",
+            "method_not_allowed",
+            headers={"Allow": ", ".join(sorted(methods))},
+        )
+
+
+def run_passthrough(
+    state: GateState, method: str, target: Target, raw: bytes, content_type: str, headers: Mapping[str, str]
+) -> Outcome:
+    """A path no dialect owns (already `allowed`): forwarded only if its body (JSON, if any) holds nothing that
+    decodes as an image; GET and HEAD only without one."""
+    try:
+        payload = None
+        if raw and method in READ_METHODS:
+            raise GateError(400, f"{method} {target.path}: a {method} request carries no body here", "body_not_allowed")
+        if raw:
+            if content_type != "application/json" and not content_type.endswith("+json"):
+                raise GateError(
+                    415,
+                    f"{target.path}: the gate forwards only JSON bodies here (got "
+                    f"{content_type!r}), since it must look for images in them",
+                    "unsupported_media_type",
+                )
+            body = jsonbody.parse(raw)
+            jsonbody.check_keys(body, VOCABULARY)
+            jsonbody.refuse_stray_images(body, ())
+            payload = jsonbody.canonical(body)
+        return Forward(target.path_qs, payload, _upstream_headers(state, headers, False, payload, target.path))
+    except GateError as e:
+        return Failure(e)
+
+
+async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Record) -> Outcome:
+    """LiteLLM's Generic Guardrail API (dialects/litellm.py). LiteLLM forwards its own copy of the request, so
+    the gate answers with what to change in it: BLOCKED (refuse), NONE, or GUARDRAIL_INTERVENED with every
+    image in `structured_messages` (which LiteLLM writes back) replaced by the PNG of the pixels screened, as
+    the proxy forwards them (with `forward_original`: URL images only, as their fetched bytes).
+
+    An image the client sent that cannot be screened is BLOCKED, not a 4xx: LiteLLM shows its client a blocked
+    reason but drops an error's body. The gate's own trouble (not ready, overloaded) stays a 503, which
+    LiteLLM's `unreachable_fallback` decides on."""
+    config = state.config
+    try:
+        guard = litellm.parse_request(jsonbody.parse_object(raw))
+    except GateError as e:
+        return Failure(e)
+    first: dict[str, litellm.ImageRef] = {}
+    for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
+        first.setdefault(ref.value, ref)
+    refs = list(first.values())
+    exchange = Exchange(ROUTES["/v1/chat/completions"], guard.body, [ref.slot() for ref in refs], record)
+    try:
+        screened = await screen(state, ready, exchange, forward=True)
+    except GateError as e:
+        if e.status >= 500:
+            return Failure(e)
+        record.error = e.code
+        return Answer(
+            Reply(litellm.blocked(f"safeclip could not screen an image: {e.message} (request {record.request_id})"))
+        )
+    decision = decide(record.verdicts, config.action_for)
+    record.decision = decision
+    record.action = decision.action
+    fields = decision.template_fields()
+    if decision.action == "refuse":
+        return Answer(
+            Reply(
+                litellm.blocked(
+                    f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
+                    f"{decision.probability:.2f}, request {record.request_id}]"
+                )
+            )
+        )
+    prompt = config.templates.safety_prompt.format(**fields) if decision.action == "inject" else None
+    if prompt is not None and not guard.body.get("structured_messages"):
+        record.error = "cannot_inject"  # nowhere to put the safety prompt: refused rather than passed unprompted
+        return Answer(
+            Reply(
+                litellm.blocked(
+                    f"safeclip: an image was flagged as {decision.category} (probability "
+                    f"{decision.probability:.2f}) and this request has no messages to add the safety prompt to "
+                    f"(request {record.request_id})"
+                )
+            )
+        )
+    replaced: dict[str, jsonbody.Verbatim] = {}
+    for slot, item in zip(exchange.slots, screened, strict=True):
+        replacement = forwarded(slot, item, config.proxy.forward_original)
+        if replacement is not None:
+            replaced[slot.value] = data_url(*replacement)
+    if not replaced and prompt is None:
+        return Answer(Reply(litellm.none()))
+    # canonical(), not json_response: it copies the ~330 KB base64 images in without scanning them
+    return Answer(Reply(), raw_json=jsonbody.canonical(litellm.intervened(guard, replaced, prompt)))
+
+
+async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> Outcome:
     dialect = exchange.route.dialect
     if not isinstance(dialect, OpenAIModerations):  # a route table mistake: only that dialect groups images
         raise TypeError(f"{exchange.route.path} moderates but its dialect is {type(dialect).__name__}")
@@ -235,99 +446,70 @@ async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> web.S
         results.append(moderation_result(verdicts, ready.categories, ready.moderation_map))
     requested = exchange.body.get("model")
     model = requested if isinstance(requested, str) else "safeclip"
-    return web.json_response(moderation_response(model, results), headers=record.headers())
+    return Answer(Reply(moderation_response(model, results)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The handlers: aiohttp in, the core, aiohttp out.
+
+
+async def respond(request: web.Request, outcome: Outcome) -> web.StreamResponse:
+    """An outcome as the client gets it; a Failure is raised for the middleware to answer in the route's format."""
+    record = request[RECORD]
+    if isinstance(outcome, Failure):
+        raise outcome.error
+    if isinstance(outcome, Answer):
+        return await answer(request, outcome, record)
+    upstream = request.app[STATE].require_upstream()
+    return await upstream.forward(
+        request, outcome.path_qs, outcome.body, outcome.headers, record.headers(), outcome.edit, outcome.watch
+    )
+
+
+async def answer(request: web.Request, outcome: Answer, record: Record) -> web.StreamResponse:
+    headers = record.headers()
+    reply = outcome.reply
+    if outcome.raw_json is not None:
+        return web.Response(body=outcome.raw_json, content_type="application/json", headers=headers)
+    if not reply.events:
+        return web.json_response(reply.body, status=reply.status, headers=headers)
+    response = web.StreamResponse(
+        status=reply.status, headers={"Content-Type": reply.content_type, "Cache-Control": "no-cache", **headers}
+    )
+    await response.prepare(request)
+    for event in reply.events:
+        await write(response, event)
+    await response.write_eof()
+    return response
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    """A dialect route (POST on its exact canonical path): the core, then the upstream or the gate's answer."""
+    state = request.app[STATE]
+    target = request[TARGET]
+    route = ROUTES[target.path]
+    if route.kind != MODERATE:
+        state.require_upstream()
+    ready = state.require_ready()
+    raw = await read_body(request, state.config.limits.max_body_bytes)
+    outcome = await run(state, ready, route, raw, request.headers, request[RECORD], target.query)
+    return await respond(request, outcome)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
-    """A path no dialect owns: forwarded only when `[proxy] allow` lists it, and only if its body (JSON, if
-    any) holds nothing that decodes as an image."""
+    """A path no dialect owns: forwarded only when `[proxy] allow` lists it with this method (run_passthrough)."""
     state = request.app[STATE]
-    upstream = state.require_upstream()
-    if not state.config.proxy.allows(request.path):
-        raise GateError(
-            404,
-            f"{request.method} {request.path} is not served by the gate (screened routes: "
-            f"{', '.join(sorted(ROUTES))}; others need `[proxy] allow`)",
-            "route_not_allowed",
-        )
+    state.require_upstream()
+    target = request[TARGET]
+    allowed(state.config, request.method, target)
     raw = await read_body(request, state.config.limits.max_body_bytes)
-    payload = None
-    if raw:
-        if request.content_type != "application/json" and not request.content_type.endswith("+json"):
-            raise GateError(
-                415,
-                f"{request.path}: the gate forwards only JSON bodies here (got "
-                f"{request.content_type!r}), since it must look for images in them",
-                "unsupported_media_type",
-            )
-        body = jsonbody.parse(raw)
-        jsonbody.check_keys(body, VOCABULARY)
-        jsonbody.refuse_stray_images(body, ())
-        payload = jsonbody.canonical(body)
-    return await upstream.forward(request, request.path, payload, request[RECORD].headers())
+    outcome = run_passthrough(state, request.method, target, raw, request.content_type, request.headers)
+    return await respond(request, outcome)
 
 
 async def guardrail(request: web.Request) -> web.StreamResponse:
-    """LiteLLM's Generic Guardrail API (dialects/litellm.py). LiteLLM forwards its own copy of the request, so
-    the gate answers with what to change in it: BLOCKED (refuse), NONE, or GUARDRAIL_INTERVENED with every
-    image in `structured_messages` (which LiteLLM writes back) replaced by the PNG of the pixels screened, as
-    the proxy forwards them (with `forward_original`: URL images only, as their fetched bytes).
-
-    An image the client sent that cannot be screened is BLOCKED, not a 4xx: LiteLLM shows its client a blocked
-    reason but drops an error's body. The gate's own trouble (not ready, overloaded) stays a 503, which
-    LiteLLM's `unreachable_fallback` decides on."""
+    """LiteLLM's guardrail endpoint (run_guardrail)."""
     state = request.app[STATE]
     ready = state.require_ready()
-    config = state.config
-    record = request[RECORD]
-    guard = litellm.parse_request(jsonbody.parse_object(await read_body(request, config.limits.max_body_bytes)))
-    first: dict[str, litellm.ImageRef] = {}
-    for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
-        first.setdefault(ref.value, ref)
-    refs = list(first.values())
-    exchange = Exchange(ROUTES["/v1/chat/completions"], guard.body, [ref.slot() for ref in refs], record)
-    try:
-        screened = await screen(state, ready, exchange, forward=True)
-    except GateError as e:
-        if e.status >= 500:
-            raise
-        record.error = e.code
-        return web.json_response(
-            litellm.blocked(f"safeclip could not screen an image: {e.message} (request {record.request_id})"),
-            headers=record.headers(),
-        )
-    decision = decide(record.verdicts, config.action_for)
-    record.decision = decision
-    record.action = decision.action
-    fields = decision.template_fields()
-    if decision.action == "refuse":
-        return web.json_response(
-            litellm.blocked(
-                f"{config.templates.refusal.format(**fields)} [safeclip: {decision.category}, probability "
-                f"{decision.probability:.2f}, request {record.request_id}]"
-            ),
-            headers=record.headers(),
-        )
-    prompt = config.templates.safety_prompt.format(**fields) if decision.action == "inject" else None
-    if prompt is not None and not guard.body.get("structured_messages"):
-        record.error = "cannot_inject"  # nowhere to put the safety prompt: refused rather than passed unprompted
-        return web.json_response(
-            litellm.blocked(
-                f"safeclip: an image was flagged as {decision.category} (probability {decision.probability:.2f}) and "
-                f"this request has no messages to add the safety prompt to (request {record.request_id})"
-            ),
-            headers=record.headers(),
-        )
-    replaced: dict[str, jsonbody.Verbatim] = {}
-    for slot, item in zip(exchange.slots, screened, strict=True):
-        replacement = forwarded(slot, item, config.proxy.forward_original)
-        if replacement is not None:
-            replaced[slot.value] = data_url(*replacement)
-    if not replaced and prompt is None:
-        return web.json_response(litellm.none(), headers=record.headers())
-    # canonical(), not json_response: it copies the ~330 KB base64 images in without scanning them
-    return web.Response(
-        body=jsonbody.canonical(litellm.intervened(guard, replaced, prompt)),
-        content_type="application/json",
-        headers=record.headers(),
-    )
+    raw = await read_body(request, state.config.limits.max_body_bytes)
+    return await respond(request, await run_guardrail(state, ready, raw, request[RECORD]))

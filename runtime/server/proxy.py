@@ -16,6 +16,7 @@ from yarl import URL
 from safeclip.runtime.server.dialects import dialect_for
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.forwarding import PROVIDER_AUTH_HEADERS, Plan, auth_headers, resolve
+from safeclip.runtime.server.memory import AnswerIds
 from safeclip.runtime.server.metrics import GateMetrics
 
 log = logging.getLogger("safeclip.server")
@@ -144,6 +145,9 @@ class Upstream:
         plan: Plan | None = None,
     ):
         self.base = URL(base)  # parsed once; a base with a path (https://host/openai) keeps it
+        # What a canonical path_qs is appended to, as encoded text: URLs are built with encoded=True, so yarl
+        # neither re-encodes nor normalizes what the gate matched (target.py).
+        self.prefix = str(self.base.with_path("").with_query(None)).rstrip("/") + self.base.raw_path.rstrip("/")
         self.api_key = api_key  # sent upstream the way self.plan says
         self.gate_key = gate_key  # never sent upstream
         self.plan = plan or resolve(base)
@@ -165,26 +169,36 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
+    def outgoing_headers(self, headers: Mapping[str, str], plain: bool, json_body: bool, path: str) -> CIMultiDict[str]:
+        """The headers the upstream gets for a client's request to `path` (request_headers, the held key in
+        the style the plan gives that route's dialect), with the gate's own Content-Type for a JSON body.
+        `plain`: the gate reads the answer, so it must come uncompressed."""
+        auth_style = self.plan.auth_style(dialect_for(path).name)
+        out = request_headers(headers, plain, self.gate_key, self.api_key, auth_style)
+        if json_body:
+            out["Content-Type"] = "application/json"
+        return out
+
     async def forward(
         self,
         request: web.Request,
-        path: str,
+        path_qs: str,
         body: bytes | None,
+        headers: Mapping[str, str],
         extra_headers: Mapping[str, str],
         edit_json: Callable[[dict], dict] | None = None,
+        watch: AnswerIds | None = None,
     ) -> web.StreamResponse:
-        """Send the request on to `path` (the one the gate routed it by, not the client's spelling of it) and
-        stream the answer back chunk by chunk. `body` is JSON or None.
+        """Send `request.method` with `body` (JSON or None) and `headers` (outgoing_headers) on to `path_qs`
+        (the canonical target the gate routed it by, target.py), exactly as it is, and stream the answer back
+        chunk by chunk, `extra_headers` added.
 
-        `edit_json`, when given, is applied to a successful JSON answer (which is then read whole).
+        `edit_json`, when given, is applied to a successful JSON answer (which is then read whole); `watch`
+        sees a successful answer's bytes as they pass, and is told when it has all of them.
         """
         if self.session is None:
             raise RuntimeError("Upstream.start() was not called")
-        url = self.base.with_path(self.base.path.rstrip("/") + path).with_query(request.rel_url.query)
-        auth_style = self.plan.auth_style(dialect_for(path).name)
-        headers = request_headers(request.headers, edit_json is not None, self.gate_key, self.api_key, auth_style)
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        url = URL(self.prefix + path_qs, encoded=True)  # encoded: sent as it is, not re-encoded or normalized
         start = time.perf_counter()
         try:
             up = await self.session.request(request.method, url, data=body, allow_redirects=False, headers=headers)
@@ -192,11 +206,13 @@ class Upstream:
             raise self._failure(e, "is unreachable") from e
         self.metrics.stage.observe(time.perf_counter() - start, "upstream")
         try:
-            headers = response_headers(up.headers)
-            headers.update(extra_headers)
+            answer_headers = response_headers(up.headers)
+            answer_headers.update(extra_headers)
+            if watch is not None and not watch.start(up.status, up.content_type):
+                watch = None
             if edit_json is not None and up.status == 200 and up.content_type == "application/json":
-                return await self._edited(up, headers, edit_json)
-            response = web.StreamResponse(status=up.status, reason=up.reason, headers=headers)
+                return await self._edited(up, answer_headers, edit_json, watch)
+            response = web.StreamResponse(status=up.status, reason=up.reason, headers=answer_headers)
             await response.prepare(request)
             chunks = up.content.iter_any()
             while True:
@@ -214,7 +230,11 @@ class Upstream:
                     if request.transport is not None:
                         request.transport.close()
                     raise StreamBroken(response, "stream_broken") from e
+                if watch is not None:
+                    watch.feed(chunk)
                 await write(response, chunk)
+            if watch is not None:  # before the end reaches the client, which may send its follow-up at once
+                watch.finish()
             await response.write_eof()
             return response
         finally:
@@ -236,12 +256,19 @@ class Upstream:
         )
 
     async def _edited(
-        self, up: aiohttp.ClientResponse, headers: CIMultiDict[str], edit_json: Callable[[dict], dict]
+        self,
+        up: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        edit_json: Callable[[dict], dict],
+        watch: AnswerIds | None,
     ) -> web.Response:
         try:
             data = await up.read()
         except (asyncio.TimeoutError, aiohttp.ClientError) as e:
             raise self._failure(e, "broke off its answer") from e
+        if watch is not None:
+            watch.feed(data)
+            watch.finish()
         try:
             parsed = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError):

@@ -39,8 +39,17 @@ class Decision:
         return {"category": self.category, "categories": ", ".join(self.categories), "probability": self.probability}
 
 
-def decide(verdicts: Sequence[Verdict], action_for: Callable[[str], str]) -> Decision:
-    pairs = [(c, v.probabilities[c]) for v in verdicts for c in v.flagged_categories]
+def flagged_pairs(verdicts: Sequence[Verdict]) -> list[tuple[str, float]]:
+    """(category, probability) for every category each verdict flags."""
+    return [(c, v.probabilities[c]) for v in verdicts for c in v.flagged_categories]
+
+
+def decide(
+    verdicts: Sequence[Verdict], action_for: Callable[[str], str], carried: Sequence[tuple[str, float]] = ()
+) -> Decision:
+    """The action for a request's verdicts, and for the flags `carried` by server-side state it refers to
+    (memory.py): a follow-up to a flagged response is flagged as that response was."""
+    pairs = [*flagged_pairs(verdicts), *carried]
     if not pairs:
         top = max(verdicts, key=lambda v: v.probability, default=None)
         return Decision("pass", False, top.category if top else None, top.probability if top else 0.0)
@@ -60,6 +69,7 @@ class Record:
     action: str | None = None  # chat only: what the gate did
     error: str | None = None  # the error code the gate answered with
     unscreened: int = 0  # images forwarded unscreened (--fail-open)
+    state: str | None = None  # server-side state referred to (memory.py): "flagged", "unknown", or None
 
     def headers(self) -> dict[str, str]:
         decision = self.decision or decide(self.verdicts, lambda c: "monitor")
@@ -106,6 +116,7 @@ class Record:
             "decision": outcome,
             "action": self.action,
             "error": self.error,
+            "state": self.state,
             "images": self.images,
         }
 

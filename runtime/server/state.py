@@ -15,10 +15,12 @@ from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.fetch import Fetcher
 from safeclip.runtime.server.forwarding import Plan, resolve
+from safeclip.runtime.server.memory import StateMemory
 from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.proxy import Upstream
 from safeclip.runtime.server.record import AuditLog, Record
 from safeclip.runtime.server.screener import EngineItem, Screener
+from safeclip.runtime.server.target import Target
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class GateState:
     fetcher: Fetcher
     upstream: Upstream | None  # None: guardrail-only, nothing is forwarded
     plan: Plan = field(default_factory=lambda: resolve(""))  # [forward], resolved for the upstream
+    memory: StateMemory | None = None  # None: no action forwards a flagged image, so no state can hold one
     audit: AuditLog | None = None
     ready: Ready | None = None
     loading: asyncio.Task[None] | None = None
@@ -69,3 +72,4 @@ class GateState:
 
 STATE = web.AppKey("safeclip_state", GateState)
 RECORD = web.RequestKey("safeclip_record", Record)  # aiohttp >= 3.14
+TARGET = web.RequestKey("safeclip_target", Target)  # the canonical request target (target.py)
