@@ -17,6 +17,7 @@ from safeclip.runtime.server import pipeline
 from safeclip.runtime.server.app import gate_state
 from safeclip.runtime.server.config import DEFAULT_REFUSAL, DEFAULT_SAFETY_PROMPT, GateConfig, load_config
 from safeclip.runtime.server.dialects import ROUTES
+from safeclip.runtime.server.forwarding import Forward
 from safeclip.runtime.server.jsonbody import Verbatim
 from safeclip.runtime.server.memory import AnswerIds, StateMemory
 from safeclip.runtime.server.record import Record
@@ -44,7 +45,8 @@ class StandInScreener:
             digest = hashlib.sha256(data).hexdigest()
             p = 0.9 if self.flag else 0.1
             verdict = Verdict(self.flag, CATEGORY, p, {CATEGORY: p}, digest, (CATEGORY,) if self.flag else ())
-            forwarded = Verbatim(base64.b64encode(b"screened:" + data)) if forward else None
+            screened = Verbatim(base64.b64encode(b"screened:" + data))
+            forwarded = Forward(screened, "image/png", 8, 8) if forward else None
             out.append(Screened(verdict, forwarded, False, digest, data))
         return out
 
