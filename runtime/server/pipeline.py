@@ -16,7 +16,7 @@ from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
-from safeclip.runtime.server import jsonbody
+from safeclip.runtime.server import jsonbody, parts
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
     COUNT,
@@ -57,7 +57,7 @@ async def parse(request: web.Request, state: GateState, route: Route) -> Exchang
     raw = await read_body(request, state.config.limits.max_body_bytes)
     body = jsonbody.parse_object(raw)
     jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
-    slots = route.dialect.images(body, route.path)
+    slots = route.dialect.images(body, route.path, state.config.policy)
     jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
     return Exchange(route, body, slots, request[RECORD])
 
@@ -243,6 +243,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
         body = jsonbody.parse(raw)
         jsonbody.check_keys(body, VOCABULARY)
         jsonbody.refuse_stray_images(body, ())
+        parts.refuse_media(body, ())  # no dialect knows this body: no blob, URL or media key anywhere in it
         payload = jsonbody.canonical(body)
     return await upstream.forward(request, request.path, payload, request[RECORD].headers())
 
@@ -260,7 +261,8 @@ async def guardrail(request: web.Request) -> web.StreamResponse:
     ready = state.require_ready()
     config = state.config
     record = request[RECORD]
-    guard = litellm.parse_request(jsonbody.parse_object(await read_body(request, config.limits.max_body_bytes)))
+    raw = await read_body(request, config.limits.max_body_bytes)
+    guard = litellm.parse_request(jsonbody.parse_object(raw), config.policy)
     first: dict[str, litellm.ImageRef] = {}
     for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
         first.setdefault(ref.value, ref)
