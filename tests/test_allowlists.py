@@ -596,6 +596,8 @@ def test_pixel_free_items_are_served_and_rebuilt():
         lambda: OpenAIResponses().images(responses({"type": "additional_tools", "tools": []}), RESPONSES),
         "unsupported_input_item",
     )
+    hidden = {"type": "reasoning", "summary": [{"type": "input_image", "image_url": PHOTO_URL}]}
+    refused(lambda: OpenAIResponses().images(responses(hidden), RESPONSES), naming="input_image")
 
 
 def test_images_carried_back_by_items_are_slots():
@@ -727,3 +729,67 @@ def test_allowed_tools_and_fields_reach_the_upstream_and_their_images_are_screen
     assert clean.status == 200 and [r.path for r in upstream.received] == ["/v1/messages"]
     sent = upstream.received[0].json()
     assert sent["top_k"] == 3 and sent["tools"] == body["tools"]
+
+
+def every_slot_bodies():
+    """One body per dialect with an image in each place it can hold one, nested ones included."""
+    b64 = base64.b64encode(PHOTO).decode()
+    image = image_block()
+    document = {"type": "document", "source": {"type": "content", "content": [image_block()]}}
+    yield OpenAIChat(), CHAT, chat(dict(IMAGE_PART), {"type": "image_url", "image_url": PHOTO_URL})
+    yield (
+        OpenAIResponses(),
+        RESPONSES,
+        {
+            "model": "m",
+            "prompt": {"id": "p", "variables": {"v": {"type": "input_image", "image_url": PHOTO_URL}}},
+            "input": [
+                {"role": "user", "content": [{"type": "input_image", "image_url": PHOTO_URL}]},
+                {
+                    "type": "function_call_output",
+                    "call_id": "c",
+                    "output": [{"type": "input_image", "image_url": PHOTO_URL}],
+                },
+                {
+                    "type": "computer_call_output",
+                    "call_id": "c",
+                    "output": {"type": "computer_screenshot", "image_url": PHOTO_URL},
+                },
+                {"type": "image_generation_call", "id": "g", "status": "completed", "result": b64},
+                {
+                    "type": "code_interpreter_call",
+                    "id": "c",
+                    "status": "completed",
+                    "code": "",
+                    "container_id": "k",
+                    "outputs": [{"type": "image", "url": PHOTO_URL}],
+                },
+            ],
+        },
+    )
+    nested = {
+        "type": "tool_result",
+        "tool_use_id": "t",
+        "content": [
+            image_block(),
+            {"type": "search_result", "source": "s", "title": "t", "content": [{"type": "text", "text": "x"}]},
+        ],
+    }
+    yield (
+        AnthropicMessages(),
+        MESSAGES,
+        anthropic_body(image, document, nested, fetched(json.loads(json.dumps(document)))),
+    )
+    yield Ollama(), "/api/chat", {"model": "m", "messages": [{"role": "user", "content": "x", "images": [b64]}]}
+
+
+@pytest.mark.parametrize("dialect, path, body", list(every_slot_bodies()), ids=lambda v: getattr(v, "name", None))
+def test_the_rebuilt_parts_are_the_ones_forwarded(dialect, path, body):
+    """Each slot's rewrite lands in what is serialized upstream: no image as sent is left anywhere."""
+    slots = dialect.images(body, path)
+    assert slots
+    for slot in slots:
+        slot.rewrite(Verbatim("eQ=="), "image/png")
+    forwarded = canonical(body).decode()
+    assert base64.b64encode(PHOTO).decode()[:200] not in forwarded
+    assert forwarded.count("eQ==") == len(slots)

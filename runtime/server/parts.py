@@ -449,6 +449,9 @@ RESPONSES_ITEMS = PartTable.of(
     _part("mcp_approval_request", "arguments", "id", "name", "server_label"),
     _part("mcp_approval_response", "approval_request_id", "approve", "id", "reason"),
 )
+# A reasoning item's summary and content: text parts of one type each.
+RESPONSES_SUMMARY = PartTable("reasoning summary", {"summary_text": RESPONSES.types["summary_text"]})
+RESPONSES_REASONING = PartTable("reasoning content", {"reasoning_text": RESPONSES.types["reasoning_text"]})
 RESPONSES_SCREENSHOT_KEYS = frozenset({"type", "image_url", "file_id", "detail"})
 RESPONSES_CODE_OUTPUTS = PartTable.of(
     "code_interpreter_call outputs", _part("logs", "logs"), _part("image", "url", role=IMAGE)
@@ -622,6 +625,8 @@ TABLES = (
     RESPONSES_ITEMS,
     RESPONSES_CODE_OUTPUTS,
     RESPONSES_VARIABLES,
+    RESPONSES_SUMMARY,
+    RESPONSES_REASONING,
     LITELLM,
     ANTHROPIC,
     ANTHROPIC_IMAGE_SOURCES,

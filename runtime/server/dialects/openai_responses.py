@@ -234,6 +234,9 @@ class OpenAIResponses(Dialect):
                 images += _generated_image(rebuilt, here)
             elif kind == "code_interpreter_call":
                 images += _code_outputs(rebuilt, here, policy)
+            elif kind == "reasoning":
+                _parts(rebuilt.get("summary"), here + ("summary",), policy, table.RESPONSES_SUMMARY)
+                _parts(rebuilt.get("content"), here + ("content",), policy, table.RESPONSES_REASONING)
         return images
 
     def inject(self, body: dict[str, Any], path: str, prompt: str) -> None:
