@@ -268,6 +268,7 @@ def test_a_foreign_media_key_is_named_as_such():
             {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "uuid": "u", "content": "hi"}]},
         ),
         (Ollama(), "/api/chat", {"model": "m", "messages": [{"role": "user", "content": "hi", "uuid": "u"}]}),
+        (OpenAIChat(), CHAT, {"model": "m", "messages": [{"role": "user", "content": "hi", "uuid": "u"}]}),
     ],
 )
 def test_every_dialect_refuses_an_unknown_key(dialect, path, body):
@@ -338,6 +339,8 @@ def test_audio_is_refused_unless_allowed_and_then_must_be_its_format():
         (PHOTO, "wav"),
         (wav_bytes(), "mp3"),  # declared one format, holding another
         (b"RIFF\x24\x00\x00\x00WAVEdata\x00\x00\x00\x00" + bytes(8), "wav"),  # no fmt chunk
+        (b"RIFF\x24\x00\x00\x00WAVEfmt \x04\x00\x00\x00" + bytes(4), "wav"),  # a fmt chunk too short to say anything
+        (wav_bytes()[:30], "wav"),  # the fmt chunk cut off
         (b"ID3\x04\x00\x00\x00\x00\x00\x05" + b"TAG!!" + tga_bytes(), "mp3"),  # a tag, then no frame
         (bytes([0xFF, 0xFB, 0xF0, 0x64]) + bytes(64), "mp3"),  # bitrate index 15 is not a frame
     ],

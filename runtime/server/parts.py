@@ -284,7 +284,7 @@ _MP3_BITRATE_BAD, _MP3_RATE_BAD = (0, 15), 3
 
 
 def audio_format(data: bytes) -> str | None:
-    """ "wav" or "mp3" when `data` is structurally one (RIFF/WAVE with a fmt chunk before the data; an ID3 tag
+    """`"wav"` or `"mp3"` when `data` is structurally one (RIFF/WAVE with a fmt chunk before the data; an ID3 tag
     or none, then a valid MPEG audio frame header), else None. Stricter than llama.cpp's magic check, so
     what passes is decoded as audio there, never handed to stb_image."""
     if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WAVE":
@@ -299,10 +299,10 @@ def audio_format(data: bytes) -> str | None:
         return None
     offset = 0
     if data[:3] == b"ID3" and len(data) >= 10:
-        size = data[6:10]
-        if any(b & 0x80 for b in size):
+        tag_size = data[6:10]
+        if any(b & 0x80 for b in tag_size):
             return None  # ID3 sizes are sync-safe: seven bits a byte
-        offset = 10 + (size[0] << 21 | size[1] << 14 | size[2] << 7 | size[3])
+        offset = 10 + (tag_size[0] << 21 | tag_size[1] << 14 | tag_size[2] << 7 | tag_size[3])
     header = data[offset : offset + 4]
     if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
         return None
