@@ -599,6 +599,8 @@ def test_pixel_free_items_are_served_and_rebuilt():
         lambda: OpenAIResponses().images(responses({"type": "additional_tools", "tools": []}), RESPONSES),
         "unsupported_input_item",
     )
+    listed = {"role": "user", "content": [{"type": "input_image", "image_url": PHOTO_URL}]}
+    refused(lambda: OpenAIResponses().images({"model": "m", "input": "hi", "instructions": [listed]}, RESPONSES))
     hidden = {"type": "reasoning", "summary": [{"type": "input_image", "image_url": PHOTO_URL}]}
     refused(lambda: OpenAIResponses().images(responses(hidden), RESPONSES), naming="input_image")
 

@@ -208,6 +208,9 @@ class OpenAIResponses(Dialect):
     def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
         table.check_fields(body, FIELDS, (), "a Responses request", policy)
         table.check_tools(body.get("tools"), ("tools",), "openai_responses", policy)
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):  # a list of items is not walked
+            raise bad("instructions", f"must be a string, got {type(instructions).__name__}")
         images = _prompt(body, policy)
         items = body.get("input")
         if items is None or isinstance(items, str):
