@@ -107,7 +107,7 @@ def test_chat_images_finds_every_image_part():
             {"role": "assistant", "content": None, "tool_calls": []},
             {
                 "role": "user",
-                "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"image_url": {"url": "b"}}],
+                "content": [{"type": "image_url", "image_url": "http://x/y.png"}, {"type": "text", "text": "b"}],
             },
         ]
     }
@@ -115,7 +115,6 @@ def test_chat_images_finds_every_image_part():
     assert [(p.where, p.value, p.kind) for p in found] == [
         ("messages[1].content[1]", "data:a", "data_url"),
         ("messages[3].content[0]", "http://x/y.png", "url"),
-        ("messages[3].content[1]", "b", "url"),
     ]
     assert found[0].path == ("messages", 1, "content", 1, "image_url", "url")
     assert found[1].path == ("messages", 3, "content", 0, "image_url")  # the bare-string form
@@ -132,6 +131,11 @@ def test_chat_images_finds_every_image_part():
         ({"messages": "hi"}, "invalid_request"),
         (
             {"messages": [{"role": "user", "content": [{"type": "input_image", "image_url": None}]}]},
+            "unsupported_content_part",
+        ),
+        ({"messages": [{"role": "user", "content": [{"image_url": {"url": "b"}}]}]}, "unsupported_content_part"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": None}]}]},
             "invalid_image_url",
         ),
         (

@@ -8,6 +8,7 @@ The TOML file has the shape of `GateConfig`: top-level keys, and one table per n
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import os
 import sys
@@ -29,6 +30,7 @@ from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.forwarding import AUTH_STYLES, PRESET_NAMES, Plan, resolve
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
+from safeclip.runtime.server.parts import SERVER_TOOLS, Policy
 
 # What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
@@ -256,6 +258,12 @@ class ProxyConfig:
     # Forward images as the client sent them instead of as the screened pixels. Weaker: another decoder may
     # show the upstream another picture (an APNG's frames, pixels under transparency). Trusted clients only.
     forward_original: bool = _parsed(_bool, False)
+    # Audio content parts (`input_audio`), forwarded only when they parse as their declared WAV or MP3: the
+    # gate cannot screen audio, and llama.cpp decodes audio slots that are not audio as images.
+    allow_audio: bool = _parsed(_bool, False)
+    # Top-level request fields forwarded beyond each API's own (vLLM's top_k, repetition_penalty...); their
+    # values must still be free of URLs and encoded data.
+    extra_fields: tuple[str, ...] = _parsed(_str_tuple, ())
 
     def methods(self, path: str) -> frozenset[str]:
         """The methods `[proxy] allow` forwards for a canonical path (empty: not forwarded at all)."""
@@ -300,6 +308,23 @@ class ForwardConfig:
             for name in ("max_image_base64", "max_images_base64", "max_request_bytes", "max_images", "max_side")
         }
         return resolve(upstream, self.preset, self.auth, budget, limits)
+
+
+def _server_tools(value: Any, where: str) -> tuple[str, ...]:
+    names = _str_tuple(value, where)
+    for name in names:
+        if name not in SERVER_TOOLS:
+            raise ValueError(
+                f"{where}: {name!r} is not a server-side tool the gate knows; known: {sorted(SERVER_TOOLS)}"
+            )
+    return names
+
+
+@dataclass(frozen=True)
+class ToolsConfig:
+    """Server-side tools (the provider fetches or makes content the gate never sees): refused unless listed."""
+
+    allow: tuple[str, ...] = _parsed(_server_tools, ())
 
 
 @dataclass(frozen=True)
@@ -372,6 +397,17 @@ class GateConfig:
     batch: BatchConfig = _table(BatchConfig)
     timeouts: Timeouts = _table(Timeouts)
     templates: Templates = _table(Templates)
+    tools: ToolsConfig = _table(ToolsConfig)
+
+    @functools.cached_property  # read on every request; the config never changes
+    def policy(self) -> Policy:
+        """What the dialects let through beyond their own allow-lists."""
+        return Policy(
+            allow_audio=self.proxy.allow_audio,
+            extra_fields=frozenset(self.proxy.extra_fields),
+            tools=frozenset(self.tools.allow),
+            max_audio_bytes=self.limits.max_image_bytes,
+        )
 
     def action_for(self, category: str) -> str:
         return self.actions.get(category, self.action)

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
-from safeclip.runtime.server import forwarding, jsonbody, memory
+from safeclip.runtime.server import forwarding, jsonbody, memory, parts
 from safeclip.runtime.server.config import READ_METHODS, GateConfig
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
@@ -93,11 +93,11 @@ class Exchange:
     record: Record
 
 
-async def parse(raw: bytes, route: Route, record: Record) -> Exchange:
+async def parse(raw: bytes, route: Route, record: Record, policy: parts.Policy) -> Exchange:
     """Parse the body, find every image, and refuse anything another parser could read otherwise."""
     body = jsonbody.parse_object(raw)
     jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
-    slots = route.dialect.images(body, route.path)
+    slots = route.dialect.images(body, route.path, policy)
     jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
     return Exchange(route, body, slots, record)
 
@@ -225,7 +225,7 @@ async def run(
 ) -> Outcome:
     """A dialect route's request, from its body's bytes to what is done with it."""
     try:
-        exchange = await parse(raw, route, record)
+        exchange = await parse(raw, route, record, state.config.policy)
         if route.kind == MODERATE:
             return await _moderate(state, ready, exchange)
         screened = await screen(state, ready, exchange, forward=True)
@@ -361,6 +361,7 @@ def run_passthrough(
             body = jsonbody.parse(raw)
             jsonbody.check_keys(body, VOCABULARY)
             jsonbody.refuse_stray_images(body, ())
+            parts.refuse_media(body, ())  # no dialect knows this body: no blob, URL or media key anywhere in it
             payload = jsonbody.canonical(body)
         return Forward(target.path_qs, payload, _upstream_headers(state, headers, False, payload, target.path))
     except GateError as e:
@@ -378,7 +379,7 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
     LiteLLM's `unreachable_fallback` decides on."""
     config = state.config
     try:
-        guard = litellm.parse_request(jsonbody.parse_object(raw))
+        guard = litellm.parse_request(jsonbody.parse_object(raw), state.config.policy)
     except GateError as e:
         return Failure(e)
     first: dict[str, litellm.ImageRef] = {}

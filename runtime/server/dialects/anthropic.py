@@ -1,9 +1,12 @@
 """Anthropic Messages (`POST /v1/messages`, `POST /v1/messages/count_tokens`), as Anthropic and vLLM serve it.
 
-Images are `image` blocks (`source`: base64 with a media type, or a url) in message content, inside
-`tool_result` content, and inside `document` blocks whose source is a list of content blocks. Blocks that
-carry files the gate cannot decode or see (PDF and file-id documents, file-id images, container uploads)
-are refused, and so is any block type the gate does not know. Errors are Anthropic's
+Every block is rebuilt from its type's keys (parts.ANTHROPIC). Images are `image` blocks (`source`: base64
+with a media type, or a url) in message content, inside `tool_result`, `search_result` and `mcp_tool_result`
+content, inside `document` blocks whose source is a list of content blocks, and inside the documents of
+`web_fetch_tool_result` blocks (pages Anthropic fetched). Blocks that carry files the gate cannot decode or
+see (PDF and file-id documents, file-id images, container uploads) are refused, and so is any block type
+the gate does not know. Server tools (web_search, web_fetch, code_execution, MCP) and their result blocks
+are refused unless `[tools] allow` names them. Errors are Anthropic's
 `{"type": "error", "error": {...}}`.
 """
 
@@ -13,6 +16,7 @@ import json
 import secrets
 from typing import Any
 
+from safeclip.runtime.server import parts as table
 from safeclip.runtime.server.dialects.base import (
     Dialect,
     ImageSlot,
@@ -24,23 +28,8 @@ from safeclip.runtime.server.dialects.base import (
 )
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
+from safeclip.runtime.server.parts import DEFAULT_POLICY, IMAGE, NEST, Policy
 
-# Block types that hold text, ids or model output only.
-_TEXT_BLOCKS = (
-    "text",
-    "thinking",
-    "redacted_thinking",
-    "tool_use",
-    "server_tool_use",
-    "web_search_tool_result",
-    "web_fetch_tool_result",
-    "code_execution_tool_result",
-    "bash_code_execution_tool_result",
-    "text_editor_code_execution_tool_result",
-    "mcp_tool_use",
-)
-# Block types whose `content` is itself a list of blocks, images possible.
-_NESTING_BLOCKS = ("tool_result", "mcp_tool_result", "search_result")
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -51,71 +40,85 @@ _ERROR_TYPES = {
     503: "overloaded_error",
     529: "overloaded_error",
 }
-
-VOCABULARY = frozenset(
+# anthropic.types.MessageCreateParams and MessageCountTokensParams (anthropic 2.15), with the sampling fields
+# the API and vLLM take (temperature, top_k, top_p) and the beta's context_management.
+FIELDS = frozenset(
     {
         "model",
         "messages",
-        "role",
-        "content",
-        "type",
-        "text",
-        "source",
-        "data",
-        "media_type",
-        "url",
-        "file_id",
-        "system",
         "max_tokens",
+        "system",
         "stream",
-        "tools",
-        "tool_choice",
-        "metadata",
         "stop_sequences",
         "temperature",
         "top_k",
         "top_p",
+        "metadata",
+        "tools",
+        "tool_choice",
         "thinking",
-        "tool_use_id",
-        "is_error",
-        "input",
-        "input_schema",
-        "name",
-        "id",
-        "cache_control",
-        "citations",
-        "title",
-        "context",
-        "signature",
-        "budget_tokens",
-        "container",
-        "mcp_servers",
         "service_tier",
+        "cache_control",
+        "diagnostics",
+        "inference_geo",
+        "output_config",
+        "speed",
+        "user_profile_id",
+        "workspace_id",
+        "context_management",
+        "container",  # files and skills in the provider's container: only with code_execution allowed
+        "mcp_servers",  # remote MCP servers the provider calls: only with mcp allowed
     }
+)
+# A nesting block inside a nesting block inside a message is as deep as the API goes (a tool_result holding a
+# search_result or document holding text and images); deeper is refused rather than walked.
+_MAX_NESTING = 2
+_NESTED_CONTENT = {"tool_result": "content", "mcp_tool_result": "content", "search_result": "content"}
+
+VOCABULARY = (
+    FIELDS
+    | table.ANTHROPIC.keys
+    | table.ANTHROPIC_IMAGE_SOURCES.keys
+    | table.ANTHROPIC_DOCUMENT_SOURCES.keys
+    | table.ANTHROPIC_WEB_FETCH.keys
+    | frozenset(
+        {
+            "role",
+            "content",
+            "type",
+            "text",
+            "source",
+            "data",
+            "media_type",
+            "url",
+            "file_id",
+            "input_schema",
+            "name",
+            "id",
+            "title",
+            "context",
+            "signature",
+            "budget_tokens",
+        }
+    )
 )
 FREE_FORM = (("tools", "*", "input_schema"), ("metadata",), ("messages", "*", "content", "*", "input"))
 
 
-def _image(block: dict[str, Any], path: JsonPath) -> ImageSlot:
+def _image(block: dict[str, Any], path: JsonPath, policy: Policy) -> ImageSlot:
     source = expect(block.get("source"), dict, path + ("source",), "an image source object")
-    kind = source.get("type")
-    if kind == "base64":
+    spec, source = table.ANTHROPIC_IMAGE_SOURCES.rebuild(source, path + ("source",), policy, "unscreenable_image")
+    block["source"] = source
+    if spec.name == "base64":
         data = source.get("data")
         if not isinstance(data, str) or not data:
             raise bad(path + ("source", "data"), "a base64 image source needs its data", "invalid_image_data")
         value, slot_kind, where = data, "base64", path + ("source", "data")
-    elif kind == "url":
+    else:
         url = source.get("url")
         if not isinstance(url, str) or not url.strip():
             raise bad(path + ("source", "url"), "a url image source needs its url", "invalid_image_url")
         value, slot_kind, where = url, "url", path + ("source", "url")
-    else:
-        raise bad(
-            path + ("source",),
-            f"image source type {kind!r} cannot be screened by the gate (file ids live with "
-            "the provider); send base64 or url sources",
-            "unscreenable_image",
-        )
 
     def rewrite(base64_text: Verbatim, media_type: str) -> None:
         block["source"] = {"type": "base64", "media_type": media_type, "data": base64_text}
@@ -123,39 +126,54 @@ def _image(block: dict[str, Any], path: JsonPath) -> ImageSlot:
     return ImageSlot(where, slot_kind, value, rewrite, path)
 
 
-def _blocks(content: Any, path: JsonPath, depth: int = 0) -> list[ImageSlot]:
+def _blocks(content: Any, path: JsonPath, policy: Policy, depth: int = 0) -> list[ImageSlot]:
+    """The images of a content list, each block rebuilt from the table in place; documents, tool results and
+    fetched pages are walked for the images they nest."""
     if content is None or isinstance(content, str):
         return []
     expect(content, list, path, "a string or a list of content blocks")
     images = []
     for j, block in enumerate(content):
         here = path + (j,)
-        expect(block, dict, here, "a content block object")
-        kind = block.get("type")
-        if kind == "image":
-            images.append(_image(block, here))
-        elif kind in _NESTING_BLOCKS and depth < 2:
-            images += _blocks(block.get("content"), here + ("content",), depth + 1)
-        elif kind == "document":
-            images += _document(block, here, depth)
-        elif kind not in _TEXT_BLOCKS:
-            raise bad(here, f"content block type {kind!r} cannot be screened by the gate", "unsupported_content_block")
+        spec, content[j] = table.ANTHROPIC.rebuild(block, here, policy, "unsupported_content_block")
+        block = content[j]
+        if spec.role == IMAGE:
+            images.append(_image(block, here, policy))
+        elif spec.role == NEST:
+            if depth >= _MAX_NESTING:
+                raise bad(here, f"a {spec.name} block nests deeper than the gate walks", "unsupported_content_block")
+            if spec.name == "document":
+                images += _document(block, here, policy, depth)
+            elif spec.name == "web_fetch_tool_result":
+                images += _fetched(block, here, policy, depth)
+            else:
+                images += _blocks(block.get(_NESTED_CONTENT[spec.name]), here + ("content",), policy, depth + 1)
     return images
 
 
-def _document(block: dict[str, Any], path: JsonPath, depth: int) -> list[ImageSlot]:
+def _document(block: dict[str, Any], path: JsonPath, policy: Policy, depth: int) -> list[ImageSlot]:
     source = expect(block.get("source"), dict, path + ("source",), "a document source object")
-    kind = source.get("type")
-    if kind == "text":
-        return []
-    if kind == "content" and depth < 2:
-        return _blocks(source.get("content"), path + ("source", "content"), depth + 1)
-    raise bad(
-        path + ("source",),
-        f"document source type {kind!r} can carry images the gate cannot screen "
-        "(PDFs, files stored with the provider); send text or image blocks",
-        "unscreenable_document",
+    spec, block["source"] = table.ANTHROPIC_DOCUMENT_SOURCES.rebuild(
+        source, path + ("source",), policy, "unscreenable_document"
     )
+    if spec.role == NEST:  # a content source: text and image blocks
+        return _blocks(block["source"].get("content"), path + ("source", "content"), policy, depth + 1)
+    return []
+
+
+def _fetched(block: dict[str, Any], path: JsonPath, policy: Policy, depth: int) -> list[ImageSlot]:
+    """A web_fetch_tool_result: the page Anthropic fetched, a document block screened like any other."""
+    here = path + ("content",)
+    result = expect(block.get("content"), dict, here, "a web fetch result object")
+    spec, block["content"] = table.ANTHROPIC_WEB_FETCH.rebuild(result, here, policy, "unsupported_content_block")
+    if spec.role != NEST:
+        return []
+    page, where = block["content"], here + ("content",)
+    document = page.get("content")
+    if not isinstance(document, dict) or document.get("type") != "document":
+        raise bad(where, "a web fetch result holds one document block", "unsupported_content_block")
+    _, page["content"] = table.ANTHROPIC.rebuild(document, where, policy, "unsupported_content_block")
+    return _document(page["content"], where, policy, depth + 1)
 
 
 class AnthropicMessages(Dialect):
@@ -163,15 +181,21 @@ class AnthropicMessages(Dialect):
     vocabulary = VOCABULARY
     free_form = FREE_FORM
 
-    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+    def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+        table.check_fields(body, FIELDS, (), "a Messages request", policy)
+        table.check_tools(body.get("tools"), ("tools",), "anthropic", policy)
+        table.require_tool(body, "mcp_servers", "mcp", policy)
+        table.require_tool(body, "container", "code_execution", policy)
         images = []
         for path_, message in each_message(body):
-            images += _blocks(message.get("content"), (*path_, "content"))
+            table.check_fields(message, table.ANTHROPIC_MESSAGE_KEYS, path_, "a message", policy)
+            images += _blocks(message.get("content"), (*path_, "content"), policy)
         system = body.get("system")
         if isinstance(system, list):
             for j, block in enumerate(system):
                 if not isinstance(block, dict) or block.get("type") != "text":
                     raise bad(("system", j), "system blocks must be text blocks")
+                _, system[j] = table.ANTHROPIC.rebuild(block, ("system", j), policy, "unsupported_content_block")
         elif system is not None and not isinstance(system, str):
             raise bad("system", "must be a string or a list of text blocks")
         return images

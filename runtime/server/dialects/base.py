@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath, PathPattern, Verbatim, location
+from safeclip.runtime.server.parts import DEFAULT_POLICY, Policy
 
 # What a route does with a screened request.
 GENERATE = "generate"  # forward to the upstream, or answer a refusal in the dialect's format
@@ -60,7 +61,9 @@ class Dialect:
     vocabulary: ClassVar[frozenset[str]]
     free_form: ClassVar[tuple[PathPattern, ...]] = ()
 
-    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+    def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+        """Every image slot, with the body's fields, parts and tools checked against the dialect's allow-lists
+        (parts.py) and each content part rebuilt from its type's keys; GateError (400) for what they refuse."""
         raise NotImplementedError
 
     def refusal(self, body: dict[str, Any], path: str, text: str) -> Reply:

@@ -28,10 +28,12 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from safeclip.runtime.server import parts as table
 from safeclip.runtime.server.dialects.base import ImageSlot
-from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, inject_system_message
+from safeclip.runtime.server.dialects.openai_chat import inject_system_message
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
+from safeclip.runtime.server.parts import AUDIO, DEFAULT_POLICY, IMAGE, Policy
 
 GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
 BLOCKED, NONE, INTERVENED = "BLOCKED", "NONE", "GUARDRAIL_INTERVENED"
@@ -87,7 +89,29 @@ def _ref(value: Any, where: str, path: JsonPath) -> ImageRef:
     return ImageRef(where, value, image_kind(value, where), path)
 
 
-def _message_images(messages: Any) -> list[ImageRef]:
+# GenericGuardrailAPIRequest's fields (litellm/types/proxy/guardrails/guardrail_hooks/generic_guardrail_api.py).
+FIELDS = frozenset(
+    {
+        "input_type",
+        "litellm_call_id",
+        "litellm_trace_id",
+        "structured_messages",
+        "images",
+        "tools",
+        "texts",
+        "request_data",
+        "request_headers",
+        "litellm_version",
+        "additional_provider_specific_params",
+        "tool_calls",
+        "model",
+    }
+)
+# Request fields that turn a server-side tool on, as LiteLLM passes them on in its provider params.
+_TOOL_FIELDS = {"web_search_options": "web_search", "mcp_servers": "mcp", "container": "code_execution"}
+
+
+def _message_images(messages: Any, policy: Policy) -> list[ImageRef]:
     if messages is None:
         return []
     if not isinstance(messages, list):
@@ -99,6 +123,7 @@ def _message_images(messages: Any) -> list[ImageRef]:
         where = f"structured_messages[{i}]"
         if not isinstance(message, dict):
             raise GateError(400, f"{where} must be an object", "invalid_request", param=where)
+        table.check_fields(message, table.LITELLM_MESSAGE_KEYS, ("structured_messages", i), "a message", policy)
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
@@ -107,32 +132,22 @@ def _message_images(messages: Any) -> list[ImageRef]:
                 400, f"{where}.content must be a string, a list or null", "invalid_request", param=f"{where}.content"
             )
         for j, part in enumerate(content):
-            here = f"{where}.content[{j}]"
-            if not isinstance(part, dict):
-                raise GateError(400, f"{here}: a content part must be an object", "invalid_request", param=here)
-            kind = part.get("type")
-            if kind == "image_url" or "image_url" in part:
-                image_url = part.get("image_url")
-                refs.append(
-                    _ref(
-                        image_url.get("url") if isinstance(image_url, dict) else image_url,
-                        here,
-                        ("structured_messages", i, "content", j),
-                    )
-                )
-            elif kind not in TEXT_PARTS:
-                # A file or document part may carry an image the gate cannot see: refused, as the proxy refuses it.
-                raise GateError(
-                    400,
-                    f"{here}: content part type {kind!r} cannot be screened by the gate",
-                    "unsupported_content_part",
-                    param=here,
-                )
+            path: JsonPath = ("structured_messages", i, "content", j)
+            # The same table as the proxy's: a file or document part may carry an image the gate cannot see.
+            spec, content[j] = table.LITELLM.rebuild(part, path, policy)
+            if spec.role == IMAGE:
+                image_url = content[j].get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                refs.append(_ref(url, f"{where}.content[{j}]", path))
+            elif spec.role == AUDIO:
+                table.check_audio(content[j].get("input_audio"), path + ("input_audio",), policy)
     return refs
 
 
-def parse_request(body: dict[str, Any]) -> GuardrailRequest:
-    """The guardrail request's image references; GateError (400) naming the field for a malformed one."""
+def parse_request(body: dict[str, Any], policy: Policy = DEFAULT_POLICY) -> GuardrailRequest:
+    """The guardrail request's image references; GateError (400) naming the field for a malformed one or one
+    the allow-lists refuse (fields, content parts, server-side tools)."""
+    table.check_fields(body, FIELDS, (), "a guardrail request", policy)
     input_type = body.get("input_type")
     if input_type not in INPUT_TYPES:
         raise GateError(
@@ -141,12 +156,20 @@ def parse_request(body: dict[str, Any]) -> GuardrailRequest:
             "invalid_request",
             param="input_type",
         )
+    table.check_tools(body.get("tools"), ("tools",), "litellm", policy)
+    params = body.get("additional_provider_specific_params")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise GateError(400, "'additional_provider_specific_params' must be an object", "invalid_request")
+        for key, tool in _TOOL_FIELDS.items():
+            table.require_tool(params, key, tool, policy)
+        table.refuse_media(params, ("additional_provider_specific_params",))
     call_id = body.get("litellm_call_id")
     images = body.get("images")
     if images is not None and not isinstance(images, list):
         raise GateError(400, "'images' must be a list of strings or null", "invalid_request", param="images")
     refs = [_ref(value, f"images[{i}]", ("images", i)) for i, value in enumerate(images or [])]
-    refs += _message_images(body.get("structured_messages"))
+    refs += _message_images(body.get("structured_messages"), policy)
     return GuardrailRequest(body, input_type, call_id if isinstance(call_id, str) else None, tuple(refs))
 
 

@@ -11,42 +11,59 @@ import json
 import time
 from typing import Any
 
+from safeclip.runtime.server import parts as table
 from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, expect
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
+from safeclip.runtime.server.parts import DEFAULT_POLICY, Policy
 
 CHAT, GENERATE = "/api/chat", "/api/generate"
 
-VOCABULARY = frozenset(
-    {
-        "model",
-        "messages",
-        "role",
-        "content",
-        "images",
-        "tool_calls",
-        "function",
-        "name",
-        "arguments",
-        "thinking",
-        "tool_name",
-        "tools",
-        "format",
-        "options",
-        "stream",
-        "keep_alive",
-        "think",
-        "prompt",
-        "suffix",
-        "system",
-        "template",
-        "context",
-        "raw",
-        "logprobs",
-        "top_logprobs",
-        "index",
-        "parameters",
-    }
+# api/types.go: ChatRequest and GenerateRequest (Go's encoding/json drops the keys a struct lacks, but a
+# field the gate does not know is refused all the same: the next Ollama version may read it).
+_COMMON = frozenset(
+    {"model", "stream", "format", "keep_alive", "options", "think", "truncate", "shift", "logprobs", "top_logprobs"}
+)
+FIELDS = {
+    CHAT: _COMMON | {"messages", "tools"},
+    GENERATE: _COMMON | {"prompt", "suffix", "system", "template", "context", "raw", "images"},
+}
+
+VOCABULARY = (
+    FIELDS[CHAT]
+    | FIELDS[GENERATE]
+    | table.OLLAMA_MESSAGE_KEYS
+    | frozenset(
+        {
+            "model",
+            "messages",
+            "role",
+            "content",
+            "images",
+            "tool_calls",
+            "function",
+            "name",
+            "arguments",
+            "thinking",
+            "tool_name",
+            "tools",
+            "format",
+            "options",
+            "stream",
+            "keep_alive",
+            "think",
+            "prompt",
+            "suffix",
+            "system",
+            "template",
+            "context",
+            "raw",
+            "logprobs",
+            "top_logprobs",
+            "index",
+            "parameters",
+        }
+    )
 )
 FREE_FORM = (
     ("format",),
@@ -79,13 +96,16 @@ class Ollama(Dialect):
     vocabulary = VOCABULARY
     free_form = FREE_FORM
 
-    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+    def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+        table.check_fields(body, FIELDS[path], (), f"an Ollama {path} request", policy)
         if path == GENERATE:
             return _images(body, ())
+        table.check_tools(body.get("tools"), ("tools",), "openai_chat", policy)
         messages = expect(body.get("messages", []), list, ("messages",), "a list")
         slots = []
         for i, message in enumerate(messages):
             expect(message, dict, ("messages", i), "an object")
+            table.check_fields(message, table.OLLAMA_MESSAGE_KEYS, ("messages", i), "a message", policy)
             slots += _images(message, ("messages", i))
         return slots
 

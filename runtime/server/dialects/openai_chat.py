@@ -1,8 +1,10 @@
 """OpenAI Chat Completions (`POST /v1/chat/completions`), as vLLM, SGLang, llama.cpp and Ollama serve it.
 
 Images are `image_url` content parts (a data: URL or an http(s) URL; `{"url": ...}` or the bare string).
-Any other part that is not text (file, video_url, image_embeds, a part with no type...) is refused: an
-image must not reach the model by a route the gate does not look at.
+Every part is rebuilt from its type's keys in the content-part table (parts.CHAT); any other part (file,
+video_url, image_embeds, a part with no type, a key such as `uuid`...) is refused: an image must not reach
+the model by a route the gate does not look at. `input_audio` is refused unless the operator allows audio.
+Top-level fields are those of the OpenAI SDK's `CompletionCreateParams`; others need `[proxy] extra_fields`.
 """
 
 from __future__ import annotations
@@ -13,68 +15,119 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from safeclip.runtime.server import parts as table
 from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, Reply, bad, data_url, each_message, expect
 from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
+from safeclip.runtime.server.parts import AUDIO, DEFAULT_POLICY, IMAGE, Policy
 
-TEXT_PARTS = ("text", "refusal", "input_audio")
+TEXT_PARTS = tuple(name for name, spec in table.CHAT.types.items() if spec.role == table.TEXT)
 
-VOCABULARY = frozenset(
+# openai.types.chat.CompletionCreateParams (openai 3.57), the request vLLM, SGLang, llama.cpp and Ollama take.
+# Upstream extras (vLLM's top_k, guided_json, chat_template_kwargs...) go through `[proxy] extra_fields`.
+FIELDS = frozenset(
     {
         "messages",
-        "role",
-        "content",
-        "name",
-        "type",
-        "text",
-        "image_url",
-        "url",
-        "detail",
-        "input_audio",
-        "data",
-        "format",
-        "refusal",
-        "tool_calls",
-        "tool_call_id",
-        "function",
-        "arguments",
-        "id",
         "model",
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "metadata",
+        "modalities",
+        "moderation",
+        "n",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
         "stream",
         "stream_options",
-        "include_usage",
-        "n",
         "temperature",
-        "max_tokens",
-        "max_completion_tokens",
-        "top_p",
-        "tools",
         "tool_choice",
-        "response_format",
-        "json_schema",
-        "schema",
-        "metadata",
-        "logit_bias",
-        "seed",
-        "stop",
+        "tools",
+        "top_logprobs",
+        "top_p",
         "user",
-        "prediction",
-        "modalities",
-        "audio",
-        "file",
-        "file_id",
-        "file_data",
-        "filename",
-        "parallel_tool_calls",
-        "functions",
-        "function_call",
-        "video_url",
-        "audio_url",
-        "image_embeds",
-        "image_pil",
-        "mm_processor_kwargs",
-        "chat_template_kwargs",
-        "guided_json",
+        "verbosity",
+        "web_search_options",  # the provider searches the web: only with `[tools] allow = ["web_search"]`
     }
+)
+
+VOCABULARY = (
+    FIELDS
+    | table.CHAT.keys
+    | table.CHAT_MESSAGE_KEYS
+    | frozenset(
+        {
+            "messages",
+            "role",
+            "content",
+            "name",
+            "type",
+            "text",
+            "image_url",
+            "url",
+            "detail",
+            "input_audio",
+            "data",
+            "format",
+            "refusal",
+            "tool_calls",
+            "tool_call_id",
+            "function",
+            "arguments",
+            "id",
+            "model",
+            "stream",
+            "stream_options",
+            "include_usage",
+            "n",
+            "temperature",
+            "max_tokens",
+            "max_completion_tokens",
+            "top_p",
+            "tools",
+            "tool_choice",
+            "response_format",
+            "json_schema",
+            "schema",
+            "metadata",
+            "logit_bias",
+            "seed",
+            "stop",
+            "user",
+            "prediction",
+            "modalities",
+            "audio",
+            "file",
+            "file_id",
+            "file_data",
+            "filename",
+            "parallel_tool_calls",
+            "functions",
+            "function_call",
+            "video_url",
+            "audio_url",
+            "image_embeds",
+            "image_pil",
+            "mm_processor_kwargs",
+            "chat_template_kwargs",
+            "guided_json",
+        }
+    )
 )
 FREE_FORM = (
     ("tools", "*", "function", "parameters"),
@@ -109,22 +162,23 @@ def image_url_slot(part: dict[str, Any], path: JsonPath) -> ImageSlot:
     return ImageSlot(where, "data_url" if url.strip()[:5].lower() == "data:" else "url", url, rewrite, path)
 
 
-def parts_images(parts: list[Any], path: JsonPath) -> list[ImageSlot]:
-    """The image_url parts of a content list; any part the gate cannot screen is an error."""
+def parts_images(parts: list[Any], path: JsonPath, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+    """The image_url parts of a content list, each part rebuilt from the table in place; any part the table
+    does not allow is an error."""
     images = []
     for j, part in enumerate(parts):
         here = path + (j,)
-        expect(part, dict, here, "a content part object")
-        kind = part.get("type")
-        if kind == "image_url" or "image_url" in part:
-            images.append(image_url_slot(part, here))
-        elif kind not in TEXT_PARTS:
-            raise bad(
-                here,
-                f"content part type {kind!r} cannot be screened by the gate; send images as image_url parts",
-                "unsupported_content_part",
-            )
+        spec, parts[j] = table.CHAT.rebuild(part, here, policy)
+        if spec.role == IMAGE:
+            images.append(image_url_slot(parts[j], here))
+        elif spec.role == AUDIO:
+            table.check_audio(parts[j].get("input_audio"), here + ("input_audio",), policy)
     return images
+
+
+def check_message(message: dict[str, Any], where: JsonPath, policy: Policy) -> None:
+    """A chat message's keys (the SDK's message params): what else vLLM keeps in a message is refused."""
+    table.check_fields(message, table.CHAT_MESSAGE_KEYS, where, "a message", policy)
 
 
 class OpenAIChat(Dialect):
@@ -132,17 +186,21 @@ class OpenAIChat(Dialect):
     vocabulary = VOCABULARY
     free_form = FREE_FORM
 
-    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+    def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+        table.check_fields(body, FIELDS, (), "a chat completion request", policy)
+        table.check_tools(body.get("tools"), ("tools",), "openai_chat", policy)
+        table.require_tool(body, "web_search_options", "web_search", policy)
         images = []
         for path_, message in each_message(body):
+            check_message(message, path_, policy)
             content = message.get("content")
             if content is None or isinstance(content, str):
                 continue
             expect(content, list, (*path_, "content"), "a string or a list of parts")
-            images.extend(parts_images(content, (*path_, "content")))
+            images.extend(parts_images(content, (*path_, "content"), policy))
         prediction = body.get("prediction")
         if isinstance(prediction, dict) and isinstance(prediction.get("content"), list):
-            images.extend(parts_images(prediction["content"], ("prediction", "content")))
+            images.extend(parts_images(prediction["content"], ("prediction", "content"), policy))
         return images
 
     def inject(self, body: dict[str, Any], path: str, prompt: str) -> None:

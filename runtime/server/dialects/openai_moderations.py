@@ -15,6 +15,9 @@ from safeclip.runtime.server.dialects.base import Dialect, ImageSlot, bad
 from safeclip.runtime.server.dialects.openai_chat import VOCABULARY as CHAT_VOCABULARY
 from safeclip.runtime.server.dialects.openai_chat import parts_images
 from safeclip.runtime.server.moderation_taxonomy import OPENAI_CATEGORIES
+from safeclip.runtime.server.parts import DEFAULT_POLICY, Policy, check_fields
+
+FIELDS = frozenset({"input", "model"})  # openai.types.ModerationCreateParams
 
 
 class OpenAIModerations(Dialect):
@@ -34,7 +37,8 @@ class OpenAIModerations(Dialect):
             "input", "must be a string, a list of strings, or a list of text and image_url parts", "invalid_input"
         )
 
-    def images(self, body: dict[str, Any], path: str) -> list[ImageSlot]:
+    def images(self, body: dict[str, Any], path: str, policy: Policy = DEFAULT_POLICY) -> list[ImageSlot]:
+        check_fields(body, FIELDS, (), "a moderation request", policy)
         return [slot for group in self.groups(body) for slot in group]
 
 
