@@ -10,9 +10,11 @@ for CI). For a long local run: `SAFECLIP_FUZZ_EXAMPLES=20000 pytest tests/test_f
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
+import ipaddress
 import json
 import os
 import struct
@@ -21,16 +23,19 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from images import encode, pil_bytes, png_chunk, png_header, smooth_images
 from safeclip.runtime.preprocess import ImageError, Preprocessor, image_size_from_header
+from safeclip.runtime.server.config import FetchConfig
 from safeclip.runtime.server.dialects.base import data_url, decode_data_url
 from safeclip.runtime.server.dialects.openai_chat import TEXT_PARTS, OpenAIChat
 from safeclip.runtime.server.dialects.openai_moderations import OpenAIModerations
 from safeclip.runtime.server.errors import GateError
+from safeclip.runtime.server.fetch import Fetcher, FetchError
 from safeclip.runtime.server.jsonbody import MAX_DEPTH, Verbatim, canonical, parse, parse_object, stray_images
 from server_helpers import address_space_headroom, gate_config, http, png
 
@@ -482,3 +487,92 @@ def test_deeply_nested_bodies_are_4xx_or_served(gate_url, depth, where):
     )
     reply = http("POST", gate_url + "/v1/chat/completions", raw, {"Content-Type": "application/json"}, timeout=30)
     assert reply.status < 500, reply.body[:500]
+
+
+# --- image URLs ------------------------------------------------------------------------------------------
+
+
+class _LoopbackOnlyFetcher(Fetcher):
+    """The gate's fetcher, except that it dials loopback only: a fuzzed literal such as 8.8.8.8 is answered
+    as unreachable here instead of being connected to (the property is about parsing, not about the net)."""
+
+    async def _get(self, url, addresses):
+        if not all(ip.is_loopback for ip in addresses):
+            raise FetchError(str(url), "not dialled by the test (not a loopback address)")
+        return await super()._get(url, addresses)
+
+
+async def _loopback_resolver(host: str, port: int) -> list[str]:
+    return ["127.0.0.1"]
+
+
+@pytest.fixture(scope="module")
+def image_port(servers) -> int:
+    image = png(seed=1, size=8)
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=image)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return int(servers.start(app).rsplit(":", 1)[1])
+
+
+_url_chars = st.sampled_from(list("aZ09-_.%:@[]/?#\\ \t\x00\u00fc\u2100\u3002\uff0e\udcff\u200dxn"))
+_labels = st.text(_url_chars, max_size=12) | st.sampled_from(["", "a" * 64, "xn--", "xn--zz", "127.0.0.1", "::1"])
+_hosts = st.one_of(
+    st.lists(_labels, max_size=5).map(".".join),
+    st.text(_url_chars, max_size=30),
+    st.text(_url_chars, max_size=20).map(lambda t: f"[{t}]"),
+    st.sampled_from(["127.0.0.1", "[::1]", "localhost", "a..b", "." * 3, "a" * 300, "[::ffff:127.0.0.1]"]),
+)
+
+
+@FUZZ
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTP", "ftp", ""]),
+    user=st.sampled_from(["", "u@", "u:p@", "@", ":@", "%40@"]),
+    host=_hosts,
+    port=st.sampled_from(["", ":", ":0", ":65536", ":99999", ":-1", ":abc", ":+80", None]),
+    path=st.text(_url_chars, max_size=20),
+)
+def test_image_urls_fetch_or_refuse_with_a_4xx(servers, image_port, scheme, user, host, port, path):
+    """Whatever the host (IDNA it cannot encode, empty or overlong labels, bad IPv6 literals), port or
+    userinfo: the fetch gives bytes or a GateError 4xx, never another exception (a 500)."""
+    url = f"{scheme}://{user}{host}{f':{image_port}' if port is None else port}/{path}"
+    fetcher = _LoopbackOnlyFetcher(
+        FetchConfig(allow=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")), timeout=5),
+        1 << 20,
+        resolve=_loopback_resolver,
+    )
+    try:
+        data = servers.call(fetcher.fetch(url))
+    except GateError as e:
+        check_client_error(e)
+        e.message.encode("utf-8")  # a response can carry it (no lone surrogate)
+        return
+    assert isinstance(data, bytes)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://a..b/x.png",
+        "http://.a/x",
+        f"http://{'a' * 64}.com/x",
+        "http://%41/x",
+        "http://h:99999/x",
+        "http://u:p@h/x",
+    ],
+)
+def test_unfetchable_urls_are_400s_before_any_lookup(url):
+    asked = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["127.0.0.1"]
+
+    with pytest.raises(GateError) as refused:
+        asyncio.run(Fetcher(FetchConfig(), 1 << 20, resolve=resolve).check(url))
+    assert refused.value.status == 400 and refused.value.code == "image_url_forbidden"
+    assert asked == []

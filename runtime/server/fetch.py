@@ -1,6 +1,8 @@
 """Image URLs fetched without letting a client reach the gate's own network (SSRF).
 
-Each hop: http(s) only; the host is resolved once and every address checked (loopback, private,
+Each hop: http(s) only, no credentials, and a host that is an IP literal or a DNS name of plain labels
+(anything else, a name IDNA cannot encode among them, is the client's error: a 400, never a 500); the
+host is resolved once and every address checked (loopback, private,
 link-local, multicast, reserved, unspecified and other non-global ranges are refused unless allow-listed);
 the connection is then made to those checked addresses only (a resolver that answers nothing else), so
 a second DNS answer cannot change where the bytes come from. Redirects are followed by hand, each one
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -24,11 +27,24 @@ from safeclip.runtime.server.errors import GateError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 REDIRECTS = (301, 302, 303, 307, 308)
+# A DNS name as resolvers take it: labels of 1..63 letters, digits, '-' or '_', at most 253 characters, one
+# trailing dot allowed. An allow-list: a name the IDNA codec or getaddrinfo would choke on (an empty label,
+# `%41`, a space, an overlong label) never reaches them. yarl has already turned a Unicode name into xn--.
+_LABEL = r"[A-Za-z0-9_-]{1,63}"
+_HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+_MAX_HOST_NAME = 253
+
+
+def shown(text: str, limit: int = 200) -> str:
+    """`text` as an error message may quote it: cut to `limit` characters, a lone surrogate (which no
+    UTF-8 response can carry) escaped."""
+    cut = text if len(text) <= limit else text[:limit] + "..."
+    return cut.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class FetchError(GateError):
     def __init__(self, url: str, reason: str, code: str = "image_fetch_failed", status: int = 400):
-        super().__init__(status, f"image URL {url}: {reason}", code)
+        super().__init__(status, shown(f"image URL {shown(url)}: {reason}", 600), code)
 
 
 class ForbiddenURL(FetchError):
@@ -70,6 +86,34 @@ async def resolve_host(host: str, port: int) -> list[str]:
     """Every address the system resolver gives for `host` (one lookup; no cache of ours)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))  # sockaddr[0]: the address (a str for IP)
+
+
+def parse_url(url: str) -> tuple[URL, str, int, IPAddress | None]:
+    """(the URL, its host, its port, the IP it names literally or None) of an image URL the gate may fetch;
+    ForbiddenURL (a 400) for anything it cannot fetch as written: every parse error of yarl's included."""
+    try:
+        target = URL(url)
+        scheme, host, port, user = target.scheme, target.raw_host, target.port, target.raw_user
+    except ValueError as e:  # UnicodeError (IDNA), bad ports, bad IPv6 literals, bad characters
+        raise ForbiddenURL(url, f"not a valid URL ({e})") from e
+    if scheme not in ("http", "https"):
+        raise ForbiddenURL(url, f"scheme {scheme!r} is not allowed (only http and https)")
+    if not host:
+        raise ForbiddenURL(url, "has no host")
+    if user is not None or target.raw_password is not None:
+        # aiohttp would send them as Basic auth: the gate does not log in anywhere on a client's behalf.
+        raise ForbiddenURL(url, "credentials (user@host) are not allowed in an image URL")
+    if port is None or not 0 < port <= 65535:  # yarl gives a default port for http(s); 0 cannot be dialled
+        raise ForbiddenURL(url, f"port {port} is not a TCP port to fetch from")
+    try:
+        literal = literal_ip(host)
+    except ValueError as e:
+        raise ForbiddenURL(url, str(e)) from None
+    if literal is None and (len(host) > _MAX_HOST_NAME or not _HOST_NAME.fullmatch(host)):
+        raise ForbiddenURL(
+            url, f"host {host[:80]!r} is not a DNS name (labels of 1-63 letters, digits, '-' or '_', joined by dots)"
+        )
+    return target, host, port, literal
 
 
 class PinnedResolver(AbstractResolver):
@@ -133,27 +177,18 @@ class Fetcher:
 
     async def check(self, url: str) -> tuple[URL, list[IPAddress]]:
         """The parsed URL and the addresses it may be fetched from; ForbiddenURL before any connection."""
-        try:
-            target = URL(url)
-        except ValueError as e:
-            raise ForbiddenURL(url, f"not a valid URL ({e})") from e
-        if target.scheme not in ("http", "https"):
-            raise ForbiddenURL(url, f"scheme {target.scheme!r} is not allowed (only http and https)")
-        host = target.raw_host
-        if not host:
-            raise ForbiddenURL(url, "has no host")
-        try:
-            literal = literal_ip(host)
-        except ValueError as e:
-            raise ForbiddenURL(url, str(e)) from None
+        target, host, port, literal = parse_url(url)
         if literal is not None:
             addresses = [literal]
         else:
             try:
-                names = await self.resolve(host, target.port or 0)
-            except OSError as e:
+                names = await self.resolve(host, port)
+            except (OSError, ValueError) as e:  # ValueError: UnicodeError from the IDNA codec, among others
                 raise FetchError(url, f"cannot resolve {host!r} ({e})") from e
-            addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in names]
+            try:
+                addresses = [ipaddress.ip_address(a.split("%", 1)[0]) for a in names]
+            except ValueError as e:  # a resolver must answer addresses; refuse rather than dial anything else
+                raise FetchError(url, f"{host!r} resolved to something that is not an address ({e})") from e
             if not addresses:
                 raise FetchError(url, f"{host!r} resolves to no address")
         for ip in addresses:
@@ -184,7 +219,7 @@ class Fetcher:
                     if resp.headers.get("Content-Encoding", "identity").lower() != "identity":
                         raise FetchError(str(url), f"compressed answer ({resp.headers['Content-Encoding']}) refused")
                     return 200, None, await self._read(resp, str(url))
-            except aiohttp.ClientError as e:
+            except (aiohttp.ClientError, ValueError) as e:  # ValueError: a URL aiohttp cannot encode
                 raise FetchError(str(url), f"{type(e).__name__}: {e}") from e
 
     async def _read(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
