@@ -30,6 +30,7 @@ from server_helpers import (
     http,
     png,
     post_json,
+    screened,
     screened_url,
     user_message,
     wait_for,
@@ -128,7 +129,7 @@ def test_refused_request_never_reaches_upstream(start, flag_all, upstream):
     base = start(flag_all)
     raw = client(base).chat.completions.with_raw_response.create(model="m", messages=[user_message(data_url(IMAGE))])
     completion = raw.parse()
-    [verdict] = flag_all.check([IMAGE])
+    [verdict] = flag_all.check([screened(IMAGE)[0]])
     assert completion.choices[0].finish_reason == "content_filter"
     assert completion.choices[0].message.content == DEFAULT_REFUSAL.format(category=verdict.category)
     assert (raw.headers["x-safeclip-flagged"], raw.headers["x-safeclip-action"]) == ("true", "refuse")
@@ -143,7 +144,7 @@ def test_streamed_refusal_parses_in_the_sdk(start, flag_all, upstream):
         model="m", messages=[user_message(data_url(IMAGE))], stream=True, n=2, stream_options={"include_usage": True}
     )
     chunks = list(stream)
-    [verdict] = flag_all.check([IMAGE])
+    [verdict] = flag_all.check([screened(IMAGE)[0]])
     text = DEFAULT_REFUSAL.format(category=verdict.category)
     for index in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
@@ -160,7 +161,7 @@ def test_inject_adds_the_safety_prompt(start, flag_all, upstream):
     raw = client(base).chat.completions.with_raw_response.create(model="m", messages=messages)
     assert raw.parse().choices[0].message.content == "seen 1"
     assert raw.headers["x-safeclip-action"] == "inject"
-    [verdict] = flag_all.check([IMAGE])
+    [verdict] = flag_all.check([screened(IMAGE)[0]])
     prompt = DEFAULT_SAFETY_PROMPT.format(
         category=verdict.category,
         probability=verdict.probability,
@@ -197,7 +198,7 @@ def test_per_category_actions_strictest_wins(start, flag_all, upstream):
 
 def test_verdict_headers_on_every_response(start, flag_none, upstream):
     base = start(flag_none)
-    [verdict] = flag_none.check([IMAGE])
+    [verdict] = flag_none.check([screened(IMAGE)[0]])
     clean = post_json(f"{base}/v1/chat/completions", {"model": "m", "messages": [user_message(data_url(IMAGE))]})
     assert (clean.headers["x-safeclip-flagged"], clean.headers["x-safeclip-category"]) == ("false", verdict.category)
     assert clean.headers["x-safeclip-probability"] == f"{verdict.probability:.4f}"
@@ -500,7 +501,7 @@ def test_metrics(start, flag_all, upstream, image_host):
     reply = http("GET", f"{base}/metrics")
     assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = reply.body.decode()
-    [verdict] = flag_all.check([IMAGE])
+    [verdict] = flag_all.check([screened(IMAGE)[0]])
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="monitor"}') == 1
     assert metric(text, 'safeclip_requests_total{route="chat",outcome="error"}') == 1
     assert metric(text, f'safeclip_images_total{{verdict="flagged",category="{verdict.category}"}}') >= 1
@@ -527,7 +528,7 @@ def test_audit_log_lines(start, flag_all, upstream, tmp_path):
     assert data_url(IMAGE).split(",")[1][:64] not in text  # never the image
     refused, failed, proxied = (json.loads(line) for line in text.splitlines())
     assert (proxied["route"], proxied["status"], proxied["images"]) == ("/v1/models", 200, [])
-    [verdict] = flag_all.check([IMAGE])
+    [verdict] = flag_all.check([screened(IMAGE)[0]])
     assert refused["request_id"] == raw.headers["x-safeclip-request-id"]
     assert refused["policy_version"] == http("GET", f"{base}/readyz").json()["policy_version"]
     assert (refused["decision"], refused["action"], refused["status"]) == ("flagged", "refuse", 200)

@@ -64,6 +64,7 @@ def build_app(config: GateConfig, load_gate: Callable[[], Gate]) -> web.Applicat
     app[STATE] = gate_state(config, load_gate)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
     app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_cleanup)
     return app
 
