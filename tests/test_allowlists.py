@@ -694,7 +694,7 @@ def test_the_gate_answers_in_each_dialects_format_and_forwards_nothing(start, fl
 
 def test_a_route_no_dialect_owns_forwards_no_media_key_blob_or_url(start, flag_all, upstream):
     """llama.cpp's /completion decodes `multimodal_data` with stb_image: TGA has no magic number to find."""
-    base = start(flag_all, proxy={"allow": ["/completion"]})
+    base = start(flag_all, proxy={"allow": ["POST /completion"]})
     tga = base64.b64encode(tga_bytes()).decode()
     for body in (
         {"prompt": {"prompt_string": "describe", "multimodal_data": [tga]}},
