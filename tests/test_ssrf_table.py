@@ -89,7 +89,11 @@ ROWS = [
     Row("name -> IPv4-mapped loopback", "http://mapped.test:8080/img.png"),
     Row("name -> a public and a private address", "http://mixed.test:8080/img.png"),
     Row("trailing-dot IP (a name to the resolver)", "http://127.0.0.1.:8080/img.png", code=UNRESOLVABLE),
-    Row("percent-encoded IP (a name to the resolver)", "http://%31%32%37.0.0.1:8080/img.png", code=UNRESOLVABLE),
+    Row(
+        "percent-encoded IP (not a DNS name: refused before any lookup)",
+        "http://%31%32%37.0.0.1:8080/img.png",
+        code="image_url_forbidden",
+    ),
     # Redirects from an allow-listed host: every hop is checked again.
     Row("redirect to loopback", via("10.0.0.1", "http://127.0.0.1:8080/img.png"), ALLOW_10, hits={"10.0.0.1": 1}),
     Row("redirect to metadata", via("10.0.0.1", "http://169.254.169.254:8080/img.png"), ALLOW_10, hits={"10.0.0.1": 1}),
