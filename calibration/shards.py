@@ -241,7 +241,7 @@ def tar_sample(shard: Shard, index: int, key: str, members: list[tuple[tarfile.T
             caption = _text(sidecar.get("caption")) if sidecar else None
         elif ext == "txt" and caption is None:
             caption = data.decode("utf-8", "replace")
-    common = {"url": url, "caption": caption, "source": source, "members": exts}
+    common: dict[str, Any] = {"url": url, "caption": caption, "source": source, "members": exts}
     if len(images) == 1:
         return RawSample(index, key, images[0][1], **common)
     if not images:
