@@ -198,7 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--allow-weak",
         action="store_true",
-        help=f"write the thresholds even when AUROC < {MIN_AUROC} or they flag < {MIN_DETECTION:.0%} of toxic images",
+        help=(
+            f"write the thresholds even when AUROC < {MIN_AUROC} or they flag < {MIN_DETECTION * 100:.0f}%% "
+            "of toxic images"
+        ),
     )
     args = parser.parse_args(argv)
     try:

@@ -202,12 +202,17 @@ class Forward(NamedTuple):
     height: int
 
 
+JPEG_MAX_SIDE = 65_500
+
+
 def encode(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
     """(file, media type): the PNG of these pixels when it is no larger than their JPEG, else the JPEG.
 
     Both are made only for pictures with flat runs (graphics, screenshots, text): a photograph's
     neighbouring pixels are almost never equal, and its PNG is 3-5x its JPEG, so it is encoded as JPEG
     at once. Flatness is read on every 8th row, a small part of one encode's time."""
+    if max(rgb.shape[:2]) > JPEG_MAX_SIDE:  # past what a JPEG can hold (65,500 px a side): PNG alone
+        return encode_png(rgb), "image/png"
     sample = rgb[::8]
     same = np.all(sample[:, 1:] == sample[:, :-1], axis=2)
     if np.count_nonzero(same) < _FLAT_FOR_PNG * same.size:
