@@ -19,6 +19,22 @@ class DatasetError(ValueError):
     """A dataset (or a previous scan's output) that cannot be read as one; says where."""
 
 
+def check_resumable(out: Path, config_name: str, config: dict[str, Any], found: str, inputs: str) -> None:
+    """DatasetError unless the settings a previous scan saved in `out/config_name` are `config`'s: a scan is
+    resumed only into the same scan. `found` names what showed a previous scan was there, `inputs` what
+    must be the same (for the message)."""
+    try:
+        previous = json.loads((out / config_name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{out} has {found} but no readable {config_name} ({e}); use a fresh --out") from e
+    changed = sorted(k for k in config if previous.get(k) != config[k])
+    if changed:
+        raise DatasetError(
+            f"{out / found} was made with other settings ({', '.join(changed)} differ); resume with the same "
+            f"{inputs}, or use a fresh --out"
+        )
+
+
 @dataclass(frozen=True)
 class Sample:
     index: int  # position in the dataset, the key a resumed scan lines verdicts up with

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample
+from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample, check_resumable
 from safeclip.calibration.scan_report import blurred_thumbnail, render
 from safeclip.calibration.shards import IMAGE_COLUMNS, looks_like_shards
 from safeclip.runtime.backends.base import BackendError
@@ -141,16 +141,7 @@ def _resume(out: Path, config: dict[str, Any], data: Dataset) -> int:
     path = out / VERDICTS
     if not path.exists():
         return 0
-    try:
-        previous = json.loads((out / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{out} has {VERDICTS} but no readable {CONFIG} ({e}); use a fresh --out") from e
-    changed = sorted(k for k in config if previous.get(k) != config[k])
-    if changed:
-        raise DatasetError(
-            f"{path} was made with other settings ({', '.join(changed)} differ); resume with the same "
-            "engine, thresholds and dataset, or use a fresh --out"
-        )
+    check_resumable(out, CONFIG, config, VERDICTS, "engine, thresholds and dataset")
     _drop_partial_line(path)
     done = 0
     for sample, verdict in itertools.zip_longest(data.samples(), _verdicts(path)):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safeclip.calibration.dataset import DatasetError
+from safeclip.calibration.dataset import DatasetError, check_resumable
 from safeclip.calibration.scan_report import blurred_thumbnail_from_bytes, render
 from safeclip.calibration.shards import (
     TAR,
@@ -324,18 +324,8 @@ class InjectedFailure(RuntimeError):
 
 
 def _check_resume(out: Path, config: dict[str, Any]) -> None:
-    if not (out / SHARDS).exists():
-        return
-    try:
-        previous = json.loads((out / CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{out} has {SHARDS}/ but no readable {CONFIG} ({e}); use a fresh --out") from e
-    changed = sorted(k for k in config if previous.get(k) != config[k])
-    if changed:
-        raise DatasetError(
-            f"{out} was made with other settings ({', '.join(changed)} differ); resume with the same "
-            "engine, thresholds and shards, or use a fresh --out"
-        )
+    if (out / SHARDS).exists():
+        check_resumable(out, CONFIG, config, SHARDS, "engine, thresholds and shards")
 
 
 def run_local(
