@@ -19,6 +19,35 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
+def responses_object(
+    response_id: str, status: str, model: str, output: list[dict[str, Any]], **fields: Any
+) -> dict[str, Any]:
+    """A Responses API `response` object as the openai SDK parses it; `fields` set or add top-level fields."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": 1,
+        "status": status,
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "metadata": {},
+        "usage": {
+            "input_tokens": 1,
+            "output_tokens": 1,
+            "total_tokens": 2,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+        **fields,
+    }
+
+
 class DialectUpstream(RecordingUpstream):
     def app(self) -> web.Application:
         # Bodies as large as a hosted API takes (aiohttp's default is 1 MiB); provider_upstream.py applies
@@ -54,28 +83,7 @@ class DialectUpstream(RecordingUpstream):
         }
 
         def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-            return {
-                "id": "resp_up",
-                "object": "response",
-                "created_at": 1,
-                "status": status,
-                "model": model,
-                "output": output,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "error": None,
-                "incomplete_details": None,
-                "instructions": None,
-                "metadata": {},
-                "usage": {
-                    "input_tokens": 1,
-                    "output_tokens": 1,
-                    "total_tokens": 2,
-                    "input_tokens_details": {"cached_tokens": 0},
-                    "output_tokens_details": {"reasoning_tokens": 0},
-                },
-            }
+            return responses_object("resp_up", status, model, output)
 
         if not body.get("stream"):
             return web.json_response(response("completed", [item]), headers={"x-upstream": "yes"})

@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import web
+from dialect_upstream import responses_object
 from skimage import data
 
 from images import encode
@@ -109,22 +110,14 @@ class StatefulResponses:
             self.responses[response_id] = [*context, message]
 
         def response(status: str, output: list[dict[str, Any]]) -> dict[str, Any]:
-            return {
-                "id": response_id,
-                "object": "response",
-                "created_at": 1,
-                "status": status,
-                "model": str(body.get("model")),
-                "output": output,
-                "parallel_tool_calls": True,
-                "tool_choice": "auto",
-                "tools": [],
-                "error": None,
-                "incomplete_details": None,
-                "instructions": instructions,
-                "metadata": {},
-                "previous_response_id": previous,
-            }
+            return responses_object(
+                response_id,
+                status,
+                str(body.get("model")),
+                output,
+                instructions=instructions,
+                previous_response_id=previous,
+            )
 
         if not body.get("stream"):
             return web.json_response(response("completed", [message]))
