@@ -47,15 +47,31 @@ from upstream_parsers import (
 
 from server_helpers import ImageHost, Received, Reply, gate_config, gate_process, http
 
-# The attack suite was written black-box from the upstreams' parsers while the fixes were built; the gate
-# does not yet close every class it tries (the decode-process, node-budget and part-rebuild work is not all
-# merged). Non-strict xfail keeps the suite running and reporting until each class is closed.
-pytestmark = pytest.mark.xfail(strict=False, reason="media-map classes the gate does not close yet")
-
 MARKER = b"safeclip-attacker-original"  # in every PNG the client sends; never in one the gate wrote
 
 # ---------------------------------------------------------------------------------------------------
 # Images: a real photograph in the formats the upstreams' decoders read.
+
+
+# Classes of the map the gate does not close yet, each expected to fail until it does (strict: a fix makes
+# the mark fail, so it is taken off). Everything else in this module must pass.
+OPEN_CLASSES = {
+    # Anthropic's web_search_tool_result carries `encrypted_content` the provider expands into fetched
+    # pages server-side; the gate forwards the block without web search being allowed.
+    "test_anthropic_blocks_show_no_upstream_unscreened_media[web_search_tool_result-encrypted-user]": "web search "
+    "results forwarded without [tools] allow",
+    "test_anthropic_blocks_show_no_upstream_unscreened_media[web_search_tool_result-encrypted-assistant]": "web "
+    "search results forwarded without [tools] allow",
+    # Bodies are still parsed on the event loop: the JSON value budget and off-loop parsing are not merged.
+    "test_healthz_answers_while_a_body_of_millions_of_keys_is_refused": "bodies parsed on the event loop",
+}
+
+
+@pytest.fixture(autouse=True)
+def _open_class(request: pytest.FixtureRequest) -> None:
+    reason = OPEN_CLASSES.get(request.node.name)
+    if reason is not None:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 def _photo(size: int = 48) -> Image.Image:
@@ -813,6 +829,10 @@ def test_follow_ups_to_a_flagged_image_keep_the_safety_prompt(injecting, image_u
     if not name.startswith("conversation"):
         first.pop("conversation")
     reply = send(injecting, "/v1/responses", first, image_url)
+    if 400 <= reply.status < 500 and name.startswith("conversation"):
+        # A gate may refuse stored conversations outright: then no flagged state is made to follow up on.
+        assert received == [], "a refused turn one still reached the upstream"
+        return
     assert reply.status == 200 and len(received) == 1, reply.body[:300]
     safety = received[0].json().get("instructions")
     assert isinstance(safety, str) and safety, "turn one went out with the safety prompt as its instructions"
@@ -1106,8 +1126,8 @@ def test_parsers_find_what_they_were_written_to_find():
 
 
 def test_check_flags_unscreened_media_and_passes_screened_pixels():
-    """The invariant itself: a forwarded client image (or URL) is a leak; a PNG the gate would write is not."""
-    from server_helpers import screened_png
+    """The invariant itself: a forwarded client image (or URL) is a leak; a file the gate would write is not."""
+    from server_helpers import screened_url
 
     def forwarded(url: str) -> list[Received]:
         body = chat({"type": "image_url", "image_url": {"url": url}}, "user", "last", False)
@@ -1116,5 +1136,5 @@ def test_check_flags_unscreened_media_and_passes_screened_pixels():
     assert leaks(forwarded(JPEG_URL), screened_ok=True)
     assert leaks(forwarded(data_url(BLOBS["png"])), screened_ok=True)
     assert leaks(forwarded("http://127.0.0.1:1/x.png"), screened_ok=True)
-    assert not leaks(forwarded(data_url(screened_png(BLOBS["jpeg"]))), screened_ok=True)
-    assert leaks(forwarded(data_url(screened_png(BLOBS["jpeg"]))), screened_ok=False)
+    assert not leaks(forwarded(screened_url(BLOBS["jpeg"])), screened_ok=True)
+    assert leaks(forwarded(screened_url(BLOBS["jpeg"])), screened_ok=False)
