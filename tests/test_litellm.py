@@ -24,7 +24,7 @@ from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT
 from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.errors import GateError
-from server_helpers import TESTS, ImageHost, data_url, gate_config, http, png, post_json, screened_url
+from server_helpers import TESTS, ImageHost, data_url, gate_config, http, png, post_json, screened_url, wait_for
 
 IMAGE = png(seed=31)
 LITELLM = TESTS.parent / ".venv-litellm" / "bin" / "litellm"
@@ -210,6 +210,8 @@ def test_monitor_passes_and_inject_adds_the_safety_prompt(start, flag_all, tmp_p
     monitor = start(flag_all, action="monitor", audit_log=str(log))
     reply = post_json(f"{monitor}{GUARD}", guard_body(data_url(IMAGE)))
     assert reply.json()["action"] == "GUARDRAIL_INTERVENED" and reply.headers["x-safeclip-action"] == "monitor"
+    # The audit line is written by the log's own thread, just after the answer.
+    assert wait_for(lambda: log.exists() and log.read_text().endswith("\n"))
     [line] = (json.loads(x) for x in log.read_text().splitlines())
     assert (line["route"], line["decision"], line["action"]) == (GUARD, "flagged", "monitor")
     assert line["request_id"] == reply.headers["x-safeclip-request-id"]
