@@ -23,8 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BINDINGS = Path(sys.prefix) / "gpu-bindings"
-TRT_SOURCES = ("runtime/backends/tensorrt.py", "export/tensorrt_build.py")
-CUDA_SOURCES = ("runtime/cuda.py", "runtime/backends/tensorrt.py")
+TRT_SOURCES = ("runtime/safeclip/runtime/backends/tensorrt.py", "export/safeclip/export/tensorrt_build.py")
+CUDA_SOURCES = ("runtime/safeclip/runtime/cuda.py", "runtime/safeclip/runtime/backends/tensorrt.py")
 # Objects the code calls methods on -> the TensorRT class they are.
 TRT_RECEIVERS = {
     "_engine": "ICudaEngine",

@@ -1,6 +1,6 @@
 """Issue 13: the gate as LiteLLM's image guardrail (POST /beta/litellm_basic_guardrail_api).
 
-Three layers: the pure request/answer functions (runtime/server/litellm.py); the gate's endpoint, posted
+Three layers: the pure request/answer functions (safeclip.runtime.server.dialects.litellm); the gate's endpoint, posted
 to directly in the shape LiteLLM 1.106.12 sends; and a real LiteLLM proxy (from .venv-litellm, made by
 `make install`) in front of the recording upstream, with the `openai` and `anthropic` SDKs as clients.
 Everything listens on 127.0.0.1. Verdicts are forced with thresholds: 0.0 flags every image, 1.0 none.

@@ -17,14 +17,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-# Source folder -> where its files land in the wheel. Only the roots are named here; everything under
-# them is found by walking the tree, so a new module or data file is expected without editing this test.
-PACKAGE_ROOTS = {
-    "safeclip": "safeclip",
-    "export": "safeclip/export",
-    "runtime": "safeclip/runtime",
-    "calibration": "safeclip/calibration",
-}
+# The stage folders, each a src layout: everything under <stage>/safeclip/ lands under safeclip/ in the wheel.
+# Only the folders are named here; their files are found by walking the tree, so a new module or data file
+# is expected without editing this test.
+STAGES = ("runtime", "export", "calibration")
 # What a source folder holds that is not part of the package.
 NOT_SHIPPED_DIRS = {"__pycache__"}
 NOT_SHIPPED_SUFFIXES = {".pyc", ".pyo"}
@@ -34,7 +30,7 @@ def tracked_files() -> list[str]:
     """The repository's files as git knows them (tracked, or new and not ignored): build output and
     caches under the source folders are not part of the tree."""
     out = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *PACKAGE_ROOTS],
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *STAGES],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -49,8 +45,9 @@ def expected_wheel_files() -> set[str]:
         path = Path(name)
         if NOT_SHIPPED_DIRS & set(path.parts) or path.suffix in NOT_SHIPPED_SUFFIXES:
             continue
-        root, *rest = path.parts
-        expected.add("/".join([PACKAGE_ROOTS[root], *rest]))
+        stage, package, *rest = path.parts
+        assert stage in STAGES and package == "safeclip", f"{name}: a file outside the package folder"
+        expected.add("/".join([package, *rest]))
     return expected
 
 
@@ -77,8 +74,8 @@ def test_the_source_walk_finds_the_modules_the_gate_needs():
     """The expected list is not empty or partial: the dialect modules and the data files are in it."""
     expected = expected_wheel_files()
     assert "safeclip/runtime/server/dialects/openai_chat.py" in expected
-    assert "safeclip/export/descriptors/default.toml" in expected
-    assert "safeclip/runtime/py.typed" in expected
+    assert "safeclip/export/descriptor_files/default.toml" in expected
+    assert "safeclip/py.typed" in expected
     assert len([f for f in expected if f.endswith(".py")]) > 60
 
 

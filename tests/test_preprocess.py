@@ -1,4 +1,4 @@
-"""runtime/preprocess.py: parity with transformers' CLIP processor (PIL), what picture a file shows, the
+"""safeclip.runtime.preprocess: parity with transformers' CLIP processor (PIL), what picture a file shows, the
 PNG the gate forwards, and every refusal."""
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ OPENAI_CATEGORIES = (
     "violence",
     "violence/graphic",
 )
-# Our default categories (export/descriptors/default.toml) -> OpenAI moderation categories. A category
-# named like an OpenAI one maps to it without an entry; alcohol and cigarette have no OpenAI counterpart.
+# Our default categories (export/safeclip/export/descriptor_files/default.toml) -> OpenAI moderation
+# categories. A category named like an OpenAI one maps to it without an entry; alcohol and cigarette have no
+# OpenAI counterpart.
 DEFAULT_MODERATION_MAP: dict[str, tuple[str, ...]] = {
     "porn": ("sexual",),
     "blood": ("violence", "violence/graphic"),

@@ -1,6 +1,6 @@
 """`safeclip export` / `python -m safeclip.export`.
 
-The inputs are checked before torch is imported (export/preflight.py): a checkpoint folder that does not
+The inputs are checked before torch is imported (export/safeclip/export/preflight.py): a checkpoint folder that does not
 exist, a hub id that is neither cached nor downloadable (HF_HUB_OFFLINE), a broken descriptor file or an
 output folder that already holds an engine stop within a second, not after ~10 s of importing torch.
 

@@ -15,7 +15,7 @@ else:  # Python 3.10 (JetPack 6): the same parser, from PyPI
 
 from safeclip.runtime.contract import Category
 
-DEFAULT_DESCRIPTORS = files("safeclip.export") / "descriptors" / "default.toml"
+DEFAULT_DESCRIPTORS = files("safeclip.export") / "descriptor_files" / "default.toml"
 
 _TOP_KEYS = {"category"}
 _CATEGORY_KEYS = {"name", "phrases", "neutral"}
