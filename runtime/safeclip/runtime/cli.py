@@ -78,26 +78,35 @@ def run(args: list[str]) -> int:
     if command is None:
         print(f"safeclip: unknown command {args[0]!r}\n\n{usage()}", end="", file=sys.stderr)
         return 2
+    # A command imports its heavy dependencies late (export checks its inputs before torch and onnxruntime
+    # load), so a missing one can surface while the command runs as well as at its import.
     try:
         module = importlib.import_module(command[0])
+        return int(module.main(args[1:]))
     except ImportError as e:
-        extra = EXTRAS.get(args[0])
-        if e.name == "onnxruntime":
-            # Not part of any one extra: it comes from exactly one of [cpu] or [gpu].
-            print(
-                f"safeclip {args[0]}: onnxruntime is not installed; install exactly one build: "
-                "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`",
-                file=sys.stderr,
-            )
-            return 2
-        if extra is None:
+        if not report_missing_dependency(args[0], e):
             raise
+        return 2
+
+
+def report_missing_dependency(command: str, e: ImportError) -> bool:
+    """Print which install brings the module `e` names, if it belongs to an extra; False if it does not."""
+    extra = EXTRAS.get(command)
+    if e.name == "onnxruntime":
+        # Not part of any one extra: it comes from exactly one of [cpu] or [gpu].
         print(
-            f"safeclip {args[0]}: missing dependency ({e.name}); install it with `pip install 'safeclip[{extra}]'`",
+            f"safeclip {command}: onnxruntime is not installed; install exactly one build: "
+            "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`",
             file=sys.stderr,
         )
-        return 2
-    return int(module.main(args[1:]))
+        return True
+    if extra is None:
+        return False
+    print(
+        f"safeclip {command}: missing dependency ({e.name}); install it with `pip install 'safeclip[{extra}]'`",
+        file=sys.stderr,
+    )
+    return True
 
 
 if __name__ == "__main__":
