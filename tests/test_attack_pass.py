@@ -1,0 +1,402 @@
+"""An independent attacker pass on the gate (issue 20), written by a reader who had read only the user-facing
+docs and the upstreams' own parsers, never the gate's implementation.
+
+Every category threshold is 0 (every image the model could see is flagged, action refuse) unless a test says
+otherwise, so the invariant is simple: no pixels, frames, documents, audio or server-side fetches reach the
+stub upstream, and no follow-up to flagged server state sheds the safety prompt. Each class that was still
+open when this file was written carries `xfail(strict=True)` with a one-line reason: a fix makes the mark
+fail, and the fixer takes it off. The tests that pass already are the shapes of this pass that the gate
+refused correctly and that no other test pins down; they keep the class closed.
+
+Network traffic stays on loopback; no URL here names an address the gate could dial outside this machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from dialect_upstream import DialectUpstream
+from PIL import Image
+from upstream_parsers import every_upstream, server_side_fetchers
+
+from server_helpers import Received, Reply, gate_config, gate_process, http
+
+
+def _photo(size: int = 48, seed: int = 0) -> Image.Image:
+    """The astronaut, with a little seeded noise so that two calls never share the gate's verdict cache."""
+    from skimage import data
+
+    pixels = np.asarray(Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.BILINEAR))
+    noise = np.random.default_rng(seed).integers(0, 3, pixels.shape, dtype=np.uint8)
+    return Image.fromarray(pixels + noise)
+
+
+def _jpeg(image: Image.Image, **options: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def data_url(data: bytes, media: str = "image/jpeg") -> str:
+    return f"data:{media};base64,{b64(data)}"
+
+
+JPEG_URL = data_url(_jpeg(_photo()))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Servers: one recording upstream that answers in every dialect, three gates in front of it.
+
+
+@pytest.fixture(scope="module")
+def stub(servers) -> tuple[DialectUpstream, str]:
+    upstream = DialectUpstream()
+    return upstream, servers.start(upstream.app())
+
+
+@pytest.fixture(scope="module")
+def strict(servers, stub, tiny_engine, flag_all) -> str:
+    """Threshold 0, action refuse, the default config."""
+    return servers.start_gate(gate_config(tiny_engine, stub[1], threshold=0.0), flag_all)
+
+
+@pytest.fixture(scope="module")
+def passing(servers, stub, tiny_engine, flag_none) -> str:
+    """Threshold 1: nothing flagged, so whatever the gate understood is forwarded."""
+    return servers.start_gate(gate_config(tiny_engine, stub[1], threshold=1.0), flag_none)
+
+
+@pytest.fixture(scope="module")
+def injecting(servers, stub, tiny_engine, flag_all) -> str:
+    """Threshold 0, action inject: every image is flagged and forwarded with the safety prompt."""
+    return servers.start_gate(gate_config(tiny_engine, stub[1], threshold=0.0, action="inject"), flag_all)
+
+
+@pytest.fixture(scope="module")
+def sglang_native(servers, stub, tiny_engine, flag_all) -> str:
+    """Threshold 0 with SGLang's native /generate added to [proxy] allow, as an operator of SGLang would."""
+    proxy = {"allow": ["/v1/models", "/v1/models/*", "POST /generate"]}
+    return servers.start_gate(gate_config(tiny_engine, stub[1], threshold=0.0, proxy=proxy), flag_all)
+
+
+@pytest.fixture
+def received(stub) -> Iterator[list[Received]]:
+    upstream, _ = stub
+    upstream.received.clear()
+    yield upstream.received
+
+
+def post(gate: str, path: str, body: Any) -> Reply:
+    return http("POST", gate + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def no_media_arrived(reply: Reply, received: list[Received]) -> None:
+    """The gate's contract at threshold 0: never a 5xx, and nothing any upstream's parser would load."""
+    assert reply.status < 500, (reply.status, reply.body[:300])
+    problems = []
+    for request in received:
+        body = json.loads(request.body) if request.body else None
+        problems += [m.describe() for m in every_upstream(body)] + server_side_fetchers(body)
+    assert not problems, f"gate answered {reply.status}; the upstream got:\n  " + "\n  ".join(problems)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 1. Server state: an item reference without `type`, and references the gate never saw, under inject.
+#
+# openai-python src/openai/types/responses/response_input_item_param.py, `ItemReference`:
+#     id: Required[str]
+#     type: Optional[Literal["item_reference"]]
+# so `{"id": "msg_..."}` alone is an item reference: OpenAI brings the stored item (a flagged image, or the
+# model's answer about it) back into the context. The media map (Server state) says a reference to state
+# is given the safety prompt again when the gate flagged that state, or refused when the gate cannot know.
+
+USER_FOLLOW_UP = {"role": "user", "content": "and what else is in it?"}
+STATE_REFERENCES: dict[str, list[dict[str, Any]]] = {
+    # msg_up is the id of the output message the stub upstream answers turn one with (dialect_upstream.py).
+    "untyped-reference-to-flagged-item": [{"id": "msg_up"}, USER_FOLLOW_UP],
+    "untyped-null-type-reference": [{"id": "msg_up", "type": None}, USER_FOLLOW_UP],
+    "reference-the-gate-never-relayed": [{"type": "item_reference", "id": "msg_made_elsewhere_1"}, USER_FOLLOW_UP],
+    "untyped-reference-the-gate-never-relayed": [{"id": "msg_made_elsewhere_2"}, USER_FOLLOW_UP],
+}
+OPEN_STATE = {
+    "untyped-reference-to-flagged-item": "an item reference without `type` is not recognised as state",
+    "untyped-reference-the-gate-never-relayed": "an item reference without `type` is not recognised as state",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=OPEN_STATE[name]))
+        if name in OPEN_STATE
+        else name
+        for name in STATE_REFERENCES
+    ],
+)
+def test_item_references_keep_the_safety_prompt_or_are_refused(injecting, received, name):
+    """Under inject, turn one's flagged image is stored upstream with the answer about it, but its
+    instructions (the safety prompt) are not: every way of referring to stored items must bring the prompt
+    back, or be refused; an id the gate never relayed cannot be known clean."""
+    first = {
+        "model": "m",
+        "input": [
+            {
+                "role": "user",
+                "content": [{"type": "input_text", "text": "look"}, {"type": "input_image", "image_url": JPEG_URL}],
+            }
+        ],
+    }
+    reply = post(injecting, "/v1/responses", first)
+    assert reply.status == 200 and len(received) == 1, reply.body[:300]
+    safety = received[0].json().get("instructions")
+    assert isinstance(safety, str) and safety, "turn one went out with the safety prompt"
+    received.clear()
+
+    reply = post(injecting, "/v1/responses", {"model": "m", "input": STATE_REFERENCES[name]})
+    assert reply.status < 500, reply.body[:300]
+    for request in received:
+        instructions = request.json().get("instructions")
+        assert isinstance(instructions, str) and safety in instructions, (
+            f"follow-up {STATE_REFERENCES[name][0]} forwarded with instructions {instructions!r}"
+        )
+
+
+@pytest.mark.xfail(strict=True, reason="an item reference without `type` is remembered as a clean client item")
+def test_an_untyped_reference_does_not_make_an_unknown_id_known(injecting, received):
+    """Forwarded as if it were a new item of the client's, an untyped reference also makes the gate
+    remember its id as clean client state, so that the next request's typed item_reference to that id,
+    which the gate refuses when it does not know the id, is then forwarded without the safety prompt."""
+    unknown = "msg_made_elsewhere_3"
+    post(injecting, "/v1/responses", {"model": "m", "input": [{"id": unknown}, USER_FOLLOW_UP]})
+    received.clear()
+    reply = post(
+        injecting,
+        "/v1/responses",
+        {"model": "m", "input": [{"type": "item_reference", "id": unknown}, USER_FOLLOW_UP]},
+    )
+    assert reply.status < 500, reply.body[:300]
+    for request in received:
+        instructions = request.json().get("instructions")
+        assert isinstance(instructions, str) and instructions, f"forwarded with instructions {instructions!r}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 2. A client-side tool type configured to run on the provider's side.
+#
+# openai-python src/openai/types/responses/function_shell_tool_param.py: the `shell` tool takes
+# `environment: ContainerAutoParam | LocalEnvironmentParam | ContainerReferenceParam`. With `local` (or
+# none) the client runs the commands and sends their output back (a shell_call_output the gate sees); with
+# `container_auto` (container_auto_param.py: `file_ids`, `network_policy` with `allowed_domains`, `skills`)
+# or `container_reference` (`container_id`), OpenAI runs them in its own hosted container, with the
+# container's files and, by policy, the network, and feeds the output to the model server-side, as it does
+# for code_interpreter, which the gate refuses by default.
+
+HOSTED_SHELLS: dict[str, dict[str, Any]] = {
+    "container_auto": {"type": "shell", "environment": {"type": "container_auto"}},
+    "container_auto-files-network": {
+        "type": "shell",
+        "environment": {
+            "type": "container_auto",
+            "file_ids": ["file-1"],
+            "network_policy": {"type": "allowlist", "allowed_domains": ["example.com"]},
+        },
+    },
+    "container_reference": {"type": "shell", "environment": {"type": "container_reference", "container_id": "cntr_1"}},
+}
+
+
+@pytest.mark.xfail(strict=True, reason="the hosted shell (container environment) is forwarded as a client tool")
+@pytest.mark.parametrize("name", sorted(HOSTED_SHELLS))
+def test_a_shell_tool_run_in_the_providers_container_is_refused_by_default(strict, received, name):
+    """A `shell` tool whose environment is a provider container brings the container's files and fetched
+    content into the context server-side, where the gate never sees it: refused unless `[tools] allow`
+    names it, like code_interpreter."""
+    reply = post(strict, "/v1/responses", {"model": "m", "input": "list the files", "tools": [HOSTED_SHELLS[name]]})
+    assert reply.status < 500, reply.body[:300]
+    assert not received, f"forwarded {received[0].body[:200]!r}"
+
+
+@pytest.mark.parametrize(
+    "tool", [{"type": "shell"}, {"type": "shell", "environment": {"type": "local"}}, {"type": "local_shell"}]
+)
+def test_a_shell_the_client_runs_itself_is_still_served(passing, received, tool):
+    """The other side of the class above: a shell the client runs (no environment, or `local`) brings
+    nothing in server-side, and the README keeps it allowed."""
+    reply = post(passing, "/v1/responses", {"model": "m", "input": "list the files", "tools": [tool]})
+    assert reply.status == 200 and len(received) == 1, reply.body[:300]
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Media that is neither base64 nor a URL, in a route the operator allowed.
+#
+# SGLang python/sglang/srt/utils/common.py `load_image`: after http(s) and before data: URLs,
+#     elif image_file.lower().endswith(("png", "jpg", "jpeg", "webp", "gif")):
+#         image = Image.open(image_file)
+# so a string ending in an image extension is a path on the SGLang host, opened as the image. SGLang's VLM
+# docs (docs/advanced_features/vlm_query.md) give `image_data` two more forms, dicts with
+# `"format": "processor_output"` (the processor's `pixel_values`, i.e. the pixels as JSON numbers) and
+# `"format": "precomputed_embedding"` (vision features); `GenerateReqInput.input_embeds` takes embeddings
+# for the whole prompt. The media map lists /generate's `image_data`, `video_data`, `audio_data` "(URLs,
+# data URLs, base64, file paths)"; SECURITY.md promises that an allowed route's body holds "no key an
+# upstream reads media from".
+
+
+def sglang_generate_media(body: Any) -> list[str]:
+    """What SGLang's /generate loads from a body, written from `load_image` / `GenerateReqInput` above:
+    any non-empty item of image_data/video_data/audio_data (paths and dicts included), and input_embeds."""
+    found: list[str] = []
+    if not isinstance(body, dict):
+        return found
+    for key in ("image_data", "video_data", "audio_data"):
+        items = body.get(key)
+        for i, item in enumerate(items if isinstance(items, list) else [items]):
+            if item:
+                found.append(f"{key}[{i}]: {json.dumps(item)[:60]}")
+    if body.get("input_embeds"):
+        found.append("input_embeds")
+    return found
+
+
+EMBEDDING = [[0.01 * i for i in range(32)] for _ in range(4)]
+GENERATE_BODIES: dict[str, dict[str, Any]] = {
+    "image_data-local-path": {"text": "<image> describe", "image_data": ["/srv/uploads/photo.jpg"]},
+    "image_data-local-path-single": {"text": "<image> describe", "image_data": "../../data/x.PNG"},
+    "video_data-local-path": {"text": "describe", "video_data": ["/srv/uploads/clip.mp4"]},
+    "audio_data-local-path": {"text": "describe", "audio_data": ["/srv/uploads/voice.wav"]},
+    "image_data-processor_output-pixels": {
+        "input_ids": [1, 2, 3],
+        "image_data": [
+            {"format": "processor_output", "pixel_values": [[[0.5] * 8] * 8], "image_grid_thw": [[1, 2, 2]]}
+        ],
+    },
+    "image_data-precomputed_embedding": {
+        "text": "<image> describe",
+        "image_data": [{"format": "precomputed_embedding", "feature": EMBEDDING}],
+    },
+    "input_embeds": {"input_embeds": EMBEDDING, "sampling_params": {"max_new_tokens": 8}},
+}
+
+
+@pytest.mark.xfail(strict=True, reason="allowed-route bodies: SGLang media keys with paths/pixel arrays/embeds pass")
+@pytest.mark.parametrize("name", sorted(GENERATE_BODIES))
+def test_an_allowed_generate_route_carries_no_media_in_any_form(sglang_native, received, name):
+    """With /generate allowed, SGLang's media fields reach it in no form: not as a file path on the
+    upstream's host, not as processor pixels or embeddings in JSON numbers (none of which is base64 or a
+    URL). The class is "a key an upstream reads media from", whatever its value looks like."""
+    body = {"model": "m", **GENERATE_BODIES[name]}
+    reply = post(sglang_native, "/generate", body)
+    assert reply.status < 500, reply.body[:300]
+    loaded = [m for r in received for m in sglang_generate_media(r.json())]
+    assert not loaded, f"gate answered {reply.status}; SGLang would load {loaded}"
+
+
+def test_the_generate_stand_in_finds_what_sglang_loads():
+    """The stand-in above is not vacuous: it reports every shape of the table, and nothing in plain text."""
+    for name, body in GENERATE_BODIES.items():
+        assert sglang_generate_media(body), name
+    assert not sglang_generate_media({"text": "a photo.jpg of a cat", "sampling_params": {}})
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. Availability: JPEG marker segments and fill bytes, which cost per byte, not per pixel.
+#
+# A JPEG may hold any number of marker segments before its frame header (COM and APPn, 4 bytes each), and
+# any number of 0xFF fill bytes before a marker (ITU T.81 B.1.1.2). Pillow's JpegImagePlugin walks both in
+# Python, one segment or byte per loop turn, so an 8x8 image padded to a few megabytes costs seconds,
+# where the gate's pixel-based bounds see 64 pixels: the decode pool takes it as a small image, and the
+# header check that walks the segments to find the frame runs where /healthz is answered.
+
+
+@pytest.fixture(scope="module")
+def gate_child(tiny_engine, stub) -> Iterator[str]:
+    """`safeclip serve` in its own process, so that its CPU work and this process's do not share a GIL."""
+    with gate_process("--engine", str(tiny_engine), "--upstream", stub[1]) as gate:
+        yield gate.base
+
+
+def chat_image(data: bytes) -> bytes:
+    return json.dumps(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(data)}}]}],
+        }
+    ).encode()
+
+
+def tiny_jpeg(seed: int) -> bytes:
+    return _jpeg(_photo(8, seed))
+
+
+def with_segments(jpeg: bytes, size: int, segment: bytes) -> bytes:
+    """`jpeg` with `size` bytes of `segment` repeated right after its start-of-image marker."""
+    return jpeg[:2] + segment * (size // len(segment)) + jpeg[2:]
+
+
+def timed_post(base: str, body: bytes, timeout: float = 300) -> tuple[int, float]:
+    started = time.monotonic()
+    reply = http("POST", base + "/v1/chat/completions", body, {"Content-Type": "application/json"}, timeout=timeout)
+    return reply.status, time.monotonic() - started
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a JPEG's marker segments are walked on the event loop (healthz stalls)")
+def test_healthz_answers_while_a_jpeg_of_millions_of_marker_segments_is_checked(gate_child):
+    """Eight megabytes of empty COM segments and no frame header: the gate refuses the file, but the walk
+    that finds no frame must not hold the event loop meanwhile. Measured against the request's own
+    duration, as in test_media_map, so a slow machine does not fail it."""
+    body = chat_image(b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2_000_000 + b"\xff\xd9")
+    result: dict[str, Any] = {}
+
+    def big() -> None:
+        result["status"], result["seconds"] = timed_post(gate_child, body)
+
+    thread = threading.Thread(target=big, daemon=True)
+    thread.start()
+    worst = 0.0
+    while thread.is_alive():
+        started = time.monotonic()
+        assert http("GET", gate_child + "/healthz", timeout=120).status == 200
+        worst = max(worst, time.monotonic() - started)
+        time.sleep(0.05)
+    thread.join(300)
+    assert 400 <= result["status"] < 500, result
+    assert worst < max(1.0, result["seconds"] / 3), (
+        f"/healthz took {worst:.2f} s, the request {result['seconds']:.2f} s"
+    )
+
+
+PADDINGS = {
+    "fill-bytes": b"\xff",  # 0xFF fill before the next marker
+    "com-segments": b"\xff\xfe\x00\x02",  # empty comment segments
+}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a padded 64-pixel JPEG costs many times the largest ordinary image")
+@pytest.mark.parametrize("padding", sorted(PADDINGS))
+def test_a_padded_tiny_jpeg_costs_no_more_than_the_largest_ordinary_image(gate_child, padding):
+    """An 8x8 JPEG padded to 6 MB (under half the per-image byte limit) must be refused from its header or cost
+    the gate no more than twice a real photograph at the largest size it forwards (the pixel budget of a
+    local upstream), measured side by side. Today it is accepted and decoded segment by segment."""
+    seed = sorted(PADDINGS).index(padding)  # fresh images per case: the verdict cache must not answer
+    plain = _jpeg(_photo(3584, seed=10 + seed), quality=95)  # ~12.8 megapixels, the local upstream's budget
+    padded = with_segments(tiny_jpeg(seed=20 + seed), 6_000_000, PADDINGS[padding])
+    plain_status, plain_seconds = timed_post(gate_child, chat_image(plain))
+    assert plain_status == 200
+    status, seconds = timed_post(gate_child, chat_image(padded))
+    assert status < 500
+    if status >= 400:
+        return  # refused from the header: the class is closed that way
+    assert seconds < 2 * plain_seconds, f"padded 8x8 JPEG: {seconds:.2f} s; a 12.8 MP photograph: {plain_seconds:.2f} s"
