@@ -91,6 +91,12 @@ def sglang_native(servers, stub, tiny_engine, flag_all) -> str:
     return servers.start_gate(gate_config(tiny_engine, stub[1], threshold=0.0, proxy=proxy), flag_all)
 
 
+@pytest.fixture(scope="module")
+def guardrail_only(servers, tiny_engine, flag_all) -> str:
+    """A gate without an upstream (LiteLLM's guardrail), threshold 0."""
+    return servers.start_gate(gate_config(tiny_engine, "", threshold=0.0), flag_all)
+
+
 @pytest.fixture
 def received(stub) -> Iterator[list[Received]]:
     upstream, _ = stub
@@ -400,3 +406,57 @@ def test_a_padded_tiny_jpeg_costs_no_more_than_the_largest_ordinary_image(gate_c
     if status >= 400:
         return  # refused from the header: the class is closed that way
     assert seconds < 2 * plain_seconds, f"padded 8x8 JPEG: {seconds:.2f} s; a 12.8 MP photograph: {plain_seconds:.2f} s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# 5. The LiteLLM guardrail: a refusal must be an answer LiteLLM blocks on, not an HTTP error.
+#
+# LiteLLM 1.106.12 proxy/guardrails/guardrail_hooks/generic_guardrail_api/generic_guardrail_api.py: after
+# `response.raise_for_status()`, only `action == "BLOCKED"` raises GuardrailRaisedException (the client
+# gets a 400 with the reason). An HTTP error status goes to `_handle_guardrail_request_error`, which
+#     if unreachable_fail_open or not self.fail_on_error:
+#         return self._fail_open_passthrough(...)
+#     raise Exception(f"Generic Guardrail API failed: {error}")
+# so with `fail_on_error: false` in the guardrail's litellm_params LiteLLM forwards the request as the client
+# sent it, and with the default the client sees a 500 "Generic Guardrail API failed: Client error '400 Bad
+# Request'" without the reason (seen end to end through LiteLLM for file, input_audio, video_url,
+# input_file, file_id images and a web_fetch tool). The gate already answers BLOCKED for images it cannot
+# decode; parts, keys and tools its allow-lists refuse are 400s instead.
+
+GUARDRAIL_REFUSALS: dict[str, dict[str, Any]] = {
+    "file-part": {"parts": [{"type": "file", "file": {"file_id": "file-1"}}], "field": "content[1]"},
+    "input_audio": {
+        "parts": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+        "field": "content[1]",
+    },
+    "video_url": {
+        "parts": [{"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/v.mp4"}}],
+        "field": "content[1]",
+    },
+    "uuid-on-text": {"parts": [{"type": "text", "text": "x", "uuid": "cached-1"}], "field": "uuid"},
+    "web_fetch-tool": {"tools": [{"type": "web_fetch_20250910", "name": "web_fetch"}], "field": "tools[0]"},
+}
+
+
+@pytest.mark.xfail(
+    strict=True, reason="guardrail refuses unscreenable parts/tools with HTTP 400, which LiteLLM can fail open on"
+)
+@pytest.mark.parametrize("name", sorted(GUARDRAIL_REFUSALS))
+def test_the_guardrail_answers_blocked_for_what_its_allow_lists_refuse(guardrail_only, name):
+    """Whatever the guardrail refuses, it refuses as `BLOCKED` with a reason naming the field, the one
+    answer LiteLLM blocks on whatever its `fail_on_error`, and shows the client."""
+    case = GUARDRAIL_REFUSALS[name]
+    body = {
+        "input_type": "request",
+        "texts": ["what is this?"],
+        "images": [],
+        "structured_messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what is this?"}, *case.get("parts", [])]}
+        ],
+        "request_data": {},
+        **({"tools": case["tools"]} if "tools" in case else {}),
+    }
+    reply = post(guardrail_only, "/beta/litellm_basic_guardrail_api", body)
+    assert reply.status == 200, (reply.status, reply.body[:300])
+    answer = reply.json()
+    assert answer.get("action") == "BLOCKED" and case["field"] in answer.get("blocked_reason", ""), answer

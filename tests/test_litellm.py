@@ -508,3 +508,19 @@ def test_litellm_responses_api_images_are_screened_through_structured_messages(p
     assert received.path == "/v1/responses"
     [item] = received.json()["input"]
     assert [p.get("image_url") for p in item["content"]] == [None, screened_url(host.image)]
+
+
+@pytest.mark.slow
+def test_litellm_does_not_show_guardrails_provider_parameters(proxy, upstream):
+    """LiteLLM 1.106.12 hands a generic guardrail texts, images, tools, tool_calls and structured_messages
+    (generic_guardrail_api.py builds GenericGuardrailAPIRequest from those and user metadata), never the
+    request's provider parameters: chat `web_search_options` (`{}` turns web search on for OpenAI's search
+    models) reaches the model although the gate's own proxy refuses it. A LiteLLM limit like the image-only
+    one (found by the attacker pass, tests/test_attack_pass.py); this test notices when it changes."""
+    openai_client(proxy).chat.completions.create(
+        model="lvlm",
+        messages=[{"role": "user", "content": "search the web"}],
+        extra_body={"guardrails": ["refuse"], "web_search_options": {}},
+    )
+    [received] = upstream.received
+    assert received.json().get("web_search_options") == {}
