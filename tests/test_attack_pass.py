@@ -460,3 +460,157 @@ def test_the_guardrail_answers_blocked_for_what_its_allow_lists_refuse(guardrail
     assert reply.status == 200, (reply.status, reply.body[:300])
     answer = reply.json()
     assert answer.get("action") == "BLOCKED" and case["field"] in answer.get("blocked_reason", ""), answer
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. A stored audio response, referenced from an assistant message.
+#
+# openai-python src/openai/types/chat/chat_completion_assistant_message_param.py: `audio: Optional[Audio]`,
+# `Audio.id: Required[str]` "Unique identifier for a previous audio response from the model": OpenAI
+# brings that stored audio back into the context. The media map's OpenAI table: "chat `input_audio`,
+# assistant `audio.id` | audio | refuse".
+
+
+@pytest.mark.xfail(strict=True, reason="an assistant message's `audio.id` (stored audio) is forwarded")
+@pytest.mark.parametrize("content", ["I said it aloud", None], ids=["with-text", "audio-only"])
+def test_an_assistant_audio_reference_is_refused(strict, received, content):
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "say it"},
+            {"role": "assistant", "content": content, "audio": {"id": "audio_abc123"}},
+            {"role": "user", "content": "again"},
+        ],
+    }
+    reply = post(strict, "/v1/chat/completions", body)
+    no_media_arrived(reply, received)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. Shapes of this pass the gate refuses (or strips) as it should, pinned here because no other test
+# sends them: tools declared inside input items, server state items, nesting the SDK types do not allow,
+# keys beside a media key, upstream-only fields, a second media source on one part.
+
+USER_GO = {"role": "user", "content": "go on"}
+REFUSED_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # openai-python response_input_item_param.py: AdditionalTools and ResponseToolSearchOutputItemParam
+    # carry full tool definitions (web_search, mcp, code_interpreter...) inside `input`.
+    "responses-additional_tools-web_search": (
+        "/v1/responses",
+        {"input": [{"type": "additional_tools", "role": "developer", "tools": [{"type": "web_search"}]}, USER_GO]},
+    ),
+    "responses-tool_search_output-mcp": (
+        "/v1/responses",
+        {
+            "input": [
+                {"type": "tool_search_call", "arguments": {}, "execution": "client", "call_id": "ts1"},
+                {
+                    "type": "tool_search_output",
+                    "execution": "client",
+                    "call_id": "ts1",
+                    "tools": [{"type": "mcp", "server_label": "x", "server_url": "http://127.0.0.1:9/"}],
+                },
+                USER_GO,
+            ]
+        },
+    ),
+    "responses-namespace-nesting-web_search": (
+        "/v1/responses",
+        {
+            "input": "hi",
+            "tools": [{"type": "namespace", "name": "n", "description": "d", "tools": [{"type": "web_search"}]}],
+        },
+    ),
+    "responses-compaction-item": (
+        "/v1/responses",
+        {"input": [{"type": "compaction", "encrypted_content": "gAAAA"}, USER_GO]},
+    ),
+    "responses-programmatic_tool_calling": (
+        "/v1/responses",
+        {"input": "hi", "tools": [{"type": "programmatic_tool_calling"}]},
+    ),
+    "responses-image_generation-mask": (
+        "/v1/responses",
+        {"input": "hi", "tools": [{"type": "image_generation", "input_image_mask": {"image_url": JPEG_URL}}]},
+    ),
+    "responses-input_image-url-and-file_id": (
+        "/v1/responses",
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": JPEG_URL, "file_id": "file-1"}]}]},
+    ),
+    "responses-kv_transfer_params": (
+        "/v1/responses",
+        {"input": "hi", "kv_transfer_params": {"do_remote_prefill": True}},
+    ),
+    "chat-kv_transfer_params": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "kv_transfer_params": {"remote_block_ids": [1]}},
+    ),
+    "anthropic-system-image-block": (
+        "/v1/messages",
+        {
+            "max_tokens": 8,
+            "system": [{"type": "text", "text": "s"}, {"type": "image", "source": {"type": "url", "url": JPEG_URL}}],
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ),
+    "anthropic-content-document-nesting-url-document": (
+        "/v1/messages",
+        {
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "document",
+                            "source": {
+                                "type": "content",
+                                "content": [
+                                    {"type": "document", "source": {"type": "url", "url": "https://example.test/a.pdf"}}
+                                ],
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+    ),
+    "anthropic-image-base64-with-url-key": (
+        "/v1/messages",
+        {
+            "max_tokens": 8,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "image/jpeg",
+                                "data": JPEG_URL.split(",", 1)[1],
+                                "url": "https://example.test/other.png",
+                            },
+                        }
+                    ],
+                }
+            ],
+        },
+    ),
+    "anthropic-kv_transfer_params": (
+        "/v1/messages",
+        {
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+            "kv_transfer_params": {"remote_block_ids": [1]},
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_SHAPES))
+def test_shapes_this_pass_found_refused_stay_refused(strict, received, name):
+    path, body = REFUSED_SHAPES[name]
+    reply = post(strict, path, {"model": "m", **body})
+    assert 400 <= reply.status < 500, (reply.status, reply.body[:300])
+    assert not received, f"forwarded {received[0].body[:200]!r}"
