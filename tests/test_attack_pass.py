@@ -487,6 +487,48 @@ def test_an_assistant_audio_reference_is_refused(strict, received, content):
 
 
 # ---------------------------------------------------------------------------------------------------
+# 6b. Under inject, fields with which the client decides how the upstream renders the prompt.
+#
+# Ollama server/routes.go (fb30760) GenerateHandler: with `req.Suffix != ""` the template gets only
+#     values.Prompt = prompt; values.Suffix = req.Suffix
+# and the `system` message (where the gate puts the safety prompt) is added only in the other branch; a
+# client `template` replaces the model's and need not render the system message at all. Either way the
+# images (`media`, built before templating) still go to the runner: the flagged image arrives, the safety
+# prompt does not. (`raw: true` beside `system` is a 400 from Ollama, which fails closed.)
+
+PROMPT_RENDERING = {
+    "suffix": {"suffix": " and that is all."},
+    "template-without-system": {"template": "{{ .Prompt }}"},
+    "template-user-messages-only": {
+        "template": '{{ range .Messages }}{{ if eq .Role "user" }}{{ .Content }}{{ end }}{{ end }}'
+    },
+}
+
+
+@pytest.mark.xfail(strict=True, reason="under inject, Ollama generate's suffix/template let the upstream drop `system`")
+@pytest.mark.parametrize("name", sorted(PROMPT_RENDERING))
+def test_under_inject_the_client_cannot_choose_a_rendering_without_the_safety_prompt(injecting, received, name):
+    body = {
+        "model": "m",
+        "stream": False,
+        "prompt": "[img-0] describe it",
+        "images": [JPEG_URL.split(",", 1)[1]],
+        **PROMPT_RENDERING[name],
+    }
+    reply = post(injecting, "/api/generate", body)
+    assert reply.status < 500, reply.body[:300]
+    for request in received:
+        forwarded = request.json()
+        if (
+            "suffix" in forwarded or "template" in forwarded
+        ):  # then `system` may not be rendered: it must be in the prompt
+            safety = forwarded.get("system") or "<no safety prompt>"
+            assert safety in forwarded.get("prompt", ""), (
+                f"forwarded with the safety prompt in `system` only, beside {name}: Ollama renders it without `system`"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
 # 7. Shapes of this pass the gate refuses (or strips) as it should, pinned here because no other test
 # sends them: tools declared inside input items, server state items, nesting the SDK types do not allow,
 # keys beside a media key, upstream-only fields, a second media source on one part.
