@@ -75,7 +75,8 @@ def test_offline_and_not_cached_stops_before_torch(tmp_path):
 
 
 def test_offline_with_the_checkpoint_cached_goes_on_to_the_export(tmp_path):
-    """The cache check says yes for a cached checkpoint (the guarded process then needs torch: exit 1)."""
+    """The cache check says yes for a cached checkpoint: the guarded process goes on to the export, which
+    then needs torch (blocked here) and says which extra brings it."""
     snapshot = tmp_path / "hf" / "hub" / "models--someone--clip" / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
     (snapshot / "config.json").write_text("{}")
@@ -83,7 +84,8 @@ def test_offline_with_the_checkpoint_cached_goes_on_to_the_export(tmp_path):
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     proc = guarded_export("--model", "someone/clip", "--out", tmp_path / "e", env=env)
-    assert proc.returncode == 1 and "ModuleNotFoundError" in proc.stderr and "torch" in proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "missing dependency (torch); install it with `pip install 'safeclip[export]'`" in proc.stderr
 
 
 def test_a_broken_descriptor_file_is_reported_before_torch(tmp_path):
