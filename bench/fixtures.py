@@ -162,14 +162,16 @@ def jpegs(count: int, height: int, width: int, seed: int = 0) -> list[bytes]:
     return [jpeg(photo_like(height, width, seed + i)) for i in range(count)]
 
 
-# scikit-image's photographs (skimage.data), as used by the benchmarks and tests that need real ones.
+# scikit-image's photographs (skimage.data), as used by the benchmarks and tests that need real ones; the
+# camera-sized pictures are tiled from these. rocket (640 x 427) is one more, a common web-photo size.
 PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "motorcycle_left")
+OTHER_PHOTOGRAPHS = ("rocket",)
 
 
 def photograph(name: str) -> np.ndarray:
     """One of scikit-image's photographs as uint8 [H, W, 3] RGB, at its native resolution."""
-    if name not in PHOTOGRAPHS:
-        raise ValueError(f"unknown photograph {name!r}; available: {', '.join(PHOTOGRAPHS)}")
+    if name not in PHOTOGRAPHS + OTHER_PHOTOGRAPHS:
+        raise ValueError(f"unknown photograph {name!r}; available: {', '.join(PHOTOGRAPHS + OTHER_PHOTOGRAPHS)}")
     from skimage import data  # the dev extra; imported here so the benchmarks that need none run without it
 
     # motorcycle_left is the left view of stereo_motorcycle (all four ship inside the package).

@@ -47,6 +47,12 @@ class Settings:
     gate_clients: int
     gate_concurrent_requests: int  # cache warm, over 3 rounds
     gate_cold_rounds: int  # cache cold: rounds of one fresh request per client
+    # photos: real photographs through the gate, at a hosted upstream's forward budget
+    photos_arch: str
+    photos_cold_sizes: tuple[tuple[int, int], ...]  # (width, height) of the new camera JPEGs
+    photos_cold_requests: int
+    photos_warm_large: tuple[int, int]  # (width, height) of the warm camera photo (12 MP)
+    photos_warm_requests: int
     # 7. scaling
     scaling_arch: str
     scaling_batches: tuple[int, ...]
@@ -87,6 +93,11 @@ FULL = Settings(
     gate_clients=64,
     gate_concurrent_requests=512,
     gate_cold_rounds=3,
+    photos_arch="vit-b-32",
+    photos_cold_sizes=((1024, 768), (4000, 3000)),
+    photos_cold_requests=30,
+    photos_warm_large=(4000, 3000),
+    photos_warm_requests=200,
     scaling_arch="vit-b-32",
     scaling_batches=(1, 2, 4, 8, 16, 32),
     scaling_budget_s=20.0,
@@ -125,6 +136,11 @@ QUICK = Settings(
     gate_clients=64,
     gate_concurrent_requests=256,
     gate_cold_rounds=2,
+    photos_arch="vit-b-32",
+    photos_cold_sizes=((1024, 768), (4000, 3000)),
+    photos_cold_requests=12,
+    photos_warm_large=(4000, 3000),
+    photos_warm_requests=60,
     scaling_arch="vit-b-32",
     scaling_batches=(1, 2, 4, 8, 16, 32),
     scaling_budget_s=12.0,
@@ -164,6 +180,11 @@ SMOKE = Settings(
     gate_clients=4,
     gate_concurrent_requests=8,
     gate_cold_rounds=2,
+    photos_arch="tiny",
+    photos_cold_sizes=((160, 120), (640, 480)),
+    photos_cold_requests=3,
+    photos_warm_large=(800, 600),
+    photos_warm_requests=3,
     scaling_arch="tiny",
     scaling_batches=(1, 2, 4),
     scaling_budget_s=0.2,

@@ -2,8 +2,9 @@
 
     python -m bench.upstream --port 8123
 
-Loopback only. It reads the whole body (as a real server must) and returns a fixed completion, so
-what a client measures through it is transport and JSON, and through the gate, the gate on top.
+Loopback only. It reads the whole body (as a real server must) and returns a fixed completion (and the
+body's size in a header), so what a client measures through it is transport and JSON, and through the
+gate, the gate on top.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ COMPLETION = json.dumps(
 ).encode()
 
 
+# The size of the body it read, so a benchmark can tell how much the gate forwarded.
+RECEIVED_BYTES = "X-Bench-Received-Bytes"
+
+
 async def _chat(request: web.Request) -> web.Response:
-    await request.read()
-    return web.Response(body=COMPLETION, content_type="application/json")
+    body = await request.read()
+    return web.Response(body=COMPLETION, content_type="application/json", headers={RECEIVED_BYTES: str(len(body))})
 
 
 async def healthz(request: web.Request) -> web.Response:

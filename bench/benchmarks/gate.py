@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -280,8 +281,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def services(engine: Path, workdir: Path):
-    """Start the upstream, `safeclip serve` and the pass-through in front of it; yield their URLs; stop them."""
+def services(engine: Path, workdir: Path, gate_args: Sequence[str] = ()):
+    """Start the upstream, `safeclip serve` (with `gate_args` added to its command line) and the pass-through
+    in front of it; yield their URLs; stop them."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     up_port, gate_port, hop_port = _free_port(), _free_port(), _free_port()
     # The logs stay open until every process has stopped (the finally below), then close.
@@ -324,6 +326,7 @@ def services(engine: Path, workdir: Path):
                 str(LARGE_IMAGES * LARGE_SIDE * LARGE_SIDE),
                 "--max-body-bytes",
                 str(64 << 20),
+                *gate_args,
             )
             launch("hop", "bench.passthrough", "--port", str(hop_port), "--upstream", upstream_url)
             _wait_ready(
