@@ -83,7 +83,7 @@ ifndef NAME
 endif
 	$(PY) -m safeclip.runtime.cli export-triton --engine 'engines/$(NAME)' --out model_repository
 
-bench: ## the seven benchmarks side by side (CPU, ~28 min on 2 cores) -> bench/results/<date>.{json,md,png}
+bench: ## the eight benchmarks side by side (CPU, ~28 min on 2 cores) -> bench/results/<date>.{json,md,png}
 	$(PY) -m bench --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
 bench-quick: ## a short benchmark run (~3 min on 2 idle cores, ViT-B/32 only) -> bench/results/<date>-quick.*

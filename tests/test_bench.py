@@ -112,7 +112,7 @@ def test_a_ratio_of_an_unmeasured_metric_is_refused():
 def test_cli_lists_and_rejects_unknown_names(capsys):
     assert main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in NAMES) and len(NAMES) == 7
+    assert all(name in listed for name in NAMES) and len(NAMES) == 8
     assert main(["--only", "decision,nope"]) == 2
     assert "nope" in capsys.readouterr().err
 
@@ -143,3 +143,23 @@ def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
     assert e2e["metrics"]["tiny.safeclip_int8_b1.images_per_s"]["median"] > 0
     assert e2e["ratios"]["tiny.speedup_int8_b1_vs_b1"]["denominator"] == "tiny.transformers_b1.images_per_s"
     assert "INT8 dynamic" in md
+
+
+@pytest.mark.slow
+def test_photos_benchmark_reports_the_cold_ratio_bytes_and_warm_photos(tmp_path):
+    """Issue 21: the photos benchmark runs the gate at the Anthropic budget on real photographs; a photo past
+    the budget (6x its pixels) is forwarded smaller than it came, one within it larger
+    (the same pixels as a 4:4:4 JPEG of quality 95)."""
+    rc = run_suite(SMOKE, REGISTRY, tmp_path, only=["photos"], stem="photos")
+    assert rc == 0
+    doc, md = _read(tmp_path, "photos")
+    photos = doc["benchmarks"]["photos"]
+    assert photos["status"] == "ok" and photos["params"]["preset"] == "anthropic"
+    ratios = photos["ratios"]
+    assert ratios["cold.3200x2400.bytes_ratio"]["value"] < 1 < ratios["cold.160x120.bytes_ratio"]["value"]
+    for size in ("160x120", "3200x2400"):
+        ratio = ratios[f"cold.{size}.work_vs_decode"]
+        assert ratio["numerator"] == f"cold.{size}.gate_work_ms" and ratio["goal"] is not None
+    for name in ("chelsea", "astronaut", "rocket", "camera800x600"):
+        assert photos["metrics"][f"warm.{name}.added_ms"]["goal"] == "< 1"
+    assert "Photographs through the gate" in md

@@ -530,3 +530,82 @@ def test_stub_refuses_what_anthropic_refuses(provider):
     assert send(huge) == 400 and "5 MB" in stub.refusals[-1]
     wide = anthropic_request([camera_jpeg(100, 2100, seed) for seed in range(21)])
     assert send(wide) == 400 and "2000 pixels" in stub.refusals[-1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The LiteLLM guardrail: LiteLLM sends the returned `structured_messages` to the provider
+
+
+def guardrail_body(*urls: str) -> dict:
+    """A guardrail request as LiteLLM 1.106 sends it for a chat completion (images listed twice)."""
+    content = [{"type": "text", "text": "what?"}, *({"type": "image_url", "image_url": {"url": u}} for u in urls)]
+    return {
+        "input_type": "request",
+        "litellm_call_id": "call-1",
+        "structured_messages": [{"role": "user", "content": content}],
+        "images": list(urls),
+        "texts": ["what?"],
+        "model": "claude",
+    }
+
+
+@pytest.fixture
+def guardrail(servers, tiny_engine):
+    """guardrail(preset, **config) -> the guardrail URL of a guardrail-only gate (no upstream: LiteLLM has it)
+    on the tiny engine, and its RecordingEngine."""
+
+    def go(preset: str, **config) -> tuple[str, RecordingEngine]:
+        gate = Gate.from_engine(tiny_engine, threshold=1.0)
+        engine = RecordingEngine(gate)
+        forward = {"preset": preset, **config.pop("forward", {})}
+        base = servers.start_gate(gate_config(tiny_engine, "", forward=forward, **config), gate)
+        return f"{base}/beta/litellm_basic_guardrail_api", engine
+
+    return go
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        return json.loads(reply.read())
+
+
+def _data_url(data: bytes, media_type: str = "image/jpeg") -> str:
+    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
+
+
+def test_guardrail_returns_the_photo_at_the_providers_budget(guardrail, phone_photo):
+    """What LiteLLM writes back (structured_messages) and sends on is the screened picture at the preset's
+    budget, as a JPEG labelled as one: the 4000x3000 photo becomes Anthropic's 1264x948."""
+    url, engine = guardrail("anthropic")
+    answer = _post(url, guardrail_body(_data_url(phone_photo)))
+    assert answer["action"] == "GUARDRAIL_INTERVENED"
+    returned = answer["structured_messages"][0]["content"][1]["image_url"]["url"]
+    assert returned.startswith("data:image/jpeg;base64,") and answer["images"] == [returned]
+    data = base64.b64decode(returned.split(",", 1)[1])
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "JPEG" and image.size == (1264, 948)
+    engine_input = Preprocessor(56).fit(decode_image(data, "returned"))
+    assert hashlib.sha256(engine_input.tobytes()).hexdigest() in {hashlib.sha256(i).hexdigest() for i in engine.inputs}
+
+
+def test_guardrail_blocks_what_the_provider_would_refuse(guardrail):
+    """An image the provider would refuse as returned (forward_original keeps a client's 6.9 MB-of-base64 PNG),
+    more images than it takes, or images past its request size are BLOCKED with the reason, naming the image:
+    LiteLLM shows its client a blocked reason, where the provider's refusal would come later and vaguer."""
+    big = _data_url(_noise_png(1300, 1300), "image/png")
+    url, _ = guardrail("anthropic", proxy={"forward_original": True})
+    answer = _post(url, guardrail_body(big))
+    assert answer["action"] == "BLOCKED", answer
+    assert "structured_messages[0].content[1]" in answer["blocked_reason"] and "5,242,880" in answer["blocked_reason"]
+    # The same image screened and returned at Anthropic's size goes through.
+    url, _ = guardrail("anthropic")
+    assert _post(url, guardrail_body(big))["action"] == "GUARDRAIL_INTERVENED"
+    tiny = _data_url(png(seed=5, size=16), "image/png")
+    many = _post(url, guardrail_body(*[tiny] * 101))  # the same image 101 times: LiteLLM sends each
+    assert many["action"] == "BLOCKED" and "at most 100" in many["blocked_reason"], many
+    assert _post(url, guardrail_body(*[tiny] * 100))["action"] == "GUARDRAIL_INTERVENED"
+    url, _ = guardrail("anthropic", forward={"max_request_bytes": 20_000})
+    photo = _data_url(camera_jpeg(300, 400))
+    small = _post(url, guardrail_body(photo))
+    assert small["action"] == "BLOCKED" and "20,000" in small["blocked_reason"], small

@@ -20,6 +20,7 @@ stage (decode at the forward size, encode, engine input) is reported beside it, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import re
 import time
@@ -68,9 +69,10 @@ def needs(s):
     return [(s.photos_arch, False, False)]
 
 
-def camera_jpeg(width: int, height: int, seed: int) -> bytes:
+def camera_jpeg(size: tuple[int, int], seed: int) -> bytes:
     """A camera-sized JPEG of tiled photographs, different for every seed (shifted, and the seed written
     into the first pixels), so a cold request is never answered from the cache."""
+    width, height = size
     rgb = np.roll(tiled_photograph(height, width, seed), 53 * seed, axis=1)
     rgb[0, :8] = np.frombuffer(seed.to_bytes(24, "little"), np.uint8).reshape(8, 3)
     return jpeg(rgb, CAMERA_QUALITY)
@@ -97,7 +99,7 @@ def run(ctx, result: Result) -> None:
     config.write_text(gate_config_text())
     warm_images = {name: jpeg(photograph(name), CAMERA_QUALITY) for name in WARM_PHOTOS}
     large = s.photos_warm_large
-    warm_images[f"camera{_size(large)}"] = camera_jpeg(*large, seed=1_000_000)
+    warm_images[f"camera{_size(large)}"] = camera_jpeg(large, 1_000_000)
     result.params.update(
         arch=a.label,
         engine_backend="cpu",
@@ -222,14 +224,14 @@ async def _measure(s, upstream_url: str, gate_url: str, hop_url: str, warm_image
         seeds = iter(range(1, 1_000_000))
         for size in s.photos_cold_sizes:  # warm-up: connections, the first engine call, the pool's threads
             for _ in range(2):
-                await pair(request_body([camera_jpeg(*size, next(seeds))]), 0, gate_url)
+                await pair(request_body([camera_jpeg(size, next(seeds))]), 0, gate_url)
         await pair(request_body([warm_images[WARM_PHOTOS[0]]]), 0, hop_url)
         for size in s.photos_cold_sizes:
             rows = []
             for i in range(s.photos_cold_requests):
-                data = camera_jpeg(*size, next(seeds))
+                data = camera_jpeg(size, next(seeds))
                 body = request_body([data])
-                decode = time_once(lambda data=data: pillow_decode(data)) * 1e3
+                decode = time_once(functools.partial(pillow_decode, data)) * 1e3
                 before = await stages()
                 row = await pair(body, i, gate_url)
                 after = await stages()

@@ -21,10 +21,11 @@ inputs where decoders could disagree:
   (most of a full-range 16-bit gray image turns white). 32-bit float images are refused.
 - Arrays given directly are taken as RGB; uint16 arrays keep their high byte.
 
-The gate decodes once, at the size it forwards (`decode_resized`: a JPEG reduced in the DCT domain where
-that is at most half of it), screens those pixels (`Preprocessor.fit`) and forwards them re-encoded
-(`encode_png`, `encode_jpeg`; server/forwarding.py picks one), so no decoder downstream can see another
-picture.
+The gate decodes once, at the size it forwards (`decode_resized_image`: a JPEG reduced in the DCT domain
+where that is at most half of it), forwards those pixels re-encoded (`encode_png`, `encode_jpeg`;
+server/forwarding.py picks one) and screens the forwarded file's own pixels (`decode_picture`,
+`Preprocessor.fit`), so no decoder downstream can see another picture. Those steps pass Pillow images,
+not arrays: converting one is a copy that costs as much as a step.
 """
 
 from __future__ import annotations
@@ -74,7 +75,9 @@ __all__ = [
     "Preprocessor",
     "UnsupportedImage",
     "decode_image",
+    "decode_picture",
     "decode_resized",
+    "decode_resized_image",
     "encode_jpeg",
     "encode_png",
     "image_size_from_header",
@@ -252,14 +255,23 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 
 def decode_resized(data: bytes, source: str, max_pixels: int, fit: Callable[[int, int], tuple[int, int]]) -> np.ndarray:
-    """decode_image, then resized (Pillow's bicubic, antialiased) to `fit(width, height)` of the upright
-    picture; never enlarged. `fit` must be symmetric (fit(h, w) is fit(w, h) turned), as a budget of long
-    edge, short edge and pixels is, so the size can be chosen before EXIF turns the picture.
+    """decode_resized_image as a uint8 (H, W, 3) array."""
+    return np.asarray(decode_resized_image(data, source, max_pixels, fit))
+
+
+def decode_resized_image(
+    data: bytes, source: str, max_pixels: int, fit: Callable[[int, int], tuple[int, int]]
+) -> Image.Image:
+    """The picture as decode_image shows it, resized (Pillow's bicubic, antialiased) to `fit(width, height)`
+    of the upright picture, as a Pillow RGB image; never enlarged. `fit` must be symmetric (fit(h, w) is
+    fit(w, h) turned), as a budget of long edge, short edge and pixels is, so the size can be chosen before
+    EXIF turns the picture.
 
     A JPEG whose size is at most half the full one on both sides is decoded reduced by libjpeg's DCT
     scaling (1/2, 1/4 or 1/8, the largest that keeps at least the output size and divides both sides, so
     no partial block stands for pixels past the edge): the decode then costs a fraction of the full one,
-    and Pillow resizes what is left by less than 2x."""
+    and Pillow resizes what is left by less than 2x. The image stays Pillow's: a uint8 array of it is a
+    copy that costs about as much as the resize (np.asarray of a 12 MP picture: ~0.8 of its decode)."""
     image, fmt = _open(data, source, max_pixels)
     stored = image.size
     target = fit(*stored)
@@ -279,24 +291,34 @@ def decode_resized(data: bytes, source: str, max_pixels: int, fit: Callable[[int
         target = target[::-1]
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
-    return np.asarray(rgb)
+    return rgb
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
-    """A baseline (sequential, single-scan) JPEG of these uint8 (H, W, 3) RGB pixels: no chroma subsampling
+def decode_picture(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """decode_image's picture as the Pillow RGB image it is made from (no array copy)."""
+    return _decode(data, source, max_pixels).image
+
+
+def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int = 95) -> bytes:
+    """A baseline (sequential, single-scan) JPEG of these uint8 (H, W, 3) RGB pixels (or Pillow RGB image,
+    encoded as it is, without a copy): no chroma subsampling
     (4:4:4), Pillow's standard tables scaled to `quality`, no metadata besides the JFIF header. Without
     subsampling, decoders differ only by their IDCT's rounding (a few levels; SECURITY.md states the
     bound, tests/test_forwarding.py measures it with three decoders): there is no chroma upsampling for
     them to disagree on, no progressive scan to stop early at, no EXIF to turn the picture by."""
-    problem = _layout_problem(rgb, rgb_only=True)
-    if problem is not None:
-        raise ValueError(f"encode_jpeg: {problem}")
+    if isinstance(rgb, Image.Image):
+        if rgb.mode != "RGB" or 0 in rgb.size:
+            raise ValueError(f"encode_jpeg: expected a non-empty RGB image, got mode {rgb.mode} {rgb.size}")
+        image = rgb
+    else:
+        problem = _layout_problem(rgb, rgb_only=True)
+        if problem is not None:
+            raise ValueError(f"encode_jpeg: {problem}")
+        image = Image.fromarray(np.ascontiguousarray(rgb), "RGB")
     if not 1 <= quality <= 100:
         raise ValueError(f"encode_jpeg: quality must be in 1..100, got {quality}")
     out = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
-        out, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False
-    )
+    image.save(out, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
     return out.getvalue()
 
 
@@ -402,9 +424,14 @@ class Preprocessor:
             return self._fit(_Shown(_array_image(data, source), data.shape[1::-1], 1))
         return self._fit(_decode(data, source, self.max_pixels, reduce_for=self))
 
-    def fit(self, rgb: np.ndarray) -> np.ndarray:
-        """The engine input for pixels already decoded at full resolution (decode_image's output); the
-        same as calling the preprocessor on that array."""
+    def fit(self, rgb: np.ndarray | Image.Image) -> np.ndarray:
+        """The engine input for pixels already decoded at full resolution (decode_image's output, or the
+        Pillow RGB image decode_picture gives, used without a copy); the same as calling the preprocessor
+        on that array."""
+        if isinstance(rgb, Image.Image):
+            if rgb.mode != "RGB" or 0 in rgb.size:
+                raise ValueError(f"fit: expected a non-empty RGB image, got mode {rgb.mode} {rgb.size}")
+            return self._fit(_Shown(rgb, rgb.size, 1))
         return self(rgb)
 
     def decode(self, data: bytes, source: str) -> np.ndarray:

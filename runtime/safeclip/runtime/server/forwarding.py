@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from yarl import URL
 
-from safeclip.runtime.preprocess import decode_image, decode_resized, encode_jpeg, encode_png
+from safeclip.runtime.preprocess import decode_picture, decode_resized_image, encode_jpeg, encode_png
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import Verbatim
 
@@ -205,34 +206,41 @@ class Forward(NamedTuple):
 JPEG_MAX_SIDE = 65_500
 
 
-def encode(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
-    """(file, media type): the PNG of these pixels when it is no larger than their JPEG, else the JPEG.
+def encode(rgb: np.ndarray | Image.Image, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
+    """(file, media type): the PNG of these pixels (an array, or a Pillow RGB image) when it is no larger
+    than their JPEG, else the JPEG.
 
     Both are made only for pictures with flat runs (graphics, screenshots, text): a photograph's
     neighbouring pixels are almost never equal, and its PNG is 3-5x its JPEG, so it is encoded as JPEG
     at once. Flatness is read on every 8th row, a small part of one encode's time."""
-    if max(rgb.shape[:2]) > JPEG_MAX_SIDE:  # past what a JPEG can hold (65,500 px a side): PNG alone
-        return encode_png(rgb), "image/png"
-    sample = rgb[::8]
+    width, height = (rgb.width, rgb.height) if isinstance(rgb, Image.Image) else (rgb.shape[1], rgb.shape[0])
+    if max(width, height) > JPEG_MAX_SIDE:  # past what a JPEG can hold (65,500 px a side): PNG alone
+        return encode_png(np.asarray(rgb)), "image/png"
+    if isinstance(rgb, Image.Image):
+        # Every 8th row (nearest neighbour picks rows 4, 12, ...) as an array: an eighth of the copy.
+        sample = np.asarray(rgb.resize((width, max(1, height // 8)), Image.Resampling.NEAREST))
+    else:
+        sample = rgb[::8]
     same = np.all(sample[:, 1:] == sample[:, :-1], axis=2)
     if np.count_nonzero(same) < _FLAT_FOR_PNG * same.size:
         return encode_jpeg(rgb, quality), "image/jpeg"
-    png = encode_png(rgb)
+    png = encode_png(np.asarray(rgb))
     jpeg = encode_jpeg(rgb, quality)
     return (png, "image/png") if len(png) <= len(jpeg) else (jpeg, "image/jpeg")
 
 
-def prepare(data: bytes, source: str, max_pixels: int, budget: Budget) -> tuple[np.ndarray, Forward]:
+def prepare(data: bytes, source: str, max_pixels: int, budget: Budget) -> tuple[Image.Image, Forward]:
     """(the pixels to screen, what is forwarded) for the picture in `data` at the budget's size. The pixels
     are the forwarded file as Pillow decodes it: for a PNG the resized picture itself, for a JPEG its
     decoding (one more decode, of the forward size, so that not even the JPEG's own rounding lies between
-    what is screened and what the upstream reads). Module level with plain arguments, so that a worker
-    process can run it. ImageError for what cannot be decoded."""
-    rgb = decode_resized(data, source, max_pixels, budget.size)
+    what is screened and what the upstream reads), as a Pillow RGB image for Preprocessor.fit (an array
+    would be a copy as costly as a step). Module level with plain arguments, so that a worker process can
+    run it. ImageError for what cannot be decoded."""
+    rgb = decode_resized_image(data, source, max_pixels, budget.size)
     encoded, media_type = encode(rgb)
-    height, width = rgb.shape[:2]
+    width, height = rgb.size
     if media_type == "image/jpeg":
-        rgb = decode_image(encoded, source, max_pixels)
+        rgb = decode_picture(encoded, source, max_pixels)
     return rgb, Forward(Verbatim(base64.b64encode(encoded)), media_type, width, height)
 
 

@@ -371,8 +371,11 @@ def run_passthrough(
 async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Record) -> Outcome:
     """LiteLLM's Generic Guardrail API (dialects/litellm.py). LiteLLM forwards its own copy of the request, so
     the gate answers with what to change in it: BLOCKED (refuse), NONE, or GUARDRAIL_INTERVENED with every
-    image in `structured_messages` (which LiteLLM writes back) replaced by the PNG of the pixels screened, as
-    the proxy forwards them (with `forward_original`: URL images only, as their fetched bytes).
+    image in `structured_messages` (which LiteLLM writes back) replaced by the pixels screened, at the forward
+    budget and encoded as the proxy forwards them (with `forward_original`: URL images only, as their fetched
+    bytes). LiteLLM sends those images on to the provider, so the provider's limits (`[forward] preset`: the
+    gate cannot tell which provider LiteLLM routes to) are checked on them: what the provider would refuse is
+    BLOCKED, naming the image, instead of failing at the provider.
 
     An image the client sent that cannot be screened is BLOCKED, not a 4xx: LiteLLM shows its client a blocked
     reason but drops an error's body. The gate's own trouble (not ready, overloaded) stays a 503, which
@@ -422,14 +425,44 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
             )
         )
     replaced: dict[str, jsonbody.Verbatim] = {}
+    outgoing: dict[str, forwarding.Outgoing] = {}
     for slot, item in zip(exchange.slots, screened, strict=True):
         replacement = forwarded(slot, item, config.proxy.forward_original)
+        outgoing[slot.value] = _outgoing(slot, item, replacement)
         if replacement is not None:
             replaced[slot.value] = data_url(*replacement)
+    try:
+        _check_returned(state.plan.limits, guard, outgoing)
+    except GateError as e:  # LiteLLM would send the provider what it refuses: say so as a blocked reason
+        record.error = e.code
+        return Answer(Reply(litellm.blocked(f"safeclip: {e.message} (request {record.request_id})")))
     if not replaced and prompt is None:
         return Answer(Reply(litellm.none()))
     # canonical(), not json_response: it copies the ~330 KB base64 images in without scanning them
     return Answer(Reply(), raw_json=jsonbody.canonical(litellm.intervened(guard, replaced, prompt)))
+
+
+def _check_returned(
+    limits: forwarding.Limits, guard: litellm.GuardrailRequest, outgoing: dict[str, forwarding.Outgoing]
+) -> None:
+    """The provider's limits (`[forward]`) on the images LiteLLM will send it after the guardrail's answer:
+    those of `structured_messages`, which it writes back (every occurrence, as it sends them), else those of
+    `images`. Their base64 alone past the provider's request size is refused as that. GateError naming the
+    image, as forwarding.check_images raises it."""
+    in_messages = [ref for ref in guard.images if ref.path[:1] == ("structured_messages",)]
+    refs = in_messages or list(guard.images)
+    images = [
+        forwarding.Outgoing(ref.where, outgoing[ref.value].base64_chars, outgoing[ref.value].size) for ref in refs
+    ]
+    forwarding.check_images(limits, images)
+    total = sum(image.base64_chars for image in images)
+    if limits.max_request_bytes is not None and total > limits.max_request_bytes:
+        raise GateError(
+            413,
+            f"the request's images are {total:,} characters of base64 as returned; the upstream takes requests of "
+            f"at most {limits.max_request_bytes:,} bytes",
+            "request_too_large",
+        )
 
 
 async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> Outcome:

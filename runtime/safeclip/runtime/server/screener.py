@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from safeclip.runtime.decision import Verdict
-from safeclip.runtime.preprocess import ImageError, Preprocessor, decode_image, image_size_from_header
+from safeclip.runtime.preprocess import ImageError, Preprocessor, decode_picture, image_size_from_header
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import Entry, VerdictCache
 from safeclip.runtime.server.decoding import DecodePool
@@ -207,7 +207,8 @@ class Screener:
         def work() -> tuple[np.ndarray, Forward | None, float]:
             start = time.perf_counter()
             if budget is None:
-                return fit(decode_image(data, source, self.preprocessor.max_pixels)), None, time.perf_counter() - start
+                picture = decode_picture(data, source, self.preprocessor.max_pixels)
+                return fit(picture), None, time.perf_counter() - start
             # Downscaled first: the engine screens exactly the pixels that are forwarded.
             rgb, forwarded = prepare(data, source, self.preprocessor.max_pixels, budget)
             return fit(rgb), forwarded, time.perf_counter() - start
