@@ -498,7 +498,8 @@ def test_the_reference_decode_of_the_forwarded_file_is_what_is_screened(phone_ph
     rgb, forward = forwarding.prepare(phone_photo, "photo", DEFAULT_MAX_PIXELS, PRESETS["anthropic"].budget)
     data = base64.b64decode(forward.data.text)
     assert forward.media_type == "image/jpeg" and (forward.width, forward.height) == (1264, 948)
-    assert np.array_equal(rgb, decode_image(data, "forwarded"))
+    assert isinstance(rgb, Image.Image)  # passed on as Pillow's image: an array of it would be a copy
+    assert np.array_equal(np.asarray(rgb), decode_image(data, "forwarded"))
     assert len(data) < len(phone_photo) / 2
 
 
