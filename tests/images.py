@@ -67,3 +67,17 @@ def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Imag
     result = Image.new(image.mode, (side, side), background)
     result.paste(image, ((side - width) // 2, (side - height) // 2))
     return result
+
+
+def camera_jpeg(height: int, width: int, seed: int = 0, quality: int = 90) -> bytes:
+    """scikit-image's photographs tiled at native resolution to a camera size, saved as a camera does (a
+    4:2:0 JPEG, by OpenCV's encoder)."""
+    from bench.fixtures import tiled_photograph  # a repository folder; imported where it is needed
+
+    ok, buf = cv2.imencode(
+        ".jpg",
+        cv2.cvtColor(tiled_photograph(height, width, seed), cv2.COLOR_RGB2BGR),
+        [cv2.IMWRITE_JPEG_QUALITY, quality],
+    )
+    assert ok
+    return buf.tobytes()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
 
+import numpy as np
 import pytest
 from aiohttp import web
 
@@ -134,6 +135,19 @@ class Servers:
 
         self.call(loaded())
         return url
+
+
+class RecordingEngine:
+    """Wraps gate.classify to keep every engine input it is given (by sha256 of its bytes)."""
+
+    def __init__(self, gate: Gate):
+        self.inner = gate.classify
+        self.inputs: list[bytes] = []
+        gate.classify = self  # type: ignore[method-assign,assignment]
+
+    def __call__(self, pixels: list, digests: list[str]) -> list:
+        self.inputs.extend(np.ascontiguousarray(p).tobytes() for p in pixels)
+        return self.inner(pixels, digests)
 
 
 def gate_config(engine: Path | str, upstream: str, **overrides: Any) -> GateConfig:

@@ -29,12 +29,13 @@ from PIL import Image, JpegImagePlugin
 from provider_upstream import ANTHROPIC_MAX_IMAGE_BASE64, ProviderUpstream
 
 from bench.fixtures import PHOTOGRAPHS, photograph, tiled_photograph
+from images import camera_jpeg
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS, Preprocessor, decode_image, decode_resized, encode_jpeg
 from safeclip.runtime.server import forwarding
 from safeclip.runtime.server.config import load_config
 from safeclip.runtime.server.forwarding import PRESETS, Budget, preset_for, resolve
-from server_helpers import TESTS, gate_config, png
+from server_helpers import TESTS, RecordingEngine, gate_config, png
 
 GATE_KEY = "gate-key-never-upstream"
 PROVIDER_KEY = "sk-provider-held-by-the-gate"
@@ -44,16 +45,6 @@ ANTHROPIC_1X = Path(os.environ.get("ANTHROPIC1_VENV", TESTS.parent / ".venv-anth
 # servers choose) may: SECURITY.md states both.
 ACCURATE_IDCT_LEVELS = 1
 FAST_IDCT_LEVELS = 24
-
-
-def camera_jpeg(height: int, width: int, seed: int = 0, quality: int = 90) -> bytes:
-    ok, buf = cv2.imencode(
-        ".jpg",
-        cv2.cvtColor(tiled_photograph(height, width, seed), cv2.COLOR_RGB2BGR),
-        [cv2.IMWRITE_JPEG_QUALITY, quality],
-    )
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -235,19 +226,6 @@ def test_exif_turned_jpeg_is_resized_upright():
 
 # ---------------------------------------------------------------------------------------------------
 # Through the gate, to provider-faithful stubs
-
-
-class RecordingEngine:
-    """Wraps gate.classify to keep every engine input it is given (by sha256 of its bytes)."""
-
-    def __init__(self, gate: Gate):
-        self.inner = gate.classify
-        self.inputs: list[bytes] = []
-        gate.classify = self  # type: ignore[method-assign,assignment]
-
-    def __call__(self, pixels: list, digests: list[str]) -> list:
-        self.inputs.extend(np.ascontiguousarray(p).tobytes() for p in pixels)
-        return self.inner(pixels, digests)
 
 
 @pytest.fixture

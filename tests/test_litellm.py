@@ -9,22 +9,39 @@ Everything listens on 127.0.0.1. Verdicts are forced with thresholds: 0.0 flags 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import anthropic
 import openai
 import pytest
+from provider_upstream import ProviderUpstream
 
+from images import camera_jpeg
 from safeclip.runtime.gate import Gate
+from safeclip.runtime.preprocess import Preprocessor, decode_image
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT
 from safeclip.runtime.server.dialects import litellm
 from safeclip.runtime.server.errors import GateError
-from server_helpers import TESTS, ImageHost, data_url, gate_config, http, png, post_json, screened_url, wait_for
+from server_helpers import (
+    TESTS,
+    ImageHost,
+    RecordingEngine,
+    data_url,
+    gate_config,
+    http,
+    png,
+    post_json,
+    screened_url,
+    wait_for,
+)
 
 IMAGE = png(seed=31)
 LITELLM = TESTS.parent / ".venv-litellm" / "bin" / "litellm"
@@ -341,8 +358,14 @@ def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, tmp_path_f
         )
 
     gates = {"refuse": start(flag_all), "pass": start(flag_none), "inject": start(flag_all, action="inject")}
-    folder = tmp_path_factory.mktemp("litellm")
-    (folder / "config.yaml").write_text(litellm_config(upstream, gates))
+    with litellm_proxy(tmp_path_factory.mktemp("litellm"), litellm_config(upstream, gates)) as base:
+        yield base
+
+
+@contextmanager
+def litellm_proxy(folder: Path, config: str):
+    """A LiteLLM proxy (from .venv-litellm) running `config` on 127.0.0.1; its base URL once it is live."""
+    (folder / "config.yaml").write_text(config)
     port = free_port()
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_PROXY": "127.0.0.1,localhost"}
     with open(folder / "litellm.log", "w") as out:
@@ -524,3 +547,51 @@ def test_litellm_does_not_show_guardrails_provider_parameters(proxy, upstream):
     )
     [received] = upstream.received
     assert received.json().get("web_search_options") == {}
+
+
+@pytest.mark.slow
+def test_litellm_sends_the_provider_the_photo_at_its_budget(servers, tiny_engine, tmp_path):
+    """Issue 21, end to end: a 4000x3000 phone photo through a real LiteLLM proxy whose model is Anthropic (a
+    stub applying Anthropic's rules), with the gate as its guardrail at the Anthropic preset. LiteLLM
+    writes back the returned `structured_messages` and translates them to Anthropic's format: the provider
+    gets the screened 1264x948 JPEG, labelled image/jpeg, and the key LiteLLM holds."""
+    if not LITELLM.exists():
+        pytest.skip(f"LiteLLM's proxy is not installed ({LITELLM} is missing; `make install` makes .venv-litellm)")
+    stub = ProviderUpstream(provider="anthropic", key="sk-ant-held-by-litellm")
+    provider = servers.start(stub.app())
+    gate = Gate.from_engine(tiny_engine, threshold=1.0)
+    engine = RecordingEngine(gate)
+    guard = servers.start_gate(gate_config(tiny_engine, "", api_key=GATE_KEY, forward={"preset": "anthropic"}), gate)
+    config = f"""model_list:
+  - model_name: claude
+    litellm_params:
+      model: anthropic/claude-sonnet-4-5
+      api_base: {provider}
+      api_key: sk-ant-held-by-litellm
+guardrails:
+  - guardrail_name: safeclip
+    litellm_params:
+      guardrail: generic_guardrail_api
+      mode: pre_call
+      api_base: {guard}
+      headers:
+        x-safeclip-api-key: {GATE_KEY}
+      default_on: true
+general_settings:
+  master_key: {LITELLM_MASTER_KEY}
+litellm_settings:
+  num_retries: 0
+"""
+    photo = camera_jpeg(3000, 4000)
+    with litellm_proxy(tmp_path, config) as base:
+        answer = openai_client(base).chat.completions.create(
+            model="claude",
+            max_tokens=16,
+            messages=[{"role": "user", "content": text_and(data_url(photo, "image/jpeg"))}],
+        )
+    assert answer.choices[0].message.content, stub.refusals
+    assert stub.refusals == []
+    [arrived] = stub.images
+    assert arrived.media_type == "image/jpeg" and arrived.image.size == (1264, 948)
+    engine_input = Preprocessor(56).fit(decode_image(arrived.data, "arrived"))
+    assert hashlib.sha256(engine_input.tobytes()).hexdigest() in {hashlib.sha256(i).hexdigest() for i in engine.inputs}
