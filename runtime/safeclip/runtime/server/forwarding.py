@@ -234,7 +234,7 @@ def prepare(data: bytes, source: str, max_pixels: int, budget: Budget) -> tuple[
     are the forwarded file as Pillow decodes it: for a PNG the resized picture itself, for a JPEG its
     decoding (one more decode, of the forward size, so that not even the JPEG's own rounding lies between
     what is screened and what the upstream reads), as a Pillow RGB image for Preprocessor.fit (an array
-    would be a copy as costly as a step). Module level with plain arguments, so that a worker process can
+    would be one more copy). Module level with plain arguments, so that a worker process can
     run it. ImageError for what cannot be decoded."""
     rgb = decode_resized_image(data, source, max_pixels, budget.size)
     encoded, media_type = encode(rgb)
