@@ -18,7 +18,7 @@ def build_parser(names: tuple[str, ...]) -> argparse.ArgumentParser:
         description="safeclip benchmarks, side by side in one run: medians, p10–p90 spread, ratios of this run's "
         "medians. Exit status 1 when a result is missing (named on stderr).",
     )
-    p.add_argument("--quick", action="store_true", help="short run (~3 min on 2 cores): ViT-B/32 only, fewer samples")
+    p.add_argument("--quick", action="store_true", help="short run (~5 min on 2 cores): ViT-B/32 only, fewer samples")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     p.add_argument(
         "--only",
