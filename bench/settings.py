@@ -59,6 +59,17 @@ class Settings:
     scaling_budget_s: float
     scaling_min: int
     scaling_max: int
+    # 8. dataset scan (the pipeline on scan_arch; the engine ceiling on each of scan_ceiling_archs)
+    scan_arch: str
+    scan_ceiling_archs: tuple[str, ...]
+    scan_images: int
+    scan_per_shard: int
+    scan_batch: int
+    scan_budget_s: float
+    scan_min: int
+    scan_max: int
+    scan_ray_cpus: int
+    scan_ray_rounds: int
     plot: bool = True
 
 
@@ -103,6 +114,16 @@ FULL = Settings(
     scaling_budget_s=20.0,
     scaling_min=3,
     scaling_max=10,
+    scan_arch="tiny",
+    scan_ceiling_archs=("tiny", "vit-b-32"),
+    scan_images=2048,
+    scan_per_shard=256,
+    scan_batch=32,
+    scan_budget_s=120.0,
+    scan_min=5,
+    scan_max=9,
+    scan_ray_cpus=2,
+    scan_ray_rounds=3,
 )
 
 QUICK = Settings(
@@ -146,6 +167,16 @@ QUICK = Settings(
     scaling_budget_s=12.0,
     scaling_min=2,
     scaling_max=5,
+    scan_arch="tiny",
+    scan_ceiling_archs=("tiny", "vit-b-32"),
+    scan_images=1024,
+    scan_per_shard=128,
+    scan_batch=32,
+    scan_budget_s=40.0,
+    scan_min=3,
+    scan_max=5,
+    scan_ray_cpus=2,
+    scan_ray_rounds=2,
 )
 
 # The test suite's preset: the seeded tiny model and the fewest samples that still give a median.
@@ -190,6 +221,16 @@ SMOKE = Settings(
     scaling_budget_s=0.2,
     scaling_min=3,
     scaling_max=3,
+    scan_arch="tiny",
+    scan_ceiling_archs=("tiny",),
+    scan_images=24,
+    scan_per_shard=10,
+    scan_batch=4,
+    scan_budget_s=0.1,
+    scan_min=1,
+    scan_max=1,
+    scan_ray_cpus=2,
+    scan_ray_rounds=1,
     plot=True,
 )
 

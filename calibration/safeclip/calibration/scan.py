@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.dataset) != 1:
                 raise DatasetError(f"one folder or JSON/JSONL file at a time, got {len(args.dataset)}")
             summary = scan(
-                gate_from_args(args),
+                gate_from_args(args, spin_wait=False),
                 args.dataset[0],
                 args.out or f"scan-{Path(args.dataset[0]).stem}",
                 args.image_root,
@@ -380,7 +380,7 @@ def _scan_shards(args: argparse.Namespace) -> ScanSummary:
 
         ray = RayOptions(address=args.ray or None, actors=args.ray_actors, gpus_per_actor=args.ray_gpus_per_actor)
     out = args.out or f"scan-{Path(args.dataset[0].split('{')[0].rstrip('/-_') or 'shards').stem}"
-    return scan_shards(gate_from_args(args), args.dataset, out, options, ray)
+    return scan_shards(gate_from_args(args, spin_wait=False), args.dataset, out, options, ray)
 
 
 if __name__ == "__main__":

@@ -116,8 +116,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, config_file: bool = Fa
     )
 
 
-def gate_from_args(args: argparse.Namespace) -> Gate:
-    """The Gate the flags of add_engine_arguments describe."""
+def gate_from_args(args: argparse.Namespace, spin_wait: bool = True) -> Gate:
+    """The Gate the flags of add_engine_arguments describe (spin_wait: see Engine.load)."""
     return Gate.from_engine(
         args.engine,
         thresholds=args.thresholds,
@@ -127,6 +127,7 @@ def gate_from_args(args: argparse.Namespace) -> Gate:
         precision=args.precision,
         max_pixels=args.max_pixels,
         max_batch=args.batch_size,
+        spin_wait=spin_wait,
     )
 
 

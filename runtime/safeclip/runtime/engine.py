@@ -32,9 +32,11 @@ class Engine:
         backend: str = "auto",
         precision: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        spin_wait: bool = True,
     ) -> Engine:
         """backend: an onnxruntime provider (auto, cpu, cuda, tensorrt), trt for the native TensorRT
-        plan, or a Triton server URL (triton://host:8001, http://host:8000)."""
+        plan, or a Triton server URL (triton://host:8001, http://host:8000). spin_wait=False: onnxruntime's
+        idle threads sleep instead of spinning for the next call (a batch job sharing the cores)."""
         from safeclip.runtime.backends.triton import is_triton_url
 
         if max_batch < 1:
@@ -54,9 +56,9 @@ class Engine:
             if backend == "trt":
                 bound, precision = _tensorrt(path, manifest)
             elif backend == "auto":
-                bound, precision = _auto(path, manifest, precision)
+                bound, precision = _auto(path, manifest, precision, spin_wait)
             else:
-                bound, precision = _onnxruntime(path, manifest, backend, precision)
+                bound, precision = _onnxruntime(path, manifest, backend, precision, spin_wait)
         engine = cls(path, manifest, bound, precision, min(max_batch, getattr(bound, "max_batch", max_batch)))
         engine._check_signature()
         return engine
@@ -110,15 +112,17 @@ class Engine:
         return out
 
 
-def _onnxruntime(path: Path, manifest: Manifest, provider: str, precision: str | None) -> tuple[Backend, str]:
+def _onnxruntime(
+    path: Path, manifest: Manifest, provider: str, precision: str | None, spin_wait: bool = True
+) -> tuple[Backend, str]:
     from safeclip.runtime.backends.onnxruntime import OnnxRuntimeBackend, check_provider
 
     provider = check_provider(provider)
     precision = precision or _default_precision(provider, manifest)
-    return OnnxRuntimeBackend(path / manifest.artifact(precision).path, provider), precision
+    return OnnxRuntimeBackend(path / manifest.artifact(precision).path, provider, spin_wait=spin_wait), precision
 
 
-def _auto(path: Path, manifest: Manifest, precision: str | None) -> tuple[Backend, str]:
+def _auto(path: Path, manifest: Manifest, precision: str | None, spin_wait: bool = True) -> tuple[Backend, str]:
     """The native plan where it runs here, else the first onnxruntime provider a session really runs on."""
     from safeclip.runtime.backends.onnxruntime import open_auto
 
@@ -136,7 +140,7 @@ def _auto(path: Path, manifest: Manifest, precision: str | None) -> tuple[Backen
     def artifact_for(provider: str) -> Path:
         return path / manifest.artifact(precision or _default_precision(provider, manifest)).path
 
-    bound, provider = open_auto(artifact_for)
+    bound, provider = open_auto(artifact_for, spin_wait=spin_wait)
     return bound, precision or _default_precision(provider, manifest)
 
 

@@ -40,8 +40,9 @@ class Gate:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         resize_mode: str | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
+        spin_wait: bool = True,
     ) -> Gate:
-        engine = Engine.load(path, backend=backend, precision=precision, max_batch=max_batch)
+        engine = Engine.load(path, backend=backend, precision=precision, max_batch=max_batch, spin_wait=spin_wait)
         policy = Policy.from_manifest(engine.manifest, thresholds, threshold, tuple(disabled))
         preprocessor = Preprocessor.from_spec(engine.manifest.image, max_pixels=max_pixels, mode=resize_mode)
         return cls(engine, policy, preprocessor)

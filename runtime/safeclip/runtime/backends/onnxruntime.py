@@ -121,7 +121,14 @@ def _gpu_start_errors(ort) -> tuple[type[BaseException], ...]:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, model_path: Path, provider: str = "cpu", cache_dir: Path | None = None, threads: int = 0):
+    def __init__(
+        self,
+        model_path: Path,
+        provider: str = "cpu",
+        cache_dir: Path | None = None,
+        threads: int = 0,
+        spin_wait: bool = True,
+    ):
         ort = import_onnxruntime()
         if provider not in PROVIDERS:
             raise BackendError(f"unknown onnxruntime provider {provider!r}; choose {', '.join(PROVIDERS)}")
@@ -130,6 +137,10 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin_wait:
+            # Idle intra-op threads otherwise spin for the next call, which suits the gate (one request
+            # after another) but burns the cores a scan's decoding processes need between engine calls.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers: list = [PROVIDERS[provider]]
         if provider == "tensorrt":
             # The EP creates only the last folder of a cache path: make the whole path here.
@@ -186,7 +197,9 @@ class OnnxRuntimeBackend:
         return dict(zip(names, outputs, strict=True))
 
 
-def open_auto(path_for: Callable[[str], Path], cache_dir: Path | None = None) -> tuple[OnnxRuntimeBackend, str]:
+def open_auto(
+    path_for: Callable[[str], Path], cache_dir: Path | None = None, spin_wait: bool = True
+) -> tuple[OnnxRuntimeBackend, str]:
     """auto: the first provider in AUTO_ORDER whose session actually runs on it, warning at each step down.
 
     path_for(provider) -> the ONNX file for that provider (FP32 for TensorRT and CPU, FP16 for CUDA).
@@ -194,7 +207,7 @@ def open_auto(path_for: Callable[[str], Path], cache_dir: Path | None = None) ->
     failures = []
     for provider in auto_candidates():
         try:
-            backend = OnnxRuntimeBackend(path_for(provider), provider, cache_dir)
+            backend = OnnxRuntimeBackend(path_for(provider), provider, cache_dir, spin_wait=spin_wait)
         except BackendError as e:
             failures.append(f"{provider}: {e}")
             continue
