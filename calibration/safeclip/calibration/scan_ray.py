@@ -82,7 +82,10 @@ class EngineSpec:
         )
 
     def gate(self) -> Gate:
-        engine = Engine.load(self.path, backend=self.backend, precision=self.precision, max_batch=self.max_batch)
+        # The actor's node decodes in other tasks at the same time: the engine's idle threads sleep.
+        engine = Engine.load(
+            self.path, backend=self.backend, precision=self.precision, max_batch=self.max_batch, spin_wait=False
+        )
         return Gate(engine, self.policy, self.preprocessor)
 
 

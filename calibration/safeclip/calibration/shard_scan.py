@@ -92,8 +92,27 @@ class Prepared:
 
 
 def default_workers() -> int:
-    """One decoding process per core but one (the engine's), at least one."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    """One decoding process per core this process may use. The main process only reads shards and calls
+    the engine: little CPU with a GPU engine, and a CPU engine's threads sleep between calls (the scan
+    loads it with spin_wait=False), so a core kept back for it would mostly idle."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # what a container or taskset leaves us, not the host's count
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores)
+
+
+def _decoder_context() -> Any:
+    """forkserver where there is one: workers are forked from a small server that imported the decoding
+    code once, instead of each starting Python afresh (spawn); never forked from this process, whose
+    engine runtime has threads. spawn elsewhere."""
+    import multiprocessing
+
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,10 +395,7 @@ def run_local(
         for number, shard, item in work:
             consume(number, shard, item, prepare_chunk(preprocessor, item) if isinstance(item, list) else None)
         return
-    import multiprocessing
-
-    # spawn: the engine's runtime threads are not forked into the decoders.
-    with ProcessPoolExecutor(options.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(options.workers, mp_context=_decoder_context()) as pool:
         pending: deque[tuple[int, Shard, Any, Future[list[Prepared]] | None]] = deque()
         for number, shard, item in work:
             future = pool.submit(prepare_chunk, preprocessor, item) if isinstance(item, list) else None
