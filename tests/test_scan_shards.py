@@ -438,3 +438,102 @@ def test_a_scan_killed_with_sigkill_resumes_to_the_same_result(tiny_engine, shar
     summary = scan_shards(again, inputs(root), out, ShardOptions(workers=0))
     assert summary.counts["shards_already_done"] == done
     assert pq.read_table(out / "verdicts.parquet").to_pylist() == reference[1]
+
+
+def _conversation(key: str) -> list[dict]:
+    return [
+        {"from": "human", "value": f"<image>\nWhat is in picture {key}?"},
+        {"from": "gpt", "value": f"It shows {key}."},
+        {"from": "human", "value": "Anything else?"},
+        {"from": "gpt", "value": "No."},
+    ]
+
+
+def make_conversation_shards(root: Path) -> dict[str, list[str]]:
+    """LLaVA-style samples in shards: a tar whose JSON sidecars hold conversations (one only a caption), a
+    Parquet file with a conversations column of structs (one row null), one with conversations as JSON text.
+    Returns the keys that hold a conversation, per shard."""
+    images = iter(photos(14, seed=9))
+    talking: dict[str, list[str]] = {}
+    with tarfile.open(root / "talk.tar", "w") as tar:
+        for i in range(5):
+            key = f"t{i}"
+            add(tar, f"{key}.jpg", encoded(next(images), "JPEG"))
+            sidecar = (
+                {"id": key, "caption": "no conversation here"}
+                if i == 2
+                else {"id": key, "conversations": _conversation(key)}
+            )
+            add(tar, f"{key}.json", json.dumps(sidecar).encode())
+    talking[str(root / "talk.tar")] = ["t0", "t1", "t3", "t4"]
+    rows = []
+    for i in range(5):
+        cell = {"bytes": encoded(next(images), "PNG"), "path": None}
+        rows.append({"id": f"p{i}", "image": cell, "conversations": None if i == 1 else _conversation(f"p{i}")})
+    pq.write_table(pa.Table.from_pylist(rows), root / "talk-structs.parquet")
+    talking[str(root / "talk-structs.parquet")] = ["p0", "p2", "p3", "p4"]
+    text_rows = [
+        {"id": f"j{i}", "image": encoded(next(images), "JPEG"), "conversations": json.dumps(_conversation(f"j{i}"))}
+        for i in range(4)
+    ]
+    text_rows[3]["conversations"] = "not JSON"  # no conversation to correct: dropped
+    pq.write_table(pa.Table.from_pylist(text_rows), root / "talk-text.parquet")
+    talking[str(root / "talk-text.parquet")] = ["j0", "j1", "j2"]
+    return talking
+
+
+def _refused(key: str, refusal: str) -> list[dict]:
+    return [{**t, "value": refusal} if t["from"] == "gpt" else t for t in _conversation(key)]
+
+
+def test_flagged_conversations_are_kept_with_the_refusal(tiny_engine, tmp_path):
+    """Where a shard holds LLaVA conversations, a flagged sample is rewritten as the JSON scan rewrites a
+    record: its image kept, every assistant turn replaced by the refusal (category filled in), the human
+    turns as they were; a flagged sample without a conversation is dropped; --drop drops them all."""
+    wds = pytest.importorskip("webdataset")
+    talking = make_conversation_shards(tmp_path)
+    flag_all = Gate.from_engine(tiny_engine, backend="cpu", threshold=0.0)
+    out = tmp_path / "out"
+    refusal = "Refused: {category}."
+    summary = scan_shards(flag_all, list(talking), out, ShardOptions(refusal=refusal))
+    rows = pq.read_table(out / "verdicts.parquet").to_pylist()
+    assert {r["status"] for r in rows} == {"flagged"}
+    category = {r["key"]: max(r["flagged_categories"], key=r["probabilities"].__getitem__) for r in rows}
+    assert summary.counts["refused"] == sum(map(len, talking.values()))
+
+    original = {}
+    with tarfile.open(tmp_path / "talk.tar") as tar:
+        original = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    samples = list(wds.WebDataset(str(out / "corrected" / "talk.tar"), shardshuffle=False, empty_check=False))
+    assert [s["__key__"] for s in samples] == talking[str(tmp_path / "talk.tar")]
+    for s in samples:
+        key = s["__key__"]
+        assert s["jpg"] == original[f"{key}.jpg"]  # the image is kept byte for byte
+        sidecar = json.loads(s["json"])
+        assert sidecar["id"] == key
+        assert sidecar["conversations"] == _refused(key, f"Refused: {category[key]}.")
+
+    structs = pq.read_table(out / "corrected" / "talk-structs.parquet")
+    assert structs.schema == pq.read_table(tmp_path / "talk-structs.parquet").schema
+    got = structs.to_pylist()
+    assert [r["id"] for r in got] == talking[str(tmp_path / "talk-structs.parquet")]
+    source = {r["id"]: r for r in pq.read_table(tmp_path / "talk-structs.parquet").to_pylist()}
+    for r in got:
+        assert r["image"] == source[r["id"]]["image"]
+        assert r["conversations"] == _refused(r["id"], f"Refused: {category[r['id']]}.")
+    text = pq.read_table(out / "corrected" / "talk-text.parquet").to_pylist()
+    assert [r["id"] for r in text] == talking[str(tmp_path / "talk-text.parquet")]
+    for r in text:
+        assert json.loads(r["conversations"]) == _refused(
+            _conversation(r["id"]), r["id"], f"Refused: {category[r['id']]}."
+        )
+    written = json.loads((out / "summary.json").read_text())
+    assert written["refusal"] == refusal and "replaced by the refusal" in written["flagged_samples"]
+
+    dropped = tmp_path / "dropped"
+    argv = ["scan", "--engine", str(tiny_engine), "--backend", "cpu", "--threshold", "0", "--workers", "0"]
+    assert cli.main([*argv, "--drop", *talking, "--out", str(dropped)]) == 1
+    assert list(wds.WebDataset(str(dropped / "corrected" / "talk.tar"), shardshuffle=False, empty_check=False)) == []
+    assert pq.read_table(dropped / "corrected" / "talk-structs.parquet").num_rows == 0
+    with pytest.raises(ValueError, match="may only use"):
+        scan_shards(flag_all, list(talking), tmp_path / "bad", ShardOptions(refusal="{user}"))

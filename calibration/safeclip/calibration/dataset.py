@@ -126,6 +126,24 @@ def _check_record(record: Any, where: str) -> None:
         raise DatasetError(f'{where}: "conversations" must be a list of {{"from", "value"}} objects')
 
 
+def check_refusal(refusal: str) -> None:
+    """ValueError unless the refusal template fills in with {category} alone."""
+    try:
+        refusal.format(category="gun")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"refusal template {refusal!r} may only use {{category}} ({type(e).__name__}: {e})") from e
+
+
+def is_conversation(turns: Any) -> bool:
+    """A non-empty LLaVA-style conversation: a list of {"from", "value"} objects, one of them the assistant's
+    ("gpt"). Anything else holds no answer a refusal could replace."""
+    return (
+        isinstance(turns, list)
+        and all(isinstance(t, dict) and "from" in t and "value" in t for t in turns)
+        and any(t["from"] == "gpt" for t in turns)
+    )
+
+
 def with_refusal(record: dict[str, Any], refusal: str) -> dict[str, Any]:
     """The record with every assistant ("gpt") turn replaced by the refusal; human turns stay as they were."""
     turns = [{**t, "value": refusal} if t["from"] == "gpt" else t for t in record.get("conversations", [])]

@@ -49,7 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from safeclip.calibration.dataset import CorrectedWriter, Dataset, DatasetError, Sample, check_resumable
+from safeclip.calibration.dataset import (
+    CorrectedWriter,
+    Dataset,
+    DatasetError,
+    Sample,
+    check_refusal,
+    check_resumable,
+)
 from safeclip.calibration.scan_report import blurred_thumbnail, render
 from safeclip.calibration.shards import IMAGE_COLUMNS, looks_like_shards
 from safeclip.runtime.backends.base import BackendError
@@ -91,10 +98,7 @@ def scan(
     progress: bool | None = None,
     gallery_limit: int = GALLERY_LIMIT,
 ) -> ScanSummary:
-    try:
-        refusal.format(category="gun")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(f"refusal template {refusal!r} may only use {{category}} ({type(e).__name__}: {e})") from e
+    check_refusal(refusal)
     data = Dataset.open(dataset, image_root)
     out = Path(out)
     config = _config(gate, data)
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "--workers",
         type=int,
         default=None,
-        help="decoding processes feeding the engine (default: one per core but one; 0 decodes in-process)",
+        help="decoding processes feeding the engine (default: one per usable core; 0 decodes in-process)",
     )
     shards.add_argument(
         "--ray",
@@ -363,14 +367,13 @@ def main(argv: list[str] | None = None) -> int:
 def _scan_shards(args: argparse.Namespace) -> ScanSummary:
     from safeclip.calibration.shard_scan import ShardOptions, default_workers, scan_shards
 
-    if args.refusal != DEFAULT_REFUSAL:
-        raise DatasetError("--refusal applies to conversation datasets (JSON/JSONL); shards drop flagged samples")
     if args.workers is not None and args.workers < 0:
         raise DatasetError(f"--workers must be >= 0, got {args.workers}")
     options = ShardOptions(
         image_root=None if args.image_root is None else Path(args.image_root),
         image_column=args.image_column,
         workers=default_workers() if args.workers is None else args.workers,
+        refusal=None if args.drop else args.refusal,
         gallery_limit=args.gallery_limit,
         progress=args.progress,
     )

@@ -20,6 +20,7 @@ summary.json, report.html, scan.json.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safeclip.calibration.dataset import DatasetError, check_resumable
+from safeclip.calibration.dataset import DatasetError, check_refusal, check_resumable, is_conversation, with_refusal
 from safeclip.calibration.scan_report import blurred_thumbnail_from_bytes, render
 from safeclip.calibration.shards import (
     TAR,
@@ -41,10 +42,12 @@ from safeclip.calibration.shards import (
     find_shards,
     image_column_of,
     import_pyarrow_parquet,
+    json_object,
     parquet_batches,
     parquet_file,
     parquet_sample,
     read_shard,
+    split_member,
     tar_sample,
     tar_samples,
 )
@@ -66,6 +69,7 @@ VERDICTS, SUMMARY, REPORT, CONFIG, SHARDS, CORRECTED = (
 # stopped being readable (the samples before it stand).
 STATUSES = ("clean", "flagged", "not_image", "error", "no_image", "shard_error")
 KEPT = ("clean", "no_image")
+CONVERSATIONS = "conversations"  # LLaVA's field: a Parquet column, a key of a WebDataset sample's JSON
 ERRORS_LISTED = 100
 
 
@@ -74,7 +78,10 @@ class ShardOptions:
     image_root: Path | None = None
     image_column: str | None = None
     workers: int = 0  # decoding processes; 0 decodes in the main process
-    drop: bool = True
+    # A flagged sample that holds a conversation (a Parquet `conversations` column, a WebDataset JSON
+    # sidecar's "conversations") is kept with its assistant turns replaced by this ({category} filled in),
+    # as the JSON scan does; one without a conversation is dropped. None drops every flagged sample.
+    refusal: str | None = None
     gallery_limit: int = 200
     progress: bool | None = None
     fail_after_shards: int | None = None  # tests: stop as a crash would, after this many shards are written
@@ -299,6 +306,8 @@ def scan_shards(
     from safeclip.calibration.scan import ScanSummary, scan_config
 
     import_pyarrow_parquet()  # fail before any work when pyarrow is missing
+    if options.refusal is not None:
+        check_refusal(options.refusal)
     shards = find_shards(names)
     out = Path(out)
     config = {
@@ -438,7 +447,7 @@ def finish(
     missing = [str(s.path) for n, s in enumerate(shards) if not store.done(n)]
     if missing:
         raise DatasetError(f"{len(missing)} shards have no verdicts yet ({missing[0]}, ...); rerun to resume")
-    counts = Counter(dict.fromkeys(("samples", *STATUSES), 0))
+    counts = Counter(dict.fromkeys(("samples", *STATUSES, "refused"), 0))
     by_category: Counter[str] = Counter()
     gallery: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -459,7 +468,7 @@ def finish(
                         {"id": row["key"] or "(shard)", "image": row["shard"], "error": row["error"] or ""}
                         | {"status": row["status"]}
                     )
-            rewrite(shard, rows, out / CORRECTED / name, options, gate.preprocessor, gallery)
+            counts["refused"] += rewrite(shard, rows, out / CORRECTED / name, options, gate.preprocessor, gallery)
     os.replace(out / (VERDICTS + ".tmp"), out / VERDICTS)
     counts["screened"] = counts["clean"] + counts["flagged"]
     counts["errors"] = counts.pop("error")
@@ -471,7 +480,10 @@ def finish(
         + (f" (+{len(shards) - 3} shards)" if len(shards) > 3 else ""),
         "engine": str(gate.engine.path),
         **{k: config[k] for k in ("model_id", "precision", "thresholds")},
-        "flagged_samples": "dropped",
+        "flagged_samples": "dropped"
+        if options.refusal is None
+        else "assistant turns replaced by the refusal where the sample holds a conversation, else dropped",
+        "refusal": options.refusal,
         "unscreened_samples": "dropped (not_image, errors), listed in verdicts.parquet with the reason",
         "counts": dict(counts),
         "flagged_by_category": dict(by_category.most_common()),
@@ -496,9 +508,11 @@ def rewrite(
     options: ShardOptions,
     preprocessor: Preprocessor,
     gallery: list[dict[str, Any]],
-) -> None:
-    """The shard in its own format holding only the kept samples; thumbnails of flagged ones for the report."""
+) -> int:
+    """The shard in its own format holding only the kept samples (and, with a refusal, the flagged ones that
+    hold a conversation, refused); thumbnails of flagged ones for the report. Returns how many were refused."""
     samples = {r["index"]: r for r in rows if r["status"] != "shard_error"}
+    refused = [0]
 
     def on_flagged(row: dict[str, Any], data: bytes | None) -> None:
         if len(gallery) < options.gallery_limit and data is not None:
@@ -513,14 +527,25 @@ def rewrite(
                 }
             )
 
+    def refusal_for(row: dict[str, Any]) -> str | None:
+        """The refusal a flagged sample's assistant turns get, or None to drop it."""
+        if options.refusal is None:
+            return None
+        return options.refusal.format(category=_strongest(row))
+
+    def counted(refusal: str) -> str:
+        refused[0] += 1
+        return refusal
+
     if shard.kind == TAR:
-        _atomic(target, lambda tmp: _rewrite_tar(shard, samples, tmp, on_flagged))
-        return
+        _atomic(target, lambda tmp: _rewrite_tar(shard, samples, tmp, on_flagged, refusal_for, counted))
+        return refused[0]
     try:
         pf = parquet_file(shard)
     except ShardError:
-        return  # unreadable when it was scanned too (its shard_error row says so): nothing to rewrite
-    _atomic(target, lambda tmp: _rewrite_parquet(shard, pf, samples, tmp, options, on_flagged))
+        return 0  # unreadable when it was scanned too (its shard_error row says so): nothing to rewrite
+    _atomic(target, lambda tmp: _rewrite_parquet(shard, pf, samples, tmp, options, on_flagged, refusal_for, counted))
+    return refused[0]
 
 
 def _lined_up(shard: Shard, index: int, key: str, samples: dict[int, dict[str, Any]]) -> dict[str, Any] | None:
@@ -533,7 +558,14 @@ def _lined_up(shard: Shard, index: int, key: str, samples: dict[int, dict[str, A
     return row
 
 
-def _rewrite_tar(shard: Shard, samples: dict[int, dict[str, Any]], tmp: Path, on_flagged: Callable[..., None]) -> None:
+def _rewrite_tar(
+    shard: Shard,
+    samples: dict[int, dict[str, Any]],
+    tmp: Path,
+    on_flagged: Callable[..., None],
+    refusal_for: Callable[[dict[str, Any]], str | None],
+    counted: Callable[[str], str],
+) -> None:
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as out:
         try:
             for index, (key, members) in enumerate(tar_samples(shard)):
@@ -542,12 +574,53 @@ def _rewrite_tar(shard: Shard, samples: dict[int, dict[str, Any]], tmp: Path, on
                     break
                 if row["status"] == "flagged":
                     on_flagged(row, tar_sample(shard, index, key, members).data)
-                if row["status"] not in KEPT:
+                    refusal = refusal_for(row)
+                    refused = None if refusal is None else _refused_members(members, refusal)
+                    if refused is None:
+                        continue
+                    counted(refusal)
+                    members = refused
+                elif row["status"] not in KEPT:
                     continue
                 for info, data in members:
                     out.addfile(info, io.BytesIO(data))
         except ShardError:
             pass  # recorded at scan time as the shard's shard_error row; the samples before it are written
+
+
+def _refused_members(
+    members: list[tuple[tarfile.TarInfo, bytes]], refusal: str
+) -> list[tuple[tarfile.TarInfo, bytes]] | None:
+    """The sample's members with each JSON member's conversation refused; None when none holds one (the
+    sample is then dropped, as a flagged sample without an answer to correct is)."""
+    out, found = [], False
+    for info, data in members:
+        is_json = split_member(info.name)[1].rpartition(".")[2].lower() == "json"
+        record = json_object(data) if is_json else None
+        if record is not None and is_conversation(record.get(CONVERSATIONS)):
+            data = json.dumps(with_refusal(record, refusal), ensure_ascii=False).encode()
+            info = copy.copy(info)
+            info.size = len(data)
+            info.pax_headers = {k: v for k, v in info.pax_headers.items() if k != "size"}
+            found = True
+        out.append((info, data))
+    return out if found else None
+
+
+def _refused_cell(cell: Any, refusal: str) -> Any:
+    """A Parquet conversations cell with its assistant turns refused, in the cell's own form (a list of
+    structs, or the JSON text of one); None when it holds no conversation."""
+    if isinstance(cell, str):
+        try:
+            turns = json.loads(cell)
+        except json.JSONDecodeError:
+            return None
+        if not is_conversation(turns):
+            return None
+        return json.dumps(with_refusal({CONVERSATIONS: turns}, refusal)[CONVERSATIONS], ensure_ascii=False)
+    if not is_conversation(cell):
+        return None
+    return with_refusal({CONVERSATIONS: cell}, refusal)[CONVERSATIONS]
 
 
 def _rewrite_parquet(
@@ -557,25 +630,39 @@ def _rewrite_parquet(
     tmp: Path,
     options: ShardOptions,
     on_flagged: Callable[..., None],
+    refusal_for: Callable[[dict[str, Any]], str | None],
+    counted: Callable[[str], str],
 ) -> None:
     import pyarrow as pa
 
     pq = import_pyarrow_parquet()
     schema = pf.schema_arrow  # with its metadata (Hugging Face keeps its features there)
     column = image_column_of(list(schema.names), shard, options.image_column)
+    talk = schema.get_field_index(CONVERSATIONS)  # -1: the file holds no conversations
     root = options.image_root if options.image_root is not None else shard.path.parent
     start = 0
     with pq.ParquetWriter(tmp, schema) as writer:
         try:
             for batch in parquet_batches(shard):
                 keep = []
+                turns = None if talk < 0 else batch.column(talk).to_pylist()
                 for i in range(batch.num_rows):
                     row = samples.get(start + i)
+                    kept = row is not None and row["status"] in KEPT
                     if row is not None and row["status"] == "flagged":
                         cell = batch.column(column)[i].as_py()
                         on_flagged(row, parquet_sample(start + i, row["key"], cell, column, root, {}).data)
-                    keep.append(row is not None and row["status"] in KEPT)
-                writer.write_table(pa.Table.from_batches([batch]).filter(pa.array(keep, pa.bool_())))
+                        refusal = refusal_for(row)
+                        if refusal is not None and turns is not None:
+                            refused = _refused_cell(turns[i], refusal)
+                            if refused is not None:
+                                turns[i], kept = refused, True
+                                counted(refusal)
+                    keep.append(kept)
+                table = pa.Table.from_batches([batch])
+                if turns is not None:
+                    table = table.set_column(talk, schema.field(talk), pa.array(turns, schema.field(talk).type))
+                writer.write_table(table.filter(pa.array(keep, pa.bool_())))
                 start += batch.num_rows
         except ShardError:
             pass

@@ -236,7 +236,7 @@ def tar_sample(shard: Shard, index: int, key: str, members: list[tuple[tarfile.T
     url = caption = None
     for ext, (_, data) in zip(exts, members, strict=True):
         if ext == "json":
-            sidecar = _json_object(data)
+            sidecar = json_object(data)
             url = _text(sidecar.get("url")) if sidecar else None
             caption = _text(sidecar.get("caption")) if sidecar else None
         elif ext == "txt" and caption is None:
@@ -253,7 +253,8 @@ def tar_sample(shard: Shard, index: int, key: str, members: list[tuple[tarfile.T
     return RawSample(index, key, None, problem=f"{len(images)} images in one sample ({names}); expected one", **common)
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+def json_object(data: bytes) -> dict[str, Any] | None:
+    """A JSON member's object, or None when it is not one."""
     try:
         value = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
