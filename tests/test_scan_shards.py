@@ -524,9 +524,7 @@ def test_flagged_conversations_are_kept_with_the_refusal(tiny_engine, tmp_path):
     text = pq.read_table(out / "corrected" / "talk-text.parquet").to_pylist()
     assert [r["id"] for r in text] == talking[str(tmp_path / "talk-text.parquet")]
     for r in text:
-        assert json.loads(r["conversations"]) == _refused(
-            _conversation(r["id"]), r["id"], f"Refused: {category[r['id']]}."
-        )
+        assert json.loads(r["conversations"]) == _refused(r["id"], f"Refused: {category[r['id']]}.")
     written = json.loads((out / "summary.json").read_text())
     assert written["refusal"] == refusal and "replaced by the refusal" in written["flagged_samples"]
 

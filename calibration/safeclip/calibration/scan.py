@@ -29,8 +29,10 @@ the verdicts) and Parquet files with an image column (bytes, Hugging Face's {"by
 paths relative to --image-root), named as files, folders, globs or brace patterns
 (`data/shard-{00000..00999}.tar`). One sample is one image with its key; a sample without an image, or
 with bytes that are not one, is recorded as not_image with the reason. Written to --out:
-verdicts.parquet, corrected/ (every shard rewritten in its format without flagged and unscreened
-samples), summary.json, report.html, scan.json, shards/ (per-shard verdicts: a rerun redoes only the
+verdicts.parquet, corrected/ (every shard rewritten in its format without unscreened samples; flagged
+samples dropped, or, where the shard holds LLaVA conversations (a Parquet "conversations" column, a JSON
+sidecar's "conversations"), kept with their "gpt" turns replaced by --refusal unless --drop),
+summary.json, report.html, scan.json, shards/ (per-shard verdicts: a rerun redoes only the
 shards that had not finished). Decoding runs in --workers processes; --ray runs the same work on Ray.
 
 Exit status: 0 = every image screened and none flagged, 1 = some flagged, 2 = something not screened (an

@@ -8,14 +8,19 @@ shard list are kept in scan.json and must match for a resume.
 
 Locally, the main process reads the shards (streaming) and hands engine-sized chunks of encoded images to
 decoding processes; it keeps `2 x workers` chunks in flight, so while the engine classifies one batch the
-next ones are being decoded. With --ray the same per-shard results come from a Ray Data pipeline
+next ones are being decoded. What made this slower than the one-process scan on two cores, measured: the
+CPU engine's idle threads spinning between calls on the cores the decoders need (the scan loads it with
+spin_wait=False), a core kept back for an engine that mostly waits, decoders each started as a fresh
+Python (spawn; a forkserver now forks them from one that imported the code once), and the per-shard
+files' fsyncs made in the engine's thread (a writer thread makes them now). With --ray the same per-shard results come from a Ray Data pipeline
 (scan_ray.py). Either way the per-shard files are written by `ShardStore.write` in the driver, and the
 final outputs are made from them by `finish`, so they cannot differ in anything but speed.
 
 Written to --out: verdicts.parquet (one row per sample, shard order: shard, index, key, status, flagged,
 category, probability, flagged_categories, probabilities per category, sha256, error, error_type, url,
-caption), corrected/ (each shard rewritten in its own format without flagged or unscreened samples),
-summary.json, report.html, scan.json.
+caption), corrected/ (each shard rewritten in its own format without unscreened samples, and without
+flagged ones, except that with a refusal a flagged sample holding a LLaVA conversation is kept with its
+assistant turns refused), summary.json, report.html, scan.json.
 """
 
 from __future__ import annotations

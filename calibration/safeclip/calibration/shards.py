@@ -126,7 +126,9 @@ def looks_like_shards(names: list[str]) -> bool:
 
 def find_shards(names: list[str]) -> list[Shard]:
     """Every shard the arguments name, in order: files, brace patterns, globs, folders (their tar files,
-    else their Parquet files; an img2dataset folder holds both, and its Parquet files are only metadata)."""
+    else their Parquet files; an img2dataset folder holds both, and its Parquet files are only metadata).
+    Paths are made absolute here, so that Ray's tasks (whose working folder is not ours) open the same files
+    and every way of running the scan names them alike in its verdicts and errors."""
     shards: list[Shard] = []
     for name in names:
         for expanded in expand_braces(name):
@@ -150,7 +152,7 @@ def find_shards(names: list[str]) -> list[Shard]:
                 if kind is None:
                     # Named explicitly, so scan it: the reader reports what it is instead of skipping it.
                     kind = PARQUET if path.suffix.lower() == ".parquet" else TAR
-                shards.append(Shard(path, kind, path.stat().st_size))
+                shards.append(Shard(path.absolute(), kind, path.stat().st_size))
     if not shards:
         raise DatasetError(f"{' '.join(names)}: no shards")
     seen: set[Path] = set()
@@ -166,7 +168,7 @@ def _shards_in_folder(folder: Path) -> list[Shard]:
     files = [p for p in sorted(folder.iterdir()) if p.is_file()]
     kinds = {p: shard_kind(p) for p in files}
     for wanted in (TAR, PARQUET):
-        found = [Shard(p, wanted, p.stat().st_size) for p in files if kinds[p] == wanted]
+        found = [Shard(p.absolute(), wanted, p.stat().st_size) for p in files if kinds[p] == wanted]
         if found:
             return found
     return []
