@@ -535,3 +535,32 @@ def test_flagged_conversations_are_kept_with_the_refusal(tiny_engine, tmp_path):
     assert pq.read_table(dropped / "corrected" / "talk-structs.parquet").num_rows == 0
     with pytest.raises(ValueError, match="may only use"):
         scan_shards(flag_all, list(talking), tmp_path / "bad", ShardOptions(refusal="{user}"))
+
+
+def _spins(gate: Gate) -> bool:
+    options = gate.engine.backend.session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.intra_op.allow_spinning") != "0"
+    except RuntimeError:  # not set: onnxruntime's default, spinning
+        return True
+
+
+def test_the_scan_loads_its_engine_with_sleeping_threads(tiny_engine, tmp_path, monkeypatch):
+    """Spinning idle engine threads take the cores the decoding processes need (measured in bench scan):
+    `safeclip scan` asks for sleeping ones, for shards and for folders; the gate keeps the default."""
+    assert _spins(Gate.from_engine(tiny_engine, backend="cpu"))
+    assert not _spins(Gate.from_engine(tiny_engine, backend="cpu", spin_wait=False))
+    from safeclip.calibration import scan as scan_module
+
+    made: list[Gate] = []
+    real = scan_module.gate_from_args
+    monkeypatch.setattr(scan_module, "gate_from_args", lambda args, **kw: made.append(real(args, **kw)) or made[-1])
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encoded(photos(1, seed=3)[0], "PNG"))
+    with tarfile.open(tmp_path / "one.tar", "w") as tar:
+        add(tar, "a.png", (images / "a.png").read_bytes())
+    argv = ["scan", "--engine", str(tiny_engine), "--backend", "cpu", "--workers", "0"]
+    cli.main([*argv, str(images), "--out", str(tmp_path / "folder-out")])
+    cli.main([*argv, str(tmp_path / "one.tar"), "--out", str(tmp_path / "shard-out")])
+    assert len(made) == 2 and not any(_spins(g) for g in made)
