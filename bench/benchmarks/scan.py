@@ -129,7 +129,8 @@ def run(ctx, result: Result) -> None:
         batch=s.scan_batch,
         decoding_processes=workers,
         measured="each sample is one whole scan into an empty --out: reading, decoding, the engine, verdicts, "
-        "the corrected dataset, summary.json and report.html",
+        "the corrected dataset, summary.json and report.html; the decoders' forkserver (started once per "
+        "process, ~1 s) was started by the untimed warm-up round",
     )
     for c in CONTENDERS:
         result.add(
