@@ -1,4 +1,4 @@
-"""The runtime must import and screen with torch, transformers and OpenCV unavailable."""
+"""The runtime must import and screen with torch, transformers, OpenCV, Ray and pyarrow unavailable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 def test_runtime_imports_and_screens_without_torch(tiny_engine):
     script = textwrap.dedent(f"""
         import importlib, pkgutil, sys
-        for blocked in ("torch", "transformers", "cv2"):
+        for blocked in ("torch", "transformers", "cv2", "ray", "pyarrow"):
             sys.modules[blocked] = None  # any import of them raises ImportError
         import safeclip.runtime as runtime
         names = [m.name for m in pkgutil.walk_packages(runtime.__path__, "safeclip.runtime.")]
@@ -20,6 +20,7 @@ def test_runtime_imports_and_screens_without_torch(tiny_engine):
         import numpy as np
         verdicts = Gate.from_engine({str(tiny_engine)!r}, backend="cpu").check([np.zeros((80, 60, 3), np.uint8)])
         assert len(verdicts) == 1
+        import safeclip.calibration.shard_scan  # the local shard scan needs Ray only for --ray
         print(len(names), "modules")
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
