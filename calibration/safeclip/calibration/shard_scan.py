@@ -12,9 +12,11 @@ next ones are being decoded. What made this slower than the one-process scan on 
 CPU engine's idle threads spinning between calls on the cores the decoders need (the scan loads it with
 spin_wait=False), a core kept back for an engine that mostly waits, decoders each started as a fresh
 Python (spawn; a forkserver now forks them from one that imported the code once), and the per-shard
-files' fsyncs made in the engine's thread (a writer thread makes them now). With --ray the same per-shard results come from a Ray Data pipeline
-(scan_ray.py). Either way the per-shard files are written by `ShardStore.write` in the driver, and the
-final outputs are made from them by `finish`, so they cannot differ in anything but speed.
+files' fsyncs made in the engine's thread (a writer thread makes them now).
+
+With --ray the same per-shard results come from a Ray Data pipeline (scan_ray.py). Either way the
+per-shard files are written by `ShardStore.write` in the driver, and the final outputs are made from them
+by `finish`, so they cannot differ in anything but speed.
 
 Written to --out: verdicts.parquet (one row per sample, shard order: shard, index, key, status, flagged,
 category, probability, flagged_categories, probabilities per category, sha256, error, error_type, url,
@@ -581,7 +583,7 @@ def _rewrite_tar(
                     on_flagged(row, tar_sample(shard, index, key, members).data)
                     refusal = refusal_for(row)
                     refused = None if refusal is None else _refused_members(members, refusal)
-                    if refused is None:
+                    if refusal is None or refused is None:
                         continue
                     counted(refusal)
                     members = refused
