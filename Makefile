@@ -83,10 +83,10 @@ ifndef NAME
 endif
 	$(PY) -m safeclip.runtime.cli export-triton --engine 'engines/$(NAME)' --out model_repository
 
-bench: ## the eight benchmarks side by side (CPU, ~28 min on 2 cores) -> bench/results/<date>.{json,md,png}
+bench: ## the nine benchmarks side by side (CPU, ~28 min on 2 cores + a few for the scan) -> bench/results/<date>.{json,md,png}
 	$(PY) -m bench --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
-bench-quick: ## a short benchmark run (~5 min on 2 idle cores, ViT-B/32 only) -> bench/results/<date>-quick.*
+bench-quick: ## a short benchmark run (~5 min on 2 idle cores + a few for the scan, ViT-B/32 only) -> bench/results/<date>-quick.*
 	$(PY) -m bench --quick --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
 gpu-check: ## on a CUDA GPU: plan and GPU providers vs ONNX Runtime CPU, torch FP16 timing (MODEL= optional); without one, says so
