@@ -398,6 +398,26 @@ def test_ray_gives_the_local_verdicts(tiny_engine, shard_data, threshold, refere
     assert summary.counts == reference[2].counts
 
 
+def _descendants(pid: int) -> list[int] | None:
+    """Every live process below `pid` (from /proc), or None where there is no /proc."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
 KILLED_SCAN = """
 import sys, time
 from safeclip.calibration.shard_scan import ShardOptions, scan_shards
@@ -428,10 +448,17 @@ def test_a_scan_killed_with_sigkill_resumes_to_the_same_result(tiny_engine, shar
             assert proc.poll() is None, "the scan ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        decoders = _descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    if decoders is not None:  # Linux: the killed scan's decoding processes (and their forkserver) end too
+        assert decoders, "the scan had no decoding processes to check"
+        deadline = time.monotonic() + 120  # generous: a loaded machine; they exit within a second or so
+        while any(Path(f"/proc/{pid}").exists() for pid in decoders):
+            assert time.monotonic() < deadline, f"decoding processes outlived the killed scan: {decoders}"
+            time.sleep(0.2)
     done = len(list((out / "shards").glob("*.done")))
     assert 2 <= done < len(find_shards(inputs(root)))
     again = counting_gate(tiny_engine, threshold)

@@ -31,7 +31,9 @@ import copy
 import io
 import json
 import os
+import select
 import tarfile
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -114,6 +116,32 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, cores)
+
+
+def _exit_with(pid: int) -> None:
+    """Decoding-process initializer: exit when the scan process `pid` does. A worker blocks on its task queue,
+    whose write end it holds itself, so a scan killed with SIGKILL would otherwise leave its decoders (and the
+    forkserver, which lives while they do) waiting forever."""
+    import threading
+
+    def watch() -> None:
+        try:
+            handle = os.pidfd_open(pid)  # Linux: readable when the process ends, whatever reuses its pid
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd here: look once a second
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except PermissionError:  # alive, and someone else's pid only if ours was reused
+                    pass
+        select.select([handle], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="scan-watch", daemon=True).start()
 
 
 def _decoder_context() -> Any:
@@ -411,7 +439,9 @@ def run_local(
         for number, shard, item in work:
             consume(number, shard, item, prepare_chunk(preprocessor, item) if isinstance(item, list) else None)
         return
-    with ProcessPoolExecutor(options.workers, mp_context=_decoder_context()) as pool:
+    with ProcessPoolExecutor(
+        options.workers, mp_context=_decoder_context(), initializer=_exit_with, initargs=(os.getpid(),)
+    ) as pool:
         pending: deque[tuple[int, Shard, Any, Future[list[Prepared]] | None]] = deque()
         for number, shard, item in work:
             future = pool.submit(prepare_chunk, preprocessor, item) if isinstance(item, list) else None
