@@ -112,7 +112,7 @@ def test_a_ratio_of_an_unmeasured_metric_is_refused():
 def test_cli_lists_and_rejects_unknown_names(capsys):
     assert main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert all(name in listed for name in NAMES) and len(NAMES) == 8
+    assert all(name in listed for name in NAMES) and len(NAMES) == 9
     assert main(["--only", "decision,nope"]) == 2
     assert "nope" in capsys.readouterr().err
 
