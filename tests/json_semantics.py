@@ -1,5 +1,5 @@
 """How other servers read a JSON request body: three key semantics, each dialect's image slots, and an image
-finder per dialect, for the parser-differential tests (issue 12).
+finder per dialect, for the parser-differential tests (test_differential_*.py).
 
 The gate parses a body once and forwards its own serialization. The upstream parses that serialization again,
 with its own parser. These decoders stand in for the parsers a real upstream may use:

@@ -119,7 +119,7 @@ def test_cli_lists_and_rejects_unknown_names(capsys):
 
 @pytest.mark.slow
 def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
-    """Issue 16: INT8 dynamic speed, its agreement where it can fail, and INT8 end to end at batch 1."""
+    """INT8 dynamic speed, its agreement where it can fail, and INT8 end to end at batch 1."""
     rc = run_suite(SMOKE, REGISTRY, tmp_path, only=["end_to_end", "precision"], stem="int8")
     assert rc == 0
     doc, md = _read(tmp_path, "int8")

@@ -1,4 +1,5 @@
-"""Issue 12: each dialect through its real client, against the contract in the gate spec.
+"""Each dialect through its real client, against the gate's written contract ("the spec": README.md's gate section,
+its table of routes and refusals, and SECURITY.md).
 
 openai (chat completions and Responses), anthropic (Messages, count_tokens) and ollama (/api/chat and
 /api/generate; plain HTTP for the request with no "stream" key), streamed and not. Three gates in front of a

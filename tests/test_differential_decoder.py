@@ -1,4 +1,5 @@
-"""Issue 12, class 3: decoder differentials. Black-box, over HTTP, against the contract in the gate spec.
+"""Decoder differentials: black-box, over HTTP, against the gate's written contract ("the spec": README.md's gate
+section and SECURITY.md on what the gate screens and forwards).
 
 A threshold and two images are found with the tiny-random engine through the Gate API: A is flagged, B and
 plain white are clean (so is A mirrored, for the EXIF case). Files are then crafted so that one decoder's

@@ -1,4 +1,4 @@
-"""Issue 12: HTTP-level differentials (the framing a proxy and its upstream may read differently). Black-box,
+"""HTTP-level differentials (the framing a proxy and its upstream may read differently). Black-box,
 raw bytes over a loopback socket, against the gate at threshold 0 (every image flagged, action refuse).
 
 Same invariant as test_differential_parser: never a 5xx; either the gate answers and the upstream receives

@@ -1,4 +1,5 @@
-"""Issue 12, class 2: parser differentials. Black-box, over HTTP, against the contract in the gate spec.
+"""Parser differentials: black-box, over HTTP, against the gate's written contract ("the spec": README.md's gate
+section and SECURITY.md, "What the gate promises").
 
 The gate runs at threshold 0 with action refuse, so every image it sees is flagged: no image may ever reach
 the upstream. Every request below is hostile in one way (keys that fold equal to a known field, duplicate

@@ -225,7 +225,7 @@ def test_local_checkpoint_folder_loads(tmp_path, tiny_clip):
 
 
 def test_weights_are_external_data_listed_and_verified(tiny_engine, tmp_path):
-    """Issue 16: graphs keep their weights in one external data file next to them (ViT-L cannot be
+    """Graphs keep their weights in one external data file next to them (ViT-L cannot be
     serialized as one protobuf on a small machine); the manifest covers it like the graph."""
     import shutil
 

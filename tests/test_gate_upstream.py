@@ -1,4 +1,4 @@
-"""Issue 13: hosted upstreams (the gate holds the provider key; its own key never leaves it; base URLs with a
+"""Hosted upstreams (the gate holds the provider key; its own key never leaves it; base URLs with a
 path), guardrail-only mode (no upstream), proxied requests in the audit log, and `python -m` for every command.
 
 Everything listens on 127.0.0.1; the "hosted provider" is the recording upstream under a path prefix.

@@ -1,4 +1,4 @@
-"""Issue 14: every TensorRT and cuda-python attribute the code uses exists, for each supported major, on CPU.
+"""Every TensorRT and cuda-python attribute the code uses exists, for each supported major, on CPU.
 
 The attributes are read from the source (AST), not listed by hand, so new code is checked as it is
 written. The bindings come from `make install`, which unpacks one wheel per supported major into

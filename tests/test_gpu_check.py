@@ -1,4 +1,4 @@
-"""Issue 14: `make gpu-check` on a machine without a GPU says so in one line and writes what it skipped."""
+"""`make gpu-check` on a machine without a GPU says so in one line and writes what it skipped."""
 
 from __future__ import annotations
 

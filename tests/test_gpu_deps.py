@@ -1,4 +1,4 @@
-"""Issue 14: `pip install 'safeclip[gpu]'` resolves to one onnxruntime build and the TensorRT major it links.
+"""`pip install 'safeclip[gpu]'` resolves to one onnxruntime build and the TensorRT major it links.
 
 Needs the package registry (CI has it); skipped with the reason when it cannot be reached. pip resolves
 the extra with --dry-run --report, so nothing is installed.

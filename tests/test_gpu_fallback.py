@@ -1,4 +1,4 @@
-"""Issue 14: what the GPU paths do when the GPU part is missing or fails, shown on the CPU.
+"""What the GPU paths do when the GPU part is missing or fails, shown on the CPU.
 
 onnxruntime's CPU build behaves like a GPU build whose CUDA libraries are missing: asked for the CUDA or
 TensorRT provider it quietly runs on the CPU. Reporting those providers as available reproduces that.

@@ -1,4 +1,4 @@
-"""Issue 13: the gate as LiteLLM's image guardrail (POST /beta/litellm_basic_guardrail_api).
+"""The gate as LiteLLM's image guardrail (POST /beta/litellm_basic_guardrail_api).
 
 Three layers: the pure request/answer functions (safeclip.runtime.server.dialects.litellm); the gate's endpoint, posted
 to directly in the shape LiteLLM 1.106.12 sends; and a real LiteLLM proxy (from .venv-litellm, made by

@@ -235,7 +235,7 @@ def over_white(image: Image.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("default_in_animation", [False, True])
 def test_apng_shows_the_default_image(photo, default_in_animation):
-    """Issue 12's differential: an APNG whose default image (IDAT) is the picture and whose animation
+    """A decoder differential: an APNG whose default image (IDAT) is the picture and whose animation
     frames are grey. Pillow, and so vLLM, shows the default image; so must the gate."""
     grey = Image.new("RGB", (80, 60), (128, 128, 128))
     data = pil_bytes(

@@ -1,4 +1,4 @@
-"""Issue 14: the exported ONNX graphs against TensorRT's ONNX parser rules, statically (no TensorRT, no GPU).
+"""The exported ONNX graphs against TensorRT's ONNX parser rules, statically (no TensorRT, no GPU).
 
 Rules from onnx-tensorrt's docs/operators.md for TensorRT 10: opsets 9..20; UINT8 only as a network input
 or output, and a uint8 input may only feed a Cast; each operator accepts the listed tensor types; Conv

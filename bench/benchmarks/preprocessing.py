@@ -17,7 +17,7 @@ def _key(size) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-# Issue 16: at least as fast as the PIL path at 1024x768, 3x at 4000x3000 (a reduced JPEG decode); the same
+# The goals: at least as fast as the PIL path at 1024x768, 3x at 4000x3000 (a reduced JPEG decode); the same
 # 12 MP photo held upright (3000x4000) has the same goal: it is as common, and pads across, not above and below.
 GOALS = {(1024, 768): 1.0, (4000, 3000): 3.0, (3000, 4000): 3.0}
 
