@@ -1,6 +1,6 @@
 # safeclip: `make help` lists the targets.
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint engine triton-repo bench bench-quick gpu-check clean-engines
+.PHONY: help install test test-fast smoke-wheel lint engine triton-repo bench bench-quick gpu-check clean-engines
 
 # An activated virtual environment is used as it is; otherwise `make install` creates .venv.
 VENV       ?= $(or $(VIRTUAL_ENV),.venv)
@@ -60,6 +60,9 @@ test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 test-fast: ## the tests not marked slow, fuzzing with 50 examples a test (about 2 minutes on 2 cores)
 	SAFECLIP_FUZZ_EXAMPLES=$${SAFECLIP_FUZZ_EXAMPLES:-50} SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' \
 		$(PY) -m pytest -q -m 'not slow'
+
+smoke-wheel: ## build the wheel, install it (not editable, no torch) in a fresh venv, run its CLI: --version, screen, serve (~1 min)
+	tests/smoke_wheel.sh '$(abspath $(PY))'
 
 lint: ## ruff (format and lint rules) and mypy (types), as configured in pyproject.toml; all run, any fails it
 	@# `safeclip` is a regular package in runtime/, so mypy needs the parts in export/ and calibration/ named too.
