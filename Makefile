@@ -7,6 +7,9 @@ VENV       ?= $(or $(VIRTUAL_ENV),.venv)
 PY         := $(VENV)/bin/python
 TRITON_VENV ?= .venv-triton
 LITELLM_VENV ?= .venv-litellm
+# Where the checks' output goes (bench-quick, gpu-check): git-ignored, so running them leaves the tree clean.
+# `make bench` writes bench/results/, the record the README quotes; copy a run from here to keep it.
+RUNS       ?= bench/runs
 # The LiteLLM version the guardrail endpoint was read from and is tested against (tests/test_litellm.py).
 LITELLM_PIN ?= litellm[proxy]==1.106.12
 # The last anthropic SDK line that sends its key as X-Api-Key (2.x sends Bearer); tests/test_forwarding.py
@@ -89,12 +92,12 @@ endif
 bench: ## the nine benchmarks side by side (CPU, ~28 min on 2 cores + a few for the scan) -> bench/results/<date>.{json,md,png}
 	$(PY) -m bench --out bench/results $(if $(ONLY),--only '$(ONLY)')
 
-bench-quick: ## a short benchmark run (~5 min on 2 idle cores + a few for the scan, ViT-B/32 only) -> bench/results/<date>-quick.*
-	$(PY) -m bench --quick --out bench/results $(if $(ONLY),--only '$(ONLY)')
+bench-quick: ## a short benchmark run (~5 min on 2 idle cores + a few for the scan, ViT-B/32 only) -> bench/runs/<date>-quick.* (git-ignored: a check, not a record)
+	$(PY) -m bench --quick --out '$(RUNS)' $(if $(ONLY),--only '$(ONLY)')
 
-gpu-check: ## on a CUDA GPU: plan and GPU providers vs ONNX Runtime CPU, torch FP16 timing (MODEL= optional); without one, says so
+gpu-check: ## on a CUDA GPU: plan and GPU providers vs ONNX Runtime CPU, torch FP16 timing (MODEL= optional) -> bench/runs/gpu-check.json; without one, says so
 	$(PY) tests/gpu_check.py $(if $(filter command line environment,$(origin MODEL)),--model '$(MODEL)') \
-		$(if $(GPU_CHECK_OUT),--out '$(GPU_CHECK_OUT)')
+		--out '$(or $(GPU_CHECK_OUT),$(RUNS)/gpu-check.json)'
 
 clean-engines: ## delete everything under engines/
 	find engines -mindepth 1 -not -name .gitkeep -delete

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", default=[], help="extra checkpoint(s) besides tiny-random")
     parser.add_argument("--work", default="engines/gpu-check")
-    parser.add_argument("--out", default="bench/results/gpu-check.json")
+    parser.add_argument("--out", default="bench/runs/gpu-check.json")  # git-ignored
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--require-gpu", action="store_true", help="exit 3 when no GPU part could run")

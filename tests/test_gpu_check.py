@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,3 +46,29 @@ def test_require_gpu_turns_the_skip_into_a_failure(tmp_path):
     )
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
     assert (tmp_path / "r.json").is_file()
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("git") is None, reason="needs make and git")
+@pytest.mark.parametrize(
+    ("target", "written"),
+    [
+        ("gpu-check", ["gpu-check.json", "gpu-check.tmp"]),
+        ("bench-quick", ["2026-01-01-quick.json", "2026-01-01-quick.md", "2026-01-01-quick-scaling.png"]),
+    ],
+)
+def test_checks_write_only_where_git_ignores(target, written):
+    """`make gpu-check` and `make bench-quick` are checks, not records: what they write by default is
+    git-ignored, so running them leaves `git status` clean. Read from the recipe `make -n` prints (its
+    --out), so a changed default is checked without running the target."""
+    recipe = subprocess.run(
+        ["make", "-n", "-s", "-C", str(ROOT), target, f"VENV={sys.prefix}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    [out] = re.findall(r"--out '([^']+)'", recipe)
+    folder = Path(out) if target == "bench-quick" else Path(out).parent
+    paths = [str(folder / name) for name in written]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(paths), f"{target} writes where git does not ignore: {recipe}"
