@@ -577,6 +577,14 @@ def high_water_mb(pid: int) -> float | None:
     return int(found.group(1)) / 1024 if found else None
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """A running process's CPU time so far (user + system, all its threads), in seconds. What a test can
+    bound on a loaded machine, where a neighbour stretches wall time but not the work done."""
+    # /proc/PID/stat: the command may hold spaces, so fields are counted after its closing parenthesis.
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def wait_measuring(process: subprocess.Popen, timeout: float, poll: float = 0.02) -> tuple[int, float, bool]:
     """(exit status, peak RSS in MiB, whether it was killed for running past `timeout` seconds). The peak
     is read every `poll` seconds, so growth in the last `poll` seconds of its life can be missed."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import resource
 import threading
@@ -38,6 +37,7 @@ from server_helpers import (
     http,
     png,
     post_json,
+    process_cpu_seconds,
     screened_url,
     user_message,
     wait_for,
@@ -116,13 +116,6 @@ def resident_mb(pid: int) -> float:
     return int(found.group(1)) / 1024
 
 
-def cpu_seconds(pid: int) -> float:
-    """A running process's CPU time so far (user + system, all its threads), in seconds."""
-    # /proc/PID/stat: the command may hold spaces, so fields are counted after its closing parenthesis.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 def engine_work(gate: GateProcess) -> tuple[float, float]:
     """(engine calls, images screened) so far: the count and the sum of the gate's batch-size histogram."""
     text = http("GET", f"{gate.base}/metrics").body.decode()
@@ -137,14 +130,14 @@ def warm_up(gate: GateProcess, seed: int) -> tuple[float, float, float]:
         {"model": "echo", "messages": [user_message(data_url(png(seed=seed - 1, size=24)))]},
     )
     assert reply.status == 200, reply.body[:300]
-    began, cpu_began = time.monotonic(), cpu_seconds(gate.process.pid)
+    began, cpu_began = time.monotonic(), process_cpu_seconds(gate.process.pid)
     for i in range(SERIAL):
         reply = post_json(
             f"{gate.base}/v1/chat/completions",
             {"model": "echo", "messages": [user_message(data_url(png(seed=seed + i, size=24)))]},
         )
         assert reply.status == 200, reply.body[:300]
-    cpu = cpu_seconds(gate.process.pid) - cpu_began
+    cpu = process_cpu_seconds(gate.process.pid) - cpu_began
     return (time.monotonic() - began) / SERIAL, cpu / SERIAL, resident_mb(gate.process.pid)
 
 
@@ -160,9 +153,9 @@ def test_1000_concurrent_requests_none_lost_none_crossed(tiny_engine, upstream_s
         serial_seconds, serial_cpu, warm_mb = warm_up(gate, seed=3000)
         upstream.received.clear()
         calls_before, images_before = engine_work(gate)
-        began, cpu_began = time.monotonic(), cpu_seconds(gate.process.pid)
+        began, cpu_began = time.monotonic(), process_cpu_seconds(gate.process.pid)
         answers = asyncio.run(burst(gate.base, urls, TIMEOUT))
-        elapsed, burst_cpu = time.monotonic() - began, cpu_seconds(gate.process.pid) - cpu_began
+        elapsed, burst_cpu = time.monotonic() - began, process_cpu_seconds(gate.process.pid) - cpu_began
         calls_after, images_after = engine_work(gate)
         engine_calls, engine_burst = calls_after - calls_before, images_after - images_before
     failures = [a for a in answers if isinstance(a, BaseException)]
