@@ -41,6 +41,10 @@ install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the te
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	@# [cpu] is the CPU onnxruntime: the runtime's onnxruntime comes from exactly one of [cpu] or [gpu].
 	@# [ray]: scan --ray and its tests on a local Ray (~25 s, ~120 MB; it includes [scan]'s pyarrow).
+	@# setuptools prints one notice here ("Editable installation ... folders in your working directory with
+	@# the same name as your package"): it does for every editable install of a package that spans several
+	@# folders, as this src layout per stage does. No folder here shadows the package; the notice is all
+	@# that is left of the build's warnings, and no setting turns it off short of another build backend.
 	$(PY) -m pip install --quiet -e '.[cpu,export,serve,calibrate,dev,ray]'
 	@for spec in $(TRT_BINDINGS); do \
 		$(PY) -m pip install --quiet --no-deps --upgrade --target '$(GPU_BINDINGS)/'"$${spec%%=*}" "$${spec#*=}" || exit 1; \
