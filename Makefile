@@ -64,7 +64,7 @@ install: $(PY) ## install the runtime (CPU onnxruntime), the exporter and the te
 test: ## run the test suite (CPU, tiny-random; no network, no GPU needed)
 	SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' $(PY) -m pytest -q
 
-test-fast: ## the tests not marked slow, fuzzing with 50 examples a test (about 2 minutes on 2 cores)
+test-fast: ## the tests not marked slow, fuzzing with 50 examples a test (5 min on 2 cores shared at load ~10)
 	SAFECLIP_FUZZ_EXAMPLES=$${SAFECLIP_FUZZ_EXAMPLES:-50} SAFECLIP_TRITON_PYTHON='$(abspath $(TRITON_VENV))/bin/python' \
 		$(PY) -m pytest -q -m 'not slow'
 
