@@ -1,4 +1,4 @@
-"""An independent attacker pass on the gate (issue 20), written by a reader who had read only the user-facing
+"""An independent attacker pass on the gate, written by a reader who had read only the user-facing
 docs and the upstreams' own parsers, never the gate's implementation.
 
 Every category threshold is 0 (every image the model could see is flagged, action refuse) unless a test says

@@ -147,7 +147,7 @@ def test_precision_and_end_to_end_record_int8_dynamic(tmp_path):
 
 @pytest.mark.slow
 def test_photos_benchmark_reports_the_cold_ratio_bytes_and_warm_photos(tmp_path):
-    """Issue 21: the photos benchmark runs the gate at the Anthropic budget on real photographs; a photo past
+    """The photos benchmark runs the gate at the Anthropic budget on real photographs; a photo past
     the budget (6x its pixels) is forwarded smaller than it came, one within it larger
     (the same pixels as a 4:4:4 JPEG of quality 95)."""
     rc = run_suite(SMOKE, REGISTRY, tmp_path, only=["photos"], stem="photos")

@@ -551,7 +551,7 @@ def test_litellm_does_not_show_guardrails_provider_parameters(proxy, upstream):
 
 @pytest.mark.slow
 def test_litellm_sends_the_provider_the_photo_at_its_budget(servers, tiny_engine, tmp_path):
-    """Issue 21, end to end: a 4000x3000 phone photo through a real LiteLLM proxy whose model is Anthropic (a
+    """End to end: a 4000x3000 phone photo through a real LiteLLM proxy whose model is Anthropic (a
     stub applying Anthropic's rules), with the gate as its guardrail at the Anthropic preset. LiteLLM
     writes back the returned `structured_messages` and translates them to Anthropic's format: the provider
     gets the screened 1264x948 JPEG, labelled image/jpeg, and the key LiteLLM holds."""
