@@ -1,15 +1,17 @@
-"""The engine options, defined once: `screen` and `serve` take the same flags, and the gate's config file
-accepts the same values (a Triton URL as the backend, among them)."""
+"""Options defined once (options.py): `screen` and `serve` take the same engine flags, the gate's config
+file accepts the same values (a Triton URL as the backend, among them), every flag of `serve` is a config
+key, and each help text states the default the code has."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
-from safeclip.runtime.cli_options import PRECISION_CHOICES, add_engine_arguments, parse_thresholds
-from safeclip.runtime.server.cli import _FLAG_KEYS, build_parser, overrides
-from safeclip.runtime.server.config import load_config
+from safeclip.runtime.cli_options import ENGINE_OPTIONS, PRECISION_CHOICES, add_engine_arguments, parse_thresholds
+from safeclip.runtime.server.cli import FLAGS, build_parser, overrides
+from safeclip.runtime.server.config import REFERENCE_END, REFERENCE_START, GateConfig, load_config, options, reference
 
 TRITON = "triton://127.0.0.1:8001"
 
@@ -27,9 +29,45 @@ def serve_config(*argv: str, path=None):
 
 def test_serve_has_every_engine_flag_and_maps_it_onto_the_config():
     serve = {a.dest: a for a in build_parser()._actions}
+    declared = {path: option for path, option in options()}
     for dest, action in engine_flags().items():
-        assert dest in serve and dest in _FLAG_KEYS, dest
-        assert (serve[dest].type, serve[dest].choices) == (action.type, action.choices), dest
+        path, option = FLAGS[dest]
+        assert dest in serve and declared[path] is option and option in ENGINE_OPTIONS, dest
+        assert serve[dest].choices == action.choices, dest
+        assert serve[dest].help.startswith(option.help) and action.help.startswith(option.help), dest
+
+
+def test_every_serve_flag_but_config_and_log_level_is_a_config_key():
+    """The flags come from the config's declarations: none is handled on the side."""
+    flags = {a.dest for a in build_parser()._actions} - {"help", "config", "log_level"}
+    assert flags == set(FLAGS)
+    default = GateConfig()
+    for dest, (path, option) in FLAGS.items():
+        value = default
+        for key in path:
+            value = getattr(value, key)
+        assert value == option.default, dest  # the dataclass's default is the one the help shows
+
+
+def test_help_shows_the_declared_default():
+    text = build_parser().format_help()
+    assert "(default: 400000000)" in " ".join(text.split())  # --max-request-pixels (its help said 128,000,000)
+    screen = argparse.ArgumentParser()
+    add_engine_arguments(screen)
+    assert screen.parse_args(["--engine", "e"]).batch_size == ENGINE_OPTIONS[-2].default
+    assert "(default: 32)" in " ".join(screen.format_help().split())
+
+
+def test_a_flag_is_checked_by_the_rule_of_its_key(capsys):
+    screen = argparse.ArgumentParser()
+    add_engine_arguments(screen)
+    for parser, argv in ((screen, ["--engine", "e", "--batch-size", "0"]), (build_parser(), ["--max-images", "0"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert "must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--max-images", "many"])
+    assert "--max-images: expected integer >= 1, got 'many'" in capsys.readouterr().err
 
 
 def test_serve_accepts_a_triton_backend_from_a_flag_or_the_file(tmp_path):
@@ -90,3 +128,31 @@ def test_parse_thresholds():
     for bad in ("gun", "=0.5", "gun=x"):
         with pytest.raises(argparse.ArgumentTypeError, match="CATEGORY=THRESHOLD"):
             parse_thresholds(bad)
+
+
+def test_the_readme_config_reference_is_the_declarations():
+    """The README's table is generated: a key added, renamed or given another default fails here until the
+    README's block is replaced by the output of `python -m safeclip.runtime.server.config`."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start, end = readme.index(REFERENCE_START), readme.index(REFERENCE_END) + len(REFERENCE_END)
+    assert readme[start:end] + "\n" == reference(), "regenerate: python -m safeclip.runtime.server.config"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[limits]\nmax_imgs = 3", "[limits]: unknown key(s) ['max_imgs']; known: ['max_body_bytes', "),
+        ("[limit]\nmax_images = 3", "unknown top-level key(s) ['limit']; known: ["),
+        ("limits = 3", "limits: expected a table ([limits]), got 3"),
+        ('[batch]\nsize = "8"', "batch.size: expected an integer, got '8'"),
+        ("[forward]\nlong_edge = 0", "forward.long_edge: must be >= 1, got 0"),
+        ("[proxy]\nallow_audio = 1", "proxy.allow_audio: expected true or false, got 1"),
+        ('[thresholds]\ngun = "high"', "thresholds.gun: expected a number, got 'high'"),
+    ],
+)
+def test_file_errors_name_the_file_the_section_and_the_key(tmp_path, text, message):
+    path = tmp_path / "gate.toml"
+    path.write_text('engine = "e"\n' + text + "\n")
+    with pytest.raises(ValueError) as e:
+        load_config(path, {})
+    assert str(e.value).startswith(f"{path}: {message}")

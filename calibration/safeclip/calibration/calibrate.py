@@ -36,10 +36,11 @@ from safeclip.calibration.report import base_report, markdown, unreadable_note, 
 from safeclip.calibration.thresholds import ThresholdChoice, benign_budget, choose_thresholds
 from safeclip.runtime import contract
 from safeclip.runtime.backends.base import BackendError
-from safeclip.runtime.cli_options import PRECISION_CHOICES, backend_choice
+from safeclip.runtime.cli_options import BACKEND, BATCH_SIZE, ENGINE, PRECISION
 from safeclip.runtime.decision import Policy
-from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
+from safeclip.runtime.engine import DEFAULT_MAX_BATCH
 from safeclip.runtime.gate import Gate
+from safeclip.runtime.options import add_flag
 
 DEFAULT_TARGET_FPR = 0.03
 REPORT_FOLDER = "calibration"
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="safeclip calibrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--engine", required=True, help="engine folder (with manifest.json)")
+    add_flag(parser, ENGINE)
     add_set_arguments(parser)
     parser.add_argument(
         "--target-fpr",
@@ -183,18 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_TARGET_FPR,
         help=f"largest share of benign images flagged (default {DEFAULT_TARGET_FPR})",
     )
-    parser.add_argument(
-        "--backend",
-        type=backend_choice,
-        default="auto",
-        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server URL (default: auto)",
-    )
-    parser.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        help="calibrate the artifact you will deploy (default: best for the backend)",
-    )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_MAX_BATCH, help="images per engine call")
+    add_flag(parser, BACKEND)
+    add_flag(parser, PRECISION, help="calibrate the artifact you will deploy")
+    add_flag(parser, BATCH_SIZE)
     parser.add_argument(
         "--allow-weak",
         action="store_true",

@@ -1,8 +1,9 @@
-"""What the commands share: the engine options, their parsers, the exit statuses and the walk over image folders.
+"""What the commands share: the engine options, the exit statuses and the walk over image folders.
 
-Every command that loads an engine (`screen`, `serve`, `eval`, `scan`) takes its engine flags from
-`add_engine_arguments`, and the gate's config file validates the same values with the same parsers
-(`parse_backend`, `PRECISION_CHOICES`), so an option added or changed here reaches all of them at once.
+The engine options are declared here once (`ENGINE_OPTIONS`, see options.py). Every command that loads an
+engine (`screen`, `serve`, `eval`, `scan`) takes its flags from `add_engine_arguments`, `calibrate` takes the
+ones it uses one by one, and the gate's config declares its keys with the same `Option`s (server/config.py),
+so an option added or changed here reaches all of them at once, help texts and defaults included.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from safeclip.runtime.contract import PRECISIONS
 from safeclip.runtime.engine import BACKEND_CHOICES, DEFAULT_MAX_BATCH
 from safeclip.runtime.gate import Gate
+from safeclip.runtime.options import TEXT, Option, Value, add_flag, choice, integer, mapping, number, optional, texts
 from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
 
 # Walked in folders. HEIC/HEIF, AVIF and SVG are not decoded, but they are images: listing them reports
@@ -67,53 +69,67 @@ def parse_backend(text: str) -> str:
     raise ValueError(f"expected one of {', '.join(BACKEND_CHOICES)} or a triton:// URL, got {text!r}")
 
 
-def backend_choice(text: str) -> str:
-    """parse_backend for argparse, which shows an ArgumentTypeError's message (and hides a ValueError's)."""
+def _backend(text: str, where: str) -> str:
     try:
         return parse_backend(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise ValueError(f"{where}: {e}") from None
+
+
+THRESHOLD_VALUE = number(0.0, strict=False, maximum=1.0)
+
+ENGINE = Option(TEXT, "", "engine folder (with manifest.json)", flag="--engine", required=True)
+THRESHOLD = Option(
+    optional(THRESHOLD_VALUE),
+    None,
+    "one threshold for every category",
+    flag="--threshold",
+    default_text="the manifest's",
+)
+THRESHOLDS = Option(
+    mapping("CATEGORY", THRESHOLD_VALUE, parse_thresholds),
+    {},
+    "per-category thresholds, e.g. 'gun=0.5,knife=0.7'",
+    flag="--thresholds",
+    default_text="the manifest's",
+    metavar="CAT=T,...",
+)
+DISABLED = Option(
+    texts("list of category names", lambda name, where: name),
+    (),
+    "categories never to flag",
+    flag="--disable",
+    from_text=parse_categories,
+    metavar="CAT,...",
+)
+BACKEND = Option(
+    Value(f"{' | '.join(BACKEND_CHOICES)} | a Triton server URL", lambda v, where: _backend(TEXT(v, where), where)),
+    "auto",
+    f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000",
+    flag="--backend",
+)
+PRECISION = Option(
+    optional(choice(PRECISION_CHOICES)),
+    None,
+    "ONNX artifact",
+    flag="--precision",
+    default_text="best for the backend",
+)
+BATCH_SIZE = Option(integer(1), DEFAULT_MAX_BATCH, "images per engine call", flag="--batch-size")
+MAX_PIXELS = Option(
+    integer(1), DEFAULT_MAX_PIXELS, "refuse larger images, against decompression bombs", flag="--max-pixels"
+)
+# In the order of `--help`; --threshold and --thresholds exclude each other.
+ENGINE_OPTIONS = (ENGINE, THRESHOLD, THRESHOLDS, DISABLED, BACKEND, PRECISION, BATCH_SIZE, MAX_PIXELS)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, config_file: bool = False) -> None:
     """The flags every command that loads an engine shares. With `config_file`, the command also reads
     them from a file: no flag is required and none has a default, so a flag left out keeps the file's value."""
-
-    def default(value: object) -> object:
-        return None if config_file else value
-
-    parser.add_argument("--engine", required=not config_file, help="engine folder (with manifest.json)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--threshold", type=float, help="one threshold for every category (default: the manifest's)")
-    group.add_argument(
-        "--thresholds",
-        type=parse_thresholds,
-        default=default({}),
-        metavar="CAT=T,...",
-        help="per-category thresholds, e.g. 'gun=0.5,knife=0.7'",
-    )
-    parser.add_argument(
-        "--disable", type=parse_categories, default=default(()), metavar="CAT,...", help="categories never to flag"
-    )
-    parser.add_argument(
-        "--backend",
-        type=backend_choice,
-        default=default("auto"),
-        help=f"{', '.join(BACKEND_CHOICES)}, or a Triton server: triton://host:8001, http://host:8000 (default: auto)",
-    )
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, help="ONNX artifact (default: best for the backend)")
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=default(DEFAULT_MAX_BATCH),
-        help=f"images per engine call (default {DEFAULT_MAX_BATCH})",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=default(DEFAULT_MAX_PIXELS),
-        help=f"refuse larger images, against decompression bombs (default {DEFAULT_MAX_PIXELS})",
-    )
+    one_or_per_category = parser.add_mutually_exclusive_group()
+    for option in ENGINE_OPTIONS:
+        target = one_or_per_category if option is THRESHOLD or option is THRESHOLDS else parser
+        add_flag(target, option, from_file=config_file)
 
 
 def gate_from_args(args: argparse.Namespace, spin_wait: bool = True) -> Gate:

@@ -24,26 +24,17 @@ from typing import Any
 from aiohttp import web
 from yarl import URL
 
-from safeclip.runtime.cli_options import add_engine_arguments
+from safeclip.runtime.cli_options import ENGINE_OPTIONS, add_engine_arguments
 from safeclip.runtime.gate import Gate
+from safeclip.runtime.options import add_flag
 from safeclip.runtime.server.app import RUNNER_OPTIONS, STATE, build_app
-from safeclip.runtime.server.config import ACTIONS, SECRETS, GateConfig, check_paths, load_config
+from safeclip.runtime.server.config import GateConfig, check_paths, load_config, options
 
 log = logging.getLogger("safeclip.server")
 
 
-def parse_actions(text: str) -> dict[str, str]:
-    """'alcohol=monitor,gun=inject' -> {'alcohol': 'monitor', 'gun': 'inject'}"""
-    out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, action = item.rpartition("=")
-        if not sep or not name.strip() or action.strip() not in ACTIONS:
-            raise argparse.ArgumentTypeError(f"expected CATEGORY=ACTION with ACTION in {ACTIONS}, got {item!r}")
-        out[name.strip()] = action.strip()
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The config file's flags, generated from its declarations (server/config.py, cli_options.py)."""
     p = argparse.ArgumentParser(
         prog="safeclip serve",
         description=__doc__.split("\n\n")[0],
@@ -51,109 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="TOML config file (flags override it)")
     add_engine_arguments(p, config_file=True)
-    p.add_argument(
-        "--upstream",
-        help="the LVLM server's root URL, e.g. http://127.0.0.1:8000 or "
-        "https://api.example.com/openai (without /v1); none: guardrail-only, the gate "
-        "serves /v1/moderations and the LiteLLM guardrail and forwards nothing",
-    )
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8080; 0 picks a free one)")
-    p.add_argument("--action", choices=ACTIONS, help="what to do with a flagged request (default refuse)")
-    p.add_argument("--actions", type=parse_actions, metavar="CAT=ACTION,...", help="per-category actions")
-    p.add_argument(
-        "--fail-open",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="forward undecodable images unscreened (counted in /metrics) instead of refusing them",
-    )
-    p.add_argument(
-        "--api-key",
-        help="require this key from clients (default: $SAFECLIP_API_KEY, if set); it is never forwarded upstream",
-    )
-    p.add_argument(
-        "--upstream-api-key",
-        help="send this key upstream as `Authorization: Bearer`, replacing what the "
-        "client sent (default: $SAFECLIP_UPSTREAM_API_KEY, if set)",
-    )
-    p.add_argument("--audit-log", help="append one JSON line per screened request to this file ('-' for stdout)")
-    p.add_argument(
-        "--verdict-field",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="add a `safeclip` verdict object to non-streamed JSON responses",
-    )
-    p.add_argument(
-        "--allow", action="append", metavar="CIDR", help="let image URLs reach this private/loopback range (repeatable)"
-    )
-    p.add_argument("--max-body-bytes", type=int)
-    p.add_argument("--max-images", type=int, help="images per request")
-    p.add_argument("--max-image-bytes", type=int)
-    p.add_argument(
-        "--max-request-pixels", type=int, help="pixels of one request's images together (default 128,000,000)"
-    )
-    p.add_argument("--decode-workers", type=int, help="threads that decode and resize images (default: cores, 2 to 8)")
-    p.add_argument(
-        "--forward-original",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="forward images as sent instead of as the screened pixels (weaker; trusted clients only)",
-    )
-    p.add_argument("--batch-delay-ms", type=float, help="longest wait for other requests to batch with (default 2)")
-    p.add_argument(
-        "--max-queued",
-        type=int,
-        help="images waiting for the engine before requests are answered 503 with Retry-After (default 256)",
-    )
-    p.add_argument("--cache-size", type=int, help="verdicts kept by image sha256 (default 4096; 0 disables)")
-    p.add_argument("--upstream-timeout", type=float, help="seconds the upstream may stay silent (default 600)")
+    for _, option in FLAGS.values():
+        if not any(option is shared for shared in ENGINE_OPTIONS):
+            add_flag(p, option, from_file=True)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
 
-# flag -> path in the config file's shape
-_FLAG_KEYS = {
-    "engine": ("engine",),
-    "upstream": ("upstream",),
-    "host": ("host",),
-    "port": ("port",),
-    "action": ("action",),
-    "actions": ("actions",),
-    "threshold": ("threshold",),
-    "thresholds": ("thresholds",),
-    "disable": ("disabled",),
-    "backend": ("backend",),
-    "precision": ("precision",),
-    "fail_open": ("fail_open",),
-    "api_key": ("api_key",),
-    "upstream_api_key": ("upstream_api_key",),
-    "audit_log": ("audit_log",),
-    "verdict_field": ("verdict_field",),
-    "allow": ("fetch", "allow"),
-    "max_body_bytes": ("limits", "max_body_bytes"),
-    "max_images": ("limits", "max_images"),
-    "max_image_bytes": ("limits", "max_image_bytes"),
-    "max_pixels": ("limits", "max_pixels"),
-    "max_request_pixels": ("limits", "max_request_pixels"),
-    "decode_workers": ("batch", "decode_workers"),
-    "forward_original": ("proxy", "forward_original"),
-    "batch_delay_ms": ("batch", "delay_ms"),
-    "batch_size": ("batch", "size"),
-    "max_queued": ("batch", "max_queued"),
-    "cache_size": ("cache_size",),
-    "upstream_timeout": ("timeouts", "upstream_read"),
-}
+# A flag's argparse name -> (its key path in the config file's shape, its Option)
+FLAGS = {option.dest: (path, option) for path, option in options() if option.flag}
 
 
 def overrides(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, Any]:
     """The flags that were given, shaped like the config file; the API keys fall back to the environment."""
     out: dict[str, Any] = {}
-    values = dict(vars(args))
-    for key, _, env in SECRETS:
-        if values.get(key) is None and environ.get(env):
-            values[key] = environ[env]
-    for flag, path in _FLAG_KEYS.items():
-        value = values.get(flag)
+    for dest, (path, option) in FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None and option.env:
+            value = environ.get(option.env) or None
         if value is None:
             continue
         table = out
@@ -223,7 +129,10 @@ def loggable_url(url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag argparse refused (2, its message already written)
+        return int(e.code or 0)
     # Log records are written to stderr by a thread of their own: a stalled stderr (a full pipe to a log
     # collector) must not hold the event loop, which logs a line per request.
     handler = logging.StreamHandler()

@@ -1,18 +1,23 @@
 """The gate's configuration: frozen dataclasses, read from one TOML file, then overridden by CLI flags.
 
 The TOML file has the shape of `GateConfig`: top-level keys, and one table per nested dataclass
-(`[limits]`, `[proxy]`, `[forward]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`) or mapping
+(`[limits]`, `[proxy]`, `[forward]`, `[fetch]`, `[batch]`, `[timeouts]`, `[templates]`, `[tools]`) or mapping
 (`[thresholds]`, `[actions]`, `[moderation]`). Unknown keys are errors, so a typo never silently keeps a default.
+
+Each key is declared once, as a field whose `Option` (options.py) holds its check, default, help and flag:
+`build` reads the file with it, `serve`'s flags are generated from it (server/cli.py), and so is the README's
+configuration reference (`python -m safeclip.runtime.server.config` prints it; a test keeps the README equal).
 """
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import functools
 import ipaddress
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,32 @@ else:  # Python 3.10 (JetPack 6): the same parser, from PyPI
 
 from yarl import URL
 
-from safeclip.runtime.cli_options import PRECISION_CHOICES, parse_backend
-from safeclip.runtime.engine import DEFAULT_MAX_BATCH
-from safeclip.runtime.preprocess import DEFAULT_MAX_PIXELS
+from safeclip.runtime.cli_options import (
+    BACKEND,
+    BATCH_SIZE,
+    DISABLED,
+    ENGINE,
+    MAX_PIXELS,
+    PRECISION,
+    THRESHOLD,
+    THRESHOLDS,
+)
+from safeclip.runtime.options import (
+    BOOLEAN,
+    OPTION,
+    TEXT,
+    TEXTS,
+    Option,
+    Value,
+    choice,
+    field_of,
+    integer,
+    mapping,
+    number,
+    optional,
+    text,
+    texts,
+)
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.forwarding import AUTH_STYLES, PRESET_NAMES, Plan, resolve
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
@@ -34,12 +62,6 @@ from safeclip.runtime.server.parts import SERVER_TOOLS, Policy
 
 # What the gate does with a flagged request, strictest first (record.decide picks the strictest that applies).
 ACTIONS = ("refuse", "inject", "monitor")
-# Secrets: never read from the config file, never in the policy fingerprint. (key, flag, environment variable)
-SECRETS = (
-    ("api_key", "--api-key", "SAFECLIP_API_KEY"),
-    ("upstream_api_key", "--upstream-api-key", "SAFECLIP_UPSTREAM_API_KEY"),
-)
-SECRET_KEYS = frozenset(key for key, _, _ in SECRETS)
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The paper's dynamic correction: the model is told what the image was flagged as and how to respond.
@@ -53,108 +75,51 @@ DEFAULT_REFUSAL = "I can't help with this request: an image in it was flagged by
 TEMPLATE_FIELDS = {"category": "gun", "categories": "gun, knife", "probability": 0.5}
 
 
-def _int(minimum: int) -> Callable[[Any, str], int]:
-    def parse(value: Any, where: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{where}: must be >= {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _float(minimum: float, strict: bool = True) -> Callable[[Any, str], float]:
-    def parse(value: Any, where: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        if value < minimum or (strict and value == minimum):
-            raise ValueError(f"{where}: must be {'>' if strict else '>='} {minimum}, got {value}")
-        return float(value)
-
-    return parse
+def parse_actions(text: str) -> dict[str, str]:
+    """'alcohol=monitor,gun=inject' -> {'alcohol': 'monitor', 'gun': 'inject'}"""
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, action = item.rpartition("=")
+        if not sep or not name.strip() or action.strip() not in ACTIONS:
+            raise argparse.ArgumentTypeError(f"expected CATEGORY=ACTION with ACTION in {ACTIONS}, got {item!r}")
+        out[name.strip()] = action.strip()
+    return out
 
 
-def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{where}: expected true or false, got {value!r}")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
-    return lambda value, where: None if value is None else parse(value, where)
-
-
-def _choice(choices: tuple[str, ...]) -> Callable[[Any, str], str]:
-    def parse(value: Any, where: str) -> str:
-        if value not in choices:
-            raise ValueError(f"{where}: {value!r} is not one of {list(choices)}")
-        return value
-
-    return parse
-
-
-def _str_tuple(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where}: expected a list of strings, got {value!r}")
-    return tuple(_str(v, f"{where}[{i}]") for i, v in enumerate(value))
-
-
-def _mapping(parse_value: Callable[[Any, str], Any]) -> Callable[[Any, str], dict[str, Any]]:
-    def parse(value: Any, where: str) -> dict[str, Any]:
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where}: expected a table, got {value!r}")
-        return {str(k): parse_value(v, f"{where}.{k}") for k, v in value.items()}
-
-    return parse
-
-
-def _networks(value: Any, where: str) -> tuple[IPNetwork, ...]:
-    out = []
-    for i, text in enumerate(_str_tuple(value, where)):
-        try:
-            out.append(ipaddress.ip_network(text, strict=False))
-        except ValueError as e:
-            raise ValueError(f"{where}[{i}]: {text!r} is not a CIDR ({e})") from e
-    return tuple(out)
+def _network(text: str, where: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as e:
+        raise ValueError(f"{where}: {text!r} is not a CIDR ({e})") from e
 
 
 def _port(value: Any, where: str) -> int:
-    port = _int(0)(value, where)
+    port = integer(0)(value, where)
     if port > 65535:
         raise ValueError(f"{where}: a TCP port is at most 65535, got {port}")
     return port
 
 
-def _upstream(value: Any, where: str) -> str:
-    url = URL(_str(value, where))
+def _upstream(text: str, where: str) -> str:
+    if not text:
+        return text  # guardrail-only
+    url = URL(text)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"{where}: expected an http(s)://host:port URL, got {value!r}")
+        raise ValueError(f"{where}: expected an http(s)://host:port URL, got {text!r}")
     if url.path.rstrip("/").endswith("/v1"):
-        raise ValueError(f"{where}: give the server root without /v1 (requests keep their /v1/... path), got {value!r}")
+        raise ValueError(f"{where}: give the server root without /v1 (requests keep their /v1/... path), got {text!r}")
     if url.query_string or url.fragment:
-        raise ValueError(f"{where}: no query or fragment allowed, got {value!r}")
+        raise ValueError(f"{where}: no query or fragment allowed, got {text!r}")
     return str(url).rstrip("/")
 
 
-def _openai_categories(value: Any, where: str) -> tuple[str, ...]:
-    names = _str_tuple(value, where)
-    for name in names:
-        if name not in OPENAI_CATEGORIES:
-            raise ValueError(
-                f"{where}: {name!r} is not an OpenAI moderation category; known: {list(OPENAI_CATEGORIES)}"
-            )
-    return names
+def _openai_category(name: str, where: str) -> str:
+    if name not in OPENAI_CATEGORIES:
+        raise ValueError(f"{where}: {name!r} is not an OpenAI moderation category; known: {list(OPENAI_CATEGORIES)}")
+    return name
 
 
-def _template(value: Any, where: str) -> str:
-    text = _str(value, where)
+def _template(text: str, where: str) -> str:
     try:
         text.format(**TEMPLATE_FIELDS)
     except (KeyError, IndexError, ValueError) as e:
@@ -162,57 +127,69 @@ def _template(value: Any, where: str) -> str:
     return text
 
 
-def _action(value: Any, where: str) -> str:
-    return _choice(ACTIONS)(value, where)
+def _path_pattern(entry: str, where: str) -> str:
+    methods, pattern = _allow_entry(entry)
+    if not pattern.startswith("/"):
+        raise ValueError(f"{where}: expected `[METHODS ]/path/pattern` (e.g. `POST /v1/completions`), got {entry!r}")
+    unknown = sorted(methods - PROXY_METHODS)
+    if unknown:
+        raise ValueError(f"{where}: unknown HTTP method(s) {unknown} in {entry!r}; known: {sorted(PROXY_METHODS)}")
+    return entry
 
 
-def _backend(value: Any, where: str) -> str:
-    try:
-        return parse_backend(_str(value, where))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+def _server_tool(name: str, where: str) -> str:
+    if name not in SERVER_TOOLS:
+        raise ValueError(f"{where}: {name!r} is not a server-side tool the gate knows; known: {sorted(SERVER_TOOLS)}")
+    return name
 
 
-def _threshold(value: Any, where: str) -> float:
-    number = _float(0.0, strict=False)(value, where)
-    if number > 1.0:
-        raise ValueError(f"{where}: a threshold is in [0, 1], got {value}")
-    return number
-
-
-# How `build` reads each field. A field is either a value, checked and converted by its parser
-# (`_parsed(parse, default)`), or a nested table that is a dataclass of its own (`_table(cls)`), built
-# from the table by `build` with that dataclass's own field parsers.
-PARSE, TABLE = "parse", "table"
-
-
-def _parsed(parse: Callable[[Any, str], Any], default: Any = None, factory: Callable[[], Any] | None = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={PARSE: parse})
-    return field(default=default, metadata={PARSE: parse})
+ACTION = choice(ACTIONS)
+SECONDS = number(0.0)
+TEMPLATE = text("string.format template", _template)
+OPTIONAL_COUNT = optional(integer(1))
+PRESET_DEFAULT = "the preset's"  # a [forward] key left unset
 
 
 def _table(cls: type) -> Any:
+    """A nested table of the file (`[limits]`...): a dataclass of its own, read by `build` with its options."""
     return field(default_factory=cls, metadata={TABLE: cls})
+
+
+TABLE = "table"
 
 
 @dataclass(frozen=True)
 class Limits:
+    """What one request may hold; past a limit it is a 4xx in the route's error format."""
+
     # OpenAI takes 50 MB of images in a request, Anthropic 32 MB of request: a body either would take fits.
-    max_body_bytes: int = _parsed(_int(1), 64 << 20)
+    max_body_bytes: int = field_of(Option(integer(1), 64 << 20, "bytes of a request body", flag="--max-body-bytes"))
     # As many as a hosted API takes (OpenAI 500, Anthropic 100; the upstream's own count is checked too,
     # see [forward]); max_request_pixels bounds what they may cost to decode.
-    max_images: int = _parsed(_int(1), 500)
-    max_image_bytes: int = _parsed(_int(1), 16 << 20)
-    max_pixels: int = _parsed(_int(1), DEFAULT_MAX_PIXELS)
-    # The pixels one request's images may declare together: decoding them is the costliest thing a client
-    # can make the gate do. 400 MP is Anthropic's most (100 images of 2000 x 2000) and 33 photos of 12 MP
-    # (the 50 MB OpenAI takes holds about 20); a JPEG past twice the forward size decodes reduced, at a
-    # quarter of the cost or less.
-    max_request_pixels: int = _parsed(_int(1), 400_000_000)
-    # Server-side state ids (Responses response and item ids) remembered under inject and monitor, with
-    # whether they hold a flagged image (memory.py); the least recently used are forgotten past this.
-    max_state_ids: int = _parsed(_int(1), 100_000)
+    max_images: int = field_of(Option(integer(1), 500, "images per request", flag="--max-images"))
+    max_image_bytes: int = field_of(
+        Option(integer(1), 16 << 20, "bytes of one image (or audio part), encoded", flag="--max-image-bytes")
+    )
+    max_pixels: int = field_of(MAX_PIXELS)
+    # Decoding them is the costliest thing a client can make the gate do. 400 MP is Anthropic's most (100
+    # images of 2000 x 2000) and 33 photos of 12 MP (the 50 MB OpenAI takes holds about 20); a JPEG past
+    # twice the forward size decodes reduced, at a quarter of the cost or less.
+    max_request_pixels: int = field_of(
+        Option(
+            integer(1),
+            400_000_000,
+            "pixels one request's images may declare together",
+            flag="--max-request-pixels",
+        )
+    )
+    max_state_ids: int = field_of(
+        Option(
+            integer(1),
+            100_000,
+            "Responses response and item ids remembered under inject and monitor, with whether they hold a "
+            "flagged image; the least recently used are forgotten past this",
+        )
+    )
 
 
 # Paths forwarded without a dialect: model lists and server facts. An entry is `[METHODS ]PATTERN`: a bare
@@ -222,22 +199,6 @@ class Limits:
 DEFAULT_PROXY_ALLOW = ("/v1/models", "/v1/models/*", "/api/tags", "/api/version", "/api/ps", "POST /api/show")
 READ_METHODS = frozenset({"GET", "HEAD"})  # what a bare pattern forwards: no body
 PROXY_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
-
-
-def _path_patterns(value: Any, where: str) -> tuple[str, ...]:
-    patterns = _str_tuple(value, where)
-    for i, entry in enumerate(patterns):
-        methods, pattern = _allow_entry(entry)
-        if not pattern.startswith("/"):
-            raise ValueError(
-                f"{where}[{i}]: expected `[METHODS ]/path/pattern` (e.g. `POST /v1/completions`), got {entry!r}"
-            )
-        unknown = sorted(methods - PROXY_METHODS)
-        if unknown:
-            raise ValueError(
-                f"{where}[{i}]: unknown HTTP method(s) {unknown} in {entry!r}; known: {sorted(PROXY_METHODS)}"
-            )
-    return patterns
 
 
 def _allow_entry(entry: str) -> tuple[frozenset[str], str]:
@@ -252,18 +213,36 @@ def _allow_entry(entry: str) -> tuple[frozenset[str], str]:
 class ProxyConfig:
     """What is forwarded besides the screened routes, and in what form images are."""
 
-    # `[METHODS ]PATTERN` entries (fnmatch glob, `*` spans `/` too) of the paths no dialect owns that may be
-    # forwarded, matched against the canonical path (target.py) with the method.
-    allow: tuple[str, ...] = _parsed(_path_patterns, DEFAULT_PROXY_ALLOW)
-    # Forward images as the client sent them instead of as the screened pixels. Weaker: another decoder may
-    # show the upstream another picture (an APNG's frames, pixels under transparency). Trusted clients only.
-    forward_original: bool = _parsed(_bool, False)
-    # Audio content parts (`input_audio`), forwarded only when they parse as their declared WAV or MP3: the
-    # gate cannot screen audio, and llama.cpp decodes audio slots that are not audio as images.
-    allow_audio: bool = _parsed(_bool, False)
-    # Top-level request fields forwarded beyond each API's own (vLLM's top_k, repetition_penalty...); their
-    # values must still be free of URLs and encoded data.
-    extra_fields: tuple[str, ...] = _parsed(_str_tuple, ())
+    # Matched against the canonical path (target.py) with the method.
+    allow: tuple[str, ...] = field_of(
+        Option(
+            texts("list of `[METHODS ]PATTERN`", _path_pattern),
+            DEFAULT_PROXY_ALLOW,
+            "paths no dialect owns that may be forwarded: fnmatch patterns (`*` spans `/` too); a bare pattern "
+            "forwards GET and HEAD without a body, `POST /v1/completions` names its methods",
+        )
+    )
+    # Another decoder may show the upstream another picture (an APNG's frames, pixels under transparency).
+    forward_original: bool = field_of(
+        Option(
+            BOOLEAN,
+            False,
+            "forward images as sent instead of as the screened pixels (weaker; trusted clients only)",
+            flag="--forward-original",
+        )
+    )
+    # The gate cannot screen audio, and llama.cpp decodes audio slots that are not audio as images.
+    allow_audio: bool = field_of(
+        Option(BOOLEAN, False, "forward `input_audio` parts that parse as their declared WAV or MP3")
+    )
+    extra_fields: tuple[str, ...] = field_of(
+        Option(
+            TEXTS,
+            (),
+            "top-level request fields forwarded beyond each API's own (vLLM's top_k, repetition_penalty...); "
+            "their values must still be free of URLs and encoded data",
+        )
+    )
 
     def methods(self, path: str) -> frozenset[str]:
         """The methods `[proxy] allow` forwards for a canonical path (empty: not forwarded at all)."""
@@ -278,28 +257,42 @@ class ProxyConfig:
         return method in self.methods(path)
 
 
+def _forward_limit(help: str) -> Any:
+    return field_of(Option(OPTIONAL_COUNT, None, help, default_text=PRESET_DEFAULT))
+
+
 @dataclass(frozen=True)
 class ForwardConfig:
     """At what size images go upstream, within which limits, and how the held key is sent
-    (server/forwarding.py has the presets). Fields left unset take the preset's value."""
+    (server/forwarding.py has the presets). Keys left unset take the preset's value."""
 
-    # "auto": anthropic for api.anthropic.com, openai for api.openai.com, azure for *.openai.azure.com,
-    # else local.
-    preset: str = _parsed(_choice(PRESET_NAMES), "auto")
+    preset: str = field_of(
+        Option(
+            choice(PRESET_NAMES),
+            "auto",
+            "the upstream's sizes and limits; auto: anthropic for api.anthropic.com, openai for api.openai.com, "
+            "azure for *.openai.azure.com, else local",
+        )
+    )
     # The forward budget: images are scaled down (never up) until each bound holds.
-    long_edge: int | None = _parsed(_optional(_int(1)), None)
-    short_edge: int | None = _parsed(_optional(_int(1)), None)
-    max_pixels: int | None = _parsed(_optional(_int(1)), None)
+    long_edge: int | None = _forward_limit("longest edge of a forwarded image (scaled down, never up)")
+    short_edge: int | None = _forward_limit("shortest edge of a forwarded image (scaled down, never up)")
+    max_pixels: int | None = _forward_limit("pixels of a forwarded image (scaled down, never up)")
     # The upstream's limits, checked before it is called (a 413 naming the image instead of its error).
-    max_image_base64: int | None = _parsed(_optional(_int(1)), None)
-    max_images_base64: int | None = _parsed(_optional(_int(1)), None)
-    max_request_bytes: int | None = _parsed(_optional(_int(1)), None)
-    max_images: int | None = _parsed(_optional(_int(1)), None)
-    max_side: int | None = _parsed(_optional(_int(1)), None)
-    # How the held key (SAFECLIP_UPSTREAM_API_KEY) is sent: "x-api-key" (Anthropic), "bearer" (OpenAI and
-    # compatible servers), "api-key" (Azure OpenAI); "auto": the preset's, for local servers by the route
-    # (X-Api-Key on /v1/messages, Bearer elsewhere).
-    auth: str = _parsed(_choice(AUTH_STYLES), "auto")
+    max_image_base64: int | None = _forward_limit("base64 characters of one forwarded image")
+    max_images_base64: int | None = _forward_limit("base64 characters of a request's forwarded images")
+    max_request_bytes: int | None = _forward_limit("bytes of the forwarded request")
+    max_images: int | None = _forward_limit("images in the forwarded request")
+    max_side: int | None = _forward_limit("longest side the upstream takes")
+    auth: str = field_of(
+        Option(
+            choice(AUTH_STYLES),
+            "auto",
+            "how the held key (SAFECLIP_UPSTREAM_API_KEY) is sent: x-api-key (Anthropic), bearer (OpenAI and "
+            "compatible servers), api-key (Azure OpenAI); auto: the preset's, for local servers by the route "
+            "(X-Api-Key on /v1/messages, Bearer elsewhere)",
+        )
+    )
 
     def plan(self, upstream: str) -> Plan:
         budget = {"long_edge": self.long_edge, "short_edge": self.short_edge, "max_pixels": self.max_pixels}
@@ -310,86 +303,187 @@ class ForwardConfig:
         return resolve(upstream, self.preset, self.auth, budget, limits)
 
 
-def _server_tools(value: Any, where: str) -> tuple[str, ...]:
-    names = _str_tuple(value, where)
-    for name in names:
-        if name not in SERVER_TOOLS:
-            raise ValueError(
-                f"{where}: {name!r} is not a server-side tool the gate knows; known: {sorted(SERVER_TOOLS)}"
-            )
-    return names
-
-
 @dataclass(frozen=True)
 class ToolsConfig:
     """Server-side tools (the provider fetches or makes content the gate never sees): refused unless listed."""
 
-    allow: tuple[str, ...] = _parsed(_server_tools, ())
+    allow: tuple[str, ...] = field_of(
+        Option(
+            texts(f"list of {' | '.join(sorted(SERVER_TOOLS))}", _server_tool),
+            (),
+            "server-side tools let through (README: what each lets in unscreened)",
+        )
+    )
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    """How image URLs are fetched; addresses in `allow` are reachable even when private or loopback."""
+    """How image URLs are fetched by the gate."""
 
-    allow: tuple[IPNetwork, ...] = _parsed(_networks, ())
-    connect_timeout: float = _parsed(_float(0.0), 3.0)
-    timeout: float = _parsed(_float(0.0), 10.0)
-    max_redirects: int = _parsed(_int(0), 5)
+    allow: tuple[IPNetwork, ...] = field_of(
+        Option(
+            texts("list of CIDRs", _network),
+            (),
+            "let image URLs reach this private/loopback range (repeatable)",
+            flag="--allow",
+            metavar="CIDR",
+        )
+    )
+    connect_timeout: float = field_of(Option(SECONDS, 3.0, "seconds to connect to an image's host"))
+    timeout: float = field_of(Option(SECONDS, 10.0, "seconds to fetch one image, redirects included"))
+    max_redirects: int = field_of(Option(integer(0), 5, "redirects followed, each re-checked"))
 
 
 @dataclass(frozen=True)
 class BatchConfig:
+    """How requests share engine calls, and the threads that decode their images."""
+
     # A few ms of waiting lets concurrent requests share one engine call; the first request pays it.
-    delay_ms: float = _parsed(_float(0.0, strict=False), 2.0)
-    size: int = _parsed(_int(1), DEFAULT_MAX_BATCH)
-    # Images waiting for an engine call; a request that would queue more is answered 503 with a Retry-After.
-    max_queued: int = _parsed(_int(1), DEFAULT_MAX_QUEUED)
-    # Threads that decode and resize images, apart from the engine's (Pillow releases the GIL there).
-    decode_workers: int = _parsed(_int(1), max(2, min(8, os.cpu_count() or 2)))
+    delay_ms: float = field_of(
+        Option(
+            number(0.0, strict=False),
+            2.0,
+            "longest wait (ms) for other requests to batch with",
+            flag="--batch-delay-ms",
+        )
+    )
+    size: int = field_of(BATCH_SIZE)
+    max_queued: int = field_of(
+        Option(
+            integer(1),
+            DEFAULT_MAX_QUEUED,
+            "images waiting for the engine before requests are answered 503 with Retry-After",
+            flag="--max-queued",
+        )
+    )
+    # Apart from the engine's (Pillow releases the GIL there).
+    decode_workers: int = field_of(
+        Option(
+            integer(1),
+            max(2, min(8, os.cpu_count() or 2)),
+            "threads that decode and resize images",
+            flag="--decode-workers",
+            default_text="cores, 2 to 8",
+        )
+    )
 
 
 @dataclass(frozen=True)
 class Timeouts:
-    upstream_connect: float = _parsed(_float(0.0), 5.0)
-    # Time allowed between two reads from the upstream: a long generation keeps streaming, a hung one ends.
-    upstream_read: float = _parsed(_float(0.0), 600.0)
+    """How long the upstream may take."""
+
+    upstream_connect: float = field_of(Option(SECONDS, 5.0, "seconds to connect to the upstream"))
+    # A long generation keeps streaming, a hung one ends.
+    upstream_read: float = field_of(
+        Option(SECONDS, 600.0, "seconds the upstream may stay silent between two reads", flag="--upstream-timeout")
+    )
 
 
 @dataclass(frozen=True)
 class Templates:
     """str.format templates with {category} (the deciding one), {categories} and {probability}."""
 
-    refusal: str = _parsed(_template, DEFAULT_REFUSAL)
-    safety_prompt: str = _parsed(_template, DEFAULT_SAFETY_PROMPT)
+    refusal: str = field_of(Option(TEMPLATE, DEFAULT_REFUSAL, "the answer to a refused request"))
+    safety_prompt: str = field_of(
+        Option(
+            TEMPLATE,
+            DEFAULT_SAFETY_PROMPT,
+            "the system prompt injected into a flagged request (inject)",
+            default_text="a notice naming the category and asking the model to leave out the harmful details "
+            "(DEFAULT_SAFETY_PROMPT in server/config.py)",
+        )
+    )
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    engine: str = _parsed(_str, "")
-    # Empty: guardrail-only, the gate screens (/v1/moderations, the LiteLLM guardrail) and forwards nothing.
-    upstream: str = _parsed(_upstream, "")
-    host: str = _parsed(_str, "127.0.0.1")
-    port: int = _parsed(_port, 8080)
-    action: str = _parsed(_action, "refuse")
-    actions: dict[str, str] = _parsed(_mapping(_action), factory=dict)
-    threshold: float | None = _parsed(_optional(_threshold), None)
-    thresholds: dict[str, float] = _parsed(_mapping(_threshold), factory=dict)
-    disabled: tuple[str, ...] = _parsed(_str_tuple, ())
-    backend: str = _parsed(_backend, "auto")
-    precision: str | None = _parsed(_optional(_choice(PRECISION_CHOICES)), None)
-    fail_open: bool = _parsed(_bool, False)
-    # Never read from the TOML file (see load_config): secrets come from the flag or SAFECLIP_API_KEY.
-    api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
-    # Sent upstream the way the provider takes it (`[forward] auth`) instead of any key the client sent;
-    # never read from the file either (the flag or SAFECLIP_UPSTREAM_API_KEY).
-    upstream_api_key: str | None = field(default=None, repr=False, metadata={PARSE: _optional(_str)})
-    audit_log: str | None = _parsed(_optional(_str), None)
-    verdict_field: bool = _parsed(_bool, False)
-    cache_size: int = _parsed(_int(0), 4096)
-    # The cache also keeps each image's screened PNG, so a resent image costs no decode: bounded here.
-    cache_bytes: int = _parsed(_int(0), 256 << 20)
-    # Entries added to (or replacing) DEFAULT_MODERATION_MAP: our category -> OpenAI categories ([] for none).
-    moderation: dict[str, tuple[str, ...]] = _parsed(_mapping(_openai_categories), factory=dict)
+    """The keys outside any table (the engine options among them are shared with `screen`, cli_options.py)."""
+
+    engine: str = field_of(ENGINE)
+    upstream: str = field_of(
+        Option(
+            text("http(s) URL", _upstream),
+            "",
+            "the LVLM server's root URL, e.g. http://127.0.0.1:8000 or https://api.example.com/openai (without /v1)",
+            flag="--upstream",
+            default_text="none: guardrail-only, the gate serves /v1/moderations and the LiteLLM guardrail and "
+            "forwards nothing",
+        )
+    )
+    host: str = field_of(Option(TEXT, "127.0.0.1", "address to listen on", flag="--host"))
+    port: int = field_of(
+        Option(Value("TCP port", _port, int), 8080, "port to listen on (0 picks a free one)", flag="--port")
+    )
+    action: str = field_of(Option(ACTION, "refuse", "what to do with a flagged request", flag="--action"))
+    actions: dict[str, str] = field_of(
+        Option(
+            mapping("CATEGORY", ACTION, parse_actions),
+            {},
+            "per-category actions (the strictest of the flagged categories' wins)",
+            flag="--actions",
+            default_text="the global action",
+            metavar="CAT=ACTION,...",
+        )
+    )
+    threshold: float | None = field_of(THRESHOLD)
+    thresholds: dict[str, float] = field_of(THRESHOLDS)
+    disabled: tuple[str, ...] = field_of(DISABLED)
+    backend: str = field_of(BACKEND)
+    precision: str | None = field_of(PRECISION)
+    fail_open: bool = field_of(
+        Option(
+            BOOLEAN,
+            False,
+            "forward undecodable images unscreened (counted in /metrics) instead of refusing them",
+            flag="--fail-open",
+        )
+    )
+    api_key: str | None = field_of(
+        Option(
+            optional(TEXT),
+            None,
+            "require this key from clients; it is never forwarded upstream",
+            flag="--api-key",
+            env="SAFECLIP_API_KEY",
+            default_text="$SAFECLIP_API_KEY, if set",
+        )
+    )
+    upstream_api_key: str | None = field_of(
+        Option(
+            optional(TEXT),
+            None,
+            "send this key upstream (the way [forward] auth says), replacing what the client sent",
+            flag="--upstream-api-key",
+            env="SAFECLIP_UPSTREAM_API_KEY",
+            default_text="$SAFECLIP_UPSTREAM_API_KEY, if set",
+        )
+    )
+    audit_log: str | None = field_of(
+        Option(
+            optional(TEXT),
+            None,
+            "append one JSON line per screened request to this file ('-' for stdout); its folder must exist",
+            flag="--audit-log",
+            default_text="off",
+        )
+    )
+    verdict_field: bool = field_of(
+        Option(BOOLEAN, False, "add a `safeclip` verdict object to non-streamed JSON responses", flag="--verdict-field")
+    )
+    cache_size: int = field_of(
+        Option(integer(0), 4096, "verdicts kept by image sha256 (0 disables the cache)", flag="--cache-size")
+    )
+    # The cache also keeps each image's screened PNG, so a resent image costs no decode.
+    cache_bytes: int = field_of(Option(integer(0), 256 << 20, "bytes the verdict cache may hold, images included"))
+    moderation: dict[str, tuple[str, ...]] = field_of(
+        Option(
+            mapping("CATEGORY", texts("list of OpenAI moderation categories", _openai_category)),
+            {},
+            "entries added to (or replacing) the /v1/moderations mapping: our category -> OpenAI categories "
+            "([] for none)",
+            default_text="see /v1/moderations",
+        )
+    )
     limits: Limits = _table(Limits)
     proxy: ProxyConfig = _table(ProxyConfig)
     forward: ForwardConfig = _table(ForwardConfig)
@@ -434,22 +528,40 @@ class GateConfig:
         return out
 
 
-def build(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    """A dataclass from a mapping: every key known, every value parsed by its field's parser."""
+def options(cls: type = GateConfig, section: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Option]]:
+    """(key path, Option) of every option of `cls` and its tables, in declaration order."""
+    for f in fields(cls):
+        if TABLE in f.metadata:
+            yield from options(f.metadata[TABLE], (*section, f.name))
+        else:
+            yield (*section, f.name), f.metadata[OPTION]
+
+
+# Secrets: never read from the config file, never in the policy fingerprint.
+SECRETS = tuple((path[-1], option) for path, option in options() if option.env)
+SECRET_KEYS = frozenset(key for key, _ in SECRETS)
+
+
+def build(cls: type, data: Mapping[str, Any], section: str = "") -> Any:
+    """A dataclass from a mapping: every key known, every value checked by its Option (errors name the key)."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(
+            f"[{section}]: unknown key(s) {unknown}; known: {sorted(known)}"
+            if section
+            else f"unknown top-level key(s) {unknown}; known: {sorted(known)}"
+        )
     kwargs = {}
     for name, value in data.items():
         f = known[name]
-        label = f"{where}.{name}" if where else name
+        label = f"{section}.{name}" if section else name
         if TABLE in f.metadata:
             if not isinstance(value, Mapping):
-                raise ValueError(f"{label}: expected a table, got {value!r}")
+                raise ValueError(f"{label}: expected a table ([{label}]), got {value!r}")
             kwargs[name] = build(f.metadata[TABLE], value, label)
         else:
-            kwargs[name] = f.metadata[PARSE](value, label)
+            kwargs[name] = f.metadata[OPTION].value.check(value, label)
     return cls(**kwargs)
 
 
@@ -472,20 +584,30 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path}: not valid TOML ({e})") from e
-    for key, flag, env in SECRETS:
+    for key, option in SECRETS:
         if key in data:
-            raise ValueError(f"{path}: {key} is not read from files; use {flag} or {env}")
+            raise ValueError(f"{path}: {key} is not read from files; use {option.flag} or {option.env}")
     return data
 
 
 def load_config(path: str | Path | None, overrides: Mapping[str, Any]) -> GateConfig:
     """The config file (if any), then `overrides` (CLI flags, shaped like the file), validated."""
     data = merge(read_toml(path) if path else {}, overrides)
-    config = build(GateConfig, data, str(path) if path else "")
-    if not config.engine:
-        raise ValueError("engine is required (--engine or `engine = ...` in the config file)")
+    try:
+        config = build(GateConfig, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}" if path else str(e)) from None
+    for path_, option in options():
+        if option.required and not _get(config, path_):
+            raise ValueError(f"{'.'.join(path_)} is required ({option.flag} or `{path_[-1]} = ...` in the config file)")
     if config.upstream_api_key and not config.upstream:
         raise ValueError("an upstream API key was given but no upstream (--upstream or `upstream = ...`)")
+    return config
+
+
+def _get(config: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = getattr(config, key)
     return config
 
 
@@ -531,3 +653,41 @@ def to_dict(config: Any) -> dict[str, Any]:
             value = [str(v) for v in value]
         out[f.name] = value
     return out
+
+
+REFERENCE_START = "<!-- config reference: generated by `python -m safeclip.runtime.server.config` -->"
+REFERENCE_END = "<!-- end of the config reference -->"
+
+
+def reference() -> str:
+    """The README's configuration reference, in markdown: every key of every table, from its declaration."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def rows(cls: type, section: str) -> list[str]:
+        out = ["| key | value | default | flag | meaning |", "| --- | --- | --- | --- | --- |"]
+        for f in fields(cls):
+            if TABLE in f.metadata:
+                continue
+            option: Option = f.metadata[OPTION]
+            table = isinstance(option.default, dict)  # [thresholds], [actions], [moderation]
+            key = f"`[{f.name}]`" if table else f"`{f.name}`"
+            default = option.shown_default(toml=True)
+            if option.default_text is None and not option.required:
+                default = f"`{default}`"
+            flag = f"`{option.flag}`" if option.flag else ""
+            if option.env:
+                flag += f", `${option.env}` (never the file)"
+            out.append(f"| {key} | {cell(option.value.kind)} | {cell(default)} | {flag} | {cell(option.help)} |")
+        return [f"{section}: {' '.join((cls.__doc__ or '').split())}", "", *out]
+
+    lines = [REFERENCE_START, "", *rows(GateConfig, "Top-level keys")]
+    for f in fields(GateConfig):
+        if TABLE in f.metadata:
+            lines += ["", *rows(f.metadata[TABLE], f"`[{f.name}]`")]
+    return "\n".join([*lines, "", REFERENCE_END]) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
