@@ -174,9 +174,17 @@ def test_version():
     assert proc.returncode == 0 and proc.stdout == f"safeclip {version('safeclip')}\n"
 
 
-def test_top_level_help_describes_the_defaults():
-    """quantize defaults to dynamic, screen's default output is tab-separated."""
+def test_top_level_help_describes_the_defaults(capsys):
+    """The one-line summaries agree with the commands' own defaults: quantize's method, screen's output."""
+    from safeclip.calibration.quantize import DEFAULT_METHOD, METHODS
+    from safeclip.runtime.screen import main as screen_main
+
     proc = subprocess.run([sys.executable, "-m", "safeclip.runtime.cli"], capture_output=True, text=True, timeout=60)
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("  ")}
-    assert "static" not in lines["quantize"] and "dynamic by default" in lines["quantize"]
-    assert "tab-separated" in lines["screen"] and "content" in lines["screen"]
+    assert f"{DEFAULT_METHOD} by default" in lines["quantize"]
+    assert not any(m in lines["quantize"] for m in METHODS if m != DEFAULT_METHOD)
+    with pytest.raises(SystemExit):
+        screen_main(["--help"])
+    json_flag = " ".join(capsys.readouterr().out.split()).split("--json ")[1]
+    assert json_flag.startswith("one JSON object per line (default: tab-separated)")
+    assert "a tab-separated line per file (--json: JSON)" in lines["screen"] and "content" in lines["screen"]

@@ -17,7 +17,7 @@ COMMANDS = {
     "export-triton": ("safeclip.export.triton_repo", "engine folder -> Triton Inference Server model repository"),
     "screen": (
         "safeclip.runtime.screen",
-        "screen images or folders (files sniffed by content); one tab-separated or JSON line per file",
+        "screen images or folders (files sniffed by content); a tab-separated line per file (--json: JSON)",
     ),
     "calibrate": (
         "safeclip.calibration.calibrate",
