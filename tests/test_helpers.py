@@ -19,7 +19,7 @@ def text() -> str:
     m.requests.inc("chat", "pass")
     m.batch.observe(3)
     m.batch.observe(5)
-    return m.render()
+    return m.render()[0].decode()
 
 
 def test_a_bare_name_sums_every_labelled_series(text):

@@ -25,6 +25,7 @@ import pytest
 from provider_upstream import ProviderUpstream
 
 from images import camera_jpeg
+from prometheus import metric
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.preprocess import Preprocessor, decode_image
 from safeclip.runtime.server.config import DEFAULT_SAFETY_PROMPT
@@ -161,11 +162,6 @@ def start(servers, tiny_engine):
         return servers.start_gate(gate_config(tiny_engine, "", **config), gate)
 
     return go
-
-
-def metric(text: str, line_start: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start + " ")]
-    return values[0] if values else 0.0
 
 
 def test_clean_images_are_replaced_by_their_screened_pixels_and_text_only_is_none(start, flag_none):

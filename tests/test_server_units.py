@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from prometheus import metric
 from safeclip.runtime.decision import Verdict
 from safeclip.runtime.preprocess import CorruptImage
 from safeclip.runtime.server.batcher import MicroBatcher
@@ -19,7 +20,7 @@ from safeclip.runtime.server.dialects.openai_moderations import OpenAIModeration
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.forwarding import Forward
 from safeclip.runtime.server.jsonbody import Verbatim, canonical
-from safeclip.runtime.server.metrics import Histogram
+from safeclip.runtime.server.metrics import GateMetrics
 from safeclip.runtime.server.record import decide
 from server_helpers import png
 
@@ -245,14 +246,26 @@ def test_moderation_result_maps_and_keeps_our_names():
 
 
 def test_histogram_buckets_are_cumulative_with_le_bounds():
-    h = Histogram("t_seconds", "help", (0.1, 1.0), ("stage",))
-    for value in (0.05, 0.1, 0.5, 3.0):
-        h.observe(value, 'a"b')
-    lines = h.render()
-    assert 't_seconds_bucket{stage="a\\"b",le="0.1"} 2' in lines
-    assert 't_seconds_bucket{stage="a\\"b",le="1"} 3' in lines
-    assert 't_seconds_bucket{stage="a\\"b",le="+Inf"} 4' in lines
-    assert 't_seconds_count{stage="a\\"b"} 4' in lines and 't_seconds_sum{stage="a\\"b"} 3.65' in lines
+    m = GateMetrics()
+    for value in (0.0005, 0.001, 0.3, 90.0):  # on a bound belongs to it (le), past the last one to +Inf only
+        m.stage.observe(value, 'a"b')
+    body, content_type = m.render()
+    text = body.decode()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    for le, count in (("0.0005", 1), ("0.001", 2), ("0.25", 2), ("0.5", 3), ("60.0", 3), ("+Inf", 4)):
+        assert metric(text, f'safeclip_stage_seconds_bucket{{stage="a\\"b",le="{le}"}}') == count, le
+    assert metric(text, "safeclip_stage_seconds_count") == 4
+    assert metric(text, "safeclip_stage_seconds_sum") == pytest.approx(90.3015)
+
+
+def test_metrics_follow_the_scrapers_format_and_check_their_labels():
+    m = GateMetrics()
+    m.requests.inc("chat", "pass")
+    body, content_type = m.render("application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    assert m.requests.total() == 1
+    with pytest.raises(ValueError, match="takes labels"):
+        m.requests.inc("chat")
 
 
 def test_cache_is_lru_and_bounded():

@@ -169,9 +169,7 @@ class Option:
 
         def parse(text: str) -> Any:
             try:
-                converted = convert(text)
-            except argparse.ArgumentTypeError:
-                raise
+                converted = convert(text)  # an ArgumentTypeError (parse_thresholds') passes as it is
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected {value.kind}, got {text!r}") from None
             try:

@@ -347,10 +347,8 @@ async def _readyz(request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.StreamResponse:
-    return web.Response(
-        body=request.app[STATE].metrics.render().encode(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+    body, content_type = request.app[STATE].metrics.render(request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 # The gate's own GET routes; every other path is a dialect's (POST), LiteLLM's (POST) or `[proxy] allow`'s.
