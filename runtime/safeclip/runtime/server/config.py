@@ -101,8 +101,6 @@ def _port(value: Any, where: str) -> int:
 
 
 def _upstream(text: str, where: str) -> str:
-    if not text:
-        return text  # guardrail-only
     url = URL(text)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"{where}: expected an http(s)://host:port URL, got {text!r}")
