@@ -68,6 +68,14 @@ def test_a_flag_is_checked_by_the_rule_of_its_key(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--max-images", "many"])
     assert "--max-images: expected integer >= 1, got 'many'" in capsys.readouterr().err
+    for parser, argv, message in (
+        (screen, ["--engine", "e", "--thresholds", "gun=2"], "argument --thresholds: gun: must be in [0, 1], got 2.0"),
+        (build_parser(), ["--allow", "10.0.0.300/8"], "argument --allow: '10.0.0.300/8' is not a CIDR"),
+        (build_parser(), ["--upstream", "ftp://h"], "argument --upstream: expected an http(s)://host:port URL"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_serve_accepts_a_triton_backend_from_a_flag_or_the_file(tmp_path):

@@ -172,10 +172,12 @@ class Option:
                 converted = convert(text)  # an ArgumentTypeError (parse_thresholds') passes as it is
             except ValueError:
                 raise argparse.ArgumentTypeError(f"expected {value.kind}, got {text!r}") from None
+            one_item = value.repeat and self.from_text is None  # a repeated flag: its list has this one item
             try:
-                value.check([converted] if value.repeat and self.from_text is None else converted, flag)
-            except ValueError as e:
-                raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
+                value.check([converted] if one_item else converted, flag)
+            except ValueError as e:  # argparse names the flag itself: `gun: ...` for --thresholds gun=2
+                message = str(e).removeprefix(f"{flag}[0]: ").removeprefix(f"{flag}: ").removeprefix(f"{flag}.")
+                raise argparse.ArgumentTypeError(message) from None
             return converted
 
         return parse
