@@ -38,14 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="safeclip serve",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Each flag sets one key of the config file and wins over it; the keys without a flag are listed "
+        "in the README's configuration reference (`python -m safeclip.runtime.server.config` prints it).",
     )
     p.add_argument("--config", help="TOML config file (flags override it)")
     add_engine_arguments(p, config_file=True)
     for _, option in FLAGS.values():
         if not any(option is shared for shared in ENGINE_OPTIONS):
             add_flag(p, option, from_file=True)
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="on stderr (default: INFO)"
+    )
     return p
 
 
