@@ -7,6 +7,9 @@ The TOML file has the shape of `GateConfig`: top-level keys, and one table per n
 Each key is declared once, as a field whose `Option` (options.py) holds its check, default, help and flag:
 `build` reads the file with it, `serve`'s flags are generated from it (server/cli.py), and so is the README's
 configuration reference (`python -m safeclip.runtime.server.config` prints it; a test keeps the README equal).
+A key is added as one field of its table's dataclass, e.g.
+`max_json_values: int = field_of(Option(integer(1), DEFAULT_MAX_VALUES, "JSON values one body may hold"))`
+(with `flag="--max-json-values"` if it should have one), then the README's block is regenerated.
 """
 
 from __future__ import annotations
