@@ -9,6 +9,7 @@ the dialects directly and, for the error format and the stub upstream, through a
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import re
@@ -38,6 +39,7 @@ skimage_data = pytest.importorskip("skimage.data")
 PHOTO = encode(skimage_data.astronaut()[::8, ::8, ::-1].copy(), ".png")  # a real photograph, 64 x 64
 PHOTO_URL = data_url(PHOTO)
 CHAT, RESPONSES, MESSAGES = "/v1/chat/completions", "/v1/responses", "/v1/messages"
+EVERY_TOOL = Policy(tools=frozenset(parts.SERVER_TOOLS))
 
 
 def keys_of(typed_dict: type) -> frozenset[str]:
@@ -112,6 +114,21 @@ def sdk_part_types():
     yield parts.ANTHROPIC_DOCUMENT_SOURCES, "content", a.ContentBlockSourceParam, set()
     yield parts.ANTHROPIC_WEB_FETCH, "web_fetch_result", a.WebFetchBlockParam, set()
     yield parts.ANTHROPIC_WEB_FETCH, "web_fetch_tool_result_error", a.WebFetchToolResultErrorBlockParam, set()
+    yield parts.ANTHROPIC_WEB_SEARCH, "web_search_result", a.WebSearchResultBlockParam, set()
+    yield parts.ANTHROPIC_WEB_SEARCH, "web_search_tool_result_error", a.WebSearchToolRequestErrorObjectParam, set()
+    yield parts.ANTHROPIC_CODE_EXECUTION, "code_execution_result", a.CodeExecutionResultBlockParam, set()
+    yield (
+        parts.ANTHROPIC_CODE_EXECUTION,
+        "encrypted_code_execution_result",
+        a.EncryptedCodeExecutionResultBlockParam,
+        set(),
+    )
+    yield parts.ANTHROPIC_CODE_EXECUTION, "code_execution_tool_result_error", a.CodeExecutionToolResultErrorParam, set()
+    for citation in typing.get_args(a.TextCitationParam):
+        name = re.search(r"Literal\['(\w+)'\]", str(citation.__annotations__["type"])).group(1)
+        yield parts.ANTHROPIC_CITATIONS, name, citation, set()
+    yield parts.ANTHROPIC, "mcp_tool_use", a.beta.BetaMCPToolUseBlockParam, set()
+    yield parts.ANTHROPIC, "mcp_tool_result", a.beta.BetaRequestMCPToolResultBlockParam, set()
 
 
 @pytest.mark.parametrize(
@@ -516,20 +533,27 @@ def fetched(document: dict) -> dict:
     }
 
 
+WEB_FETCH = Policy(tools=frozenset({"web_fetch"}))
+
+
 def test_web_fetch_results_are_screened_like_documents():
     document = {
         "type": "document",
         "source": {"type": "content", "content": [{"type": "text", "text": "page"}, image_block()]},
     }
     body = anthropic_body(fetched(document))
-    [slot] = AnthropicMessages().images(body, MESSAGES)
+    refused(lambda: AnthropicMessages().images(copy.deepcopy(body), MESSAGES), "tool_not_allowed", "web_fetch")
+    [slot] = AnthropicMessages().images(body, MESSAGES, WEB_FETCH)
     assert slot.where == "messages[0].content[0].content.content.source.content[1]"
     slot.rewrite(Verbatim("eQ=="), "image/png")  # the rebuilt blocks are the ones forwarded
     forwarded = json.loads(canonical(body))["messages"][0]["content"][0]["content"]["content"]["source"]["content"][1]
     assert forwarded["source"] == {"type": "base64", "media_type": "image/png", "data": "eQ=="}
     pdf = {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
-    refused(lambda: AnthropicMessages().images(anthropic_body(fetched(pdf)), MESSAGES), "unscreenable_document")
-    refused(lambda: AnthropicMessages().images(anthropic_body(fetched({"type": "text", "text": "x"})), MESSAGES))
+    refused(
+        lambda: AnthropicMessages().images(anthropic_body(fetched(pdf)), MESSAGES, WEB_FETCH), "unscreenable_document"
+    )
+    text = fetched({"type": "text", "text": "x"})
+    refused(lambda: AnthropicMessages().images(anthropic_body(text), MESSAGES, WEB_FETCH))
 
 
 def test_tool_results_and_search_results_nest_screened_images():
@@ -566,6 +590,280 @@ def test_code_execution_results_need_the_tool():
     refused(lambda: AnthropicMessages().images(anthropic_body(block), MESSAGES), "tool_not_allowed", "code_execution")
 
 
+# --- server tools' blocks and items: forwarded only where the tool is allowed ---------------------------
+
+# Anthropic blocks and Responses items a client sends for itself (its own content, its own tools' calls and
+# results); every other block or item an SDK can send belongs to a server tool.
+CLIENT_BLOCKS = {
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "tool_result",
+    "tool_reference",
+}
+CLIENT_ITEMS = {
+    "message",
+    "function_call",
+    "function_call_output",
+    "custom_tool_call",
+    "custom_tool_call_output",
+    "computer_call",
+    "computer_call_output",
+    "reasoning",
+    "item_reference",
+    "local_shell_call",
+    "local_shell_call_output",
+    "shell_call",  # with a container environment: hosted_shell (below)
+    "shell_call_output",
+    "apply_patch_call",
+    "apply_patch_call_output",
+}
+
+
+def literal_types(union) -> set[str]:
+    names = set()
+    for member in typing.get_args(union):
+        found = re.search(r"Literal\['(\w+)'\]", str(getattr(member, "__annotations__", {}).get("type")))
+        if found:
+            names.add(found.group(1))
+    return names
+
+
+def sdk_server_tool_types():
+    """(table, type) of every Anthropic block (beta included) and Responses item the SDKs can send that is no
+    client's own: a server tool's call or result."""
+    import anthropic.types as a
+    import anthropic.types.beta as b
+    from openai.types.responses import response_input_item_param as items
+
+    for name in sorted(literal_types(a.ContentBlockParam) | literal_types(b.BetaContentBlockParam)):
+        if name not in CLIENT_BLOCKS:
+            yield parts.ANTHROPIC, name
+    for name in sorted(literal_types(items.ResponseInputItemParam) - CLIENT_ITEMS):
+        yield parts.RESPONSES_ITEMS, name
+
+
+@pytest.mark.parametrize("table, name", list(sdk_server_tool_types()), ids=lambda v: getattr(v, "api", v))
+def test_every_server_tool_block_or_item_in_the_sdks_is_tied_to_its_tool_or_refused(table, name):
+    """A block or item that a server tool makes is forwarded only where `[tools] allow` names that tool (or
+    is refused outright, or unknown): the provider runs or expands what it holds (a pending call, encrypted
+    results, container files, stored images by id), which the gate cannot screen. A new SDK type that lands
+    in the table as plain content fails here."""
+    spec = table.types.get(name)
+    assert spec is None or spec.role == parts.REFUSED or spec.tool or spec.tool_by_name, name
+    if spec is not None and spec.tool:
+        assert spec.tool in parts.SERVER_TOOLS
+
+
+def test_server_tool_use_names_map_to_the_sdks_server_tools():
+    """Every name a server_tool_use block may carry (ServerToolUseBlockParam.name) is tied to a server tool."""
+    import anthropic.types as a
+
+    name = typing.get_type_hints(a.ServerToolUseBlockParam, include_extras=True)["name"]
+    while typing.get_origin(name) is not typing.Literal:
+        name = typing.get_args(name)[0]  # Required[Literal[...]]
+    assert set(typing.get_args(name)) == set(parts.ANTHROPIC_SERVER_TOOL_NAMES)
+
+
+def _server_result(kind, content):
+    return {"type": kind, "tool_use_id": "srvtoolu_1", "content": content}
+
+
+# One block per server tool's block type (shaped as the API returns them, to be sent back), with the tools it
+# needs. The test is over every entry; the SDK test above makes sure no type is missing from the table.
+ANTHROPIC_TOOL_BLOCKS = {
+    **{
+        f"server_tool_use-{name}": (
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": name, "input": {"url": "https://h/x.png"}},
+            {tool},
+        )
+        for name, tool in parts.ANTHROPIC_SERVER_TOOL_NAMES.items()
+    },
+    "web_search_tool_result": (
+        _server_result(
+            "web_search_tool_result",
+            [{"type": "web_search_result", "url": "https://h", "title": "t", "encrypted_content": "EqgfCioIARgB"}],
+        ),
+        {"web_search"},
+    ),
+    "web_search_tool_result-error": (
+        _server_result("web_search_tool_result", {"type": "web_search_tool_result_error", "error_code": "unavailable"}),
+        {"web_search"},
+    ),
+    "web_fetch_tool_result-error": (
+        _server_result("web_fetch_tool_result", {"type": "web_fetch_tool_result_error", "error_code": "unavailable"}),
+        {"web_fetch"},
+    ),
+    "code_execution_tool_result": (
+        _server_result(
+            "code_execution_tool_result",
+            {"type": "code_execution_result", "stdout": "", "stderr": "", "return_code": 0, "content": []},
+        ),
+        {"code_execution"},
+    ),
+    "code_execution_tool_result-encrypted": (
+        _server_result(
+            "code_execution_tool_result",
+            {
+                "type": "encrypted_code_execution_result",
+                "encrypted_stdout": "EqgfCioIARgB",
+                "stderr": "",
+                "return_code": 0,
+                "content": [],
+            },
+        ),
+        {"code_execution", "web_search"},
+    ),
+    "bash_code_execution_tool_result": (
+        _server_result(
+            "bash_code_execution_tool_result",
+            {"type": "bash_code_execution_result", "stdout": "", "stderr": "", "return_code": 0, "content": []},
+        ),
+        {"code_execution"},
+    ),
+    "text_editor_code_execution_tool_result-image": (
+        _server_result(
+            "text_editor_code_execution_tool_result",
+            {"type": "text_editor_code_execution_view_result", "file_type": "image", "content": "iVBORw0KGgo="},
+        ),
+        {"code_execution"},
+    ),
+    "tool_search_tool_result": (
+        _server_result(
+            "tool_search_tool_result",
+            {
+                "type": "tool_search_tool_search_result",
+                "tool_references": [{"type": "tool_reference", "tool_name": "f"}],
+            },
+        ),
+        {"tool_search"},
+    ),
+    "mcp_tool_use": (
+        {"type": "mcp_tool_use", "id": "mcptoolu_1", "name": "read", "input": {}, "server_name": "s"},
+        {"mcp"},
+    ),
+    "mcp_tool_result": (
+        {"type": "mcp_tool_result", "tool_use_id": "mcptoolu_1", "content": [{"type": "text", "text": "x"}]},
+        {"mcp"},
+    ),
+    "text-web_search_citation": (
+        {
+            "type": "text",
+            "text": "x",
+            "citations": [
+                {
+                    "type": "web_search_result_location",
+                    "cited_text": "x",
+                    "encrypted_index": "Eo8BCioIAhgB",
+                    "title": "t",
+                    "url": "https://h",
+                }
+            ],
+        },
+        {"web_search"},
+    ),
+}
+
+
+@pytest.mark.parametrize("role", ["user", "assistant"])
+@pytest.mark.parametrize("name", sorted(ANTHROPIC_TOOL_BLOCKS))
+def test_server_tool_blocks_need_every_tool_they_carry(name, role):
+    """Refused (naming a missing tool) unless every tool the block carries is allowed; then forwarded."""
+    block, tools = ANTHROPIC_TOOL_BLOCKS[name]
+
+    def body():
+        messages = [{"role": "user", "content": "hi"}, {"role": role, "content": [copy.deepcopy(block)]}]
+        return {"model": "m", "max_tokens": 5, "messages": messages}
+
+    for missing in sorted(tools):
+        partial = Policy(tools=frozenset(parts.SERVER_TOOLS) - {missing})
+        refused(lambda p=partial: AnthropicMessages().images(body(), MESSAGES, p), "tool_not_allowed", missing)
+    assert AnthropicMessages().images(body(), MESSAGES, Policy(tools=frozenset(tools))) == []
+
+
+def test_server_tool_blocks_are_rebuilt_from_their_content_tables():
+    """An allowed tool's results are still rebuilt from their keys: nothing rides along unread."""
+    tools = EVERY_TOOL
+    search = _server_result(
+        "web_search_tool_result",
+        [{"type": "web_search_result", "url": "u", "title": "t", "encrypted_content": "E", "image": PHOTO_URL}],
+    )
+    refused(lambda: AnthropicMessages().images(anthropic_body(search), MESSAGES, tools), "unknown_key", "image")
+    unknown = _server_result("web_search_tool_result", [{"type": "image", "source": {}}])
+    refused(lambda: AnthropicMessages().images(anthropic_body(unknown), MESSAGES, tools), "unsupported_content_block")
+    cited = {"type": "text", "text": "x", "citations": [{"type": "char_location", "cited_text": "x", "url": "u"}]}
+    refused(lambda: AnthropicMessages().images(anthropic_body(cited), MESSAGES, tools), "unknown_key", "url")
+    found = {
+        "type": "search_result",
+        "source": "s",
+        "title": "t",
+        "content": [{"type": "text", "text": "x"}, image_block()],
+    }
+    refused(lambda: AnthropicMessages().images(anthropic_body(found), MESSAGES, tools), naming="text blocks only")
+    unnamed = {"type": "server_tool_use", "id": "s", "name": "browse", "input": {}}
+    refused(lambda: AnthropicMessages().images(anthropic_body(unnamed), MESSAGES, tools), naming="'browse'")
+
+
+RESPONSES_TOOL_ITEMS = {
+    "web_search_call": ({"type": "web_search_call", "id": "ws_1", "status": "completed", "action": {}}, "web_search"),
+    "file_search_call": (
+        {"type": "file_search_call", "id": "fs_1", "queries": ["q"], "status": "completed", "results": None},
+        "file_search",
+    ),
+    "code_interpreter_call": (
+        {"type": "code_interpreter_call", "id": "ci_1", "code": "", "container_id": "cntr_1", "outputs": None},
+        "code_interpreter",
+    ),
+    # OpenAI's multi-turn image editing names the stored image by id alone
+    "image_generation_call-by-id": ({"type": "image_generation_call", "id": "ig_1"}, "image_generation"),
+    "mcp_call": (
+        {"type": "mcp_call", "id": "mcp_1", "name": "read", "arguments": "{}", "server_label": "s", "output": "x"},
+        "mcp",
+    ),
+    "mcp_list_tools": ({"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "s", "tools": []}, "mcp"),
+    "mcp_approval_request": (
+        {"type": "mcp_approval_request", "id": "mcpr_1", "name": "read", "arguments": "{}", "server_label": "s"},
+        "mcp",
+    ),
+    "mcp_approval_response": (
+        {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
+        "mcp",
+    ),
+    "shell_call-container": (
+        {
+            "type": "shell_call",
+            "call_id": "c",
+            "action": {"commands": ["curl https://h/x.png"]},
+            "environment": {"type": "container_reference", "container_id": "cntr_1"},
+        },
+        "hosted_shell",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESPONSES_TOOL_ITEMS))
+def test_hosted_tool_items_need_their_tool(name):
+    item, tool = RESPONSES_TOOL_ITEMS[name]
+    refused(lambda: OpenAIResponses().images(responses(copy.deepcopy(item)), RESPONSES), "tool_not_allowed", tool)
+    assert OpenAIResponses().images(responses(copy.deepcopy(item)), RESPONSES, Policy(tools=frozenset({tool}))) == []
+
+
+@pytest.mark.parametrize(
+    "environment, tool",
+    [(None, ""), ({"type": "local"}, ""), ({"type": "container_auto", "file_ids": ["f"]}, "hosted_shell")],
+)
+def test_the_shell_tool_is_hosted_with_a_container(environment, tool):
+    shell = {"type": "shell"} if environment is None else {"type": "shell", "environment": environment}
+    body = responses({"role": "user", "content": "ls"}, tools=[shell])
+    if tool:
+        refused(lambda: OpenAIResponses().images(copy.deepcopy(body), RESPONSES), "tool_not_allowed", tool)
+    assert OpenAIResponses().images(body, RESPONSES, Policy(tools=frozenset({tool} - {""}))) == []
+
+
 def responses(*items, **fields):
     return {"model": "m", "input": list(items), **fields}
 
@@ -587,7 +885,6 @@ def test_pixel_free_items_are_served_and_rebuilt():
             "encrypted_content": "Zm9v" * 200,
         },
         {"type": "function_call", "call_id": "f", "name": "n", "arguments": "{}"},
-        {"type": "web_search_call", "id": "w", "status": "completed", "action": {"type": "search", "query": "q"}},
     ]
     assert OpenAIResponses().images(responses(*items), RESPONSES) == []
     refused(
@@ -623,7 +920,7 @@ def test_images_carried_back_by_items_are_slots():
             "output": {"type": "computer_screenshot", "image_url": PHOTO_URL},
         },
     )
-    slots = OpenAIResponses().images(body, RESPONSES)
+    slots = OpenAIResponses().images(body, RESPONSES, EVERY_TOOL)
     assert [(s.where, s.kind) for s in slots] == [
         ("input[0]", "base64"),
         ("input[1].outputs[1]", "data_url"),
@@ -790,8 +1087,9 @@ def every_slot_bodies():
 
 @pytest.mark.parametrize("dialect, path, body", list(every_slot_bodies()), ids=lambda v: getattr(v, "name", None))
 def test_the_rebuilt_parts_are_the_ones_forwarded(dialect, path, body):
-    """Each slot's rewrite lands in what is serialized upstream: no image as sent is left anywhere."""
-    slots = dialect.images(body, path)
+    """Each slot's rewrite lands in what is serialized upstream: no image as sent is left anywhere (with every
+    server tool allowed, so that their results' images are slots too)."""
+    slots = dialect.images(body, path, EVERY_TOOL)
     assert slots
     for slot in slots:
         slot.rewrite(Verbatim("eQ=="), "image/png")

@@ -65,12 +65,6 @@ MARKER = b"safeclip-attacker-original"  # in every PNG the client sends; never i
 # Classes of the map the gate does not close yet, each expected to fail until it does (strict: a fix makes
 # the mark fail, so it is taken off). Everything else in this module must pass.
 OPEN_CLASSES = {
-    # Anthropic's web_search_tool_result carries `encrypted_content` the provider expands into fetched
-    # pages server-side; the gate forwards the block without web search being allowed.
-    "test_anthropic_blocks_show_no_upstream_unscreened_media[web_search_tool_result-encrypted-user]": "web search "
-    "results forwarded without [tools] allow",
-    "test_anthropic_blocks_show_no_upstream_unscreened_media[web_search_tool_result-encrypted-assistant]": "web "
-    "search results forwarded without [tools] allow",
     # Bodies are still parsed on the event loop: the JSON value budget and off-loop parsing are not merged.
     "test_healthz_answers_while_a_body_of_millions_of_keys_is_refused": "bodies parsed on the event loop",
     # Progressive-JPEG scans are not counted yet: the gate decodes the whole file (it passed only while the
@@ -444,6 +438,32 @@ RESPONSES_BODIES: dict[str, dict[str, Any]] = {
             {"type": "image_generation_call", "id": "ig_2", "status": "completed", "result": b64(BLOBS["tga"])},
         ]
     },
+    # Hosted tools' items carried back: the provider expands what they name (a stored image by id, a
+    # container's files, an approved MCP call, commands in its container).
+    "image_generation_call-by-id": {"input": [*responses_input(), {"type": "image_generation_call", "id": "ig_3"}]},
+    "code_interpreter_call-container": {
+        "input": [
+            *responses_input(),
+            {"type": "code_interpreter_call", "id": "ci_1", "code": "", "container_id": "cntr_1", "outputs": None},
+        ]
+    },
+    "mcp_approval_response": {
+        "input": [
+            *responses_input(),
+            {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True},
+        ]
+    },
+    "shell_call-container": {
+        "input": [
+            *responses_input(),
+            {
+                "type": "shell_call",
+                "call_id": "c3",
+                "action": {"commands": [f"curl -O {HTTP}"]},
+                "environment": {"type": "container_reference", "container_id": "cntr_1"},
+            },
+        ]
+    },
     "function_call_output-input_image-http": {
         "input": [
             {"type": "function_call", "call_id": "c1", "name": "shot", "arguments": "{}"},
@@ -604,6 +624,59 @@ ANTHROPIC_BLOCKS: dict[str, dict[str, Any]] = {
         "tool_use_id": "mcptoolu_1",
         "content": [_img_block(URL_SOURCE)],
     },
+    # A server tool's call without its result: the API runs it when the conversation goes on.
+    "server_tool_use-web_fetch-pending": {
+        "type": "server_tool_use",
+        "id": "srvtoolu_3",
+        "name": "web_fetch",
+        "input": {"url": HTTP},
+    },
+    "server_tool_use-code_execution-pending": {
+        "type": "server_tool_use",
+        "id": "srvtoolu_4",
+        "name": "bash_code_execution",
+        "input": {"command": f"curl -O {HTTP}"},
+    },
+    "mcp_tool_use-pending": {
+        "type": "mcp_tool_use",
+        "id": "mcptoolu_2",
+        "name": "fetch",
+        "input": {},
+        "server_name": "s",
+    },
+    "code_execution_tool_result-encrypted": {
+        "type": "code_execution_tool_result",
+        "tool_use_id": "srvtoolu_5",
+        "content": {
+            "type": "encrypted_code_execution_result",
+            "encrypted_stdout": "EqgfCioIARgBIiQ3",
+            "stderr": "",
+            "return_code": 0,
+            "content": [{"type": "code_execution_output", "file_id": "file_1"}],
+        },
+    },
+    "text_editor_code_execution_tool_result-image": {
+        "type": "text_editor_code_execution_tool_result",
+        "tool_use_id": "srvtoolu_6",
+        "content": {
+            "type": "text_editor_code_execution_view_result",
+            "file_type": "image",
+            "content": b64(BLOBS["png"]),
+        },
+    },
+    "text-web_search_citation": {
+        "type": "text",
+        "text": "as cited",
+        "citations": [
+            {
+                "type": "web_search_result_location",
+                "cited_text": "x",
+                "encrypted_index": "Eo8BCioIAhgBIiQ3",
+                "title": "t",
+                "url": "https://example.test",
+            }
+        ],
+    },
 }
 
 
@@ -731,6 +804,10 @@ TOOL_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-1"]}}]},
     ),
     "chat-web_search_options": ("/v1/chat/completions", {"web_search_options": {"search_context_size": "low"}}),
+    "responses-shell-container": (
+        "/v1/responses",
+        {"tools": [{"type": "shell", "environment": {"type": "container_auto", "file_ids": ["file-1"]}}]},
+    ),
 }
 
 
@@ -1169,3 +1246,16 @@ def test_check_flags_unscreened_media_and_passes_screened_pixels():
     assert leaks(forwarded("http://127.0.0.1:1/x.png"), screened_ok=True)
     assert not leaks(forwarded(screened_url(BLOBS["jpeg"])), screened_ok=True)
     assert leaks(forwarded(screened_url(BLOBS["jpeg"])), screened_ok=False)
+
+
+@pytest.mark.parametrize("name", sorted(ANTHROPIC_BLOCKS))
+def test_each_anthropic_row_is_media_to_the_stand_in(name, image_url="http://127.0.0.1:1/x.png"):
+    """Each Messages row loads something in the stand-in (a leak the invariant can see), so a gate that
+    forwarded it would fail its test; a row that loads nothing would prove nothing."""
+    body = {"messages": [{"role": "assistant", "content": [fill(ANTHROPIC_BLOCKS[name], image_url)]}]}
+    assert every_upstream(body), name
+
+
+@pytest.mark.parametrize("name", sorted(RESPONSES_BODIES))
+def test_each_responses_row_is_media_to_the_stand_ins(name, image_url="http://127.0.0.1:1/x.png"):
+    assert every_upstream(fill(RESPONSES_BODIES[name], image_url)) or server_side_fetchers(RESPONSES_BODIES[name])

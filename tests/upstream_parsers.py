@@ -533,6 +533,23 @@ def anthropic_block(block: Any, where: str) -> list[Media]:
                 found.append(Media("anthropic", "fetched", f"{where}.content[{j}]", ref="encrypted_content"))
     elif block_type == "container_upload":
         found.append(Media("anthropic", "file", where, ref=f"file:{block.get('file_id')}"))
+    elif block_type in ("server_tool_use", "mcp_tool_use"):
+        # A call without its result in the same turn is run when the conversation continues (server tools
+        # guide: "The API runs the tool when you return the client tool_result blocks in your next request").
+        found.append(Media("anthropic", "fetched", where, ref=f"{block_type}:{block.get('name')}"))
+    elif block_type and str(block_type).endswith("code_execution_tool_result"):
+        content = _dict(block.get("content"))
+        if content.get("encrypted_stdout"):
+            found.append(Media("anthropic", "fetched", f"{where}.content", ref="encrypted_stdout"))
+        for j, output in _items(content.get("content")):
+            if _dict(output).get("file_id"):
+                found.append(Media("anthropic", "file", f"{where}.content.content[{j}]", ref="container file"))
+        if content.get("file_type") == "image":  # a text_editor view of an image file in the container
+            found.append(Media("anthropic", "image", f"{where}.content", data=std_b64(str(content.get("content")))))
+    elif block_type == "text":
+        for j, citation in _items(block.get("citations")):
+            if _dict(citation).get("encrypted_index"):
+                found.append(Media("anthropic", "fetched", f"{where}.citations[{j}]", ref="encrypted_index"))
     return found
 
 
@@ -624,6 +641,15 @@ def openai_responses(body: Any) -> list[Media]:
             raw = std_b64(item["result"])
             if raw:
                 found.append(Media("openai", "image", f"{at}.result", data=raw))
+        if item_type == "image_generation_call" and not item.get("result") and item.get("id"):
+            # multi-turn image editing: the stored generated image, by its id
+            found.append(Media("openai", "image", at, ref=f"image_generation_call:{item['id']}"))
+        if item_type == "code_interpreter_call" and item.get("container_id"):
+            found.append(Media("openai", "file", f"{at}.container_id", ref=f"container:{item['container_id']}"))
+        if item_type == "mcp_approval_response" and item.get("approve"):
+            found.append(Media("openai", "fetched", at, ref=f"mcp call {item.get('approval_request_id')}"))
+        if item_type == "shell_call" and _dict(item.get("environment")).get("type") not in (None, "local"):
+            found.append(Media("openai", "fetched", f"{at}.environment", ref="hosted shell"))
         if item_type == "item_reference" or (item_type is None and set(item) == {"id"}):
             found.append(Media("openai", "state", at, ref=f"item:{item.get('id')}"))
     for name, value in _dict(_dict(_dict(body).get("prompt")).get("variables")).items():
@@ -649,6 +675,8 @@ def server_side_fetchers(body: Any) -> list[str]:
         tool_type = str(_dict(tool).get("type", ""))
         if tool_type.startswith(_ANTHROPIC_FETCH_TOOLS + _OPENAI_HOSTED_TOOLS):
             found.append(f"tools[{i}] ({tool_type})")
+        elif tool_type == "shell" and _dict(_dict(tool).get("environment")).get("type") not in (None, "local"):
+            found.append(f"tools[{i}] (shell in the provider's container)")
     if body.get("mcp_servers"):
         found.append("mcp_servers")
     if "web_search_options" in body:

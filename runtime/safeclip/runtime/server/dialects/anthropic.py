@@ -1,12 +1,14 @@
 """Anthropic Messages (`POST /v1/messages`, `POST /v1/messages/count_tokens`), as Anthropic and vLLM serve it.
 
 Every block is rebuilt from its type's keys (parts.ANTHROPIC). Images are `image` blocks (`source`: base64
-with a media type, or a url) in message content, inside `tool_result`, `search_result` and `mcp_tool_result`
-content, inside `document` blocks whose source is a list of content blocks, and inside the documents of
-`web_fetch_tool_result` blocks (pages Anthropic fetched). Blocks that carry files the gate cannot decode or
+with a media type, or a url) in message content, inside `tool_result` and `mcp_tool_result` content, inside
+`document` blocks whose source is a list of content blocks, and inside the documents of `web_fetch_tool_result`
+blocks (pages Anthropic fetched). Blocks that carry files the gate cannot decode or
 see (PDF and file-id documents, file-id images, container uploads) are refused, and so is any block type
-the gate does not know. Server tools (web_search, web_fetch, code_execution, MCP) and their result blocks
-are refused unless `[tools] allow` names them. Errors are Anthropic's
+the gate does not know. Server tools (web_search, web_fetch, code_execution, tool search, MCP) and their
+blocks (a `server_tool_use` call, which the API runs if its result is missing; results, some of them
+encrypted for Anthropic to expand; web search citations) are refused unless `[tools] allow` names the
+tool. Errors are Anthropic's
 `{"type": "error", "error": {...}}`.
 """
 
@@ -73,7 +75,7 @@ FIELDS = frozenset(
 # A nesting block inside a nesting block inside a message is as deep as the API goes (a tool_result holding a
 # search_result or document holding text and images); deeper is refused rather than walked.
 _MAX_NESTING = 2
-_NESTED_CONTENT = {"tool_result": "content", "mcp_tool_result": "content", "search_result": "content"}
+_NESTED_CONTENT = {"tool_result": "content", "mcp_tool_result": "content"}
 
 VOCABULARY = (
     FIELDS
@@ -81,6 +83,9 @@ VOCABULARY = (
     | table.ANTHROPIC_IMAGE_SOURCES.keys
     | table.ANTHROPIC_DOCUMENT_SOURCES.keys
     | table.ANTHROPIC_WEB_FETCH.keys
+    | table.ANTHROPIC_WEB_SEARCH.keys
+    | table.ANTHROPIC_CITATIONS.keys
+    | table.ANTHROPIC_CODE_EXECUTION.keys
     | frozenset(
         {
             "role",
@@ -128,7 +133,7 @@ def _image(block: dict[str, Any], path: JsonPath, policy: Policy) -> ImageSlot:
 
 def _blocks(content: Any, path: JsonPath, policy: Policy, depth: int = 0) -> list[ImageSlot]:
     """The images of a content list, each block rebuilt from the table in place; documents, tool results and
-    fetched pages are walked for the images they nest."""
+    fetched pages are walked for the images they nest, server tools' results for what they hold."""
     if content is None or isinstance(content, str):
         return []
     expect(content, list, path, "a string or a list of content blocks")
@@ -137,7 +142,9 @@ def _blocks(content: Any, path: JsonPath, policy: Policy, depth: int = 0) -> lis
         here = path + (j,)
         spec, content[j] = table.ANTHROPIC.rebuild(block, here, policy, "unsupported_content_block")
         block = content[j]
-        if spec.role == IMAGE:
+        if spec.name == "text":
+            _citations(block, here, policy)
+        elif spec.role == IMAGE:
             images.append(_image(block, here, policy))
         elif spec.role == NEST:
             if depth >= _MAX_NESTING:
@@ -146,9 +153,52 @@ def _blocks(content: Any, path: JsonPath, policy: Policy, depth: int = 0) -> lis
                 images += _document(block, here, policy, depth)
             elif spec.name == "web_fetch_tool_result":
                 images += _fetched(block, here, policy, depth)
+            elif spec.name == "search_result":
+                _texts(block.get("content"), here + ("content",), policy)
+            elif spec.name in _TOOL_CONTENT:
+                _tool_content(block, here + ("content",), policy, _TOOL_CONTENT[spec.name])
             else:
                 images += _blocks(block.get(_NESTED_CONTENT[spec.name]), here + ("content",), policy, depth + 1)
     return images
+
+
+def _citations(block: dict[str, Any], path: JsonPath, policy: Policy) -> None:
+    """A text block's citations, each rebuilt from its location type's keys (parts.ANTHROPIC_CITATIONS)."""
+    citations = block.get("citations")
+    if citations is None:
+        return
+    here = path + ("citations",)
+    expect(citations, list, here, "a list of citations")
+    for k, citation in enumerate(citations):
+        _, citations[k] = table.ANTHROPIC_CITATIONS.rebuild(citation, here + (k,), policy, "unsupported_citation")
+
+
+def _texts(content: Any, path: JsonPath, policy: Policy) -> None:
+    """A search result's content: text blocks only (SearchResultBlockParam)."""
+    blocks = expect(content, list, path, "a list of text blocks")
+    for j, block in enumerate(blocks):
+        if not isinstance(block, dict) or block.get("type") != "text":
+            raise bad(path + (j,), "a search result holds text blocks only", "unsupported_content_block")
+        _, blocks[j] = table.ANTHROPIC.rebuild(block, path + (j,), policy, "unsupported_content_block")
+        _citations(blocks[j], path + (j,), policy)
+
+
+# Server tools' results whose content is a list of result blocks or one error object, each rebuilt from its
+# table (the tool itself was allowed by the block's own table entry).
+_TOOL_CONTENT = {
+    "web_search_tool_result": table.ANTHROPIC_WEB_SEARCH,
+    "code_execution_tool_result": table.ANTHROPIC_CODE_EXECUTION,
+}
+
+
+def _tool_content(block: dict[str, Any], path: JsonPath, policy: Policy, results: table.PartTable) -> None:
+    content = block.get("content")
+    if isinstance(content, dict):  # an error object, or code execution's one result
+        _, block["content"] = results.rebuild(content, path, policy, "unsupported_content_block")
+        return
+    listed = expect(content, list, path, "a list of results or an error object")
+    for k, result in enumerate(listed):
+        _, listed[k] = results.rebuild(result, path + (k,), policy, "unsupported_content_block")
 
 
 def _document(block: dict[str, Any], path: JsonPath, policy: Policy, depth: int) -> list[ImageSlot]:
@@ -196,6 +246,7 @@ class AnthropicMessages(Dialect):
                 if not isinstance(block, dict) or block.get("type") != "text":
                     raise bad(("system", j), "system blocks must be text blocks")
                 _, system[j] = table.ANTHROPIC.rebuild(block, ("system", j), policy, "unsupported_content_block")
+                _citations(system[j], ("system", j), policy)
         elif system is not None and not isinstance(system, str):
             raise bad("system", "must be a string or a list of text blocks")
         return images

@@ -237,6 +237,10 @@ class OpenAIResponses(Dialect):
                 images += _generated_image(rebuilt, here)
             elif kind == "code_interpreter_call":
                 images += _code_outputs(rebuilt, here, policy)
+            elif kind == "shell_call":
+                tool = table.shell_tool(rebuilt.get("environment"))
+                if tool and tool not in policy.tools:
+                    raise table.tool_refused(here + ("environment",), tool, "a shell_call in the provider's container")
             elif kind == "reasoning":
                 _parts(rebuilt.get("summary"), here + ("summary",), policy, table.RESPONSES_SUMMARY)
                 _parts(rebuilt.get("content"), here + ("content",), policy, table.RESPONSES_REASONING)
