@@ -9,6 +9,7 @@ Everything listens on 127.0.0.1. Verdicts are forced with thresholds: 0.0 flags 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 from provider_upstream import ProviderUpstream
 
 from images import camera_jpeg
@@ -330,6 +332,11 @@ def litellm_config(upstream: str, gates: dict[str, str]) -> str:
       model: hosted_vllm/lvlm
       api_base: {upstream}/v1
       api_key: sk-upstream
+  - model_name: claude                      # Anthropic's own API (LiteLLM posts /v1/messages as sent)
+    litellm_params:
+      model: anthropic/claude-sonnet-4-5
+      api_base: {upstream}
+      api_key: sk-upstream
 guardrails:{guardrails}
 general_settings:
   master_key: {LITELLM_MASTER_KEY}
@@ -340,10 +347,33 @@ litellm_settings:
 """
 
 
+class GuardrailRecorder:
+    """A guardrail that answers NONE and keeps what LiteLLM handed it: what a guardrail can see at all."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    def app(self) -> web.Application:
+        async def guard(request: web.Request) -> web.Response:
+            self.requests.append(await request.json())
+            return web.json_response(litellm.none())
+
+        app = web.Application()
+        app.router.add_post(GUARD, guard)
+        return app
+
+
 @pytest.fixture(scope="module")
-def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, tmp_path_factory):
+def recorder(servers) -> tuple[GuardrailRecorder, str]:
+    recording = GuardrailRecorder()
+    return recording, servers.start(recording.app())
+
+
+@pytest.fixture(scope="module")
+def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, recorder, tmp_path_factory):
     """LiteLLM's proxy (one per module: it takes ~10-40 s to start) in front of the recording upstream, with
-    guardrails `refuse`, `pass` and `inject`: gates that flag every image / none / every image with inject."""
+    guardrails `refuse`, `pass` and `inject`: gates that flag every image / none / every image with inject;
+    and `record`, which passes everything and records what LiteLLM hands a guardrail."""
     if not LITELLM.exists():
         pytest.skip(f"LiteLLM's proxy is not installed ({LITELLM} is missing; `make install` makes .venv-litellm)")
     upstream = upstream_server[1]
@@ -353,7 +383,12 @@ def proxy(servers, upstream_server, tiny_engine, flag_all, flag_none, tmp_path_f
             gate_config(tiny_engine, "", api_key=GATE_KEY, fetch={"allow": ["127.0.0.1/32"]}, **c), gate
         )
 
-    gates = {"refuse": start(flag_all), "pass": start(flag_none), "inject": start(flag_all, action="inject")}
+    gates = {
+        "refuse": start(flag_all),
+        "pass": start(flag_none),
+        "inject": start(flag_all, action="inject"),
+        "record": recorder[1],
+    }
     with litellm_proxy(tmp_path_factory.mktemp("litellm"), litellm_config(upstream, gates)) as base:
         yield base
 
@@ -591,3 +626,5 @@ litellm_settings:
     assert arrived.media_type == "image/jpeg" and arrived.image.size == (1264, 948)
     engine_input = Preprocessor(56).fit(decode_image(arrived.data, "arrived"))
     assert hashlib.sha256(engine_input.tobytes()).hexdigest() in {hashlib.sha256(i).hexdigest() for i in engine.inputs}
+from aiohttp import web
+from provider_upstream import ProviderUpstream

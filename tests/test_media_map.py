@@ -835,21 +835,11 @@ def test_server_side_fetching_tools_are_refused_by_default(strict, image_url, re
 # LiteLLM's guardrail: the same allow-lists over what LiteLLM hands the gate.
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "text+uuid+video_url",
-        "image_pil-null+uuid",
-        "input_audio-tga-wav",
-        "image_url-tga-as-png",
-        "video_url",
-        "file-id",
-        "untyped-video_url",
-    ],
-)
+@pytest.mark.parametrize("name", sorted(CHAT_PARTS))
 def test_the_guardrail_blocks_what_the_proxy_refuses(strict, image_url, received, name):
-    """LiteLLM forwards the request as it is unless the guardrail blocks it, so a part the guardrail does
-    not understand must be BLOCKED (or an error), never NONE."""
+    """LiteLLM forwards the request as it is unless the guardrail blocks it, so every chat part row of the
+    map (each one media to some upstream) must be BLOCKED or an error at threshold 0, never NONE: the parts
+    the proxy refuses because the guardrail does not understand them, the images because they are flagged."""
     body = {
         "input_type": "request",
         "texts": ["what is in this picture?"],
@@ -872,6 +862,8 @@ def test_the_guardrail_blocks_what_the_proxy_refuses(strict, image_url, received
         {"type": "web_search_preview"},
         {"type": "mcp", "server_url": "http://127.0.0.1:9/"},
         {"type": "web_fetch_20250910", "name": "web_fetch"},
+        {"type": "shell", "environment": {"type": "container_auto"}},
+        {"type": "image_generation"},
     ],
 )
 def test_the_guardrail_blocks_server_side_fetching_tools(strict, image_url, received, tool):
