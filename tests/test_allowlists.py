@@ -949,11 +949,56 @@ def test_prompt_variables_images_are_slots_and_files_refused():
 
 def test_config_options_build_the_policy(tiny_engine):
     config = gate_config(
-        tiny_engine, "", proxy={"allow_audio": True, "extra_fields": ["top_k"]}, tools={"allow": ["web_fetch"]}
+        tiny_engine,
+        "",
+        proxy={"allow_audio": True, "extra_fields": {CHAT: ["top_k"]}},
+        tools={"allow": ["web_fetch"]},
     )
-    assert config.policy == Policy(True, frozenset({"top_k"}), frozenset({"web_fetch"}), config.limits.max_image_bytes)
+    limit = config.limits.max_image_bytes
+    assert config.policy(CHAT) == Policy(True, frozenset({"top_k"}), frozenset({"web_fetch"}), limit)
+    assert config.policy(MESSAGES) == Policy(True, frozenset(), frozenset({"web_fetch"}), limit)
     with pytest.raises(ValueError, match="not a server-side tool"):
         load_config(None, {"engine": str(tiny_engine), "tools": {"allow": ["websearch"]}})
+    with pytest.raises(ValueError, match=r"name the route each field is for.*\[proxy.extra_fields\]"):
+        load_config(None, {"engine": str(tiny_engine), "proxy": {"extra_fields": ["top_k"]}})
+    with pytest.raises(ValueError, match="not a route the gate screens"):
+        load_config(None, {"engine": str(tiny_engine), "proxy": {"extra_fields": {"/v1/completions": ["top_k"]}}})
+
+
+# A minimal valid request of each route that `[proxy] extra_fields` can open, as its SDK would send it.
+ROUTE_BODIES = {
+    CHAT: {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    RESPONSES: {"model": "m", "input": "hi"},
+    MESSAGES: {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/messages/count_tokens": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    "/api/chat": {"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}]},
+    "/api/generate": {"model": "m", "stream": False, "prompt": "hi"},
+    "/v1/moderations": {"model": "omni-moderation-latest", "input": "hi"},
+    litellm.GUARDRAIL_PATH: {"input_type": "request", "texts": ["hi"], "structured_messages": None},
+}
+
+
+def test_every_route_that_extra_fields_can_open_has_a_body():
+    from safeclip.runtime.server.config import EXTRA_FIELD_ROUTES
+
+    assert set(ROUTE_BODIES) == set(EXTRA_FIELD_ROUTES)
+
+
+@pytest.mark.parametrize("opened", sorted(ROUTE_BODIES))
+def test_an_extra_field_opens_only_its_own_route(start, flag_none, upstream, opened):
+    """`[proxy.extra_fields]` is per route: the same upstream serves several APIs whose parsers read the same
+    name differently, so a field allowed on one route is still a 400 (unknown_field) on every other."""
+    base = start(flag_none, proxy={"extra_fields": {opened: ["vendor_extra"]}})
+    for path, body in ROUTE_BODIES.items():
+        reply = post_json(f"{base}{path}", {**body, "vendor_extra": {"level": 2}})
+        if path == opened:
+            assert reply.status == 200, (path, reply.body[:300])
+        else:
+            assert reply.status == 400 and b"unknown field 'vendor_extra'" in reply.body, (
+                path,
+                reply.status,
+                reply.body[:300],
+            )
 
 
 # --- through a running gate, every image flagged ---------------------------------------------------------

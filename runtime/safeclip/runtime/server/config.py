@@ -59,6 +59,8 @@ from safeclip.runtime.options import (
     texts,
 )
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
+from safeclip.runtime.server.dialects import ROUTES
+from safeclip.runtime.server.dialects.litellm import GUARDRAIL_PATH
 from safeclip.runtime.server.forwarding import AUTH_STYLES, PRESET_NAMES, Plan, resolve
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 from safeclip.runtime.server.parts import SERVER_TOOLS, Policy
@@ -210,6 +212,26 @@ def _allow_entry(entry: str) -> tuple[frozenset[str], str]:
     return frozenset(m.strip() for m in head.split(",") if m.strip()), pattern.strip()
 
 
+# The routes whose requests `[proxy] extra_fields` can open up: each dialect route, and LiteLLM's guardrail.
+EXTRA_FIELD_ROUTES = (*ROUTES, GUARDRAIL_PATH)
+
+
+def _route_fields(value: Any, where: str) -> dict[str, frozenset[str]]:
+    """`[proxy.extra_fields]`: route path -> the top-level fields forwarded there beyond its API's own. Per route,
+    because the same name means different things to different parsers (and one upstream serves several
+    APIs): a field allowed for vLLM's chat route must not open the Anthropic or Ollama route."""
+    if isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{where}: name the route each field is for, as a table: [proxy.extra_fields] "
+            f'"/v1/chat/completions" = {list(value)!r} (routes: {", ".join(EXTRA_FIELD_ROUTES)})'
+        )
+    routes = mapping("route", TEXTS).check(value, where)
+    for path in routes:
+        if path not in EXTRA_FIELD_ROUTES:
+            raise ValueError(f"{where}: {path!r} is not a route the gate screens; routes: {list(EXTRA_FIELD_ROUTES)}")
+    return {path: frozenset(names) for path, names in routes.items()}
+
+
 @dataclass(frozen=True)
 class ProxyConfig:
     """What is forwarded besides the screened routes, and in what form images are."""
@@ -236,11 +258,14 @@ class ProxyConfig:
     allow_audio: bool = field_of(
         Option(BOOLEAN, False, "forward `input_audio` parts that parse as their declared WAV or MP3")
     )
-    extra_fields: tuple[str, ...] = field_of(
+    # Per route: one upstream serves several APIs, and a field opened for vLLM's chat route must not open
+    # the Anthropic or Ollama route.
+    extra_fields: Mapping[str, frozenset[str]] = field_of(
         Option(
-            TEXTS,
-            (),
-            "top-level request fields forwarded beyond each API's own (vLLM's top_k, repetition_penalty...); "
+            Value("table: route = list of strings", _route_fields),
+            {},
+            "top-level request fields forwarded beyond each API's own, per route "
+            '(`"/v1/chat/completions" = ["top_k", "repetition_penalty"]` for vLLM); '
             "their values must still be free of URLs and encoded data",
         )
     )
@@ -495,14 +520,21 @@ class GateConfig:
     tools: ToolsConfig = _table(ToolsConfig)
 
     @functools.cached_property  # read on every request; the config never changes
-    def policy(self) -> Policy:
-        """What the dialects let through beyond their own allow-lists."""
-        return Policy(
-            allow_audio=self.proxy.allow_audio,
-            extra_fields=frozenset(self.proxy.extra_fields),
-            tools=frozenset(self.tools.allow),
-            max_audio_bytes=self.limits.max_image_bytes,
-        )
+    def policies(self) -> Mapping[str, Policy]:
+        """What each route's dialect lets through beyond its own allow-lists (see `policy`)."""
+        return {
+            path: Policy(
+                allow_audio=self.proxy.allow_audio,
+                extra_fields=self.proxy.extra_fields.get(path, frozenset()),
+                tools=frozenset(self.tools.allow),
+                max_audio_bytes=self.limits.max_image_bytes,
+            )
+            for path in EXTRA_FIELD_ROUTES
+        }
+
+    def policy(self, path: str) -> Policy:
+        """The policy of a route in EXTRA_FIELD_ROUTES: audio and tools as configured, that route's extra fields."""
+        return self.policies[path]
 
     def action_for(self, category: str) -> str:
         return self.actions.get(category, self.action)

@@ -202,7 +202,7 @@ SERVER_TOOLS = {
 @dataclass(frozen=True)
 class Policy:
     allow_audio: bool = False
-    extra_fields: frozenset[str] = frozenset()  # top-level fields forwarded beyond each dialect's own
+    extra_fields: frozenset[str] = frozenset()  # top-level fields forwarded beyond the dialect's own (one route's)
     tools: frozenset[str] = frozenset()  # SERVER_TOOLS names
     max_audio_bytes: int = 16 << 20
 
@@ -235,7 +235,7 @@ def check_fields(obj: dict[str, Any], known: frozenset[str], where: JsonPath, wh
         if not where and key in policy.extra_fields:
             refuse_media(obj[key], (key,))
             continue
-        hint = " (or `[proxy] extra_fields` lets an upstream's own fields through)" if not where else ""
+        hint = " (`[proxy.extra_fields]` can let an upstream's own fields through, per route)" if not where else ""
         raise bad(
             where + (key,),
             f"unknown field {key!r} on {what}: the gate forwards only the fields it knows{hint}",

@@ -225,7 +225,7 @@ async def run(
 ) -> Outcome:
     """A dialect route's request, from its body's bytes to what is done with it."""
     try:
-        exchange = await parse(raw, route, record, state.config.policy)
+        exchange = await parse(raw, route, record, state.config.policy(route.path))
         if route.kind == MODERATE:
             return await _moderate(state, ready, exchange)
         screened = await screen(state, ready, exchange, forward=True)
@@ -382,7 +382,7 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
     LiteLLM's `unreachable_fallback` decides on."""
     config = state.config
     try:
-        guard = litellm.parse_request(jsonbody.parse_object(raw), state.config.policy)
+        guard = litellm.parse_request(jsonbody.parse_object(raw), state.config.policy(litellm.GUARDRAIL_PATH))
     except GateError as e:
         return Failure(e)
     first: dict[str, litellm.ImageRef] = {}

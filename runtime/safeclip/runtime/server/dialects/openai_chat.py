@@ -4,7 +4,7 @@ Images are `image_url` content parts (a data: URL or an http(s) URL; `{"url": ..
 Every part is rebuilt from its type's keys in the content-part table (parts.CHAT); any other part (file,
 video_url, image_embeds, a part with no type, a key such as `uuid`...) is refused: an image must not reach
 the model by a route the gate does not look at. `input_audio` is refused unless the operator allows audio.
-Top-level fields are those of the OpenAI SDK's `CompletionCreateParams`; others need `[proxy] extra_fields`.
+Top-level fields are those of the OpenAI SDK's `CompletionCreateParams`; others need `[proxy.extra_fields]`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from safeclip.runtime.server.parts import AUDIO, DEFAULT_POLICY, IMAGE, Policy
 TEXT_PARTS = tuple(name for name, spec in table.CHAT.types.items() if spec.role == table.TEXT)
 
 # openai.types.chat.CompletionCreateParams (openai 3.57), the request vLLM, SGLang, llama.cpp and Ollama take.
-# Upstream extras (vLLM's top_k, guided_json, chat_template_kwargs...) go through `[proxy] extra_fields`.
+# Upstream extras (vLLM's top_k, guided_json, chat_template_kwargs...) go through `[proxy.extra_fields]`.
 FIELDS = frozenset(
     {
         "messages",
