@@ -18,6 +18,7 @@ import typing
 import wave
 
 import pytest
+import typing_extensions
 
 from images import encode
 from safeclip.runtime.server import parts
@@ -140,6 +141,29 @@ def test_each_part_type_allows_exactly_the_sdk_keys(table, name, sdk_type, on_pu
     spec = table.types[name]
     assert spec.role != parts.REFUSED
     assert spec.keys == keys_of(sdk_type) - on_purpose, name
+    # A key whose SDK type is one object type (image_url -> ImageURL, cache_control -> CacheControlEphemeral)
+    # is rebuilt from that type's keys too: nothing rides along inside it.
+    for key, nested in nested_object_types(sdk_type).items():
+        if key in spec.keys and (name, key) not in WALKED_ELSEWHERE:
+            assert spec.sub.get(key) == keys_of(nested), f"{name}.{key}"
+
+
+# Objects the dialect rebuilds with a table of their own rather than a key list.
+WALKED_ELSEWHERE = {
+    ("computer_call_output", "output"),  # RESPONSES_SCREENSHOT_KEYS, an image slot
+    ("web_fetch_result", "content"),  # a document block, from parts.ANTHROPIC
+}
+
+
+def nested_object_types(typed_dict: type) -> dict[str, type]:
+    """key -> the TypedDict its value must be, for the keys typed as exactly one object type (or None)."""
+    out = {}
+    for key, hint in typing.get_type_hints(typed_dict).items():
+        union = typing.get_origin(hint) is typing.Union
+        options = [h for h in (typing.get_args(hint) if union else (hint,)) if h is not type(None)]
+        if len(options) == 1 and typing_extensions.is_typeddict(options[0]):
+            out[key] = options[0]
+    return out
 
 
 def test_the_responses_message_item_allows_the_sdk_message_shapes():

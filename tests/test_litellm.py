@@ -85,6 +85,61 @@ def guard_body(*images: str, text: str = "what is in this picture?", messages: l
 # --- the pure functions ----------------------------------------------------------------------------
 
 
+LITELLM_PYTHON = TESTS.parent / ".venv-litellm" / "bin" / "python"
+# What LiteLLM 1.106.12 puts in structured_messages: its message and content-part TypedDicts
+# (litellm/types/llms/openai.py), dumped by LiteLLM's own interpreter.
+_DUMP_TYPES = """
+import json, typing
+from litellm.types.llms import openai as t
+keys = lambda x: sorted(x.__required_keys__ | x.__optional_keys__)
+parts = [t.ChatCompletionTextObject, t.ChatCompletionImageObject, t.ChatCompletionAudioObject,
+         t.ChatCompletionDocumentObject, t.ChatCompletionFileObject, t.ChatCompletionVideoObject,
+         t.ChatCompletionToolReferenceObject]
+print(json.dumps({
+    "messages": sorted({k for m in typing.get_args(t.AllMessageValues) for k in keys(m)}),
+    "parts": {typing.get_args(typing.get_type_hints(p)["type"])[0]: keys(p) for p in parts},
+    "image_url": keys(t.ChatCompletionImageUrlObject),
+}))
+"""
+
+
+@pytest.mark.slow  # importing LiteLLM takes ~10 s
+def test_the_guardrail_table_is_litellms_message_types():
+    """Every key LiteLLM's structured-message types carry (beside the OpenAI SDK's, which LiteLLM passes through
+    from chat clients) is allowed, and nothing else: a LiteLLM message is never BLOCKED for a key LiteLLM
+    itself writes, and no key outside both rides along. Its document, file and video parts are refused."""
+    import openai.types.chat as c
+
+    from safeclip.runtime.server import parts
+
+    if not LITELLM_PYTHON.exists():
+        pytest.skip(f"{LITELLM_PYTHON} is missing; `make install` makes .venv-litellm")
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    dumped = subprocess.run(
+        [str(LITELLM_PYTHON), "-c", _DUMP_TYPES], capture_output=True, text=True, check=True, env=env, timeout=120
+    )
+    types = json.loads(dumped.stdout.strip().splitlines()[-1])
+    chat_parts = {
+        "text": c.ChatCompletionContentPartTextParam,
+        "image_url": c.ChatCompletionContentPartImageParam,
+        "input_audio": c.ChatCompletionContentPartInputAudioParam,
+    }
+    sdk = {name: set(t.__required_keys__ | t.__optional_keys__) for name, t in chat_parts.items()}
+    for name, keys in types["parts"].items():
+        spec = parts.LITELLM.types[name]
+        if name in ("document", "file", "video_url"):
+            assert spec.role == parts.REFUSED, name
+        else:
+            assert spec.keys == set(keys) | sdk.get(name, set()), name
+    # "format" (a media type LiteLLM may add) is refused on purpose: the gate pins the image as a data URL of
+    # the pixels it screened, whose own media type is the one to read.
+    image_url = set(types["image_url"]) - {"format"}
+    assert parts.LITELLM.types["image_url"].sub["image_url"] == image_url | set(
+        c.chat_completion_content_part_image_param.ImageURL.__annotations__
+    )
+    assert set(types["messages"]) | parts.CHAT_MESSAGE_KEYS == parts.LITELLM_MESSAGE_KEYS
+
+
 def test_parse_request_finds_every_image_with_its_location():
     b64 = base64.b64encode(IMAGE).decode()
     body = guard_body("data:image/png;base64," + b64, "https://img.example/a.png")

@@ -374,6 +374,7 @@ def check_audio(value: Any, where: JsonPath, policy: Policy) -> None:
 # The tables
 
 _CACHE_CONTROL = ("type", "ttl")
+_PROMPT_CACHE = ("mode", "ttl")  # OpenAI's prompt_cache_breakpoint
 _IMAGE_URL = ("url", "detail")
 _INPUT_AUDIO = ("data", "format")
 _NO_FILES = "files (PDFs, provider file ids) hold pages and images the gate cannot decode or see"
@@ -383,9 +384,23 @@ _VLLM_ONLY = "the gate screens images only as image_url parts; this part type wo
 # Ollama read beyond it (refused here: video, audio_url, embeddings, image_pil, Responses parts).
 CHAT = PartTable.of(
     "/v1/chat/completions",
-    _part("text", "text", "prompt_cache_breakpoint"),
-    _part("image_url", "image_url", "prompt_cache_breakpoint", role=IMAGE, image_url=_IMAGE_URL),
-    _part("input_audio", "input_audio", "prompt_cache_breakpoint", role=AUDIO, input_audio=_INPUT_AUDIO),
+    _part("text", "text", "prompt_cache_breakpoint", prompt_cache_breakpoint=_PROMPT_CACHE),
+    _part(
+        "image_url",
+        "image_url",
+        "prompt_cache_breakpoint",
+        role=IMAGE,
+        image_url=_IMAGE_URL,
+        prompt_cache_breakpoint=_PROMPT_CACHE,
+    ),
+    _part(
+        "input_audio",
+        "input_audio",
+        "prompt_cache_breakpoint",
+        role=AUDIO,
+        input_audio=_INPUT_AUDIO,
+        prompt_cache_breakpoint=_PROMPT_CACHE,
+    ),
     _part("refusal", "refusal"),
     _refused("file", _NO_FILES),
     *(
@@ -413,6 +428,7 @@ LITELLM = PartTable.of(
     "the LiteLLM guardrail",
     _part("text", "text", "cache_control", "prompt_cache_breakpoint", cache_control=_CACHE_CONTROL),
     *(t for t in CHAT.types.values() if t.name != "text"),
+    _part("tool_reference", "tool_name"),  # an Anthropic tool_reference, translated: names a tool definition
     _refused("document", _NO_FILES),
 )
 LITELLM_MESSAGE_KEYS = CHAT_MESSAGE_KEYS | {"cache_control", "thinking_blocks", "reasoning_items"}
@@ -420,8 +436,16 @@ LITELLM_MESSAGE_KEYS = CHAT_MESSAGE_KEYS | {"cache_control", "thinking_blocks", 
 # Responses content parts: openai.types.responses Response{Input,Output}*Param.
 RESPONSES = PartTable.of(
     "/v1/responses",
-    _part("input_text", "text", "prompt_cache_breakpoint"),
-    _part("input_image", "image_url", "file_id", "detail", "prompt_cache_breakpoint", role=IMAGE),
+    _part("input_text", "text", "prompt_cache_breakpoint", prompt_cache_breakpoint=_PROMPT_CACHE),
+    _part(
+        "input_image",
+        "image_url",
+        "file_id",
+        "detail",
+        "prompt_cache_breakpoint",
+        role=IMAGE,
+        prompt_cache_breakpoint=_PROMPT_CACHE,
+    ),
     _part("input_audio", "input_audio", role=AUDIO, input_audio=_INPUT_AUDIO),
     _refused("input_file", _NO_FILES),
     _part("output_text", "text", "annotations", "logprobs"),
@@ -446,9 +470,25 @@ RESPONSES_ITEMS = PartTable.of(
     # cannot forge it) and decrypted into the context as text; no media slot.
     _part("reasoning", "summary", "content", "encrypted_content", "id", "status"),
     _part("item_reference", "id"),
-    _part("local_shell_call", "action", "call_id", "id", "status"),
+    _part(
+        "local_shell_call",
+        "action",
+        "call_id",
+        "id",
+        "status",
+        action=("command", "env", "timeout_ms", "type", "user", "working_directory"),
+    ),
     _part("local_shell_call_output", "output", "id", "status"),
-    _part("shell_call", "action", "call_id", "caller", "environment", "id", "status"),
+    _part(
+        "shell_call",
+        "action",
+        "call_id",
+        "caller",
+        "environment",
+        "id",
+        "status",
+        action=("commands", "max_output_length", "timeout_ms"),
+    ),
     _part("shell_call_output", "call_id", "caller", "id", "max_output_length", "output", "status"),
     _part("apply_patch_call", "call_id", "caller", "id", "operation", "status"),
     _part("apply_patch_call_output", "call_id", "caller", "id", "output", "status"),
@@ -477,6 +517,7 @@ RESPONSES_ITEMS = PartTable.of(
         "size",
         role=IMAGE,
         tool="image_generation",
+        error=("code", "message", "moderation_details", "param", "type"),
     ),
     _part(
         "mcp_call",
@@ -575,18 +616,55 @@ _ANTHROPIC_BLOCKS = (
         tool_by_name=ANTHROPIC_SERVER_TOOL_NAMES,
         cache_control=_CACHE_CONTROL,
     ),
-    _part("web_search_tool_result", "tool_use_id", "content", "cache_control", "caller", role=NEST, tool="web_search"),
-    _part("web_fetch_tool_result", "tool_use_id", "content", "cache_control", "caller", role=NEST, tool="web_fetch"),
-    _part("code_execution_tool_result", "tool_use_id", "content", "cache_control", role=NEST, tool="code_execution"),
+    *(
+        _part(
+            name,
+            "tool_use_id",
+            "content",
+            "cache_control",
+            "caller",
+            role=NEST,
+            tool=tool,
+            cache_control=_CACHE_CONTROL,
+        )
+        for name, tool in (("web_search_tool_result", "web_search"), ("web_fetch_tool_result", "web_fetch"))
+    ),
+    _part(
+        "code_execution_tool_result",
+        "tool_use_id",
+        "content",
+        "cache_control",
+        role=NEST,
+        tool="code_execution",
+        cache_control=_CACHE_CONTROL,
+    ),
     # Results of the code_execution_20250825 sub-tools: container files (a text_editor `view` of an image file
     # included), wholly the code_execution tool's to let in.
     *(
-        _part(name, "tool_use_id", "content", "cache_control", tool="code_execution")
+        _part(name, "tool_use_id", "content", "cache_control", tool="code_execution", cache_control=_CACHE_CONTROL)
         for name in ("bash_code_execution_tool_result", "text_editor_code_execution_tool_result")
     ),
-    _part("tool_search_tool_result", "tool_use_id", "content", "cache_control", tool="tool_search"),
-    _part("mcp_tool_use", "id", "name", "input", "server_name", "cache_control", tool="mcp"),
-    _part("mcp_tool_result", "tool_use_id", "content", "is_error", "cache_control", role=NEST, tool="mcp"),
+    _part(
+        "tool_search_tool_result",
+        "tool_use_id",
+        "content",
+        "cache_control",
+        tool="tool_search",
+        cache_control=_CACHE_CONTROL,
+    ),
+    _part(
+        "mcp_tool_use", "id", "name", "input", "server_name", "cache_control", tool="mcp", cache_control=_CACHE_CONTROL
+    ),
+    _part(
+        "mcp_tool_result",
+        "tool_use_id",
+        "content",
+        "is_error",
+        "cache_control",
+        role=NEST,
+        tool="mcp",
+        cache_control=_CACHE_CONTROL,
+    ),
     _refused("container_upload", "it uploads a file stored with the provider, which the gate cannot see"),
 )
 # A text block's citations (TextCitationParam): where the cited text came from. A web search citation's
