@@ -971,6 +971,21 @@ def test_prompt_variables_images_are_slots_and_files_refused():
 # --- the config ---------------------------------------------------------------------------------------------
 
 
+def test_a_stored_audio_answer_is_audio():
+    """An assistant message's `audio: {id}` is OpenAI's stored audio answer, put back by id: refused unless
+    audio is allowed, like every other audio slot."""
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": "say hi"},
+            {"role": "assistant", "audio": {"id": "audio_abc123"}},
+            {"role": "user", "content": "again"},
+        ],
+    }
+    refused(lambda: OpenAIChat().images(copy.deepcopy(body), CHAT), "audio_not_allowed", "allow_audio")
+    assert OpenAIChat().images(body, CHAT, Policy(allow_audio=True)) == []
+
+
 def test_config_options_build_the_policy(tiny_engine):
     config = gate_config(
         tiny_engine,

@@ -804,6 +804,17 @@ TOOL_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
         {"tools": [{"type": "code_interpreter", "container": {"type": "auto", "file_ids": ["file-1"]}}]},
     ),
     "chat-web_search_options": ("/v1/chat/completions", {"web_search_options": {"search_context_size": "low"}}),
+    # not a tool, but the same class: state the provider expands (a stored audio answer, by id)
+    "chat-assistant-audio-id": (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "say it"},
+                {"role": "assistant", "audio": {"id": "audio_abc123"}},
+                {"role": "user", "content": "again"},
+            ]
+        },
+    ),
     "responses-shell-container": (
         "/v1/responses",
         {"tools": [{"type": "shell", "environment": {"type": "container_auto", "file_ids": ["file-1"]}}]},

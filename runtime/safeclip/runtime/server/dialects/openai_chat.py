@@ -177,8 +177,17 @@ def parts_images(parts: list[Any], path: JsonPath, policy: Policy = DEFAULT_POLI
 
 
 def check_message(message: dict[str, Any], where: JsonPath, policy: Policy) -> None:
-    """A chat message's keys (the SDK's message params): what else vLLM keeps in a message is refused."""
+    """A chat message's keys (the SDK's message params): what else vLLM keeps in a message is refused. An
+    assistant's `audio` ({id}) makes OpenAI put that stored audio answer back in the context, audio the gate
+    never sees: only where the operator allows audio."""
     table.check_fields(message, table.CHAT_MESSAGE_KEYS, where, "a message", policy)
+    if message.get("audio") is not None and not policy.allow_audio:
+        raise bad(
+            where + ("audio",),
+            "refers to a stored audio answer the provider puts back in the context, which the gate cannot "
+            "screen; the operator can allow audio with `[proxy] allow_audio = true`",
+            "audio_not_allowed",
+        )
 
 
 class OpenAIChat(Dialect):
