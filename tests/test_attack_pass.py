@@ -223,7 +223,6 @@ HOSTED_SHELLS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="the hosted shell (container environment) is forwarded as a client tool")
 @pytest.mark.parametrize("name", sorted(HOSTED_SHELLS))
 def test_a_shell_tool_run_in_the_providers_container_is_refused_by_default(strict, received, name):
     """A `shell` tool whose environment is a provider container brings the container's files and fetched
@@ -438,9 +437,6 @@ GUARDRAIL_REFUSALS: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True, reason="guardrail refuses unscreenable parts/tools with HTTP 400, which LiteLLM can fail open on"
-)
 @pytest.mark.parametrize("name", sorted(GUARDRAIL_REFUSALS))
 def test_the_guardrail_answers_blocked_for_what_its_allow_lists_refuse(guardrail_only, name):
     """Whatever the guardrail refuses, it refuses as `BLOCKED` with a reason naming the field, the one
@@ -471,7 +467,6 @@ def test_the_guardrail_answers_blocked_for_what_its_allow_lists_refuse(guardrail
 # assistant `audio.id` | audio | refuse".
 
 
-@pytest.mark.xfail(strict=True, reason="an assistant message's `audio.id` (stored audio) is forwarded")
 @pytest.mark.parametrize("content", ["I said it aloud", None], ids=["with-text", "audio-only"])
 def test_an_assistant_audio_reference_is_refused(strict, received, content):
     body = {

@@ -377,14 +377,22 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
     gate cannot tell which provider LiteLLM routes to) are checked on them: what the provider would refuse is
     BLOCKED, naming the image, instead of failing at the provider.
 
-    An image the client sent that cannot be screened is BLOCKED, not a 4xx: LiteLLM shows its client a blocked
-    reason but drops an error's body. The gate's own trouble (not ready, overloaded) stays a 503, which
-    LiteLLM's `unreachable_fallback` decides on."""
+    An image the client sent that cannot be screened, or a part, key, tool or audio slot the allow-lists refuse,
+    is BLOCKED, not a 4xx: LiteLLM shows its client a blocked reason but drops an error's body, and with
+    `fail_on_error: false` forwards the request on an error. A malformed guardrail request stays a 400. The
+    gate's own trouble (not ready, overloaded) stays a 503, which LiteLLM's `unreachable_fallback` decides on."""
     config = state.config
     try:
-        guard = litellm.parse_request(jsonbody.parse_object(raw), state.config.policy(litellm.GUARDRAIL_PATH))
+        body = jsonbody.parse_object(raw)
     except GateError as e:
         return Failure(e)
+    try:
+        guard = litellm.parse_request(body, state.config.policy(litellm.GUARDRAIL_PATH))
+    except GateError as e:
+        if e.status >= 500 or e.code == litellm.MALFORMED:
+            return Failure(e)
+        record.error = e.code  # an allow-list's refusal: BLOCKED, the one answer LiteLLM never fails open on
+        return Answer(Reply(litellm.blocked(f"safeclip: {e.message} (request {record.request_id})")))
     first: dict[str, litellm.ImageRef] = {}
     for ref in guard.images:  # `images` repeats the messages' images: each string is screened once
         first.setdefault(ref.value, ref)

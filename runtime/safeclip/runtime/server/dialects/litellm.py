@@ -36,6 +36,10 @@ from safeclip.runtime.server.jsonbody import JsonPath, Verbatim
 from safeclip.runtime.server.parts import AUDIO, DEFAULT_POLICY, IMAGE, Policy
 
 GUARDRAIL_PATH = "/beta/litellm_basic_guardrail_api"
+# The code of errors in the guardrail request's own shape (LiteLLM's to get right, answered as a 400). Every
+# other refusal of parse_request is an allow-list's (a part, key, tool or audio slot the gate cannot screen),
+# answered BLOCKED: LiteLLM fails open on a 4xx with `fail_on_error: false`, and hides its reason otherwise.
+MALFORMED = "invalid_request"
 BLOCKED, NONE, INTERVENED = "BLOCKED", "NONE", "GUARDRAIL_INTERVENED"
 INPUT_TYPES = ("request", "response")
 
@@ -115,21 +119,19 @@ def _message_images(messages: Any, policy: Policy) -> list[ImageRef]:
     if messages is None:
         return []
     if not isinstance(messages, list):
-        raise GateError(
-            400, "'structured_messages' must be a list or null", "invalid_request", param="structured_messages"
-        )
+        raise GateError(400, "'structured_messages' must be a list or null", MALFORMED, param="structured_messages")
     refs = []
     for i, message in enumerate(messages):
         where = f"structured_messages[{i}]"
         if not isinstance(message, dict):
-            raise GateError(400, f"{where} must be an object", "invalid_request", param=where)
+            raise GateError(400, f"{where} must be an object", MALFORMED, param=where)
         table.check_fields(message, table.LITELLM_MESSAGE_KEYS, ("structured_messages", i), "a message", policy)
         content = message.get("content")
         if content is None or isinstance(content, str):
             continue
         if not isinstance(content, list):
             raise GateError(
-                400, f"{where}.content must be a string, a list or null", "invalid_request", param=f"{where}.content"
+                400, f"{where}.content must be a string, a list or null", MALFORMED, param=f"{where}.content"
             )
         for j, part in enumerate(content):
             path: JsonPath = ("structured_messages", i, "content", j)
@@ -153,21 +155,21 @@ def parse_request(body: dict[str, Any], policy: Policy = DEFAULT_POLICY) -> Guar
         raise GateError(
             400,
             f"'input_type' must be one of {list(INPUT_TYPES)}, got {input_type!r}",
-            "invalid_request",
+            MALFORMED,
             param="input_type",
         )
     table.check_tools(body.get("tools"), ("tools",), "litellm", policy)
     params = body.get("additional_provider_specific_params")
     if params is not None:
         if not isinstance(params, dict):
-            raise GateError(400, "'additional_provider_specific_params' must be an object", "invalid_request")
+            raise GateError(400, "'additional_provider_specific_params' must be an object", MALFORMED)
         for key, tool in _TOOL_FIELDS.items():
             table.require_tool(params, key, tool, policy)
         table.refuse_media(params, ("additional_provider_specific_params",))
     call_id = body.get("litellm_call_id")
     images = body.get("images")
     if images is not None and not isinstance(images, list):
-        raise GateError(400, "'images' must be a list of strings or null", "invalid_request", param="images")
+        raise GateError(400, "'images' must be a list of strings or null", MALFORMED, param="images")
     refs = [_ref(value, f"images[{i}]", ("images", i)) for i, value in enumerate(images or [])]
     refs += _message_images(body.get("structured_messages"), policy)
     return GuardrailRequest(body, input_type, call_id if isinstance(call_id, str) else None, tuple(refs))
