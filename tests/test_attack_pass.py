@@ -136,10 +136,7 @@ STATE_REFERENCES: dict[str, list[dict[str, Any]]] = {
     "reference-the-gate-never-relayed": [{"type": "item_reference", "id": "msg_made_elsewhere_1"}, USER_FOLLOW_UP],
     "untyped-reference-the-gate-never-relayed": [{"id": "msg_made_elsewhere_2"}, USER_FOLLOW_UP],
 }
-OPEN_STATE = {
-    "untyped-reference-to-flagged-item": "an item reference without `type` is not recognised as state",
-    "untyped-reference-the-gate-never-relayed": "an item reference without `type` is not recognised as state",
-}
+OPEN_STATE: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +176,6 @@ def test_item_references_keep_the_safety_prompt_or_are_refused(injecting, receiv
         )
 
 
-@pytest.mark.xfail(strict=True, reason="an item reference without `type` is remembered as a clean client item")
 def test_an_untyped_reference_does_not_make_an_unknown_id_known(injecting, received):
     """Forwarded as if it were a new item of the client's, an untyped reference also makes the gate
     remember its id as clean client state, so that the next request's typed item_reference to that id,

@@ -219,12 +219,18 @@ class OpenAIResponses(Dialect):
         for i, item in enumerate(items):
             here: JsonPath = ("input", i)
             expect(item, dict, here, "an input item object")
-            typed = "type" in item  # an easy input message may leave its type out
+            # Two item types may leave their type out (ResponseInputItemParam): an easy input message (it has
+            # a role) and an item reference (`{"id": ...}`, which the provider expands into the stored item).
+            # A reference is forwarded typed, so that the state memory and the upstream read it alike.
+            typed = "type" in item
+            if not typed and "role" not in item:
+                item = items[i] = {"type": "item_reference", **item}
+                typed = True
             spec, rebuilt = table.RESPONSES_ITEMS.rebuild(
                 item if typed else {"type": "message", **item}, here, policy, "unsupported_input_item"
             )
             if not typed:
-                del rebuilt["type"]
+                rebuilt = {k: v for k, v in rebuilt.items() if k != "type"}
             items[i] = rebuilt
             kind = spec.name
             if kind == "message":
