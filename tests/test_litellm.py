@@ -681,5 +681,71 @@ litellm_settings:
     assert arrived.media_type == "image/jpeg" and arrived.image.size == (1264, 948)
     engine_input = Preprocessor(56).fit(decode_image(arrived.data, "arrived"))
     assert hashlib.sha256(engine_input.tobytes()).hexdigest() in {hashlib.sha256(i).hexdigest() for i in engine.inputs}
-from aiohttp import web
-from provider_upstream import ProviderUpstream
+
+
+def _handed_over(recorded: dict) -> str:
+    return json.dumps({k: v for k, v in recorded.items() if k not in ("request_headers", "litellm_version")})
+
+
+@pytest.mark.slow
+def test_what_litellm_does_not_hand_a_guardrail(proxy, upstream, recorder):
+    """LiteLLM 1.106.12 hands a guardrail neither the images inside Anthropic `document` blocks, nor the
+    Anthropic blocks it has no chat form for (server tools' calls and results: an assistant turn of only
+    those is left out), nor Responses server state (`previous_response_id`, `item_reference`, an
+    `image_generation_call` naming its stored image), and forwards all of them as sent: no guardrail can
+    screen them or re-inject after them. The tools list is handed over (the gate checks it against
+    `[tools] allow`). The README says so and recommends the gate's own proxy; this test notices when LiteLLM
+    changes."""
+    recordings, _ = recorder
+    b64 = base64.b64encode(IMAGE).decode()
+    document = {
+        "type": "document",
+        "source": {
+            "type": "content",
+            "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}],
+        },
+    }
+    searched = [
+        {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "q"}},
+        {
+            "type": "web_search_tool_result",
+            "tool_use_id": "srvtoolu_1",
+            "content": [{"type": "web_search_result", "url": "https://h", "title": "t", "encrypted_content": "EqgfCi"}],
+        },
+    ]
+    tools = [{"type": "web_fetch_20250910", "name": "web_fetch"}]
+    recordings.requests.clear()
+    with contextlib.suppress(anthropic.APIError):  # the stub upstream's answer is not a Messages answer
+        anthropic_client(proxy).messages.create(
+            model="claude",
+            max_tokens=16,
+            extra_body={"guardrails": ["record"]},
+            tools=tools,  # type: ignore[arg-type]
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "what?"}, document]},
+                {"role": "assistant", "content": searched},  # type: ignore[typeddict-item]
+                {"role": "user", "content": "go on"},
+            ],
+        )
+    [handed] = recordings.requests
+    shown = _handed_over(handed)
+    assert b64[:64] not in shown and "encrypted_content" not in shown and "srvtoolu_1" not in shown
+    assert handed["tools"] == tools
+    [sent] = upstream.received  # ...all of which reached the model as the client sent it
+    assert sent.path == "/v1/messages"
+    assert sent.json()["messages"][0]["content"][1] == document and sent.json()["messages"][1]["content"] == searched
+
+    recordings.requests.clear()
+    upstream.received.clear()
+    state = [{"type": "item_reference", "id": "msg_flagged"}, {"type": "image_generation_call", "id": "ig_flagged"}]
+    with contextlib.suppress(openai.APIError):
+        openai_client(proxy).responses.create(
+            model="lvlm",
+            input=[*state, {"role": "user", "content": "and what else is in it?"}],  # type: ignore[list-item]
+            previous_response_id="resp_flagged",
+            extra_body={"guardrails": ["record"]},
+        )
+    [handed] = recordings.requests
+    assert not re.search(r"resp_flagged|msg_flagged|ig_flagged", _handed_over(handed))
+    [sent] = upstream.received
+    assert sent.json()["previous_response_id"] == "resp_flagged" and sent.json()["input"][:2] == state
