@@ -181,12 +181,12 @@ def test_passthrough_forwards_exactly_the_target_and_refuses_bodies_on_reads():
     state, _, _ = core(flag=False, proxy={"allow": ["/v1/models/*", "POST /v1/completions"]})
     target = canonical("/v1/models/org:name?x=%2F..")
     pipeline.allowed(state.config, "GET", target)
-    outcome = pipeline.run_passthrough(state, "GET", target, b"", "", {})
+    outcome = asyncio.run(pipeline.run_passthrough(state, "GET", target, b"", "", {}))
     assert isinstance(outcome, pipeline.Forward) and (outcome.path_qs, outcome.body) == (
         "/v1/models/org:name?x=%2F..",
         None,
     )
-    refused = pipeline.run_passthrough(state, "GET", target, b"{}", "application/json", {})
+    refused = asyncio.run(pipeline.run_passthrough(state, "GET", target, b"{}", "application/json", {}))
     assert isinstance(refused, pipeline.Failure) and refused.error.code == "body_not_allowed"
     with pytest.raises(Exception) as e:
         pipeline.allowed(state.config, "POST", target)
@@ -197,7 +197,7 @@ def test_passthrough_forwards_exactly_the_target_and_refuses_bodies_on_reads():
     post = canonical("/v1/completions")
     pipeline.allowed(state.config, "POST", post)
     hidden = json.dumps({"prompt": "x", "extra": [data_url(IMAGE)]}).encode()
-    stray = pipeline.run_passthrough(state, "POST", post, hidden, "application/json", {})
+    stray = asyncio.run(pipeline.run_passthrough(state, "POST", post, hidden, "application/json", {}))
     assert isinstance(stray, pipeline.Failure) and stray.error.code == "unscreened_image"
 
 

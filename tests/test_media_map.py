@@ -65,8 +65,6 @@ MARKER = b"safeclip-attacker-original"  # in every PNG the client sends; never i
 # Classes of the map the gate does not close yet, each expected to fail until it does (strict: a fix makes
 # the mark fail, so it is taken off). Everything else in this module must pass.
 OPEN_CLASSES = {
-    # Bodies are still parsed on the event loop: the JSON value budget and off-loop parsing are not merged.
-    "test_healthz_answers_while_a_body_of_millions_of_keys_is_refused": "bodies parsed on the event loop",
     # Progressive-JPEG scans are not counted yet: the gate decodes the whole file (it passed only while the
     # full decode finished inside the old 45 s client timeout, so a loaded machine failed it).
     "test_a_jpeg_with_thousands_of_scans_is_refused_or_bounded": "progressive-JPEG scans not counted: a full decode",

@@ -26,6 +26,9 @@ class ImageError(ValueError):
         self.source = source
         self.reason = reason
 
+    def __reduce__(self) -> tuple:  # whole across a process boundary (a decode worker's), not just its message
+        return (type(self), (self.source, self.reason))
+
 
 class UnsupportedImage(ImageError):
     """A file in a format the runtime does not decode (SVG, HEIC, AVIF, PDF, unknown bytes...)."""

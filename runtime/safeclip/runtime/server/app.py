@@ -28,6 +28,7 @@ from safeclip.runtime.decision import Verdict
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server import pipeline
 from safeclip.runtime.server.batcher import MicroBatcher
+from safeclip.runtime.server.bodies import BodyParser
 from safeclip.runtime.server.cache import VerdictCache
 from safeclip.runtime.server.config import GateConfig, to_dict
 from safeclip.runtime.server.decoding import DecodePool
@@ -90,6 +91,7 @@ def gate_state(config: GateConfig, load_gate: Callable[[], Gate]) -> GateState:
         metrics=metrics,
         fetcher=Fetcher(config.fetch, config.limits.max_image_bytes),
         upstream=upstream,
+        bodies=BodyParser(config.limits.max_json_values),
         plan=plan,
         # Only actions that forward a flagged image leave it in server-side state to remember (memory.py).
         memory=StateMemory(config.limits.max_state_ids) if {"inject", "monitor"} & config.actions_in_use else None,
@@ -187,6 +189,7 @@ async def _cleanup(app: web.Application) -> None:
         state.ready.pool.close()
     if state.upstream is not None:
         await state.upstream.close()
+    state.bodies.close()
     if state.audit is not None:
         await asyncio.get_running_loop().run_in_executor(None, state.audit.close)  # writes what is queued
     log.info("gate stopped; requests answered: %d", state.metrics.requests.total())

@@ -62,6 +62,7 @@ from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.dialects import ROUTES
 from safeclip.runtime.server.dialects.litellm import GUARDRAIL_PATH
 from safeclip.runtime.server.forwarding import AUTH_STYLES, PRESET_NAMES, Plan, resolve
+from safeclip.runtime.server.jsonbody import DEFAULT_MAX_VALUES
 from safeclip.runtime.server.moderation_taxonomy import DEFAULT_MODERATION_MAP, OPENAI_CATEGORIES
 from safeclip.runtime.server.parts import SERVER_TOOLS, Policy
 
@@ -192,6 +193,10 @@ class Limits:
             "Responses response and item ids remembered under inject and monitor, with whether they hold a "
             "flagged image; the least recently used are forgotten past this",
         )
+    )
+    # Bounds the CPU a body costs to parse and walk (jsonbody.py, bodies.py).
+    max_json_values: int = field_of(
+        Option(integer(1), DEFAULT_MAX_VALUES, "JSON values one request body may hold; past it, a 400")
     )
 
 

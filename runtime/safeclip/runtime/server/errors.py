@@ -25,6 +25,12 @@ class GateError(Exception):
         self.retry_after = retry_after  # seconds, sent as a Retry-After header
         self.extra_headers = headers or {}  # e.g. the Allow of a 405
 
+    def __reduce__(self) -> tuple:  # whole across a process boundary (workers.py), not just its message
+        return (
+            GateError,
+            (self.status, self.message, self.code, self.param, self.type, self.retry_after, self.extra_headers),
+        )
+
     def headers(self) -> dict[str, str]:
         out = dict(self.extra_headers)
         if self.retry_after is not None:

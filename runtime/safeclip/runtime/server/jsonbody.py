@@ -12,6 +12,11 @@ request. Each rule here closes a class of parser differentials:
 - Nesting deeper than MAX_DEPTH is refused: Python's own parser stops near 1,000 levels, and whatever the
   gate does later with a parsed body (copying it, writing it out) recurses too, in a deeper stack; past
   that limit it would fail as the gate's error (a 500), not the client's.
+- More than `max_values` JSON values are refused (`[limits] max_json_values`): what a body costs to parse,
+  walk and write out grows with its values, not its bytes (a 20 MB body of tiny keys took ~15 s), so the
+  budget bounds the CPU one body can take. Objects count as they are parsed (the parse stops at the
+  budget); `value_bound` bounds the count from the bytes before parsing, which decides where a body is
+  parsed (bodies.py).
 - Any string that decodes as an image (a data: URL, or base64 whose bytes start like an image) outside
   the slots the dialect screens is refused: an upstream that knows a field the gate does not must find no
   image there.
@@ -31,6 +36,8 @@ import secrets
 import unicodedata
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
+
+import numpy as np
 
 from safeclip.runtime.server.errors import GateError
 
@@ -67,6 +74,10 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _MIN_IMAGE_BASE64 = 24  # 18 bytes: shorter than any image header worth sniffing (a GIF header alone is 13)
 # Deeper than any API's request needs (a JSON schema in a tool definition nests a few dozen levels at most).
 MAX_DEPTH = 128
+# JSON values in one body (each object member's value, each array element, the body itself). A long agent
+# conversation with tools holds ~10-20 thousand; a 128K-token prompt sent as token ids 128 thousand.
+# At this many, the costliest body (all distinct keys) takes ~0.6 s of CPU to parse and walk.
+DEFAULT_MAX_VALUES = 250_000
 
 
 def invalid(message: str, code: str = "invalid_json", param: str | None = None) -> GateError:
@@ -84,15 +95,42 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class _Budget:
+    """Values left for one parse; objects draw on it as the parser builds them, so a body of millions of
+    keys stops at the budget instead of after all of them."""
+
+    __slots__ = ("left", "limit")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.left = limit
+
+    def spend(self, count: int) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise too_many_values(self.limit)
+
+
+def too_many_values(limit: int) -> GateError:
+    return invalid(
+        f"the request body holds more than {limit:,} JSON values (`[limits] max_json_values`)", "too_many_values"
+    )
+
+
+def _pairs(pairs: list[tuple[str, Any]], budget: _Budget | None = None) -> dict[str, Any]:
+    if budget is not None:
+        budget.spend(len(pairs))
     out: dict[str, Any] = {}
     folded: dict[str, str] = {}
     for key, value in pairs:
-        if not key.isascii() and _SURROGATE.search(key):
+        ascii_key = key.isascii()
+        if not ascii_key and _SURROGATE.search(key):
             raise invalid(f"the key {key!r} holds an unpaired surrogate", "invalid_key")
         if key in out:
             raise invalid(f"duplicate key {key!r}: parsers disagree on which value counts", "duplicate_key", key)
-        for fold in folds(key):
+        # An ASCII key's one reading is its lower case (`folds`), taken here without the cache: a body of
+        # distinct keys would only churn it, and this loop is most of what such a body costs to parse.
+        for fold in (key.lower(),) if ascii_key else folds(key):
             other = folded.setdefault(fold, key)
             if other != key:
                 raise invalid(
@@ -102,7 +140,7 @@ def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse(raw: bytes) -> Any:
+def parse(raw: bytes, max_values: int = DEFAULT_MAX_VALUES) -> Any:
     """The JSON value of a request body, under the rules above; GateError (400) otherwise."""
     if raw.startswith(b"\xef\xbb\xbf"):
         raise invalid("the request body starts with a byte-order mark; send plain UTF-8 JSON")
@@ -110,8 +148,14 @@ def parse(raw: bytes) -> Any:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise invalid(f"the request body is not UTF-8 ({e.reason} at byte {e.start})") from None
+    budget = _Budget(max_values - 1)  # the body itself is one value
     try:
-        value = json.loads(text, object_pairs_hook=_pairs, parse_constant=_no_constants, parse_float=_finite_float)
+        value = json.loads(
+            text,
+            object_pairs_hook=functools.partial(_pairs, budget=budget),
+            parse_constant=_no_constants,
+            parse_float=_finite_float,
+        )
     except json.JSONDecodeError as e:
         raise invalid(f"the request body is not valid JSON ({e})") from None
     except RecursionError:  # `[[[[...` a few thousand deep: the parser's stack, not the gate, gives up
@@ -120,27 +164,43 @@ def parse(raw: bytes) -> Any:
         if isinstance(e, GateError):
             raise
         raise invalid(f"the request body holds a number that cannot be read ({e})") from None
-    if _deeper_than(value, MAX_DEPTH):
-        raise invalid(f"the request body nests more than {MAX_DEPTH} levels deep")
+    _check_shape(value, MAX_DEPTH, budget)
     return value
 
 
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and lists nest more than `limit` levels (iteratively: no stack to run out of)."""
+def _check_shape(value: Any, max_depth: int, budget: _Budget) -> None:
+    """GateError if objects and lists nest more than `max_depth` levels, or the arrays' elements overdraw
+    the budget the objects left (iteratively: no stack to run out of)."""
     if not isinstance(value, (dict, list)):
-        return False
+        return
     todo: list[tuple[Any, int]] = [(value, 1)]
     while todo:
         item, depth = todo.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
+        if depth > max_depth:
+            raise invalid(f"the request body nests more than {max_depth} levels deep")
+        if isinstance(item, dict):
+            children = item.values()
+        else:
+            budget.spend(len(item))
+            children = item
         todo.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
 
 
-def parse_object(raw: bytes) -> dict[str, Any]:
-    data = parse(raw)
+# Bytes that open a JSON value other than the first: the separator before each further element or member,
+# and the bracket before the first.
+_VALUE_OPENERS = (ord(","), ord("["), ord("{"))
+
+
+def value_bound(raw: bytes) -> int:
+    """At least as many as the JSON values in `raw`, without parsing it: each value but the body itself
+    follows a comma or an opening bracket (strings holding those count too, so this only ever overstates).
+    numpy compares at memory speed (~0.1 ms for a 400 KB image body; bytes.count takes 4x as long)."""
+    data = np.frombuffer(raw, np.uint8)
+    return 1 + sum(int(np.count_nonzero(data == byte)) for byte in _VALUE_OPENERS)
+
+
+def parse_object(raw: bytes, max_values: int = DEFAULT_MAX_VALUES) -> dict[str, Any]:
+    data = parse(raw, max_values)
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
     return data
@@ -241,6 +301,8 @@ def _go_fold(key: str) -> str:
 def folds(key: str) -> frozenset[str]:
     """Every reading of `key` some case-insensitive parser could match a field name with (over-approximated:
     refusing one reading too many only costs a client a clear 400)."""
+    if key.isascii():  # all three readings are its lower case (NFKC keeps ASCII; K/S fold only from others)
+        return frozenset((key.lower(),))
     return frozenset({_go_fold(key).lower(), key.casefold(), unicodedata.normalize("NFKC", key).casefold()})
 
 
@@ -256,7 +318,7 @@ def check_keys(body: Any, vocabulary: Collection[str], free_form: Iterable[PathP
         for key in obj:
             if key in vocabulary:
                 continue
-            for fold in folds(key):
+            for fold in (key.lower(),) if key.isascii() else folds(key):  # as in _pairs
                 name = known.get(fold)
                 if name is not None:
                     where = location(path + (key,))

@@ -93,13 +93,19 @@ class Exchange:
     record: Record
 
 
-async def parse(raw: bytes, route: Route, record: Record, policy: parts.Policy) -> Exchange:
-    """Parse the body, find every image, and refuse anything another parser could read otherwise."""
-    body = jsonbody.parse_object(raw)
-    jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
-    slots = route.dialect.images(body, route.path, policy)
-    jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
-    return Exchange(route, body, slots, record)
+async def parse(state: GateState, raw: bytes, route: Route, record: Record) -> Exchange:
+    """Parse the body, find every image, and refuse anything another parser could read otherwise; off the
+    event loop when the body is large (bodies.py)."""
+    max_values, policy = state.config.limits.max_json_values, state.config.policy(route.path)
+
+    def walk() -> Exchange:
+        body = jsonbody.parse_object(raw, max_values)
+        jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
+        slots = route.dialect.images(body, route.path, policy)
+        jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
+        return Exchange(route, body, slots, record)
+
+    return await state.bodies.run(raw, walk)
 
 
 async def screen(state: GateState, ready: Ready, exchange: Exchange, forward: bool) -> list[Screened]:
@@ -225,7 +231,7 @@ async def run(
 ) -> Outcome:
     """A dialect route's request, from its body's bytes to what is done with it."""
     try:
-        exchange = await parse(raw, route, record, state.config.policy(route.path))
+        exchange = await parse(state, raw, route, record)
         if route.kind == MODERATE:
             return await _moderate(state, ready, exchange)
         screened = await screen(state, ready, exchange, forward=True)
@@ -341,7 +347,7 @@ def allowed(config: GateConfig, method: str, target: Target) -> None:
         )
 
 
-def run_passthrough(
+async def run_passthrough(
     state: GateState, method: str, target: Target, raw: bytes, content_type: str, headers: Mapping[str, str]
 ) -> Outcome:
     """A path no dialect owns (already `allowed`): forwarded only if its body (JSON, if any) holds nothing that
@@ -358,11 +364,16 @@ def run_passthrough(
                     f"{content_type!r}), since it must look for images in them",
                     "unsupported_media_type",
                 )
-            body = jsonbody.parse(raw)
-            jsonbody.check_keys(body, VOCABULARY)
-            jsonbody.refuse_stray_images(body, ())
-            parts.refuse_media(body, ())  # no dialect knows this body: no blob, URL or media key anywhere in it
-            payload = jsonbody.canonical(body)
+            max_values = state.config.limits.max_json_values
+
+            def walk() -> bytes:
+                body = jsonbody.parse(raw, max_values)
+                jsonbody.check_keys(body, VOCABULARY)
+                jsonbody.refuse_stray_images(body, ())
+                parts.refuse_media(body, ())  # no dialect knows this body: no blob, URL or media key in it
+                return jsonbody.canonical(body)
+
+            payload = await state.bodies.run(raw, walk)
         return Forward(target.path_qs, payload, _upstream_headers(state, headers, False, payload, target.path))
     except GateError as e:
         return Failure(e)
@@ -383,7 +394,8 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
     gate's own trouble (not ready, overloaded) stays a 503, which LiteLLM's `unreachable_fallback` decides on."""
     config = state.config
     try:
-        body = jsonbody.parse_object(raw)
+        max_values = config.limits.max_json_values
+        body = await state.bodies.run(raw, lambda: jsonbody.parse_object(raw, max_values))
     except GateError as e:
         return Failure(e)
     try:
@@ -545,7 +557,7 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
     target = request[TARGET]
     allowed(state.config, request.method, target)
     raw = await read_body(request, state.config.limits.max_body_bytes)
-    outcome = run_passthrough(state, request.method, target, raw, request.content_type, request.headers)
+    outcome = await run_passthrough(state, request.method, target, raw, request.content_type, request.headers)
     return await respond(request, outcome)
 
 

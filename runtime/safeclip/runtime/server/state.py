@@ -10,6 +10,7 @@ from aiohttp import web
 
 from safeclip.runtime.gate import Gate
 from safeclip.runtime.server.batcher import MicroBatcher
+from safeclip.runtime.server.bodies import BodyParser
 from safeclip.runtime.server.config import GateConfig
 from safeclip.runtime.server.decoding import DecodePool
 from safeclip.runtime.server.errors import GateError
@@ -42,6 +43,7 @@ class GateState:
     metrics: GateMetrics
     fetcher: Fetcher
     upstream: Upstream | None  # None: guardrail-only, nothing is forwarded
+    bodies: BodyParser  # where request bodies are parsed (off the loop when they are large)
     plan: Plan = field(default_factory=lambda: resolve(""))  # [forward], resolved for the upstream
     memory: StateMemory | None = None  # None: no action forwards a flagged image, so no state can hold one
     audit: AuditLog | None = None
