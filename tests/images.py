@@ -81,3 +81,43 @@ def camera_jpeg(height: int, width: int, seed: int = 0, quality: int = 90) -> by
     )
     assert ok
     return buf.tobytes()
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG's marker segments after SOI, each SOS with its entropy-coded data."""
+    out, i = [], 2
+    while i < len(data):
+        marker = data[i + 1]
+        if marker == 0xD9:
+            out.append((marker, data[i : i + 2]))
+            break
+        end = i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        out.append((marker, data[i:end]))
+        i = end
+    return out
+
+
+def scan_heavy_jpeg(side: int, repeats: int) -> bytes:
+    """A progressive JPEG of blocky pixels (no AC energy) whose first AC scan, a few bytes of end-of-band
+    runs covering every block, is repeated `repeats` times: small, small in pixels, and each repeat makes
+    the decoder walk every block again (libjpeg warns about the progression but decodes)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    blocks = rng.integers(0, 255, (side // 8, side // 8), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.kron(blocks, np.ones((8, 8), np.uint8)), "L").save(buf, "JPEG", progressive=True, quality=90)
+    out, repeated = [buf.getvalue()[:2]], False
+    for marker, segment in jpeg_segments(buf.getvalue()):
+        out.append(segment)
+        if marker == 0xDA and not repeated:
+            components = segment[4]
+            ss, approximation = segment[5 + 2 * components], segment[7 + 2 * components]
+            if ss > 0 and approximation >> 4 == 0 and len(segment) < 64:
+                out += [segment] * repeats
+                repeated = True
+    assert repeated, "the encoder's scan script has an AC first scan"
+    return b"".join(out)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeclip.runtime.server.decoding import LARGE_IMAGE_PIXELS, DecodePool
+from safeclip.runtime.server.decoding import LARGE_WORK, DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import (
     MAX_DEPTH,
@@ -183,7 +183,7 @@ def test_decode_pool_takes_requests_in_turn_and_keeps_a_worker_from_large_images
         pool = DecodePool(2)
         pool.start()
         try:
-            large = [asyncio.ensure_future(pool.run("big", job(f"L{i}"), LARGE_IMAGE_PIXELS + 1)) for i in range(4)]
+            large = [asyncio.ensure_future(pool.run("big", job(f"L{i}"), LARGE_WORK + 1)) for i in range(4)]
             await asyncio.sleep(0.05)
             small = asyncio.ensure_future(pool.run("small", job("S0"), 100))
             await asyncio.sleep(0.05)

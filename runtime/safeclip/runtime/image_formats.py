@@ -1,13 +1,16 @@
 """What encoded image bytes are, and how big they say they are, read from the header before any decoding.
 
 The decoder (Pillow, in preprocess.py) only ever sees bytes that passed `check_header`: a format we
-support, a plausible header, and a declared size within the pixel limit, so a 100k x 100k PNG is refused
-without allocating anything. The same header reading serves the gate (`image_size_from_header`), which
-budgets a request's pixels before decoding any of its images.
+support, a plausible header, a declared size within the pixel limit, so a 100k x 100k PNG is refused
+without allocating anything, and (a JPEG) at most `max_scans` scans, so a small progressive file of
+thousands of scans, each a pass over every block again, is refused before it decodes for minutes. The
+same header reading serves the gate (`image_size_from_header`, `decode_work`), which budgets a request's
+pixels and weighs its decodes before decoding any of its images.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
@@ -15,6 +18,19 @@ SUPPORTED_FORMATS = ("jpeg", "png", "gif", "webp", "bmp", "tiff")
 # Start-of-frame markers: SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and RSTn carry no length
+# The start of a marker after entropy-coded data: FF (any number of fill FFs), then neither a stuffed zero
+# nor a restart marker (RST0-7 sit inside a scan's data).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")
+_JPEG_SOS = b"\xff\xda"
+# libjpeg's standard progressive script has 10 scans (6 in greyscale), mozjpeg's tuned ones a few more, and
+# a JPEG of 4 components with every band and bit refined separately a few hundred at the very most. Each
+# scan is one more pass over its components' blocks: ~0.1-0.2 ms per megapixel even for an empty one
+# (libjpeg-turbo, one x86 core), where a whole baseline decode takes ~6 ms per megapixel. So 256 add a few
+# seconds to a 64 MP picture; 30,000 (in a file still under 1.5 MB) add minutes.
+MAX_JPEG_SCANS = 256
+# What one scan adds to a decode, as a fraction of a baseline decode of the same pixels (measured as above:
+# 250 empty scans make a 4 MP decode 7x as long, a standard 10-scan progressive one 1.7x).
+_SCANS_PER_DECODE = 32
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
 
 
@@ -35,7 +51,13 @@ class UnsupportedImage(ImageError):
 
 
 class DecompressionBomb(ImageError):
-    """A header that declares more pixels than allowed; refused before decoding."""
+    """An image that would cost more to decode than allowed (a header that declares too many pixels, and
+    the subclasses); refused before decoding, or stopped during it."""
+
+
+class TooManyScans(DecompressionBomb):
+    """A JPEG of more scans than allowed: each is a pass over the picture again, so the decode would cost
+    far more than its pixels say. Refused before decoding, like a header that declares too many pixels."""
 
 
 class CorruptImage(ImageError):
@@ -125,6 +147,51 @@ def jpeg_is_complete(data: bytes) -> bool:
     return False
 
 
+def jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """The scans (start-of-scan segments) of a JPEG's picture, up to its end-of-image marker; counting
+    stops once past `stop_after`. Segments are skipped by their lengths and each scan's data up to the next
+    marker, so an EXIF thumbnail's scan (inside APP1) does not count. Malformed data counts what was read
+    before it: the decoder refuses the rest."""
+    scans, pos = 0, -1
+    try:
+        for marker, at in _jpeg_segments(data):
+            if marker == 0xDA:
+                pos = at
+    except (ValueError, IndexError, struct.error):
+        return 0
+    if pos < 0:
+        return 0  # no scan at all
+    while True:  # `pos`: the first scan's length field; walk scan by scan
+        scans += 1
+        if stop_after is not None and scans > stop_after:
+            return scans
+        try:
+            pos += struct.unpack_from(">H", data, pos)[0]
+        except struct.error:
+            return scans
+        while True:  # the next marker after this scan's entropy-coded data, skipping tables between scans
+            found = _JPEG_NEXT_MARKER.search(data, pos)
+            if found is None:
+                return scans
+            marker, pos = data[found.end() - 1], found.end()
+            if marker == 0xD9:
+                return scans
+            if marker == 0xDA:
+                break
+            if marker in _JPEG_STANDALONE:
+                continue
+            try:  # DHT, DQT, DRI, COM, APPn between scans: skip by length, then look for the next marker
+                pos += struct.unpack_from(">H", data, pos)[0]
+            except struct.error:
+                return scans
+
+
+def jpeg_scans_at_most(data: bytes) -> int:
+    """An upper bound of `jpeg_scans` at memory speed (every FF DA in the file: entropy-coded data cannot
+    hold one, so only metadata can add to it)."""
+    return data.count(_JPEG_SOS)
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
     if data[12:16] != b"IHDR":
         return None
@@ -201,6 +268,21 @@ def image_size_from_header(data: bytes) -> tuple[str, int, int] | None:
     return None if size is None else (fmt, *size)
 
 
+def decode_work(data: bytes) -> int:
+    """What decoding `data` is estimated to cost, in pixels of baseline decoding: the pixels its header
+    declares, and for a JPEG 1/32 of them more per scan (`_SCANS_PER_DECODE`). 0 for a header that cannot
+    be read (such data is refused when it is opened, at no cost). The scans are counted at memory speed
+    (~1 ms per MB), an upper bound (metadata may hold an FF DA too)."""
+    size = image_size_from_header(data)
+    if size is None:
+        return 0
+    fmt, width, height = size
+    pixels = width * height
+    if fmt != "jpeg":
+        return pixels
+    return pixels * (_SCANS_PER_DECODE + jpeg_scans_at_most(data)) // _SCANS_PER_DECODE
+
+
 def check_size(fmt: str, width: int, height: int, source: str, max_pixels: int, what: str = "header") -> None:
     """DecompressionBomb if `what` (the header, or the decoder's reading of it) declares too many pixels."""
     if width * height > max_pixels:
@@ -210,7 +292,21 @@ def check_size(fmt: str, width: int, height: int, source: str, max_pixels: int, 
         )
 
 
-def check_header(data: bytes, source: str, max_pixels: int) -> tuple[str, int, int]:
+def check_scans(data: bytes, source: str, max_scans: int) -> None:
+    """TooManyScans if a JPEG has more than `max_scans` scans (the exact count is walked only when the
+    memory-speed bound is over the limit: for an ordinary file this costs a few microseconds a MB)."""
+    if jpeg_scans_at_most(data) <= max_scans:
+        return
+    scans = jpeg_scans(data, stop_after=max_scans)
+    if scans > max_scans:
+        raise TooManyScans(
+            source,
+            f"jpeg has more than {max_scans} scans (each is one more decoding pass over the picture; an "
+            "ordinary progressive JPEG has about 10)",
+        )
+
+
+def check_header(data: bytes, source: str, max_pixels: int, max_scans: int = MAX_JPEG_SCANS) -> tuple[str, int, int]:
     """(format, width, height) of data that may be decoded; everything refusable is refused here,
     before a decoder sees a byte."""
     if not data:
@@ -225,6 +321,8 @@ def check_header(data: bytes, source: str, max_pixels: int) -> tuple[str, int, i
     if width == 0 or height == 0:
         raise CorruptImage(source, f"{fmt} header declares an empty {width}x{height} image")
     check_size(fmt, width, height, source, max_pixels)
-    if fmt == "jpeg" and not jpeg_is_complete(data):
-        raise CorruptImage(source, "truncated jpeg (no end-of-image marker after the scan)")
+    if fmt == "jpeg":
+        if not jpeg_is_complete(data):
+            raise CorruptImage(source, "truncated jpeg (no end-of-image marker after the scan)")
+        check_scans(data, source, max_scans)
     return fmt, width, height

@@ -55,6 +55,7 @@ from PIL import (
 
 from safeclip.runtime.contract import RESIZE_MODES, ImageSpec
 from safeclip.runtime.image_formats import (
+    MAX_JPEG_SCANS,
     SUPPORTED_FORMATS,
     CorruptImage,
     DecompressionBomb,
@@ -154,9 +155,9 @@ def read_input(
 # Decoding
 
 
-def _open(data: bytes, source: str, max_pixels: int) -> tuple[Image.Image, str]:
+def _open(data: bytes, source: str, max_pixels: int, max_scans: int = MAX_JPEG_SCANS) -> tuple[Image.Image, str]:
     """The header-checked image, opened lazily (no pixel decoded yet), and its format."""
-    fmt, _, _ = check_header(data, source, max_pixels)
+    fmt, _, _ = check_header(data, source, max_pixels, max_scans)
     try:
         image = _OPENERS[fmt](io.BytesIO(data))
     except Image.DecompressionBombError as e:
@@ -220,10 +221,16 @@ def _over_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba).convert("RGB")
 
 
-def _decode(data: bytes, source: str, max_pixels: int, reduce_for: Preprocessor | None = None) -> _Shown:
+def _decode(
+    data: bytes,
+    source: str,
+    max_pixels: int,
+    reduce_for: Preprocessor | None = None,
+    max_scans: int = MAX_JPEG_SCANS,
+) -> _Shown:
     """The picture in `data` as an RGB Pillow image. `reduce_for` allows a reduced JPEG decode sized for
     that preprocessor."""
-    image, fmt = _open(data, source, max_pixels)  # reads from memory: nothing to close
+    image, fmt = _open(data, source, max_pixels, max_scans)  # reads from memory: nothing to close
     full = image.size
     factor = reduce_for._jpeg_reduction(*full) if reduce_for is not None and fmt == "jpeg" else 1
     if factor > 1:
@@ -246,21 +253,33 @@ class _Shown(NamedTuple):
     factor: int
 
 
-def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS, max_scans: int = MAX_JPEG_SCANS
+) -> np.ndarray:
     """Encoded bytes -> the picture at full resolution as uint8 (H, W, 3) RGB, C-contiguous and read-only
     (Pillow's bytes, not copied): the first frame as Pillow shows it (APNG: the default image), upright by
     EXIF, transparency over white. ImageError (naming `source`) for anything that cannot be decoded;
-    nothing is decoded past `max_pixels`."""
-    return np.asarray(_decode(data, source, max_pixels).image)
+    nothing is decoded past `max_pixels`, no JPEG of more than `max_scans` scans."""
+    return np.asarray(_decode(data, source, max_pixels, max_scans=max_scans).image)
 
 
-def decode_resized(data: bytes, source: str, max_pixels: int, fit: Callable[[int, int], tuple[int, int]]) -> np.ndarray:
+def decode_resized(
+    data: bytes,
+    source: str,
+    max_pixels: int,
+    fit: Callable[[int, int], tuple[int, int]],
+    max_scans: int = MAX_JPEG_SCANS,
+) -> np.ndarray:
     """decode_resized_image as a uint8 (H, W, 3) array."""
-    return np.asarray(decode_resized_image(data, source, max_pixels, fit))
+    return np.asarray(decode_resized_image(data, source, max_pixels, fit, max_scans))
 
 
 def decode_resized_image(
-    data: bytes, source: str, max_pixels: int, fit: Callable[[int, int], tuple[int, int]]
+    data: bytes,
+    source: str,
+    max_pixels: int,
+    fit: Callable[[int, int], tuple[int, int]],
+    max_scans: int = MAX_JPEG_SCANS,
 ) -> Image.Image:
     """The picture as decode_image shows it, resized (Pillow's bicubic, antialiased) to `fit(width, height)`
     of the upright picture, as a Pillow RGB image; never enlarged. `fit` must be symmetric (fit(h, w) is
@@ -272,7 +291,7 @@ def decode_resized_image(
     no partial block stands for pixels past the edge): the decode then costs a fraction of the full one,
     and Pillow resizes what is left by less than 2x. The image stays Pillow's: a uint8 array of it would
     be a copy (about 1 ms per megapixel; for a fresh 12 MP one, with its page faults, 0.8 of a decode)."""
-    image, fmt = _open(data, source, max_pixels)
+    image, fmt = _open(data, source, max_pixels, max_scans)
     stored = image.size
     target = fit(*stored)
     if target[0] > stored[0] or target[1] > stored[1]:
@@ -294,9 +313,11 @@ def decode_resized_image(
     return rgb
 
 
-def decode_picture(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_picture(
+    data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS, max_scans: int = MAX_JPEG_SCANS
+) -> Image.Image:
     """decode_image's picture as the Pillow RGB image it is made from (no array copy)."""
-    return _decode(data, source, max_pixels).image
+    return _decode(data, source, max_pixels, max_scans=max_scans).image
 
 
 def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int = 95) -> bytes:

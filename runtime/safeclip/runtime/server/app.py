@@ -149,8 +149,8 @@ async def _load(state: GateState) -> None:
     batch = config.batch
     batcher = MicroBatcher(classify, batch.delay_ms / 1000, batch.size, on_batch, batch.max_queued)
     batcher.start()
-    pool = DecodePool(batch.decode_workers)
-    pool.start()
+    pool = DecodePool(batch.decode_workers, config.limits.decode_timeout)
+    await loop.run_in_executor(None, pool.start)  # starts the worker processes
     screener = Screener(
         batcher,
         VerdictCache(config.cache_size, config.cache_bytes),
@@ -159,6 +159,7 @@ async def _load(state: GateState) -> None:
         config.limits.max_request_pixels,
         observe,
         None if config.proxy.forward_original else state.plan.budget,
+        config.limits.max_jpeg_scans,
     )
     categories = tuple(c for c in gate.manifest.category_names if c != gate.manifest.neutral)
     state.ready = Ready(

@@ -58,6 +58,7 @@ from safeclip.runtime.options import (
     text,
     texts,
 )
+from safeclip.runtime.image_formats import MAX_JPEG_SCANS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.dialects import ROUTES
 from safeclip.runtime.server.dialects.litellm import GUARDRAIL_PATH
@@ -197,6 +198,16 @@ class Limits:
     # Bounds the CPU a body costs to parse and walk (jsonbody.py, bodies.py).
     max_json_values: int = field_of(
         Option(integer(1), DEFAULT_MAX_VALUES, "JSON values one request body may hold; past it, a 400")
+    )
+    # Each scan is one more decoding pass over the picture, so a small file of thousands decodes for
+    # minutes; an ordinary progressive JPEG has about 10 (image_formats.py).
+    max_jpeg_scans: int = field_of(
+        Option(integer(1), MAX_JPEG_SCANS, "scans one JPEG may have; past it, a 413 naming the image")
+    )
+    # Decodes run in worker processes that are ended past it (decoding.py, workers.py). The largest image the
+    # defaults allow (64 MP) decodes in a few seconds on one slow core.
+    decode_timeout: float = field_of(
+        Option(number(0.0), 30.0, "seconds one image may take to decode; past it, a 413 naming the image")
     )
 
 

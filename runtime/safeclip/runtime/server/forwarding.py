@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from yarl import URL
 
+from safeclip.runtime.image_formats import MAX_JPEG_SCANS
 from safeclip.runtime.preprocess import decode_picture, decode_resized_image, encode_jpeg, encode_png
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import Verbatim
@@ -229,14 +230,16 @@ def encode(rgb: np.ndarray | Image.Image, quality: int = JPEG_QUALITY) -> tuple[
     return (png, "image/png") if len(png) <= len(jpeg) else (jpeg, "image/jpeg")
 
 
-def prepare(data: bytes, source: str, max_pixels: int, budget: Budget) -> tuple[Image.Image, Forward]:
+def prepare(
+    data: bytes, source: str, max_pixels: int, budget: Budget, max_scans: int = MAX_JPEG_SCANS
+) -> tuple[Image.Image, Forward]:
     """(the pixels to screen, what is forwarded) for the picture in `data` at the budget's size. The pixels
     are the forwarded file as Pillow decodes it: for a PNG the resized picture itself, for a JPEG its
     decoding (one more decode, of the forward size, so that not even the JPEG's own rounding lies between
     what is screened and what the upstream reads), as a Pillow RGB image for Preprocessor.fit (an array
     would be one more copy). Module level with plain arguments, so that a worker process can
     run it. ImageError for what cannot be decoded."""
-    rgb = decode_resized_image(data, source, max_pixels, budget.size)
+    rgb = decode_resized_image(data, source, max_pixels, budget.size, max_scans)
     encoded, media_type = encode(rgb)
     width, height = rgb.size
     if media_type == "image/jpeg":

@@ -24,9 +24,11 @@ from typing import Any
 from aiohttp import web
 
 from safeclip.runtime.decision import Verdict
+from safeclip.runtime.image_formats import TooManyScans
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
 from safeclip.runtime.server import forwarding, jsonbody, memory, parts
 from safeclip.runtime.server.config import READ_METHODS, GateConfig
+from safeclip.runtime.server.decoding import DecodeTimeout
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
 from safeclip.runtime.server.dialects.base import (
     COUNT,
@@ -149,6 +151,10 @@ def _loader(state: GateState, slot: ImageSlot):
     return load
 
 
+# What each limit on an image's cost is called in the error (DecompressionBomb itself: too many pixels).
+_LIMIT_CODES: dict[type, str] = {TooManyScans: "too_many_scans", DecodeTimeout: "decode_timeout"}
+
+
 def _account(
     state: GateState, record: Record, slot: ImageSlot, item: Screened, failures: list[GateError], fail_open: bool
 ) -> None:
@@ -163,7 +169,8 @@ def _account(
     record.images.append({"sha256": item.sha256, "source": source, "cached": False, "error": result.reason})
     state.metrics.images.inc("error", "none")
     if isinstance(result, DecompressionBomb):  # a limit, not a decoding failure: --fail-open does not apply
-        failures.append(GateError(413, f"{slot.where}: {result.reason}", "image_too_large", slot.where))
+        code = _LIMIT_CODES.get(type(result), "image_too_large")
+        failures.append(GateError(413, f"{slot.where}: {result.reason}", code, slot.where))
     elif fail_open:
         record.unscreened += 1
         state.metrics.fail_open.inc()

@@ -9,6 +9,7 @@ SECURITY.md, "What the upstream sees").
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,12 +19,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from safeclip.runtime.decision import Verdict
+from safeclip.runtime.image_formats import MAX_JPEG_SCANS, CorruptImage, decode_work
 from safeclip.runtime.preprocess import ImageError, Preprocessor, decode_picture, image_size_from_header
 from safeclip.runtime.server.batcher import MicroBatcher
 from safeclip.runtime.server.cache import Entry, VerdictCache
-from safeclip.runtime.server.decoding import DecodePool
+from safeclip.runtime.server.decoding import DecodePool, DecodeTimeout
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.forwarding import Budget, Forward, prepare
+from safeclip.runtime.server.workers import Overrun, WorkerDied
 
 # Hashing a large image takes milliseconds; above this size it runs in a thread (hashlib releases the GIL).
 _HASH_IN_THREAD = 1 << 20
@@ -74,6 +77,7 @@ class Screener:
         max_request_pixels: int,
         observe: Callable[[str, Any], None] | None = None,
         budget: Budget | None = None,
+        max_scans: int = MAX_JPEG_SCANS,
     ):
         """`budget`: the forward size (forwarding.Plan.budget); None forwards no pixels (forward_original,
         or no upstream to forward to), and `screen(forward=True)` then screens the full-resolution picture."""
@@ -84,6 +88,7 @@ class Screener:
         self.max_request_pixels = max_request_pixels
         self.observe = observe or (lambda what, value: None)
         self.budget = budget
+        self.max_scans = max_scans
         self._inflight: dict[tuple[str, bool], asyncio.Task[_Decoded]] = {}
         # Verdicts the engine owes, by image sha256: concurrent requests with the same image wait for one
         # engine item, so a burst of resent images queues each image once, not once per request.
@@ -199,23 +204,32 @@ class Screener:
         return task
 
     async def _decode_now(self, data: bytes, source: str, owner: object, forward: bool) -> _Decoded:
-        header = image_size_from_header(data)
-        pixels = header[1] * header[2] if header else 0
-        fit = self.preprocessor.fit
-        budget = self.budget if forward else None
-
-        def work() -> tuple[np.ndarray, Forward | None, float]:
-            start = time.perf_counter()
-            if budget is None:
-                picture = decode_picture(data, source, self.preprocessor.max_pixels)
-                return fit(picture), None, time.perf_counter() - start
-            # Downscaled first: the engine screens exactly the pixels that are forwarded.
-            rgb, forwarded = prepare(data, source, self.preprocessor.max_pixels, budget)
-            return fit(rgb), forwarded, time.perf_counter() - start
-
+        args = (data, source, self.preprocessor, self.max_scans, self.budget if forward else None)
         try:
-            engine_input, png, seconds = await self.pool.run(owner, work, pixels)
+            if self.pool.timeout is None:  # no deadline: a thread of this process (tests, benchmarks)
+                result = await self.pool.run(owner, functools.partial(decode, *args), decode_work(data))
+            else:
+                result = await self.pool.call(owner, decode, args, decode_work(data))
         except ImageError as e:
             return _Decoded(None, None, e)
+        except Overrun as e:
+            return _Decoded(None, None, DecodeTimeout(source, f"decoding took longer than {e.seconds:g} s, the limit"))
+        except WorkerDied:
+            return _Decoded(None, None, CorruptImage(source, "the decoder crashed on this image"))
+        engine_input, png, seconds = result
         self.observe("decode", seconds)
         return _Decoded(engine_input, png, None)
+
+
+def decode(
+    data: bytes, source: str, preprocessor: Preprocessor, max_scans: int, budget: Budget | None
+) -> tuple[np.ndarray, Forward | None, float]:
+    """(the engine's input, the forward or None, seconds taken) for one image: what a decode worker process
+    runs, so module level with plain arguments. Downscaled to the budget first when forwarding: the engine
+    screens exactly the pixels that are forwarded."""
+    start = time.perf_counter()
+    if budget is None:
+        picture, forwarded = decode_picture(data, source, preprocessor.max_pixels, max_scans), None
+    else:
+        picture, forwarded = prepare(data, source, preprocessor.max_pixels, budget, max_scans)
+    return preprocessor.fit(picture), forwarded, time.perf_counter() - start
