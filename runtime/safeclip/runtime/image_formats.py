@@ -270,7 +270,7 @@ def image_size_from_header(data: bytes) -> tuple[str, int, int] | None:
 
 def decode_work(data: bytes) -> int:
     """What decoding `data` is estimated to cost, in pixels of baseline decoding: the pixels its header
-    declares, and for a JPEG 1/32 of them more per scan (`_SCANS_PER_DECODE`). 0 for a header that cannot
+    declares, and for a JPEG 1/32 of them more per scan past the first (`_SCANS_PER_DECODE`). 0 for a header that cannot
     be read (such data is refused when it is opened, at no cost). The scans are counted at memory speed
     (~1 ms per MB), an upper bound (metadata may hold an FF DA too)."""
     size = image_size_from_header(data)
@@ -280,7 +280,7 @@ def decode_work(data: bytes) -> int:
     pixels = width * height
     if fmt != "jpeg":
         return pixels
-    return pixels * (_SCANS_PER_DECODE + jpeg_scans_at_most(data)) // _SCANS_PER_DECODE
+    return pixels * (_SCANS_PER_DECODE + max(0, jpeg_scans_at_most(data) - 1)) // _SCANS_PER_DECODE
 
 
 def check_size(fmt: str, width: int, height: int, source: str, max_pixels: int, what: str = "header") -> None:
