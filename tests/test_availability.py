@@ -142,6 +142,10 @@ def test_a_scan_inside_metadata_does_not_count():
     data = outer[:2] + comment + outer[2:]
     assert jpeg_scans_at_most(data) == 2 and jpeg_scans(data) == 1
     check_header(data, "x", 10**8, max_scans=1)
+    # Between the scans of a progressive file (where the walk, past the first scan, reads segments itself).
+    progressive = _photo_jpeg(progressive=True)
+    between = progressive[:-2] + comment + progressive[-2:]
+    assert jpeg_scans_at_most(between) == 11 and jpeg_scans(between) == 10
 
 
 def test_too_many_scans_are_refused_before_decoding():
