@@ -14,7 +14,9 @@ deadline the process is killed and replaced; the caller gets `Overrun`.
 What crosses the pipe is pickled: module-level functions, plain arguments, results and exceptions that
 pickle (ImageError, GateError). The processes come from a fork server started once (Linux, macOS): forking
 from it costs milliseconds, not the second a fresh interpreter takes to import numpy and Pillow, and it is
-not the gate's own process, whose threads (aiohttp, onnxruntime) a plain fork would copy mid-flight.
+not the gate's own process, whose threads (aiohttp, onnxruntime) a plain fork would copy mid-flight. As
+with any multiprocessing program, the main module is imported again in each worker: a script that builds
+the gate itself (`build_app`) must start it under `if __name__ == "__main__":` (`safeclip serve` does).
 """
 
 from __future__ import annotations
