@@ -157,6 +157,21 @@ def test_too_many_scans_are_refused_before_decoding():
     check_header(scan_heavy_jpeg(256, 200), "x", 10**8)  # 206 scans: within the default
 
 
+def test_a_header_of_too_many_markers_is_refused_without_walking_them_all():
+    """Empty comment segments before the frame header: a few hundred are a header (an ICC profile in 64 KB
+    chunks), millions are a walk of seconds in Python; past MAX_JPEG_SEGMENTS the header is malformed."""
+    photo = _photo_jpeg(64)
+    few = photo[:2] + b"\xff\xfe\x00\x02" * 500 + photo[2:]
+    assert check_header(few, "x", 10**8)[1:] == (64, 64)
+    padded = photo[:2] + b"\xff\xfe\x00\x02" * 2_000_000 + photo[2:]
+    started = time.perf_counter()
+    with pytest.raises(CorruptImage, match="malformed jpeg header"):
+        check_header(padded, "x", 10**8)
+    assert time.perf_counter() - started < 5  # stopped at the limit, not after two million
+    filled = photo[:2] + b"\xff" * 1_000_000 + photo[2:]  # fill bytes: skipped at C speed, and legal
+    assert check_header(filled, "x", 10**8)[1:] == (64, 64)
+
+
 def test_decode_work_weighs_scans():
     plain, heavy = _photo_jpeg(1024), scan_heavy_jpeg(1024, 250)
     assert decode_work(plain) == 1024 * 1024

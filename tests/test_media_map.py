@@ -1145,11 +1145,14 @@ def test_the_scan_heavy_jpeg_really_is_expensive_to_decode():
     the repeats multiply Pillow's decode work."""
     plain, heavy = scan_heavy_jpeg(1024, 0), scan_heavy_jpeg(1024, 2_000)
 
-    def cost(data: bytes) -> float:
-        started = time.perf_counter()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-        return time.perf_counter() - started
+    def cost(data: bytes) -> float:  # the least of three: a busy machine only ever adds time
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+            times.append(time.perf_counter() - started)
+        return min(times)
 
     assert cost(heavy) > 20 * cost(plain)
 

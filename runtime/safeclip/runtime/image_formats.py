@@ -22,6 +22,10 @@ _JPEG_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM and RSTn carry n
 # nor a restart marker (RST0-7 sit inside a scan's data).
 _JPEG_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")
 _JPEG_SOS = b"\xff\xda"
+_JPEG_FILL = re.compile(rb"\xff+")
+# Markers before the first scan: a camera JPEG has a dozen (APPn, DQT, SOF, DHT), one with a large ICC
+# profile or extended XMP split in 64 KB chunks a few hundred.
+MAX_JPEG_SEGMENTS = 4096
 # libjpeg's standard progressive script has 10 scans (6 in greyscale), mozjpeg's tuned ones a few more, and
 # a JPEG of 4 components with every band and bit refined separately a few hundred at the very most. Each
 # scan is one more pass over its components' blocks: ~0.1-0.2 ms per megapixel even for an empty one
@@ -107,13 +111,14 @@ def _iso_media_name(brand: bytes) -> str:
 
 
 def _jpeg_segments(data: bytes):
-    """(marker, offset of its length field) for each segment up to and including the first scan."""
+    """(marker, offset of its length field) for each segment up to and including the first scan. More than
+    MAX_JPEG_SEGMENTS markers before it is a ValueError (a malformed header): the walk runs in Python, on
+    the gate's event loop among other places, and megabytes of empty segments would hold it for seconds."""
     pos = 2
-    while True:
+    for _ in range(MAX_JPEG_SEGMENTS):
         if data[pos] != 0xFF:
             raise ValueError("JPEG segment does not start with a marker")
-        while data[pos] == 0xFF:  # any number of fill bytes may precede a marker
-            pos += 1
+        pos = _JPEG_FILL.match(data, pos).end()  # type: ignore[union-attr]  # any number of fill bytes
         marker = data[pos]
         pos += 1
         if marker in _JPEG_STANDALONE:
@@ -124,6 +129,7 @@ def _jpeg_segments(data: bytes):
         if marker == 0xDA:  # entropy-coded data follows; no more segments to walk
             return
         pos += struct.unpack_from(">H", data, pos)[0]
+    raise ValueError(f"more than {MAX_JPEG_SEGMENTS} JPEG markers before the first scan")
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
