@@ -578,11 +578,28 @@ def high_water_mb(pid: int) -> float | None:
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """A running process's CPU time so far (user + system, all its threads), in seconds. What a test can
-    bound on a loaded machine, where a neighbour stretches wall time but not the work done."""
-    # /proc/PID/stat: the command may hold spaces, so fields are counted after its closing parenthesis.
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    """A running process's CPU time so far (user + system, all its threads), with that of every process
+    below it, living or reaped (the gate decodes in worker processes), in seconds. What a test can bound on
+    a loaded machine, where a neighbour stretches wall time but not the work done."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # /proc/PID/stat: the command may hold spaces, so fields are counted after its closing parenthesis.
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # it ended while the folder was read
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        # utime, stime, and the cutime, cstime of its children already reaped
+        times[int(entry.name)] = sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    tree, found = {pid}, True
+    while found:
+        below = {child for child, parent in parents.items() if parent in tree and child not in tree}
+        tree |= below
+        found = bool(below)
+    return sum(times.get(p, 0.0) for p in tree)
 
 
 def wait_measuring(process: subprocess.Popen, timeout: float, poll: float = 0.02) -> tuple[int, float, bool]:

@@ -42,6 +42,7 @@ from safeclip.runtime.cli_options import (
     THRESHOLD,
     THRESHOLDS,
 )
+from safeclip.runtime.image_formats import MAX_JPEG_SCANS
 from safeclip.runtime.options import (
     BOOLEAN,
     OPTION,
@@ -58,7 +59,6 @@ from safeclip.runtime.options import (
     text,
     texts,
 )
-from safeclip.runtime.image_formats import MAX_JPEG_SCANS
 from safeclip.runtime.server.batcher import DEFAULT_MAX_QUEUED
 from safeclip.runtime.server.dialects import ROUTES
 from safeclip.runtime.server.dialects.litellm import GUARDRAIL_PATH
