@@ -387,14 +387,9 @@ PADDINGS = {
 @pytest.mark.parametrize(
     "padding",
     [
-        # Closed by image_formats.MAX_JPEG_SEGMENTS: refused from the header.
+        # Both refused from the header: image_formats.MAX_JPEG_SEGMENTS, MAX_JPEG_FILL_BYTES.
         "com-segments",
-        # Open: the gate skips fill bytes at C speed, but Pillow's JPEG plugin reads them one by one in Python
-        # (in the decode worker, under decode_timeout).
-        pytest.param(
-            "fill-bytes",
-            marks=pytest.mark.xfail(strict=True, reason="Pillow reads a padded JPEG's fill bytes one by one"),
-        ),
+        "fill-bytes",
     ],
 )
 def test_a_padded_tiny_jpeg_costs_no_more_than_the_largest_ordinary_image(gate_child, padding):

@@ -168,8 +168,23 @@ def test_a_header_of_too_many_markers_is_refused_without_walking_them_all():
     with pytest.raises(CorruptImage, match="malformed jpeg header"):
         check_header(padded, "x", 10**8)
     assert time.perf_counter() - started < 5  # stopped at the limit, not after two million
-    filled = photo[:2] + b"\xff" * 1_000_000 + photo[2:]  # fill bytes: skipped at C speed, and legal
-    assert check_header(filled, "x", 10**8)[1:] == (64, 64)
+
+
+def test_a_header_of_megabytes_of_fill_bytes_is_refused():
+    """0xFF fill bytes before a marker are legal and encoders write a few at most; Pillow's JPEG plugin reads
+    them one by one in Python, so past MAX_JPEG_FILL_BYTES (all together, before the first scan) the header
+    is malformed."""
+    photo = _photo_jpeg(64)
+    few = photo[:2] + b"\xff" * 64 + photo[2:]
+    assert check_header(few, "x", 10**8)[1:] == (64, 64)
+    with Image.open(io.BytesIO(few)) as image:
+        image.load()  # the premise: a few fill bytes are a JPEG Pillow decodes
+    for filled in (
+        photo[:2] + b"\xff" * 1_000_000 + photo[2:],
+        photo[:2] + (b"\xff" * 3000 + b"\xff\xfe\x00\x02") * 2 + photo[2:],
+    ):
+        with pytest.raises(CorruptImage, match="malformed jpeg header"):
+            check_header(filled, "x", 10**8)
 
 
 def test_decode_work_weighs_scans():

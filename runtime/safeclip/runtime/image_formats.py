@@ -26,6 +26,10 @@ _JPEG_FILL = re.compile(rb"\xff+")
 # Markers before the first scan: a camera JPEG has a dozen (APPn, DQT, SOF, DHT), one with a large ICC
 # profile or extended XMP split in 64 KB chunks a few hundred.
 MAX_JPEG_SEGMENTS = 4096
+# 0xFF fill bytes before the markers up to the first scan, all together. Encoders write none (a few at most,
+# to pad a segment), but any number is legal (ITU T.81 B.1.1.2), and Pillow's JPEG plugin reads them one byte
+# per Python loop turn (~1 us each): megabytes of them make an 8x8 picture cost more than a 12 MP photo.
+MAX_JPEG_FILL_BYTES = 4096
 # libjpeg's standard progressive script has 10 scans (6 in greyscale), mozjpeg's tuned ones a few more, and
 # a JPEG of 4 components with every band and bit refined separately a few hundred at the very most. Each
 # scan is one more pass over its components' blocks: ~0.1-0.2 ms per megapixel even for an empty one
@@ -112,13 +116,18 @@ def _iso_media_name(brand: bytes) -> str:
 
 def _jpeg_segments(data: bytes):
     """(marker, offset of its length field) for each segment up to and including the first scan. More than
-    MAX_JPEG_SEGMENTS markers before it is a ValueError (a malformed header): the walk runs in Python, on
-    the gate's event loop among other places, and megabytes of empty segments would hold it for seconds."""
+    MAX_JPEG_SEGMENTS markers, or MAX_JPEG_FILL_BYTES fill bytes, before it is a ValueError (a malformed
+    header): the walk runs in Python, on the gate's event loop among other places, and megabytes of empty
+    segments would hold it for seconds (and Pillow's own walk, for fill bytes, too)."""
     pos = 2
+    fill = 0
     for _ in range(MAX_JPEG_SEGMENTS):
         if data[pos] != 0xFF:
             raise ValueError("JPEG segment does not start with a marker")
-        pos = _JPEG_FILL.match(data, pos).end()  # type: ignore[union-attr]  # any number of fill bytes
+        start, pos = pos, _JPEG_FILL.match(data, pos).end()  # type: ignore[union-attr]  # any number of fill bytes
+        fill += pos - start - 1
+        if fill > MAX_JPEG_FILL_BYTES:
+            raise ValueError(f"more than {MAX_JPEG_FILL_BYTES} fill bytes (0xFF) before the first scan")
         marker = data[pos]
         pos += 1
         if marker in _JPEG_STANDALONE:
