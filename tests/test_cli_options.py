@@ -149,7 +149,10 @@ def test_the_readme_config_reference_is_the_declarations():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("[limits]\nmax_imgs = 3", "[limits]: unknown key(s) ['max_imgs']; known: ['decode_timeout', 'max_body_bytes', "),
+        (
+            "[limits]\nmax_imgs = 3",
+            "[limits]: unknown key(s) ['max_imgs']; known: ['decode_timeout', 'max_body_bytes', ",
+        ),
         ("[limit]\nmax_images = 3", "unknown top-level key(s) ['limit']; known: ["),
         ("limits = 3", "limits: expected a table ([limits]), got 3"),
         ('[batch]\nsize = "8"', "batch.size: expected an integer, got '8'"),
