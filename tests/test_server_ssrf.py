@@ -90,6 +90,10 @@ def fetch(spy: Spy, url: str, allow=(), **config):
         ("ftp://10.0.0.1/x.png", "scheme 'ftp'"),
         ("gopher://127.0.0.1:25/", "scheme 'gopher'"),
         ("http:///x.png", "has no host"),
+        # RFC 3986 IPvFuture literals: yarl drops the brackets, leaving a DNS name (`v1.fe`) to look up.
+        ("http://[v1.fe]/x.png", "in brackets but is not an IPv6"),
+        ("http://[vF.images.example]:8080/x.png", "in brackets but is not an IPv6"),
+        ("https://[v7.metadata]/x.png", "in brackets but is not an IPv6"),
     ],
 )
 def test_refused_before_any_connection(spy, url, reason):

@@ -33,6 +33,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 _LABEL = r"[A-Za-z0-9_-]{1,63}"
 _HOST_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 _MAX_HOST_NAME = 253
+# Where a URL's authority ends (RFC 3986 3.2; a backslash too, which WHATWG parsers read as a slash).
+_AUTHORITY_END = re.compile(r"[/?#\\]")
 
 
 def shown(text: str, limit: int = 200) -> str:
@@ -109,11 +111,23 @@ def parse_url(url: str) -> tuple[URL, str, int, IPAddress | None]:
         literal = literal_ip(host)
     except ValueError as e:
         raise ForbiddenURL(url, str(e)) from None
+    if _bracketed(url) and not isinstance(literal, ipaddress.IPv6Address):
+        # RFC 3986 IP-literal: an IPv6 address or an IPvFuture (`[v1.fe]`). yarl takes IPvFuture and hands
+        # back the host without its brackets, which then reads as the DNS name `v1.fe`: what the client wrote
+        # is not an address any resolver or connect() knows, so it is refused rather than looked up.
+        raise ForbiddenURL(url, f"host {host[:80]!r} is in brackets but is not an IPv6 address literal")
     if literal is None and (len(host) > _MAX_HOST_NAME or not _HOST_NAME.fullmatch(host)):
         raise ForbiddenURL(
             url, f"host {host[:80]!r} is not a DNS name (labels of 1-63 letters, digits, '-' or '_', joined by dots)"
         )
     return target, host, port, literal
+
+
+def _bracketed(url: str) -> bool:
+    """Whether the authority of `url` (after the scheme's `//`, before the path) holds a `[`: an IP-literal
+    host, or something yarl refuses itself. Read from the text, since yarl's host has no brackets left."""
+    _, _, rest = url.partition("//")
+    return "[" in _AUTHORITY_END.split(rest, maxsplit=1)[0]
 
 
 class PinnedResolver(AbstractResolver):
