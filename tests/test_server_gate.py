@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -338,6 +339,34 @@ def test_upstream_down_is_502(servers, flag_none, tiny_engine):
         "upstream_unavailable",
     )
     assert error.type == "upstream_error"
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("POST", "/api/chat", {"model": "m", "stream": False, "messages": [{"role": "user", "content": "hi"}]}),
+        ("GET", "/v1/models", None),
+    ],
+)
+def test_a_502_tells_the_client_what_failed_but_not_where_the_upstream_is(
+    servers, flag_none, tiny_engine, caplog, method, path, body
+):
+    """aiohttp's connection errors name the upstream's host and port (the gate's internal network); the
+    client's 502 must not, in any dialect's error format, and the operator's log must."""
+    caplog.set_level(logging.WARNING, logger="safeclip.server")
+    with socket.socket() as s:  # a port that was free a moment ago, and is closed now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = servers.start_gate(gate_config(tiny_engine, f"http://127.0.0.1:{port}"), flag_none)
+    raw = json.dumps(body).encode() if body is not None else b""
+    reply = http(method, base + path, raw, {"Content-Type": "application/json"} if body is not None else {})
+    assert reply.status == 502, reply.body[:300]
+    shown = reply.body.decode() + json.dumps(dict(reply.headers))
+    assert str(port) not in shown and "127.0.0.1" not in shown, shown
+    request_id = reply.headers["x-safeclip-request-id"]
+    logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+    assert any(f"127.0.0.1:{port}" in line for line in logged), logged
 
 
 def test_slow_upstream_is_504(start, flag_none, upstream):

@@ -39,6 +39,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 GATE_KEY_HEADER = "x-safeclip-api-key"
+REQUEST_ID_HEADER = "x-safeclip-request-id"  # among the headers the gate adds to its answers (record.py)
 # Headers that would make the upstream read the forwarded request as something else than the gate did: a
 # method override, or a body type and encoding (the gate sends its own canonical JSON).
 _REINTERPRETING = frozenset(
@@ -203,7 +204,7 @@ class Upstream:
         try:
             up = await self.session.request(request.method, url, data=body, allow_redirects=False, headers=headers)
         except (asyncio.TimeoutError, aiohttp.ClientError) as e:
-            raise self._failure(e, "is unreachable") from e
+            raise self._failure(e, "is unreachable", request.path, extra_headers) from e
         self.metrics.stage.observe(time.perf_counter() - start, "upstream")
         try:
             answer_headers = response_headers(up.headers)
@@ -211,7 +212,7 @@ class Upstream:
             if watch is not None and not watch.start(up.status, up.content_type):
                 watch = None
             if edit_json is not None and up.status == 200 and up.content_type == "application/json":
-                return await self._edited(up, answer_headers, edit_json, watch)
+                return await self._edited(request.path, up, answer_headers, edit_json, watch)
             response = web.StreamResponse(status=up.status, reason=up.reason, headers=answer_headers)
             await response.prepare(request)
             chunks = up.content.iter_any()
@@ -240,8 +241,21 @@ class Upstream:
         finally:
             up.release()
 
-    def _failure(self, error: BaseException, what: str) -> GateError:
-        """An upstream failure as the client sees it: 504 for a timeout, 502 for anything else, counted."""
+    def _failure(self, error: BaseException, what: str, path: str, headers: Mapping[str, str]) -> GateError:
+        """An upstream failure as the client sees it: 504 for a timeout, 502 for anything else, counted.
+
+        The client is told what failed, never where: aiohttp's errors name the upstream's host and port
+        ("Cannot connect to host 10.0.0.5:8000"), the gate's internal network. The operator gets them in the
+        log, under the request's id, which the client has in its answer (x-safeclip-request-id)."""
+        log.warning(
+            "%s %s: the upstream %s %s: %s: %s",
+            headers.get(REQUEST_ID_HEADER, "-"),
+            path,
+            self.prefix,
+            what,
+            type(error).__name__,
+            error,
+        )
         if isinstance(error, asyncio.TimeoutError):
             self.metrics.upstream_errors.inc("timeout")
             return GateError(
@@ -252,11 +266,12 @@ class Upstream:
             )
         self.metrics.upstream_errors.inc("unavailable")
         return GateError(
-            502, f"the upstream {what} ({type(error).__name__}: {error})", "upstream_unavailable", type="upstream_error"
+            502, f"the upstream {what} ({type(error).__name__})", "upstream_unavailable", type="upstream_error"
         )
 
     async def _edited(
         self,
+        path: str,
         up: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         edit_json: Callable[[dict], dict],
@@ -265,7 +280,7 @@ class Upstream:
         try:
             data = await up.read()
         except (asyncio.TimeoutError, aiohttp.ClientError) as e:
-            raise self._failure(e, "broke off its answer") from e
+            raise self._failure(e, "broke off its answer", path, headers) from e
         if watch is not None:
             watch.feed(data)
             watch.finish()
