@@ -69,8 +69,11 @@ def flaggable(gate: Gate) -> list[str]:
 
 
 def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, flag_none, upstream):
-    # a field no API defines, allowed on this route
-    base = start(flag_none, proxy={"extra_fields": {"/v1/chat/completions": ["vendor_extra"]}})
+    # a field and a header no API defines, allowed by the operator (the field on this route)
+    base = start(
+        flag_none,
+        proxy={"extra_fields": {"/v1/chat/completions": ["vendor_extra"]}, "forward_headers": ["X-Custom"]},
+    )
     raw = (
         '{"model": "m",\n "messages": ['
         + json.dumps(user_message(data_url(IMAGE)))
@@ -80,7 +83,15 @@ def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, fl
         "POST",
         f"{base}/v1/chat/completions",
         raw,
-        {"Content-Type": "application/json", "Authorization": "Bearer sk-up", "X-Custom": "1"},
+        {
+            "Content-Type": "application/json",
+            "Authorization": "Bearer sk-up",
+            "X-Custom": "1",
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Original-URL": "/admin",
+            "Connection": "X-Custom-Hop",
+            "X-Custom-Hop": "1",
+        },
     )
     assert reply.status == 200
     assert reply.json()["choices"][0]["message"]["content"] == "seen 1"
@@ -94,6 +105,7 @@ def test_clean_request_is_forwarded_as_parsed_with_the_screened_pixels(start, fl
     }
     assert got.body == canonical(expected)  # what the gate parsed, re-serialized; never the client's bytes
     assert got.headers["Authorization"] == "Bearer sk-up" and got.headers["X-Custom"] == "1"
+    assert not {"x-forwarded-for", "x-original-url", "x-custom-hop"} & {k.lower() for k in got.headers}
 
 
 def test_forward_original_sends_images_as_they_came(start, flag_none, upstream, image_host):

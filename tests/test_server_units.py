@@ -330,3 +330,83 @@ def test_batcher_engine_failure_reaches_every_waiter():
             await batcher.close()
 
     assert [str(e) for e in asyncio.run(run())] == ["engine exploded"] * 2
+
+
+# --- the request headers the upstream gets: an allow-list (proxy.request_headers) --------------------------
+
+# Headers an upstream or a proxy in front of it may act on, each a way to make it read the request as
+# something else than the gate did (another client address, path, method or body), or hop-by-hop ones.
+NEVER_FORWARDED = [
+    "Forwarded",
+    "X-Forwarded-For",
+    "X-Forwarded-Host",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Prefix",
+    "X-Real-IP",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-HTTP-Method-Override",
+    "Content-Type",
+    "Content-Encoding",
+    "Cookie",
+    "X-Vendor-Anything",
+    "Proxy-Authorization",
+    "TE",
+    "Upgrade",
+    "Keep-Alive",
+    "Trailer",
+    "Transfer-Encoding",
+    "X-Safeclip-Api-Key",
+    "X-Safeclip-Verdict",
+]
+
+
+@pytest.mark.parametrize("name", NEVER_FORWARDED)
+def test_a_header_off_the_allow_list_never_reaches_the_upstream(name):
+    from multidict import CIMultiDict
+
+    from safeclip.runtime.server.proxy import request_headers
+
+    sent = CIMultiDict({name: "value", "Authorization": "Bearer sk-1", "anthropic-version": "2023-06-01"})
+    out = request_headers(sent, plain=False)
+    assert name.lower() not in {k.lower() for k in out}, dict(out)
+    assert out["Authorization"] == "Bearer sk-1" and out["anthropic-version"] == "2023-06-01"
+
+
+@pytest.mark.parametrize("name", ["X-Vendor-Anything", "X-Forwarded-For"])
+def test_forward_headers_adds_names_to_the_allow_list(name):
+    from multidict import CIMultiDict
+
+    from safeclip.runtime.server.proxy import request_headers
+
+    sent = CIMultiDict({name: "v"})
+    assert name not in request_headers(sent, plain=False)
+    assert request_headers(sent, plain=False, extra=frozenset({name.lower()}))[name] == "v"
+
+
+def test_hop_by_hop_headers_stay_out_even_when_the_operator_lists_them():
+    """RFC 9110 7.6.1: the fixed hop-by-hop names, and every name any Connection header lists (a client
+    may send two; the second's names count too), even names the allow-list or the operator holds."""
+    from multidict import CIMultiDict
+
+    from safeclip.runtime.server.proxy import HOP_BY_HOP, request_headers
+
+    sent = CIMultiDict(
+        [
+            ("Connection", "keep-alive"),
+            ("Connection", "Authorization, x-vendor-anything"),
+            ("Authorization", "Bearer sk-1"),
+            ("X-Vendor-Anything", "v"),
+            ("anthropic-beta", "b"),
+            *((name, "v") for name in HOP_BY_HOP if name != "connection"),
+        ]
+    )
+    out = request_headers(sent, plain=False, extra=HOP_BY_HOP | {"x-vendor-anything"})
+    assert {k.lower() for k in out} == {"anthropic-beta"}, dict(out)
+
+
+def test_forward_headers_config_takes_header_names_only():
+    config = load_config(None, {"engine": "e", "proxy": {"forward_headers": ["X-Tenant", "x-b3-traceid"]}})
+    assert config.proxy.forward_headers == ("x-tenant", "x-b3-traceid")
+    with pytest.raises(ValueError, match="is not an HTTP header name"):
+        load_config(None, {"engine": "e", "proxy": {"forward_headers": ["X-Tenant: evil"]}})

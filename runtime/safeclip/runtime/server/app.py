@@ -84,6 +84,7 @@ def gate_state(config: GateConfig, load_gate: Callable[[], Gate]) -> GateState:
             api_key=config.upstream_api_key,
             gate_key=config.api_key,
             plan=plan,
+            forward_headers=frozenset(config.proxy.forward_headers),
         )
     return GateState(
         config=config,

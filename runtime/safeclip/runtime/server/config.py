@@ -19,6 +19,7 @@ import fnmatch
 import functools
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -220,6 +221,15 @@ READ_METHODS = frozenset({"GET", "HEAD"})  # what a bare pattern forwards: no bo
 PROXY_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 
 
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.1 field-name
+
+
+def _header_name(name: str, where: str) -> str:
+    if not _HEADER_TOKEN.fullmatch(name):
+        raise ValueError(f"{where}: {name!r} is not an HTTP header name")
+    return name.lower()
+
+
 def _allow_entry(entry: str) -> tuple[frozenset[str], str]:
     """(methods, pattern) of a `[proxy] allow` entry: `/p` is GET and HEAD; `POST /p`, `GET,POST /p` name theirs."""
     head, sep, pattern = entry.strip().partition(" ")
@@ -283,6 +293,15 @@ class ProxyConfig:
             "top-level request fields forwarded beyond each API's own, per route "
             '(`"/v1/chat/completions" = ["top_k", "repetition_penalty"]` for vLLM); '
             "their values must still be free of URLs and encoded data",
+        )
+    )
+    # Beyond proxy.FORWARDED_REQUEST_HEADERS (provider keys, API versions and betas, Accept, request and trace
+    # ids). Hop-by-hop headers, those a Connection header names and the gate's own never go, listed or not.
+    forward_headers: tuple[str, ...] = field_of(
+        Option(
+            texts("list of header names", _header_name),
+            (),
+            "request headers forwarded to the upstream beyond the gate's allow-list (never hop-by-hop ones)",
         )
     )
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from safeclip.runtime.server.dialects import dialect_for
@@ -21,7 +21,9 @@ from safeclip.runtime.server.metrics import GateMetrics
 
 log = logging.getLogger("safeclip.server")
 
-# Headers about one hop of the connection, not the message (RFC 9110 7.6.1), and ones the gate recomputes.
+# Headers about one hop of the connection, not the message (RFC 9110 7.6.1), and ones the gate recomputes:
+# never forwarded either way, whatever `[proxy] forward_headers` says. Headers that a Connection header
+# names are hop-by-hop too (`_connection_named`).
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -40,10 +42,34 @@ HOP_BY_HOP = frozenset(
 )
 GATE_KEY_HEADER = "x-safeclip-api-key"
 REQUEST_ID_HEADER = "x-safeclip-request-id"  # among the headers the gate adds to its answers (record.py)
-# Headers that would make the upstream read the forwarded request as something else than the gate did: a
-# method override, or a body type and encoding (the gate sends its own canonical JSON).
-_REINTERPRETING = frozenset(
-    {"x-http-method-override", "x-http-method", "x-method-override", "content-type", "content-encoding"}
+# The client's request headers the upstream gets: an allow-list, since an upstream (or a proxy in front of
+# it) may act on any header, and the gate cannot know which: `Forwarded`/`X-Forwarded-For`/`X-Real-IP`
+# (client addresses an upstream may trust for rate limits or allow-lists), `X-Original-URL` and
+# `X-Rewrite-URL` (IIS and some frameworks route by them instead of the path the gate matched),
+# `X-HTTP-Method-Override` (another method than the one the gate allowed), a body's Content-Type or
+# Content-Encoding (the gate sends its own canonical JSON). What is here is what the dialects' clients send
+# and their upstreams read: the provider keys (Authorization, X-Api-Key, Azure's api-key), the API version
+# and feature flags (anthropic-version, anthropic-beta, openai-organization/-project/-beta), what answer the
+# client takes (Accept, Accept-Encoding), and request and trace ids (vLLM's X-Request-Id, W3C traceparent).
+# `[proxy] forward_headers` adds names for an operator's own upstream.
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "authorization",
+        "x-api-key",
+        "api-key",
+        "anthropic-version",
+        "anthropic-beta",
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+        "accept",
+        "accept-encoding",
+        "user-agent",
+        "idempotency-key",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+    }
 )
 
 
@@ -73,14 +99,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return bytes(buf)
 
 
-def _filtered(headers: Mapping[str, str], drop: frozenset[str], prefix: str | None = None) -> CIMultiDict[str]:
-    named = {h.strip().lower() for h in headers.get("Connection", "").split(",")}  # hop-by-hop by declaration
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower not in drop and lower not in named and not (prefix and lower.startswith(prefix)):
-            out.add(name, value)
-    return out
+def _connection_named(headers: Mapping[str, str]) -> frozenset[str]:
+    """The header names every Connection header lists (each is hop-by-hop by that declaration). All of
+    them: a client may send Connection more than once, and a proxy that reads only the first forwards the
+    names the second lists."""
+    values = headers.getall("Connection", []) if isinstance(headers, CIMultiDict | CIMultiDictProxy) else []
+    if not values and "Connection" in headers:
+        values = [headers["Connection"]]
+    return frozenset(name.strip().lower() for value in values for name in value.split(",") if name.strip())
 
 
 def request_headers(
@@ -89,9 +115,11 @@ def request_headers(
     gate_key: str | None = None,
     upstream_key: str | None = None,
     auth_style: str = "bearer",
+    extra: frozenset[str] = frozenset(),
 ) -> CIMultiDict[str]:
-    """What the upstream gets: the client's headers minus hop-by-hop ones, the gate's own key, and any that
-    would change how the upstream reads the request (the body is the gate's canonical JSON, sent with its own
+    """What the upstream gets of the client's headers: those FORWARDED_REQUEST_HEADERS and `extra` (the
+    operator's `[proxy] forward_headers`, lower-case) name, never a hop-by-hop one (HOP_BY_HOP, or named by
+    Connection), never the gate's own key (the body is the gate's canonical JSON, sent with its own
     Content-Type).
 
     The gate's key goes whichever header carried it (x-safeclip-api-key, Authorization, x-api-key, ...): any
@@ -100,13 +128,16 @@ def request_headers(
     (forwarding.auth_headers), so clients never need the provider's key. `plain` also drops Accept-Encoding,
     for a response body the gate must read.
     """
-    drop = HOP_BY_HOP | _REINTERPRETING | {GATE_KEY_HEADER} | ({"accept-encoding"} if plain else set())
+    allowed = (FORWARDED_REQUEST_HEADERS | extra) - HOP_BY_HOP - _connection_named(headers) - {GATE_KEY_HEADER}
+    if plain:
+        allowed -= {"accept-encoding"}
     if upstream_key:
-        drop |= PROVIDER_AUTH_HEADERS
-    out = _filtered(headers, frozenset(drop))
-    if gate_key:
-        for name in [name for name, value in out.items() if gate_key in value]:
-            out.popall(name, None)
+        allowed -= PROVIDER_AUTH_HEADERS
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in allowed and not lower.startswith("x-safeclip-") and not (gate_key and gate_key in value):
+            out.add(name, value)
     if upstream_key:
         out.update(auth_headers(auth_style, upstream_key))
     return out
@@ -114,7 +145,13 @@ def request_headers(
 
 def response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """The upstream's headers minus hop-by-hop ones and any x-safeclip-*: only the gate speaks for the gate."""
-    return _filtered(headers, HOP_BY_HOP, prefix="x-safeclip-")
+    drop = HOP_BY_HOP | _connection_named(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower not in drop and not lower.startswith("x-safeclip-"):
+            out.add(name, value)
+    return out
 
 
 class StreamBroken(Exception):
@@ -144,6 +181,7 @@ class Upstream:
         api_key: str | None = None,
         gate_key: str | None = None,
         plan: Plan | None = None,
+        forward_headers: frozenset[str] = frozenset(),
     ):
         self.base = URL(base)  # parsed once; a base with a path (https://host/openai) keeps it
         # What a canonical path_qs is appended to, as encoded text: URLs are built with encoded=True, so yarl
@@ -152,6 +190,7 @@ class Upstream:
         self.api_key = api_key  # sent upstream the way self.plan says
         self.gate_key = gate_key  # never sent upstream
         self.plan = plan or resolve(base)
+        self.forward_headers = frozenset(name.lower() for name in forward_headers)  # `[proxy] forward_headers`
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.metrics = metrics
@@ -175,7 +214,7 @@ class Upstream:
         the style the plan gives that route's dialect), with the gate's own Content-Type for a JSON body.
         `plain`: the gate reads the answer, so it must come uncompressed."""
         auth_style = self.plan.auth_style(dialect_for(path).name)
-        out = request_headers(headers, plain, self.gate_key, self.api_key, auth_style)
+        out = request_headers(headers, plain, self.gate_key, self.api_key, auth_style, self.forward_headers)
         if json_body:
             out["Content-Type"] = "application/json"
         return out
