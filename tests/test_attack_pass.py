@@ -290,7 +290,6 @@ GENERATE_BODIES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="allowed-route bodies: SGLang media keys with paths/pixel arrays/embeds pass")
 @pytest.mark.parametrize("name", sorted(GENERATE_BODIES))
 def test_an_allowed_generate_route_carries_no_media_in_any_form(sglang_native, received, name):
     """With /generate allowed, SGLang's media fields reach it in no form: not as a file path on the
@@ -301,6 +300,27 @@ def test_an_allowed_generate_route_carries_no_media_in_any_form(sglang_native, r
     assert reply.status < 500, reply.body[:300]
     loaded = [m for r in received for m in sglang_generate_media(r.json())]
     assert not loaded, f"gate answered {reply.status}; SGLang would load {loaded}"
+
+
+@pytest.mark.parametrize("name", sorted(GENERATE_BODIES))
+def test_generate_media_is_refused_naming_the_key(sglang_native, received, name):
+    """The refusal is the client's 400, naming the media key, not an upstream error or a silent strip."""
+    reply = post(sglang_native, "/generate", {"model": "m", **GENERATE_BODIES[name]})
+    key = next(k for k in ("image_data", "video_data", "audio_data", "input_embeds") if k in GENERATE_BODIES[name])
+    assert reply.status == 400 and key in reply.body.decode(), (reply.status, reply.body[:300])
+    assert not received
+
+
+def test_an_allowed_generate_route_still_serves_text(sglang_native, received):
+    """The other side: a text-only /generate (a photo named in prose, token ids, sampling params) is forwarded."""
+    body = {
+        "text": "describe photo.jpg in words",
+        "input_ids": [[1, 2], [3, 4]],
+        "sampling_params": {"temperature": 0.5},
+    }
+    reply = post(sglang_native, "/generate", body)
+    assert reply.status < 500 and len(received) == 1, (reply.status, reply.body[:300])
+    assert received[0].json() == body
 
 
 def test_the_generate_stand_in_finds_what_sglang_loads():

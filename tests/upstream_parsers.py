@@ -334,9 +334,19 @@ def sglang_chat(body: Any) -> list[Media]:
     return found
 
 
+# SGLang python/sglang/srt/utils/common.py `load_image`: http(s) is fetched, then a string whose lower case
+# ends in one of these is opened as a file on the SGLang host, then data: URLs, then base64.
+_SGLANG_IMAGE_FILE = ("png", "jpg", "jpeg", "webp", "gif")
+# docs/advanced_features/vlm_query.md: an image_data item may be the processor's output or vision features.
+_SGLANG_PREPROCESSED = {"processor_output": "image", "precomputed_embedding": "image_embeds"}
+
+
 def sglang_generate(body: Any) -> list[Media]:
-    """SGLang's native /generate (GenerateReqInput): `image_data`, `video_data`, `audio_data` hold URLs,
-    data URLs, base64 or file paths, one item or nested lists."""
+    """SGLang's native /generate (managers/io_struct.py `GenerateReqInput`): `image_data`, `video_data`,
+    `audio_data` hold one item or nested lists of URLs, data URLs, base64, file paths on the SGLang host
+    (`load_image` opens any string ending in an image extension; the video and audio loaders open a path
+    that is not a URL or base64), or dicts (`url`, or `format` processor_output / precomputed_embedding:
+    pixels or features as JSON numbers); `input_embeds` and `positional_embed_overrides` are embeddings."""
     found: list[Media] = []
 
     def walk(value: Any, where: str, kind: str) -> None:
@@ -344,14 +354,27 @@ def sglang_generate(body: Any) -> list[Media]:
             for i, item in enumerate(value):
                 walk(item, f"{where}[{i}]", kind)
         elif isinstance(value, dict):
-            walk(value.get("url"), f"{where}.url", kind)
+            preprocessed = _SGLANG_PREPROCESSED.get(value.get("format"))  # type: ignore[arg-type]
+            if preprocessed:
+                found.append(Media("sglang", preprocessed, where, ref=str(value.get("format"))))
+            else:
+                walk(value.get("url"), f"{where}.url", kind)
         elif isinstance(value, str) and value:
             media = _url_media("sglang", kind, where, value)
-            raw = std_b64(value)
-            found.extend(media or ([Media("sglang", kind, where, data=raw)] if raw else []))
+            if media:
+                found.extend(media)
+            elif kind == "image" and value.lower().endswith(_SGLANG_IMAGE_FILE):
+                found.append(Media("sglang", kind, where, ref=f"file {value}"))
+            elif (raw := std_b64(value)) is not None:
+                found.append(Media("sglang", kind, where, data=raw))
+            elif kind != "image":
+                found.append(Media("sglang", kind, where, ref=f"file {value}"))
 
     for key, kind in (("image_data", "image"), ("video_data", "video"), ("audio_data", "audio")):
         walk(_dict(body).get(key), key, kind)
+    for key in ("input_embeds", "positional_embed_overrides"):
+        if _dict(body).get(key):
+            found.append(Media("sglang", "prompt_embeds", key, ref=key))
     return found
 
 

@@ -36,9 +36,11 @@ from safeclip.runtime.server.jsonbody import JsonPath, location, looks_like_imag
 
 TEXT, IMAGE, AUDIO, NEST, REFUSED = "text", "image", "audio", "nest", "refused"
 
-# Every key through which some upstream reads media out of a content part, with what it reads there (vLLM's
-# MM_PARSER_MAP and uuid fallback, SGLang's parts, llama.cpp's, the OpenAI and Anthropic types). A part that
-# carries one its own type does not declare is refused with the reason: the upstream may read that key.
+# Every key through which some upstream reads media out of a content part or a request body, with what it
+# reads there (vLLM's MM_PARSER_MAP and uuid fallback, SGLang's parts and GenerateReqInput, llama.cpp's,
+# the OpenAI and Anthropic types; the rows of docs/media-map.md). A part that carries one its own type does
+# not declare is refused with the reason: the upstream may read that key. In a body the gate forwards
+# without a dialect (`refuse_media`), each is refused whatever it holds.
 MEDIA_KEYS = {
     "image_url": "an image",
     "image_pil": "an image (vLLM's media cache, with a uuid)",
@@ -59,6 +61,13 @@ MEDIA_KEYS = {
     "source": "an image or a document",
     "images": "images",
     "multimodal_data": "images or audio (llama.cpp decodes it with stb_image)",
+    # SGLang's native /generate (managers/io_struct.py GenerateReqInput; utils/common.py load_image): URLs,
+    # base64, a file path on the SGLang host, the processor's pixel_values or precomputed vision features.
+    "image_data": "images (SGLang: URLs, base64, file paths on its host, pixel arrays, features)",
+    "video_data": "video (SGLang: URLs, base64, file paths on its host)",
+    "audio_data": "audio (SGLang: URLs, base64, file paths on its host)",
+    "input_embeds": "prompt embeddings (SGLang)",
+    "positional_embed_overrides": "embeddings placed at token positions (SGLang)",
 }
 
 
@@ -234,7 +243,7 @@ def check_fields(obj: dict[str, Any], known: frozenset[str], where: JsonPath, wh
         if key in known:
             continue
         if not where and key in policy.extra_fields:
-            refuse_media(obj[key], (key,))
+            refuse_media({key: obj[key]}, ())  # the key too: an extra field named `image_data` holds media
             continue
         hint = " (`[proxy.extra_fields]` can let an upstream's own fields through, per route)" if not where else ""
         raise bad(
@@ -277,8 +286,19 @@ def looks_like_media(text: str) -> bool:
 
 def refuse_media(value: Any, where: JsonPath) -> None:
     """400 for any string below `value` that `looks_like_media`, or any key some upstream reads media from
-    (`multimodal_data`, `image_url`, ...): for what the gate forwards without knowing what the upstream makes
-    of it (the operator's extra fields, bodies of routes no dialect owns)."""
+    (`multimodal_data`, `image_url`, `image_data`, ...): for what the gate forwards without knowing what the
+    upstream makes of it (the operator's extra fields, bodies of routes no dialect owns).
+
+    Which of the two is the allow-list. Such a body has no schema the gate holds (an `[proxy] allow` route
+    is the operator's choice, and `/generate` alone has some hundred fields), so keys cannot be allow-listed
+    here; what can be is what a value is: JSON numbers, booleans, null, containers, and text that
+    `looks_like_media` clears of URLs, data: URLs and encoded bytes. That decides a value whose meaning
+    does not depend on its key. Under a media key it does: SGLang opens `photo.jpg` as a file on its host,
+    reads `{"format": "processor_output", "pixel_values": [[...]]}` as pixels and a matrix of floats as
+    vision features, each of them allowed text or numbers anywhere else. No value is allowed there, so
+    those keys are refused by name, whatever they hold; the names are the media map's rows (MEDIA_KEYS),
+    one per upstream field, and a route of an upstream the map does not cover is the operator's to vet
+    before `[proxy] allow` lists it."""
     todo: list[tuple[JsonPath, Any]] = [(where, value)]
     while todo:
         path, item = todo.pop()
