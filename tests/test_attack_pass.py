@@ -518,10 +518,10 @@ PROMPT_RENDERING = {
     "template-user-messages-only": {
         "template": '{{ range .Messages }}{{ if eq .Role "user" }}{{ .Content }}{{ end }}{{ end }}'
     },
+    "raw": {"raw": True},
 }
 
 
-@pytest.mark.xfail(strict=True, reason="under inject, Ollama generate's suffix/template let the upstream drop `system`")
 @pytest.mark.parametrize("name", sorted(PROMPT_RENDERING))
 def test_under_inject_the_client_cannot_choose_a_rendering_without_the_safety_prompt(injecting, received, name):
     body = {
@@ -542,6 +542,42 @@ def test_under_inject_the_client_cannot_choose_a_rendering_without_the_safety_pr
             assert safety in forwarded.get("prompt", ""), (
                 f"forwarded with the safety prompt in `system` only, beside {name}: Ollama renders it without `system`"
             )
+
+
+@pytest.mark.parametrize("name", ["template-without-system", "template-user-messages-only", "raw"])
+def test_under_inject_a_client_rendering_of_a_flagged_image_is_a_400_in_ollamas_format(injecting, received, name):
+    """A client template (or raw) may render neither `system` nor the prompt: refused, in Ollama's
+    `{"error": ...}`, naming the field; nothing reaches the upstream."""
+    body = {"model": "m", "stream": False, "prompt": "describe it", "images": [JPEG_URL.split(",", 1)[1]]}
+    reply = post(injecting, "/api/generate", {**body, **PROMPT_RENDERING[name]})
+    field = next(iter(PROMPT_RENDERING[name]))
+    assert reply.status == 400 and list(reply.json()) == ["error"], (reply.status, reply.body[:300])
+    assert reply.json()["error"].startswith(f"{field}:"), reply.json()
+    assert not received
+
+
+def test_under_inject_a_suffix_request_carries_the_safety_prompt_in_its_prompt(injecting, received):
+    body = {
+        "model": "m",
+        "stream": False,
+        "prompt": "def f(",
+        "suffix": "  return x",
+        "images": [JPEG_URL.split(",", 1)[1]],
+    }
+    reply = post(injecting, "/api/generate", body)
+    assert reply.status == 200 and len(received) == 1, (reply.status, reply.body[:300])
+    forwarded = received[0].json()
+    assert forwarded["prompt"].startswith(forwarded["system"]) and forwarded["prompt"].endswith("def f(")
+    assert forwarded["suffix"] == "  return x"
+
+
+@pytest.mark.parametrize("name", sorted(PROMPT_RENDERING))
+def test_renderings_are_the_clients_own_when_nothing_is_flagged(passing, received, name):
+    """The other side: without a flagged image there is no safety prompt to place, and the request goes on."""
+    body = {"model": "m", "stream": False, "prompt": "describe it", "images": [JPEG_URL.split(",", 1)[1]]}
+    reply = post(passing, "/api/generate", {**body, **PROMPT_RENDERING[name]})
+    assert reply.status == 200 and len(received) == 1, (reply.status, reply.body[:300])
+    assert "system" not in received[0].json()
 
 
 # ---------------------------------------------------------------------------------------------------

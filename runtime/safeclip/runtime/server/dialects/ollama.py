@@ -91,6 +91,28 @@ def _images(holder: dict[str, Any], path: JsonPath) -> list[ImageSlot]:
     return slots
 
 
+def _generate_renders_system(body: dict[str, Any]) -> None:
+    """400 for a generate request that decides its own rendering, where the safety prompt must go with a
+    flagged image. Ollama server/routes.go GenerateHandler: the `system` message (where `inject` puts the
+    safety prompt) is templated only without `suffix`; a client `template` replaces the model's and need not
+    render the system message, or the prompt, at all; `raw` skips templating (and with `system` is a 400 of
+    Ollama's). The images go to the runner in every case. `suffix` is served, with the safety prompt in the
+    prompt (the model's own template renders it); the other two are refused, since no field the gate could
+    write is sure to be rendered."""
+    for key, chosen in (
+        ("template", body.get("template") not in (None, "")),
+        ("raw", body.get("raw") not in (None, False)),
+    ):
+        if chosen:
+            raise bad(
+                (key,),
+                f"an image in this request was flagged, and with `{key}` the client decides how the prompt is "
+                "rendered, so the safety prompt the gate adds (as `system`) may never reach the model; the "
+                f"gate refuses flagged images with `{key}` under its inject action: send the request without it",
+                "cannot_inject",
+            )
+
+
 class Ollama(Dialect):
     name = "ollama"
     vocabulary = VOCABULARY
@@ -111,8 +133,13 @@ class Ollama(Dialect):
 
     def inject(self, body: dict[str, Any], path: str, prompt: str) -> None:
         if path == GENERATE:
+            _generate_renders_system(body)
             system = body.get("system")
             body["system"] = f"{prompt}\n\n{system}" if isinstance(system, str) and system else prompt
+            if body.get("suffix"):
+                # The model's template gets only .Prompt and .Suffix here: the safety prompt goes in the prompt.
+                text = body.get("prompt")
+                body["prompt"] = f"{prompt}\n\n{text}" if isinstance(text, str) and text else prompt
             return
         messages = body.setdefault("messages", [])
         first = messages[0] if messages else None
