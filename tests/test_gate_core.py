@@ -119,14 +119,20 @@ DIALECTS = {
 def test_clean_request_becomes_a_forward_of_the_screened_body_on_its_own_path(path):
     body, image_at, _ = DIALECTS[path]
     state, ready, screener = core(flag=False)
-    headers = {"Authorization": "Bearer gate-secret", "Content-Type": "text/plain", "X-Other": "kept"}
+    headers = {
+        "Authorization": "Bearer gate-secret",
+        "Content-Type": "text/plain",
+        "anthropic-version": "2023-06-01",
+        "X-Other": "not on the allow-list",
+    }
     outcome, record = run(state, ready, path, body, headers, query="api-version=1")
     assert isinstance(outcome, pipeline.Forward)
     assert outcome.path_qs == f"{path}?api-version=1"
     assert screener.seen == [IMAGE]
     assert image_at(json.loads(outcome.body)) == SCREENED_URL
     sent = {k.lower(): v for k, v in outcome.headers.items()}
-    assert sent["content-type"] == "application/json" and sent["x-other"] == "kept"
+    assert sent["content-type"] == "application/json" and sent["anthropic-version"] == "2023-06-01"
+    assert "x-other" not in sent  # request headers are allow-listed (proxy.FORWARDED_REQUEST_HEADERS)
     assert "authorization" not in sent  # it carried the gate's key
     assert record.action == "pass" and record.decision is not None and not record.decision.flagged
 
