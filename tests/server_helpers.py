@@ -182,7 +182,7 @@ class RecordingUpstream:
     `release` (so a test can tell a passthrough stream from a buffered one), "hold-headers" waits for
     `release` before answering at all, "reset" streams one chunk then resets the connection, "drop"
     resets it without answering, "echo" answers with the request's first text part and its
-    x-test-id header (so concurrent clients can check they got their own answer); anything else answers
+    x-request-id header (so concurrent clients can check they got their own answer); anything else answers
     at once. While holding, a gate that closes the connection sets `disconnected`."""
 
     received: list[Received] = field(default_factory=list)
@@ -283,7 +283,7 @@ class RecordingUpstream:
                 "model": "echo",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             },
-            headers={"x-test-id": request.headers.get("x-test-id", "")},
+            headers={"x-request-id": request.headers.get("x-request-id", "")},
         )
 
     async def _stream(self, request: web.Request, model: str, text: str) -> web.StreamResponse:

@@ -1,8 +1,8 @@
 """Load. 1,000 concurrent requests through `safeclip serve` (a real process) to a recording
 upstream on 127.0.0.1, and the bounded queue that turns a burst the engine cannot absorb into 503s.
 
-Each request carries its id in its text and in an x-test-id header; the upstream echoes both, so a
-response that reached the wrong client shows. Cost and memory are measured against a baseline taken in the
+Each request carries its id in its text and in an x-request-id header (one of the request headers the
+gate forwards); the upstream echoes both, so a response that reached the wrong client shows. Cost and memory are measured against a baseline taken in the
 same run, from the same gate, and neither reads a wall clock, so a CPU-heavy neighbour on a shared 2-core
 machine cannot fail them: the burst's CPU seconds per request (the gate process's own, from /proc) against
 those of requests sent one at a time, the engine calls it took against the distinct images, and the gate's
@@ -86,12 +86,12 @@ async def burst(base: str, urls: list[str], timeout: float) -> list[Answer | Bas
             async with session.post(
                 f"{base}/v1/chat/completions",
                 data=request_body(index, url),
-                headers={"Content-Type": "application/json", "x-test-id": str(index)},
+                headers={"Content-Type": "application/json", "x-request-id": str(index)},
             ) as r:
                 body = await r.json(content_type=None)
                 text = body["choices"][0]["message"]["content"] if r.status == 200 else body["error"]["message"]
                 return Answer(
-                    index, r.status, text, r.headers.get("x-test-id"), dict(r.headers), time.monotonic() - began
+                    index, r.status, text, r.headers.get("x-request-id"), dict(r.headers), time.monotonic() - began
                 )
 
         return await asyncio.gather(*(one(i, u) for i, u in enumerate(urls)), return_exceptions=True)
