@@ -2,12 +2,13 @@
 upstream on 127.0.0.1, and the bounded queue that turns a burst the engine cannot absorb into 503s.
 
 Each request carries its id in its text and in an x-request-id header (one of the request headers the
-gate forwards); the upstream echoes both, so a response that reached the wrong client shows. Cost and memory are measured against a baseline taken in the
-same run, from the same gate, and neither reads a wall clock, so a CPU-heavy neighbour on a shared 2-core
-machine cannot fail them: the burst's CPU seconds per request (the gate process's own, from /proc) against
-those of requests sent one at a time, the engine calls it took against the distinct images, and the gate's
-peak RSS (VmHWM, read before it stops) against its RSS once warm. How fast the burst runs is the gate
-benchmark's question (`make bench`, bench/benchmarks/gate.py), asked side by side with a direct baseline.
+gate forwards); the upstream echoes both, so a response that reached the wrong client shows. Cost and
+memory are measured against a baseline taken in the same run, from the same gate, and neither reads a wall
+clock, so a CPU-heavy neighbour on a shared 2-core machine cannot fail them: the burst's CPU seconds per
+request (the gate process's own, from /proc) against those of requests sent one at a time, the engine calls
+it took against the distinct images, and the gate's peak RSS (VmHWM, read before it stops) against its RSS
+once warm. How fast the burst runs is the gate benchmark's question (`make bench`,
+bench/benchmarks/gate.py), asked side by side with a direct baseline.
 """
 
 from __future__ import annotations
