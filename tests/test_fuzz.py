@@ -563,6 +563,8 @@ def test_image_urls_fetch_or_refuse_with_a_4xx(servers, image_port, scheme, user
         "http://%41/x",
         "http://h:99999/x",
         "http://u:p@h/x",
+        "http://[]@",  # an IndexError inside urlsplit, found by the fuzzer
+        "http://][@/x.png",
     ],
 )
 def test_unfetchable_urls_are_400s_before_any_lookup(url):

@@ -96,8 +96,11 @@ def parse_url(url: str) -> tuple[URL, str, int, IPAddress | None]:
     try:
         target = URL(url)
         scheme, host, port, user = target.scheme, target.raw_host, target.port, target.raw_user
-    except ValueError as e:  # UnicodeError (IDNA), bad ports, bad IPv6 literals, bad characters
-        raise ForbiddenURL(url, f"not a valid URL ({e})") from e
+    # UnicodeError (IDNA), bad ports, bad IPv6 literals, bad characters; and whatever else yarl or the urllib
+    # under it raises on text it did not expect (`http://[]@` is an IndexError in urlsplit): a client's URL
+    # the parser cannot read is the client's mistake, a 400, never a 500.
+    except Exception as e:
+        raise ForbiddenURL(url, f"not a valid URL ({type(e).__name__}: {e})") from e
     if scheme not in ("http", "https"):
         raise ForbiddenURL(url, f"scheme {scheme!r} is not allowed (only http and https)")
     if not host:
