@@ -356,3 +356,20 @@ def test_export_without_onnxruntime_names_both_extras(tmp_path):
         "safeclip export: onnxruntime is not installed; install exactly one build: "
         "`pip install 'safeclip[cpu]'` or `pip install 'safeclip[gpu]'`\n"
     )
+
+
+def test_a_module_missing_from_the_package_is_not_called_a_missing_extra():
+    """A package module that is not there (a partial install) is not something an extra brings: the line
+    says to reinstall, instead of sending the user to install `[serve]`, which they have."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['safeclip.runtime.server.dialects'] = None; from safeclip.runtime.cli import main; "
+        "raise SystemExit(main(['serve', '--help']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "safeclip serve: the installed safeclip lacks its module safeclip.runtime.server.dialects (a broken or "
+        "partial install); reinstall it: `pip install --force-reinstall safeclip`\n"
+    )

@@ -92,6 +92,15 @@ def run(args: list[str]) -> int:
 def report_missing_dependency(command: str, e: ImportError) -> bool:
     """Print which install brings the module `e` names, if it belongs to an extra; False if it does not."""
     extra = EXTRAS.get(command)
+    if e.name is not None and e.name.split(".")[0] == "safeclip":
+        # Not an extra: the installed package itself lacks a module, which no `pip install 'safeclip[...]'`
+        # brings back.
+        print(
+            f"safeclip {command}: the installed safeclip lacks its module {e.name} (a broken or partial install); "
+            "reinstall it: `pip install --force-reinstall safeclip`",
+            file=sys.stderr,
+        )
+        return True
     if e.name == "onnxruntime":
         # Not part of any one extra: it comes from exactly one of [cpu] or [gpu].
         print(
