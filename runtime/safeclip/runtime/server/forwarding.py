@@ -297,11 +297,11 @@ def check_images(limits: Limits, images: Sequence[Outgoing]) -> None:
         )
 
 
-def check_body(limits: Limits, size: int) -> None:
-    """GateError 413 for a forwarded body over the upstream's request limit."""
+def check_body(limits: Limits, size: int, what: str = "the request is {size:,} bytes as forwarded") -> None:
+    """GateError 413 for a forwarded body (or, `what` says, a part of one) over the upstream's request limit."""
     if limits.max_request_bytes is not None and size > limits.max_request_bytes:
         raise GateError(
             413,
-            f"the request is {size:,} bytes as forwarded; the upstream takes at most {limits.max_request_bytes:,}",
+            f"{what.format(size=size)}; the upstream takes requests of at most {limits.max_request_bytes:,} bytes",
             "request_too_large",
         )

@@ -482,14 +482,11 @@ def _check_returned(
         forwarding.Outgoing(ref.where, outgoing[ref.value].base64_chars, outgoing[ref.value].size) for ref in refs
     ]
     forwarding.check_images(limits, images)
-    total = sum(image.base64_chars for image in images)
-    if limits.max_request_bytes is not None and total > limits.max_request_bytes:
-        raise GateError(
-            413,
-            f"the request's images are {total:,} characters of base64 as returned; the upstream takes requests of "
-            f"at most {limits.max_request_bytes:,} bytes",
-            "request_too_large",
-        )
+    forwarding.check_body(
+        limits,
+        sum(image.base64_chars for image in images),
+        "the request's images are {size:,} characters of base64 as returned",
+    )
 
 
 async def _moderate(state: GateState, ready: Ready, exchange: Exchange) -> Outcome:
