@@ -14,7 +14,8 @@ accepts exactly those, from the raw request line, and refuses the rest:
   `\\`, no `;` (matrix parameters), no `#`;
 - no empty segment (`//`, a trailing `/`) and no `.` or `..` segment.
 
-The query is forwarded as sent (the upstreams route by path alone), checked only for `#`.
+The query is forwarded as sent (the upstreams route by path alone), checked only for `#` and for being there
+at all after a `?`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ def canonical(raw: str) -> Target:
         raise _bad(raw, "`.` and `..` path segments are not allowed")
     if sep and not _QUERY.fullmatch(query):
         raise _bad(raw, "a fragment (`#`) is not allowed in a request target")
+    if sep and not query:
+        # The URL the gate forwards with (yarl) drops a bare "?": refused, so that what is forwarded is what was sent.
+        raise _bad(raw, "a `?` with no query after it is not allowed (send the path without it)")
     return Target(path, query)
 
 
