@@ -181,9 +181,10 @@ class RecordingUpstream:
     "slow:S" sleeps S seconds first, "fail:N" answers HTTP N, "hold" streams one chunk then waits for
     `release` (so a test can tell a passthrough stream from a buffered one), "hold-headers" waits for
     `release` before answering at all, "reset" streams one chunk then resets the connection, "drop"
-    resets it without answering, "echo" answers with the request's first text part and its
-    x-request-id header (so concurrent clients can check they got their own answer); anything else answers
-    at once. While holding, a gate that closes the connection sets `disconnected`."""
+    resets it without answering, "short" sends part of a JSON answer of declared length and resets,
+    "echo" answers with the request's first text part and its x-request-id header (so concurrent
+    clients can check they got their own answer); anything else answers at once. While holding, a gate
+    that closes the connection sets `disconnected`."""
 
     received: list[Received] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
@@ -237,6 +238,8 @@ class RecordingUpstream:
         if model == "drop":
             self._reset(request)
             return web.Response()
+        if model == "short":
+            return await self._short(request)
         if model == "hold-headers" and not await self._hold(request):
             return web.Response()  # nobody left to answer
         if model == "echo":
@@ -270,6 +273,16 @@ class RecordingUpstream:
             },
             headers={"x-upstream": "yes"},
         )
+
+    async def _short(self, request: web.Request) -> web.StreamResponse:
+        """A JSON answer that declares more bytes than it sends, then resets: broken off before its end."""
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "x-upstream": "yes"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"id": "chatcmpl-up", "choices": [')
+        await asyncio.sleep(0.05)  # long enough for the gate to read what was sent
+        self._reset(request)
+        return response
 
     @staticmethod
     def _echo(request: web.Request, body: dict[str, Any]) -> web.Response:

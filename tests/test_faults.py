@@ -72,6 +72,27 @@ def test_upstream_reset_before_answering_is_502(gate_url, upstream):
     assert len(upstream.received) == 1  # it got there, and the connection died under it
 
 
+def test_an_answer_broken_off_before_its_declared_length_is_502(gate_url, upstream):
+    """An answer of known length is read whole before the client gets any of it (proxy.WHOLE_ANSWER_BYTES), so
+    one that breaks off is an error the client can read, not a 200 with half a body."""
+    with pytest.raises(openai.APIStatusError) as e:
+        sdk(gate_url).chat.completions.create(model="short", messages=[user_message(data_url(IMAGE))])
+    assert (e.value.status_code, e.value.code, e.value.type) == (502, "upstream_unavailable", "upstream_error")
+    assert "broke off its answer" in e.value.message
+
+
+def test_answers_of_known_length_keep_it_and_streams_stay_streamed(gate_url, upstream):
+    body = json.dumps({"model": "m", "messages": [user_message(data_url(IMAGE))]}).encode()
+    whole = http("POST", f"{gate_url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    assert whole.status == 200 and json.loads(whole.body)["choices"][0]["message"]["content"] == "seen 1"
+    assert (whole.headers["Content-Length"], whole.headers["Transfer-Encoding"]) == (str(len(whole.body)), None)
+    assert whole.headers["x-upstream"] == "yes" and whole.headers["x-safeclip-action"] == "pass"
+    streamed_body = json.dumps({"model": "m", "stream": True, "messages": [user_message(data_url(IMAGE))]}).encode()
+    streamed = http("POST", f"{gate_url}/v1/chat/completions", streamed_body, {"Content-Type": "application/json"})
+    assert streamed.status == 200 and streamed.headers["Transfer-Encoding"] == "chunked"
+    assert streamed.body.decode().endswith("data: [DONE]\n\n")
+
+
 # --- the client goes away: the upstream request is cancelled ----------------------------------------------
 
 
