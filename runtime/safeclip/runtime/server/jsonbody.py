@@ -187,8 +187,9 @@ def _check_shape(value: Any, max_depth: int, budget: _Budget) -> None:
 
 
 # Bytes that open a JSON value other than the first: the separator before each further element or member,
-# and the bracket before the first.
-_VALUE_OPENERS = (ord(","), ord("["), ord("{"))
+# and the bracket before the first. `[` (0x5B) and `{` (0x7B) differ only in bit 0x20, so one comparison
+# of the bytes with that bit set counts both.
+_COMMA, _BRACKET = ord(","), ord("{")
 
 
 def value_bound(raw: bytes) -> int:
@@ -196,7 +197,7 @@ def value_bound(raw: bytes) -> int:
     follows a comma or an opening bracket (strings holding those count too, so this only ever overstates).
     numpy compares at memory speed (~0.1 ms for a 400 KB image body; bytes.count takes 4x as long)."""
     data = np.frombuffer(raw, np.uint8)
-    return 1 + sum(int(np.count_nonzero(data == byte)) for byte in _VALUE_OPENERS)
+    return 1 + int(np.count_nonzero(data == _COMMA)) + int(np.count_nonzero((data | 0x20) == _BRACKET))
 
 
 def parse_object(raw: bytes, max_values: int = DEFAULT_MAX_VALUES) -> dict[str, Any]:
