@@ -177,8 +177,11 @@ def test_decoders_agree_on_the_forwarded_jpeg_within_the_stated_bound():
     pattern[::2, ::2] = 255
     pattern[1::2, :, 0] = 255
     worst_accurate = worst_fast = 0
-    for rgb in [*_photos(), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), pattern]:
-        data = encode_jpeg(rgb)
+    # Each picture at quality 95, and (photos) with a camera JPEG's own coarser steps (ForwardPicture.tables).
+    camera_tables = _tables(_jpeg(photograph("chelsea"), 90))
+    pictures = [*_photos(), rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), pattern]
+    encoded = [encode_jpeg(rgb) for rgb in pictures] + [encode_jpeg(rgb, floor=camera_tables) for rgb in _photos()]
+    for data in encoded:
         pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
         opencv = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         turbo = simplejpeg.decode_jpeg(data, colorspace="RGB")
@@ -188,6 +191,55 @@ def test_decoders_agree_on_the_forwarded_jpeg_within_the_stated_bound():
         worst_fast = max(worst_fast, int(np.abs(pillow - fast).max()))
     assert worst_accurate <= ACCURATE_IDCT_LEVELS
     assert worst_fast <= FAST_IDCT_LEVELS
+
+
+def _jpeg(rgb: np.ndarray, quality: int, subsampling: int = 2, **options) -> bytes:
+    """A JPEG as a camera or a browser saves one: 4:2:0 unless told otherwise."""
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, "JPEG", quality=quality, subsampling=subsampling, **options)
+    return out.getvalue()
+
+
+def _tables(data: bytes) -> tuple[list[int], list[int] | None]:
+    with Image.open(io.BytesIO(data)) as image:
+        q = image.quantization
+        return list(q[0]), (list(q[1]) if len(q) > 1 else None)
+
+
+def _forwarded(data: bytes, budget: Budget) -> tuple[np.ndarray, bytes]:
+    picture, forward = forwarding.prepare(data, "photo", DEFAULT_MAX_PIXELS, budget)
+    return np.asarray(picture), base64.b64decode(forward.data.text)
+
+
+def test_a_jpeg_forwarded_at_its_own_size_is_quantized_with_its_own_steps():
+    """No step finer than quality 95's, none finer than the client's: a camera's q90 photo is forwarded in
+    under 1.25x its bytes (1.6x at quality 95's steps) at 46 dB or more from the client's pixels, and what
+    is screened is still the forwarded file's own decode."""
+    budget = PRESETS["anthropic"].budget
+    q95 = _tables(encode_jpeg(photograph("chelsea")))
+    for name in PHOTOGRAPHS:
+        client = _jpeg(photograph(name), 90)
+        screened, data = _forwarded(client, budget)
+        ours, theirs = _tables(data), _tables(client)
+        assert ours[0] == [max(a, b) for a, b in zip(theirs[0], q95[0], strict=True)], name
+        assert theirs[1] is not None and ours[1] == [max(a, b) for a, b in zip(theirs[1], q95[1], strict=True)]
+        assert ours != q95, name
+        assert len(data) < 1.25 * len(client), (name, len(data) / len(client))
+        error = screened.astype(float) - decode_image(client, "client").astype(float)
+        assert 10 * np.log10(255**2 / np.mean(error**2)) >= 46, name
+        assert np.array_equal(screened, decode_image(data, "forwarded")), name
+    # Finer than quality 95: quality 95's steps. Resized, reduced or turned: the 8x8 blocks are no longer
+    # the client's, and quality 95's steps apply.
+    chelsea = photograph("chelsea")
+    assert _tables(_forwarded(_jpeg(chelsea, 98), budget)[1]) == q95
+    assert _tables(_forwarded(_jpeg(chelsea, 90), Budget(long_edge=400))[1]) == q95
+    turned = Image.Exif()
+    turned[0x0112] = 6
+    assert _tables(_forwarded(_jpeg(chelsea, 90, exif=turned), budget)[1]) == q95
+    # Grayscale: its one table for luma, quality 95's for chroma.
+    gray = _jpeg(np.asarray(Image.fromarray(chelsea).convert("L")), 80, subsampling=0)
+    forwarded_gray = _tables(_forwarded(gray, budget)[1])
+    assert forwarded_gray == ([max(a, b) for a, b in zip(_tables(gray)[0], q95[0], strict=True)], q95[1])
 
 
 def test_reduced_decode_is_used_and_agrees_with_a_full_decode(phone_photo, monkeypatch):

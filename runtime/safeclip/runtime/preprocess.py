@@ -30,6 +30,7 @@ not arrays: converting one is a copy (about 1 ms per megapixel here, each way).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -75,6 +76,8 @@ __all__ = [
     "ImageInput",
     "Preprocessor",
     "UnsupportedImage",
+    "ForwardPicture",
+    "decode_for_forward",
     "decode_image",
     "decode_picture",
     "decode_resized",
@@ -291,26 +294,66 @@ def decode_resized_image(
     no partial block stands for pixels past the edge): the decode then costs a fraction of the full one,
     and Pillow resizes what is left by less than 2x. The image stays Pillow's: a uint8 array of it would
     be a copy (about 1 ms per megapixel; for a fresh 12 MP one, with its page faults, 0.8 of a decode)."""
+    return decode_for_forward(data, source, max_pixels, fit, max_scans).picture
+
+
+class ForwardPicture(NamedTuple):
+    """decode_resized_image's picture, and the JPEG's own quantization tables (luma, chroma: 64 values each in
+    natural order; chroma None for a grayscale JPEG) when the picture is the JPEG's pixels as stored: not
+    reduced, resized or turned, so its 8x8 blocks are the JPEG's. None otherwise."""
+
+    picture: Image.Image
+    tables: tuple[list[int], list[int] | None] | None
+
+
+def decode_for_forward(
+    data: bytes,
+    source: str,
+    max_pixels: int,
+    fit: Callable[[int, int], tuple[int, int]],
+    max_scans: int = MAX_JPEG_SCANS,
+) -> ForwardPicture:
+    """decode_resized_image, with the JPEG's quantization tables where they still fit its pixels."""
     image, fmt = _open(data, source, max_pixels, max_scans)
     stored = image.size
     target = fit(*stored)
     if target[0] > stored[0] or target[1] > stored[1]:
         raise ValueError(f"decode_resized: fit{stored} = {target} would enlarge the image")
+    reduced_by = 1
     if fmt == "jpeg":
         for factor in (8, 4, 2):
             reduced = (stored[0] // factor, stored[1] // factor)
             whole = stored[0] % factor == 0 and stored[1] % factor == 0
             if whole and reduced[0] >= target[0] and reduced[1] >= target[1]:
                 image.draft(None, reduced)  # asking for exactly full / factor makes draft pick `factor`
+                reduced_by = factor
                 break
     _load(image, fmt, source)
     orientation = _orientation(image, fmt, source)
     rgb = _rgb(_upright(image, orientation), fmt, source)
+    tables = _jpeg_tables(image) if fmt == "jpeg" and reduced_by == 1 and orientation == 1 else None
     if orientation in (5, 6, 7, 8):  # turned by 90 degrees: so is the size asked for
         target = target[::-1]
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=None)
-    return rgb
+        tables = None
+    return ForwardPicture(rgb, tables)
+
+
+def _jpeg_tables(image: Image.Image) -> tuple[list[int], list[int] | None] | None:
+    """The tables of the first (luma) and second (chroma) component, as the frame header assigns them."""
+    layers = getattr(image, "layer", None)
+    quantization = getattr(image, "quantization", None)
+    if not layers or not quantization or len(layers) not in (1, 3):
+        return None  # CMYK (4 components) and other layouts: the default tables
+    try:
+        luma = list(quantization[layers[0][3]])
+        chroma = list(quantization[layers[1][3]]) if len(layers) == 3 else None
+    except (KeyError, IndexError, TypeError):  # a component naming a table the file never defined
+        return None
+    if len(luma) != 64 or (chroma is not None and len(chroma) != 64):
+        return None
+    return luma, chroma
 
 
 def decode_picture(
@@ -320,13 +363,20 @@ def decode_picture(
     return _decode(data, source, max_pixels, max_scans=max_scans).image
 
 
-def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int = 95) -> bytes:
+def encode_jpeg(
+    rgb: np.ndarray | Image.Image, quality: int = 95, floor: tuple[list[int], list[int] | None] | None = None
+) -> bytes:
     """A baseline (sequential, single-scan) JPEG of these uint8 (H, W, 3) RGB pixels (or Pillow RGB image,
-    encoded as it is, without a copy): no chroma subsampling
-    (4:4:4), Pillow's standard tables scaled to `quality`, no metadata besides the JFIF header. Without
-    subsampling, decoders differ only by their IDCT's rounding (a few levels; SECURITY.md states the
+    encoded as it is, without a copy): no chroma subsampling (4:4:4), no metadata besides the JFIF header.
+    Without subsampling, decoders differ only by their IDCT's rounding (a few levels; SECURITY.md states the
     bound, tests/test_forwarding.py measures it with three decoders): there is no chroma upsampling for
-    them to disagree on, no progressive scan to stop early at, no EXIF to turn the picture by."""
+    them to disagree on, no progressive scan to stop early at, no EXIF to turn the picture by.
+
+    The quantization tables are Pillow's standard ones scaled to `quality`, or, with `floor` (the tables the
+    pixels came with: ForwardPicture.tables), each step the coarser of the two. Pixels decoded from a JPEG
+    and quantized again on the same 8x8 grid with the same steps come back almost as they were (an
+    idempotent re-encoding, within a level or two), so a photo is forwarded as faithfully as at `quality`
+    alone in a quarter fewer bytes (SECURITY.md); no step is finer than `quality`'s, so no file is larger."""
     if isinstance(rgb, Image.Image):
         if rgb.mode != "RGB" or 0 in rgb.size:
             raise ValueError(f"encode_jpeg: expected a non-empty RGB image, got mode {rgb.mode} {rgb.size}")
@@ -339,8 +389,27 @@ def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int = 95) -> bytes:
     if not 1 <= quality <= 100:
         raise ValueError(f"encode_jpeg: quality must be in 1..100, got {quality}")
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
+    if floor is None:
+        image.save(out, "JPEG", quality=quality, subsampling=0, progressive=False, optimize=False)
+    else:
+        luma, chroma = _standard_tables(quality)
+        tables = [
+            [min(255, max(a, b)) for a, b in zip(floor[0], luma, strict=True)],
+            chroma if floor[1] is None else [min(255, max(a, b)) for a, b in zip(floor[1], chroma, strict=True)],
+        ]
+        # Without `quality`: Pillow would scale the given tables by it.
+        image.save(out, "JPEG", qtables=tables, subsampling=0, progressive=False, optimize=False)
     return out.getvalue()
+
+
+@functools.cache
+def _standard_tables(quality: int) -> tuple[list[int], list[int]]:
+    """Pillow's (libjpeg's) luma and chroma tables at `quality`, in natural order, as Pillow reads them back."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "JPEG", quality=quality, subsampling=0)
+    with Image.open(out) as image:
+        quantization = cast(dict[int, list[int]], image.quantization)  # type: ignore[attr-defined]
+        return list(quantization[0]), list(quantization[1])
 
 
 def encode_png(rgb: np.ndarray) -> bytes:

@@ -35,7 +35,7 @@ from PIL import Image
 from yarl import URL
 
 from safeclip.runtime.image_formats import MAX_JPEG_SCANS
-from safeclip.runtime.preprocess import decode_picture, decode_resized_image, encode_jpeg, encode_png
+from safeclip.runtime.preprocess import decode_for_forward, decode_picture, encode_jpeg, encode_png
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import Verbatim
 
@@ -207,9 +207,13 @@ class Forward(NamedTuple):
 JPEG_MAX_SIDE = 65_500
 
 
-def encode(rgb: np.ndarray | Image.Image, quality: int = JPEG_QUALITY) -> tuple[bytes, str]:
+def encode(
+    rgb: np.ndarray | Image.Image,
+    quality: int = JPEG_QUALITY,
+    floor: tuple[list[int], list[int] | None] | None = None,
+) -> tuple[bytes, str]:
     """(file, media type): the PNG of these pixels (an array, or a Pillow RGB image) when it is no larger
-    than their JPEG, else the JPEG.
+    than their JPEG, else the JPEG (`quality`, or no finer than the `floor` tables: encode_jpeg).
 
     Both are made only for pictures with flat runs (graphics, screenshots, text): a photograph's
     neighbouring pixels are almost never equal, and its PNG is 3-5x its JPEG, so it is encoded as JPEG
@@ -224,9 +228,9 @@ def encode(rgb: np.ndarray | Image.Image, quality: int = JPEG_QUALITY) -> tuple[
         sample = rgb[::8]
     same = np.all(sample[:, 1:] == sample[:, :-1], axis=2)
     if np.count_nonzero(same) < _FLAT_FOR_PNG * same.size:
-        return encode_jpeg(rgb, quality), "image/jpeg"
+        return encode_jpeg(rgb, quality, floor), "image/jpeg"
     png = encode_png(np.asarray(rgb))
-    jpeg = encode_jpeg(rgb, quality)
+    jpeg = encode_jpeg(rgb, quality, floor)
     return (png, "image/png") if len(png) <= len(jpeg) else (jpeg, "image/jpeg")
 
 
@@ -239,8 +243,8 @@ def prepare(
     what is screened and what the upstream reads), as a Pillow RGB image for Preprocessor.fit (an array
     would be one more copy). Module level with plain arguments, so that a worker process can
     run it. ImageError for what cannot be decoded."""
-    rgb = decode_resized_image(data, source, max_pixels, budget.size, max_scans)
-    encoded, media_type = encode(rgb)
+    rgb, tables = decode_for_forward(data, source, max_pixels, budget.size, max_scans)
+    encoded, media_type = encode(rgb, floor=tables)
     width, height = rgb.size
     if media_type == "image/jpeg":
         rgb = decode_picture(encoded, source, max_pixels)
