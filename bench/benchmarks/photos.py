@@ -316,22 +316,22 @@ def _steps(data: bytes, engine_size: int, rounds: int) -> dict[str, list[float]]
     from safeclip.runtime.preprocess import (
         DEFAULT_MAX_PIXELS,
         Preprocessor,
+        decode_for_forward,
         decode_picture,
-        decode_resized_image,
     )
     from safeclip.runtime.server.forwarding import PRESETS, encode
 
     budget = PRESETS[PRESET].budget
     preprocessor = Preprocessor(engine_size)
-    resized = decode_resized_image(data, "photo", DEFAULT_MAX_PIXELS, budget.size)
-    forwarded, _ = encode(resized)
+    resized, tables = decode_for_forward(data, "photo", DEFAULT_MAX_PIXELS, budget.size)
+    forwarded, _ = encode(resized, floor=tables)  # as forwarding.prepare encodes it
     picture = decode_picture(forwarded, "forwarded")
     text = base64.b64encode(data).decode()
     body = request_body([data])
     work: dict[str, Callable[[], object]] = {
         "pillow_decode": functools.partial(pillow_decode, data),
-        "decode_at_budget": lambda: decode_resized_image(data, "photo", DEFAULT_MAX_PIXELS, budget.size),
-        "encode": lambda: encode(resized),
+        "decode_at_budget": lambda: decode_for_forward(data, "photo", DEFAULT_MAX_PIXELS, budget.size),
+        "encode": lambda: encode(resized, floor=tables),
         "decode_forwarded": lambda: decode_picture(forwarded, "forwarded"),
         "engine_input": lambda: preprocessor.fit(picture),
         "base64": lambda: base64.b64decode(text, validate=True),

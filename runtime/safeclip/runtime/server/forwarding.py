@@ -17,9 +17,10 @@ gate decode and encode time and the request its size limits:
 The budget is applied before screening (`prepare`): the image is decoded at the forward size (reduced in
 the DCT domain for a JPEG of at least twice that size), encoded once, and the engine's input is made from
 the forwarded file's own pixels. The encoding: as PNG where that is the smaller (screenshots, graphics),
-else as a baseline 4:4:4 JPEG of quality 95 (photos, at a fifth of the PNG's size). Single frame,
-opaque, no metadata, the media type set to match: what decoders may differ on is the IDCT's rounding, a
-few levels (SECURITY.md).
+else as a baseline 4:4:4 JPEG of quality 95 (photos, at a fifth of the PNG's size), or, for a JPEG
+forwarded at its own size, with its own quantization steps where they are coarser (encode_jpeg's
+`floor`: nearly idempotent, a quarter fewer bytes). Single frame, opaque, no metadata, the media type
+set to match: what decoders may differ on is the IDCT's rounding, a few levels (SECURITY.md).
 """
 
 from __future__ import annotations
