@@ -74,6 +74,7 @@ __all__ = [
     "DecompressionBomb",
     "ImageError",
     "ImageInput",
+    "JpegTables",
     "Preprocessor",
     "UnsupportedImage",
     "ForwardPicture",
@@ -297,13 +298,17 @@ def decode_resized_image(
     return decode_for_forward(data, source, max_pixels, fit, max_scans).picture
 
 
+# A JPEG's quantization tables for luma and chroma, 64 steps each in natural order (as Pillow reads them);
+# chroma None for a grayscale JPEG.
+JpegTables = tuple[list[int], list[int] | None]
+
+
 class ForwardPicture(NamedTuple):
-    """decode_resized_image's picture, and the JPEG's own quantization tables (luma, chroma: 64 values each in
-    natural order; chroma None for a grayscale JPEG) when the picture is the JPEG's pixels as stored: not
-    reduced, resized or turned, so its 8x8 blocks are the JPEG's. None otherwise."""
+    """decode_resized_image's picture, and the JPEG's own quantization tables when the picture is the JPEG's
+    pixels as stored: not reduced, resized or turned, so its 8x8 blocks are the JPEG's. None otherwise."""
 
     picture: Image.Image
-    tables: tuple[list[int], list[int] | None] | None
+    tables: JpegTables | None
 
 
 def decode_for_forward(
@@ -340,7 +345,7 @@ def decode_for_forward(
     return ForwardPicture(rgb, tables)
 
 
-def _jpeg_tables(image: Image.Image) -> tuple[list[int], list[int] | None] | None:
+def _jpeg_tables(image: Image.Image) -> JpegTables | None:
     """The tables of the first (luma) and second (chroma) component, as the frame header assigns them."""
     layers = getattr(image, "layer", None)
     quantization = getattr(image, "quantization", None)
@@ -363,9 +368,7 @@ def decode_picture(
     return _decode(data, source, max_pixels, max_scans=max_scans).image
 
 
-def encode_jpeg(
-    rgb: np.ndarray | Image.Image, quality: int = 95, floor: tuple[list[int], list[int] | None] | None = None
-) -> bytes:
+def encode_jpeg(rgb: np.ndarray | Image.Image, quality: int = 95, floor: JpegTables | None = None) -> bytes:
     """A baseline (sequential, single-scan) JPEG of these uint8 (H, W, 3) RGB pixels (or Pillow RGB image,
     encoded as it is, without a copy): no chroma subsampling (4:4:4), no metadata besides the JFIF header.
     Without subsampling, decoders differ only by their IDCT's rounding (a few levels; SECURITY.md states the

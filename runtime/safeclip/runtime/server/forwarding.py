@@ -36,7 +36,7 @@ from PIL import Image
 from yarl import URL
 
 from safeclip.runtime.image_formats import MAX_JPEG_SCANS
-from safeclip.runtime.preprocess import decode_for_forward, decode_picture, encode_jpeg, encode_png
+from safeclip.runtime.preprocess import JpegTables, decode_for_forward, decode_picture, encode_jpeg, encode_png
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.jsonbody import Verbatim
 
@@ -211,7 +211,7 @@ JPEG_MAX_SIDE = 65_500
 def encode(
     rgb: np.ndarray | Image.Image,
     quality: int = JPEG_QUALITY,
-    floor: tuple[list[int], list[int] | None] | None = None,
+    floor: JpegTables | None = None,
 ) -> tuple[bytes, str]:
     """(file, media type): the PNG of these pixels (an array, or a Pillow RGB image) when it is no larger
     than their JPEG, else the JPEG (`quality`, or no finer than the `floor` tables: encode_jpeg).
