@@ -44,7 +44,7 @@ def expected(s):
     for n in s.gate_images_per_request:
         for cache in ("cold", "warm"):
             keys += [f"{n}img.{cache}.{k}" for k in ("direct_ms", "gate_ms", "added_ms")]
-        keys += [f"{n}img.warm.hop_added_ms"]
+        keys += [f"{n}img.warm.hop_added_ms", f"{n}img.warm.added_vs_hop"]
     for cache in ("warm", "cold"):
         keys += [
             f"concurrent.{cache}.direct_rps",
@@ -139,6 +139,14 @@ def run(ctx, result: Result) -> None:
                 goal=("<", GOAL_MS),
                 tail=True,
             )
+        # Steadier than either latency alone: both move with the machine's load, their ratio much less.
+        result.ratio(
+            f"{n}img.warm.added_vs_hop",
+            f"{a.label}: latency added through the gate / through a bare aiohttp hop, {n} "
+            f"image{'s' if n > 1 else ''}/request, cache warm",
+            f"{n}img.warm.added_ms",
+            f"{n}img.warm.hop_added_ms",
+        )
     for cache in ("warm", "cold"):
         direct, gate, total = measured[("concurrent", cache)]
         what = f"{s.gate_clients} concurrent clients, 1 image/request, cache {cache}"

@@ -73,7 +73,8 @@ def expected(s):
         keys += [f"{name}.step.total_ms", f"{name}.step.total_vs_decode"]
         keys += [f"{name}.client_kb", f"{name}.forwarded_kb", f"{name}.work_vs_decode", f"{name}.bytes_ratio"]
     for name in _warm_names(s):
-        keys += [f"warm.{name}.added_ms", f"warm.{name}.hop_added_ms", f"warm.{name}.bytes_ratio"]
+        keys += [f"warm.{name}.added_ms", f"warm.{name}.hop_added_ms", f"warm.{name}.added_vs_hop"]
+        keys += [f"warm.{name}.bytes_ratio"]
         keys += [f"warm.{name}.client_kb", f"warm.{name}.forwarded_kb"]
     return keys
 
@@ -217,6 +218,12 @@ def run(ctx, result: Result) -> None:
             [r["added"] for r in rows["hop"]],
             tail=True,
             detail="forwards the client's bytes unchanged: the cost of the hop alone",
+        )
+        result.ratio(
+            f"warm.{name}.added_vs_hop",
+            f"{what}: latency added through the gate / through a bare aiohttp hop",
+            f"warm.{name}.added_ms",
+            f"warm.{name}.hop_added_ms",
         )
         result.add(f"warm.{name}.client_kb", f"{what}: request body as sent", "KB", [rows["client"] / 1e3])
         result.add(f"warm.{name}.forwarded_kb", f"{what}: request body as forwarded", "KB", [rows["forwarded"] / 1e3])
