@@ -40,7 +40,7 @@ from safeclip.runtime.image_formats import (
     jpeg_scans_at_most,
 )
 from safeclip.runtime.server import jsonbody
-from safeclip.runtime.server.bodies import INLINE_VALUES, BodyParser
+from safeclip.runtime.server.bodies import IN_THREAD, INLINE_BYTES, INLINE_VALUES, ON_LOOP, BodyParser
 from safeclip.runtime.server.decoding import LARGE_WORK, DecodePool
 from safeclip.runtime.server.errors import GateError
 from safeclip.runtime.server.workers import Overrun, WorkerDied, Workers
@@ -121,6 +121,60 @@ def test_small_bodies_are_parsed_inline():
     assert asyncio.run(parser.run(raw, threading.get_ident)) == threading.get_ident()
     big = json.dumps({"k": list(range(INLINE_VALUES * 2))}).encode()
     assert asyncio.run(parser.run(big, threading.get_ident)) != threading.get_ident()
+
+
+def test_a_body_of_few_values_but_many_bytes_is_parsed_in_a_thread():
+    parser = BodyParser(10_000)
+    long_text = json.dumps({"t": "\u00e4" * INLINE_BYTES}, ensure_ascii=False).encode()
+    assert parser.place(long_text) == IN_THREAD
+    assert asyncio.run(parser.run(long_text, threading.get_ident)) != threading.get_ident()
+    assert parser.place(json.dumps({"t": "a" * (INLINE_BYTES // 2)}).encode()) == ON_LOOP
+
+
+def test_long_strings_are_written_a_piece_at_a_time_so_the_loop_gets_the_gil():
+    """json.dumps escapes a string in one C call that holds the GIL: a 20-million-character non-ASCII string
+    held it for a quarter of a second, in a thread or not. Written piecewise, it lets another thread run
+    many times while it is written (counted, not timed), and the bytes are the same."""
+    body = {"messages": [{"role": "user", "content": "\u00e4\U0001f600" * 5_000_000}]}
+    whole = jsonbody.canonical(body)
+    finished = threading.Event()
+    written: list[bytes] = []
+
+    def write() -> None:
+        written.append(jsonbody.canonical(body, piecewise=True))
+        finished.set()
+
+    turns = 0
+    writer = threading.Thread(target=write)
+    writer.start()
+    while not finished.is_set():
+        turns += 1  # each pass needs the GIL back from the writer
+        time.sleep(0)
+    writer.join()
+    assert written == [whole]
+    # Measured: ~750 turns written piecewise, 3 in one piece (before the C call starts and after it ends).
+    assert turns >= 50, f"the writer let this thread run {turns} times"
+
+
+def test_a_large_body_is_written_out_in_a_thread_and_a_small_one_on_the_loop(monkeypatch):
+    from test_gate_core import core, run
+
+    calls: list[tuple[bool, bool]] = []
+    real = jsonbody.canonical
+
+    def spy(body: Any, piecewise: bool = False) -> bytes:
+        calls.append((threading.get_ident() == caller, piecewise))
+        return real(body, piecewise)
+
+    monkeypatch.setattr(jsonbody, "canonical", spy)
+    caller = threading.get_ident()
+    state, ready, _ = core(flag=False)
+    small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    large = {"model": "m", "messages": [{"role": "user", "content": "\u00e4" * INLINE_BYTES}]}
+    for body in (small, large):
+        outcome, _ = run(state, ready, "/v1/chat/completions", body)
+        assert json.loads(outcome.body)["messages"] == body["messages"]
+    assert calls == [(True, False), (False, True)]
 
 
 # --- JPEG scans -----------------------------------------------------------------------------------------

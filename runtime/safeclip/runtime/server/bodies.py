@@ -1,16 +1,18 @@
 """Where a request body is parsed and walked, so that no body holds the event loop (and /healthz, and
 every other request) while it is read.
 
-What a body costs grows with its JSON values, not its bytes: a 400 KB image is one string and parses in
-well under a millisecond, 20 MB of tiny keys took ~15 s. So the place is chosen from `jsonbody.value_bound`
-(the commas and brackets in the bytes, counted at memory speed), against the `[limits] max_json_values`
-budget the parse itself enforces:
+What a body costs grows with its JSON values far more than with its bytes: a 400 KB image is one string
+and parses in well under a millisecond, 20 MB of tiny keys took ~15 s. But bytes cost too: 40 MB of one
+non-ASCII string parses in 60 ms and is written out again (escaped, six times its size) in 250 ms. So the
+place is chosen from `jsonbody.value_bound` (the commas and brackets in the bytes, counted at memory
+speed), against the `[limits] max_json_values` budget the parse itself enforces, and from the size:
 
-- at most INLINE_VALUES: parsed and walked at once, on the loop. Every ordinary request, images included,
-  takes this path and pays nothing more.
-- at most the budget: in a thread. The parse and the walks run Python code at every object, which hands
-  the GIL back to the loop every few milliseconds; what runs in C without it (a long array of numbers) is
-  bounded by the budget (~25 ms at 250,000 values).
+- at most INLINE_VALUES and INLINE_BYTES: parsed and walked at once, on the loop, and written out again
+  there (`beside`). Ordinary requests with a few images take this path and pay nothing more.
+- at most the budget (or more bytes): in a thread, and so is writing it out again (long strings a piece
+  at a time: jsonbody.canonical). The parse and the walks run Python code at every object, which hands
+  the GIL back to the loop every few milliseconds; what runs in C without it is bounded by the budget
+  (a long array of numbers: ~25 ms at 250,000 values) or by the body limit (one 64 MB string: ~0.1 s).
 - more than the budget, as far as the bytes tell: a worker process parses it first (workers.py), as only
   it can stop a parse of millions of array elements without the loop waiting (and only it holds their
   memory). Almost always it finds the budget overdrawn and the body gets its 400; a body whose strings
@@ -33,6 +35,12 @@ T = TypeVar("T")
 # distinct keys); an ordinary request holds well under a hundred. Past it a thread hop (~0.03 ms idle,
 # more under load) costs less than the loop would wait. Measured with bench/experiments/body_parsing.py.
 INLINE_VALUES = 1_000
+# Up to this many bytes a body of few values is parsed (and written out again) on the loop: about 1 ms for
+# the costliest bytes, a string of non-ASCII characters that the canonical form escapes (6 ns a byte
+# written, 1.5 ns parsed, measured here). Three small photos fit; a 12 MP one goes to a thread.
+INLINE_BYTES = 128 << 10
+# Where a body is parsed (BodyParser.place).
+ON_LOOP, IN_THREAD, CHECKED = "loop", "thread", "checked"
 # A worker's parse of the largest body ([limits] max_body_bytes, 64 MB of `0,`) takes ~5 s; this is the
 # backstop for a machine much slower than that.
 CHECK_TIMEOUT_S = 60.0
@@ -54,15 +62,29 @@ class BodyParser:
         # loop's default executor lends to everything else.
         self._checking: asyncio.Semaphore | None = None
 
-    async def run(self, raw: bytes, job: Callable[[], T]) -> T:
+    def place(self, raw: bytes) -> str:
+        """Where `run` parses `raw`: ON_LOOP, IN_THREAD, or CHECKED (a worker process first, then a thread)."""
+        bound = jsonbody.value_bound(raw)  # in C, at memory speed: 4 ms for 64 MB
+        if bound <= INLINE_VALUES and len(raw) <= INLINE_BYTES:
+            return ON_LOOP
+        return CHECKED if bound > self.max_values else IN_THREAD
+
+    async def run(self, raw: bytes, job: Callable[[], T], place: str | None = None) -> T:
         """`job()`, which parses `raw` (with this budget) and walks what it parsed, where it holds the loop
-        for at most a few milliseconds; GateError from the job, or a 400 if `raw` overdraws the budget."""
-        bound = jsonbody.value_bound(raw)
-        if bound <= INLINE_VALUES:
+        for at most a few milliseconds (`place`, as `place(raw)` says unless given); GateError from the job,
+        or a 400 if `raw` overdraws the budget."""
+        place = place or self.place(raw)
+        if place == ON_LOOP:
             return job()
-        if bound > self.max_values:
+        if place == CHECKED:
             await self._check(raw)
         return await asyncio.to_thread(job)
+
+    @staticmethod
+    async def beside(place: str, job: Callable[[], T]) -> T:
+        """`job()` (more work over what a body parsed to, such as writing it out again) where the body was
+        parsed: on the loop for ON_LOOP, else in a thread."""
+        return job() if place == ON_LOOP else await asyncio.to_thread(job)
 
     async def _check(self, raw: bytes) -> None:
         if self._workers is None:

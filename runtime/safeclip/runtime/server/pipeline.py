@@ -27,6 +27,7 @@ from safeclip.runtime.decision import Verdict
 from safeclip.runtime.image_formats import TooManyScans
 from safeclip.runtime.preprocess import DecompressionBomb, image_size_from_header
 from safeclip.runtime.server import forwarding, jsonbody, memory, parts
+from safeclip.runtime.server.bodies import ON_LOOP
 from safeclip.runtime.server.config import READ_METHODS, GateConfig
 from safeclip.runtime.server.decoding import DecodeTimeout
 from safeclip.runtime.server.dialects import ROUTES, VOCABULARY, Route, litellm
@@ -93,21 +94,23 @@ class Exchange:
     body: dict[str, Any]
     slots: list[ImageSlot]
     record: Record
+    place: str = ON_LOOP  # where the body was parsed, and so where it is written out again (bodies.py)
 
 
 async def parse(state: GateState, raw: bytes, route: Route, record: Record) -> Exchange:
     """Parse the body, find every image, and refuse anything another parser could read otherwise; off the
     event loop when the body is large (bodies.py)."""
     max_values, policy = state.config.limits.max_json_values, state.config.policy(route.path)
+    place = state.bodies.place(raw)
 
     def walk() -> Exchange:
         body = jsonbody.parse_object(raw, max_values)
         jsonbody.check_keys(body, VOCABULARY, route.dialect.free_form)
         slots = route.dialect.images(body, route.path, policy)
         jsonbody.refuse_stray_images(body, {slot.path for slot in slots})
-        return Exchange(route, body, slots, record)
+        return Exchange(route, body, slots, record, place)
 
-    return await state.bodies.run(raw, walk)
+    return await state.bodies.run(raw, walk, place)
 
 
 async def screen(state: GateState, ready: Ready, exchange: Exchange, forward: bool) -> list[Screened]:
@@ -242,12 +245,12 @@ async def run(
         if route.kind == MODERATE:
             return await _moderate(state, ready, exchange)
         screened = await screen(state, ready, exchange, forward=True)
-        return _decided(state, ready, exchange, screened, headers, query)
+        return await _decided(state, ready, exchange, screened, headers, query)
     except GateError as e:
         return Failure(e)
 
 
-def _decided(
+async def _decided(
     state: GateState,
     ready: Ready,
     exchange: Exchange,
@@ -280,7 +283,9 @@ def _decided(
     if state.memory is not None and isinstance(route.dialect, OpenAIResponses):
         pairs = (*flagged_pairs(record.verdicts), *carried)
         watch = memory.AnswerIds(state.memory, memory.own_item_ids(exchange.body), tuple(dict.fromkeys(pairs)))
-    body = jsonbody.canonical(exchange.body)
+    # Written out where it was parsed: a large body's canonical form takes long enough to hold the loop.
+    large = exchange.place != ON_LOOP
+    body = await state.bodies.beside(exchange.place, lambda: jsonbody.canonical(exchange.body, piecewise=large))
     forwarding.check_body(state.plan.limits, len(body))
     path_qs = f"{route.path}?{query}" if query else route.path
     return Forward(
@@ -372,15 +377,16 @@ async def run_passthrough(
                     "unsupported_media_type",
                 )
             max_values = state.config.limits.max_json_values
+            place = state.bodies.place(raw)
 
             def walk() -> bytes:
                 body = jsonbody.parse(raw, max_values)
                 jsonbody.check_keys(body, VOCABULARY)
                 jsonbody.refuse_stray_images(body, ())
                 parts.refuse_media(body, ())  # no dialect knows this body: no blob, URL or media key in it
-                return jsonbody.canonical(body)
+                return jsonbody.canonical(body, piecewise=place != ON_LOOP)
 
-            payload = await state.bodies.run(raw, walk)
+            payload = await state.bodies.run(raw, walk, place)
         return Forward(target.path_qs, payload, _upstream_headers(state, headers, False, payload, target.path))
     except GateError as e:
         return Failure(e)
@@ -400,13 +406,15 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
     `fail_on_error: false` forwards the request on an error. A malformed guardrail request stays a 400. The
     gate's own trouble (not ready, overloaded) stays a 503, which LiteLLM's `unreachable_fallback` decides on."""
     config = state.config
+    place = state.bodies.place(raw)
     try:
         max_values = config.limits.max_json_values
-        body = await state.bodies.run(raw, lambda: jsonbody.parse_object(raw, max_values))
+        body = await state.bodies.run(raw, lambda: jsonbody.parse_object(raw, max_values), place)
     except GateError as e:
         return Failure(e)
     try:
-        guard = litellm.parse_request(body, state.config.policy(litellm.GUARDRAIL_PATH))
+        policy = state.config.policy(litellm.GUARDRAIL_PATH)
+        guard = await state.bodies.beside(place, lambda: litellm.parse_request(body, policy))
     except GateError as e:
         if e.status >= 500 or e.code == litellm.MALFORMED:
             return Failure(e)
@@ -465,8 +473,11 @@ async def run_guardrail(state: GateState, ready: Ready, raw: bytes, record: Reco
         return Answer(Reply(litellm.blocked(f"safeclip: {e.message} (request {record.request_id})")))
     if not replaced and prompt is None:
         return Answer(Reply(litellm.none()))
-    # canonical(), not json_response: it copies the ~330 KB base64 images in without scanning them
-    return Answer(Reply(), raw_json=jsonbody.canonical(litellm.intervened(guard, replaced, prompt)))
+    # canonical(), not json_response: it copies the ~330 KB base64 images in without scanning them; written
+    # where the request was parsed, as a large body's canonical form would hold the loop.
+    answer = litellm.intervened(guard, replaced, prompt)
+    large = place != ON_LOOP
+    return Answer(Reply(), raw_json=await state.bodies.beside(place, lambda: jsonbody.canonical(answer, large)))
 
 
 def _check_returned(
